@@ -1,0 +1,57 @@
+"""edgeopt: make models smaller and faster for edge devices, and prove it by measurement.
+
+Every technique is a transform ``Model -> Model`` configured by a frozen dataclass; every claim
+is a measurement from one harness. Heavy dependencies (torch, openvino, litert, fastapi, ray)
+are imported only by the functions that need them, so ``import edgeopt`` stays light.
+
+Example:
+    >>> import edgeopt
+    >>> model = edgeopt.load_model("examples/digits/digits_cnn.onnx")  # doctest: +SKIP
+    >>> edgeopt.benchmark(model).latency_ms["p50"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from edgeopt._version import __version__
+
+# public name -> module that defines it; resolved on first access (PEP 562).
+_LAZY: dict[str, str] = {
+    # foundation
+    "BadInput": "edgeopt.errors",
+    "BenchResult": "edgeopt.measure.bench",
+    "BenchSettings": "edgeopt.measure.bench",
+    "BudgetNotMet": "edgeopt.errors",
+    "Dataset": "edgeopt.data",
+    "DeviceProfile": "edgeopt.devices",
+    "EdgeoptError": "edgeopt.errors",
+    "EvalResult": "edgeopt.measure.evaluate",
+    "Model": "edgeopt.model",
+    "TensorSpec": "edgeopt.model",
+    "benchmark": "edgeopt.measure.bench",
+    "compare": "edgeopt.measure.bench",
+    "config_from_dict": "edgeopt.transforms.config",
+    "config_to_dict": "edgeopt.transforms.config",
+    "evaluate": "edgeopt.measure.evaluate",
+    "get_device": "edgeopt.devices",
+    "list_devices": "edgeopt.devices",
+    "load_data": "edgeopt.data",
+    "load_model": "edgeopt.model",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edgeopt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,91 @@
+"""What every command shares: the error boundary, consoles, --json output, common options."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from edgeopt.errors import EdgeoptError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def user_errors(func: F) -> F:
+    """Turn an EdgeoptError into one line on stderr and its exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EdgeoptError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(target: str | None, payload: Any) -> None:
+    """Write ``payload`` to ``target`` (a path, atomically) or to stdout for ``-``."""
+    if target is None:
+        return
+    from edgeopt.fileio import _json_default, write_json
+
+    if target == "-":
+        sys.stdout.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    else:
+        write_json(Path(target), payload)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+# Options shared by commands (typer reads these Annotated aliases).
+JsonOpt = Annotated[str | None, typer.Option("--json", help="Write results as JSON to this file ('-' for stdout).")]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="state_dict (.pt/.pth) for a file.py:factory model.")]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled modules (runs code from the file).")]
+RuntimeOpt = Annotated[str | None, typer.Option("--runtime", help="onnxruntime, openvino, litert or torch; default: the model's stored runtime.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Intra-op threads; default: the device profile's.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device profile name or .yaml file (see edgeopt devices).")]
+InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="CxHxW for image folders, e.g. 3x224x224.")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean, comma-separated, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std, comma-separated.")]
+
+
+def parse_floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        from edgeopt.errors import BadInput
+
+        raise BadInput(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def load_data_arg(spec: str, input_size: str | None = None, mean: str | None = None, std: str | None = None) -> Any:
+    from edgeopt.data import load_data, parse_size
+
+    return load_data(spec, input_size=parse_size(input_size) if input_size else None,
+                     mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))

@@ -1,0 +1,105 @@
+"""Accuracy and fidelity: top-1/top-5 against labels, agreement and cosine against a reference.
+
+Agreement (same top-1 as the reference) and cosine of the outputs tell how faithful an
+optimized model is even when the data has no labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeopt.data import Dataset
+from edgeopt.devices import DeviceProfile
+from edgeopt.errors import DataError
+from edgeopt.measure.sessions import RunSettings, open_session, resolve_settings
+from edgeopt.model import Model
+
+
+@dataclass
+class EvalResult:
+    """``n`` samples; accuracy/top5 need labels; agreement/cosine need a reference."""
+
+    n: int
+    accuracy: float | None
+    top5: float | None
+    agreement: float | None = None
+    cosine: float | None = None
+    min_cosine: float | None = None
+    outputs: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "accuracy": self.accuracy, "top5": self.top5,
+                "agreement": self.agreement, "cosine": self.cosine, "min_cosine": self.min_cosine}
+
+
+def predict(model: Model, data: Dataset, *, settings: RunSettings | None = None,
+            batch_size: int = 64) -> np.ndarray:
+    """The model's first output for every sample, stacked (N, ...)."""
+    fitted = data.feeds_for(model)
+    rs = settings or resolve_settings(model)
+    session = open_session(model, rs)
+    fixed = [s.shape[0] for s in model.inputs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
+    step = fixed[0] if fixed else batch_size
+    chunks: list[np.ndarray] = []
+    for feeds, _ in fitted.batches(step):
+        n = len(next(iter(feeds.values())))
+        if fixed and n < step:
+            pad = step - n
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feeds.items()}
+            chunks.append(np.asarray(session.run(feeds)[0])[:n])
+        else:
+            chunks.append(np.asarray(session.run(feeds)[0]))
+    return np.concatenate(chunks, axis=0)
+
+
+def accuracy_of(outputs: np.ndarray, labels: np.ndarray, *, k: int = 1) -> float:
+    logits = outputs.reshape(len(outputs), -1)
+    if k == 1:
+        return float(np.mean(np.argmax(logits, axis=1) == labels))
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+def fidelity(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
+    """(agreement, mean cosine, min cosine) of ``outputs`` against ``reference`` outputs."""
+    a = outputs.reshape(len(outputs), -1).astype(np.float64)
+    b = reference.reshape(len(reference), -1).astype(np.float64)
+    if a.shape != b.shape:
+        raise DataError(f"outputs have shape {a.shape[1:]} but the reference's are {b.shape[1:]}; "
+                        "compare models with the same outputs")
+    agreement = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(denom > 0, np.sum(a * b, axis=1) / np.maximum(denom, 1e-30), 1.0)
+    return agreement, float(np.mean(cos)), float(np.min(cos))
+
+
+def evaluate(model: Model, data: Dataset, *, reference: Model | np.ndarray | None = None,
+             runtime: str | None = None, threads: int | None = None,
+             device: str | DeviceProfile | None = None, settings: RunSettings | None = None,
+             keep_outputs: bool = False) -> EvalResult:
+    """Accuracy (with labels) and fidelity (with a reference model or its outputs) on ``data``.
+
+    Example:
+        >>> r = evaluate(int8, data, reference=fp32)  # doctest: +SKIP
+        >>> r.accuracy, r.agreement
+    """
+    if len(data) == 0:
+        raise DataError(f"{data.source} is empty")
+    rs = settings or resolve_settings(model, runtime=runtime, threads=threads, device=device)
+    outputs = predict(model, data, settings=rs)
+    accuracy = top5 = None
+    if data.labels is not None:
+        n_classes = int(np.prod(outputs.shape[1:]))
+        if data.labels.max(initial=0) >= n_classes or data.labels.min(initial=0) < 0:
+            raise DataError(f"{data.source}: labels range {int(data.labels.min())}..{int(data.labels.max())} but the "
+                            f"model has {n_classes} outputs")
+        accuracy = accuracy_of(outputs, data.labels)
+        top5 = accuracy_of(outputs, data.labels, k=5) if n_classes > 5 else None
+    result = EvalResult(n=len(data), accuracy=accuracy, top5=top5, outputs=outputs if keep_outputs else None)
+    if reference is not None:
+        ref_out = reference if isinstance(reference, np.ndarray) else predict(reference, data)
+        result.agreement, result.cosine, result.min_cosine = fidelity(outputs, ref_out)
+    return result

@@ -1,0 +1,58 @@
+"""Open a Session for a model the same way everywhere: runtime, threads and options resolved once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from edgeopt.devices import DeviceProfile, get_device
+from edgeopt.errors import BadInput
+from edgeopt.model import METADATA_PREFIX, Model
+from edgeopt.runtimes import Session, runtime_for
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how a model runs: runtime name, intra-op threads, runtime options."""
+
+    runtime: str
+    threads: int
+    options: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "threads": self.threads, "options": dict(self.options)}
+
+
+def resolve_settings(model: Model, *, runtime: str | None = None, threads: int | None = None,
+                     device: str | DeviceProfile | None = None,
+                     options: dict[str, Any] | None = None) -> RunSettings:
+    """Explicit arguments win, then the model's stored ``edgeopt.*`` metadata, then the device profile."""
+    profile = get_device(device)
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+    rt = runtime_for(model, runtime, device_runtime=profile.runtime)
+    merged: dict[str, Any] = {}
+    if runtime is None or runtime == model.runtime_hint():
+        stored = model.metadata.get(METADATA_PREFIX + "runtime_options")
+        if stored:
+            try:
+                merged.update(json.loads(stored))
+            except json.JSONDecodeError as exc:
+                raise BadInput(f"{model.source}: metadata edgeopt.runtime_options is not JSON") from exc
+        if rt.name == "onnxruntime":
+            merged = {k: v for k, v in merged.items() if k == "graph_optimization"}
+    if rt.name == profile.runtime:
+        for key, value in profile.runtime_options.items():
+            merged.setdefault(key, value)
+    merged.update(options or {})
+    n_threads = threads
+    if n_threads is None:
+        stored_threads = model.metadata.get(METADATA_PREFIX + "threads")
+        n_threads = int(stored_threads) if stored_threads else profile.effective_threads()
+    return RunSettings(runtime=rt.name, threads=n_threads, options=merged)
+
+
+def open_session(model: Model, settings: RunSettings) -> Session:
+    return runtime_for(model, settings.runtime).load(model, threads=settings.threads,
+                                                     options=dict(settings.options))

@@ -1,0 +1,79 @@
+"""Transform configs: frozen dataclasses that validate, serialize to JSON and come back.
+
+A recipe found by ``optimize`` is a list of configs; saving it as JSON and replaying it must
+give the same model, so configs round-trip through ``{"type", "version", "fields"}`` and only
+classes registered here can be rebuilt (no arbitrary code from a JSON file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+from edgeopt.errors import ConfigError
+
+_REGISTRY: dict[str, type] = {}
+T = TypeVar("T")
+
+
+def register_config(cls: type[T]) -> type[T]:
+    """Class decorator: allow ``cls`` (a frozen dataclass) in serialized recipes."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} must be a dataclass")
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        raise TypeError(f"{cls.__name__} must be frozen")
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """``{"type": ClassName, "version": 1, "fields": {...}}`` for a registered config."""
+    name = type(config).__name__
+    if name not in _REGISTRY:
+        raise ConfigError(f"{name} is not a registered transform config")
+    fields = {}
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("serialize", True):
+            continue
+        value = getattr(config, f.name)
+        fields[f.name] = list(value) if isinstance(value, tuple) else value
+    return {"type": name, "version": getattr(config, "VERSION", 1), "fields": fields}
+
+
+def config_from_dict(payload: dict[str, Any]) -> Any:
+    """Rebuild a config from :func:`config_to_dict` output; ConfigError for unknown types or fields."""
+    if not isinstance(payload, dict) or "type" not in payload:
+        raise ConfigError("a transform config must be an object with 'type' and 'fields'")
+    name = payload["type"]
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown transform config {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    fields = dict(payload.get("fields", {}))
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ConfigError(f"{name}: unknown field(s) {unknown}")
+    hints = typing.get_type_hints(cls)
+    for key, value in list(fields.items()):
+        if isinstance(value, list) and _is_tuple_type(hints.get(key)):
+            fields[key] = tuple(value)
+    try:
+        return cls(**fields)
+    except TypeError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
+def _is_tuple_type(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_tuple_type(arg) for arg in typing.get_args(hint))
+    return False
+
+
+def registered_configs() -> dict[str, type]:
+    return dict(_REGISTRY)

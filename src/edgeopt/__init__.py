@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from edgeopt._version import __version__
+from edgeopt._version import __version__ as __version__
 
 # public name -> module that defines it; resolved on first access (PEP 562).
 _LAZY: dict[str, str] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from edgeopt.errors import ConfigError
@@ -77,3 +78,44 @@ def _is_tuple_type(hint: Any) -> bool:
 
 def registered_configs() -> dict[str, type]:
     return dict(_REGISTRY)
+
+
+# -- applying configs ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TransformContext:
+    """What a transform may need besides the model and its config; none of it is serialized.
+
+    ``calibration`` is for post-training quantization, ``train`` for fine-tuning or distillation,
+    ``validation`` for early stopping; the search guarantees none of them overlaps the data
+    candidates are judged on. ``teacher`` is the original model for distillation-aided steps.
+    """
+
+    calibration: Any = None
+    train: Any = None
+    validation: Any = None
+    teacher: Any = None
+    device: Any = None
+    seed: int = 0
+    progress: bool = True
+
+
+_APPLIERS: dict[type, Callable[[Any, Any, TransformContext], Any]] = {}
+
+
+def register_transform(config_cls: type) -> Callable[[Callable[[Any, Any, TransformContext], Any]],
+                                                     Callable[[Any, Any, TransformContext], Any]]:
+    """Decorator: ``fn(model, config, ctx) -> Model`` applies configs of ``config_cls`` in recipes."""
+
+    def decorate(fn: Callable[[Any, Any, TransformContext], Any]) -> Callable[[Any, Any, TransformContext], Any]:
+        _APPLIERS[config_cls] = fn
+        return fn
+
+    return decorate
+
+
+def apply_config(model: Any, config: Any, ctx: TransformContext | None = None) -> Any:
+    """Apply one registered config to ``model`` (used by recipes and ``edgeopt apply``)."""
+    fn = _APPLIERS.get(type(config))
+    if fn is None:
+        raise ConfigError(f"no transform is registered for {type(config).__name__}")
+    return fn(model, config, ctx or TransformContext())

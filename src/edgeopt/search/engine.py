@@ -1,0 +1,258 @@
+"""Build candidates from recipes, measure them all with the one harness, and choose.
+
+Measurement rules the choice relies on: every candidate is timed interleaved with the
+baseline in one process (ratios, not absolute times, decide), and judged on held-out data
+that no transform saw. A candidate that is not clearly faster (or smaller, for the size
+objective) than the original is never chosen, and neither is one that is slower.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeopt.data import Dataset
+from edgeopt.devices import DeviceProfile
+from edgeopt.errors import EdgeoptError
+from edgeopt.measure.bench import BenchResult, BenchSettings, compare
+from edgeopt.measure.evaluate import accuracy_of, fidelity, predict
+from edgeopt.measure.sessions import resolve_settings
+from edgeopt.model import Model
+from edgeopt.search.budget import Budget, check_objective
+from edgeopt.search.recipe import Recipe, apply_recipe
+from edgeopt.transforms.config import TransformContext
+
+# A candidate must beat the original by this fraction to count as faster/smaller; timings
+# within it are noise on a shared machine. Candidates within TIE of the best are treated as
+# equally fast, and the tie is broken by accuracy, then size, so noise cannot flip the choice.
+MIN_GAIN = 0.03
+TIE = 0.05
+
+
+@dataclass
+class Candidate:
+    recipe: Recipe
+    model: Model | None
+    error: str | None = None
+    build_seconds: float = 0.0
+
+
+@dataclass
+class CandidateResult:
+    """One measured candidate (or the baseline); ``to_dict`` is what reports show."""
+
+    name: str
+    recipe: dict[str, Any]
+    size_bytes: int = 0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    speedup: float | None = None
+    size_ratio: float | None = None
+    model_memory_mb: float | None = None
+    peak_rss_mb: float | None = None
+    runtime: str | None = None
+    threads: int | None = None
+    accuracy: float | None = None
+    agreement: float | None = None
+    cosine: float | None = None
+    drop: float | None = None
+    meets_budget: bool = False
+    pareto: bool = False
+    status: str = "rejected"
+    reason: str = ""
+    build_seconds: float = 0.0
+    key: str = ""
+    model: Model | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "model"}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> CandidateResult:
+        known = set(cls.__dataclass_fields__) - {"model"}
+        return cls(**{k: v for k, v in payload.items() if k in known})
+
+
+def build_candidates(baseline: Model, recipes: list[Recipe], ctx: TransformContext) -> list[Candidate]:
+    """Apply every recipe to ``baseline``; a recipe that fails becomes a failed Candidate, not a crash."""
+    return [build_one(baseline, r, ctx) for r in recipes]
+
+
+def build_one(baseline: Model, recipe: Recipe, ctx: TransformContext) -> Candidate:
+    start = time.perf_counter()
+    try:
+        model = apply_recipe(baseline, recipe, ctx)
+    except EdgeoptError as exc:
+        return Candidate(recipe, None, error=str(exc), build_seconds=time.perf_counter() - start)
+    except Exception as exc:  # a transform bug must not lose the rest of the search
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f" at {last.filename.rsplit('/', 1)[-1]}:{last.lineno}" if last else ""
+        return Candidate(recipe, None, error=f"internal error {type(exc).__name__}: {exc}{where}",
+                         build_seconds=time.perf_counter() - start)
+    return Candidate(recipe, model, build_seconds=time.perf_counter() - start)
+
+
+def _metric(budget: Budget, outputs: np.ndarray, labels: np.ndarray | None, reference: np.ndarray) -> float:
+    if budget.metric == "accuracy" and labels is not None:
+        return accuracy_of(outputs, labels)
+    return fidelity(outputs, reference)[0]
+
+
+def evaluate_candidate(result: CandidateResult, model: Model, *, eval_data: Dataset, budget: Budget,
+                       baseline_outputs: np.ndarray, baseline_metric: float, device: Any = None,
+                       threads: int | None = None) -> None:
+    """Fill accuracy/agreement/cosine/drop/meets_budget of ``result`` (in place)."""
+    settings = resolve_settings(model, device=device, threads=threads)
+    outputs = predict(model, eval_data, settings=settings)
+    result.agreement, result.cosine, _ = fidelity(outputs, baseline_outputs)
+    if eval_data.labels is not None:
+        result.accuracy = accuracy_of(outputs, eval_data.labels)
+    value = _metric(budget, outputs, eval_data.labels, baseline_outputs)
+    result.drop = budget.drop(baseline_metric, value)
+    result.meets_budget = budget.allows(baseline_metric, value)
+    result.runtime, result.threads = settings.runtime, settings.threads
+
+
+def baseline_result(baseline: Model, eval_data: Dataset, budget: Budget, *, device: Any = None,
+                    threads: int | None = None) -> tuple[CandidateResult, np.ndarray, float]:
+    """The baseline's result, its outputs on ``eval_data`` and its budget metric."""
+    settings = resolve_settings(baseline, device=device, threads=threads)
+    outputs = predict(baseline, eval_data, settings=settings)
+    metric = _metric(budget, outputs, eval_data.labels, outputs)
+    result = CandidateResult(name="original", recipe=Recipe("original").to_dict(), size_bytes=baseline.size_bytes,
+                             accuracy=accuracy_of(outputs, eval_data.labels) if eval_data.labels is not None else None,
+                             agreement=1.0, cosine=1.0, drop=0.0, meets_budget=True, status="baseline",
+                             reason="the original model", runtime=settings.runtime, threads=settings.threads,
+                             model=baseline, size_ratio=1.0, speedup=1.0)
+    return result, outputs, metric
+
+
+def time_candidates(baseline: CandidateResult, results: list[CandidateResult], *, bench: BenchSettings | None,
+                    device: str | DeviceProfile | None = None, threads: int | None = None,
+                    data: Dataset | None = None) -> None:
+    """Time the baseline and every built candidate interleaved; fill latency, speedup, size and memory."""
+    timed = [baseline] + [r for r in results if r.model is not None]
+    models = [r.model for r in timed]
+    run_settings = [resolve_settings(m, device=device, threads=threads) for m in models]
+    bench_results: list[BenchResult] = compare(models, settings=bench, run_settings=run_settings,
+                                               data=data)
+    base_p50 = bench_results[0].latency_ms["p50"]
+    for r, b in zip(timed, bench_results, strict=True):
+        r.latency_ms = {k: round(v, 4) for k, v in b.latency_ms.items()}
+        r.speedup = round(base_p50 / b.latency_ms["p50"], 3)
+        r.size_bytes = b.size_bytes
+        r.size_ratio = round(baseline.size_bytes / b.size_bytes, 3) if b.size_bytes else None
+        r.model_memory_mb = b.model_memory_mb
+        r.peak_rss_mb = b.peak_rss_mb
+        r.runtime, r.threads = b.runtime, b.threads
+
+
+def measure_candidates(baseline: Model, candidates: list[Candidate], *, eval_data: Dataset, budget: Budget,
+                       bench: BenchSettings | None = None, device: str | DeviceProfile | None = None,
+                       threads: int | None = None) -> tuple[CandidateResult, list[CandidateResult]]:
+    """Accuracy and fidelity of every candidate on ``eval_data``, then latency interleaved with the baseline."""
+    base, base_out, base_metric = baseline_result(baseline, eval_data, budget, device=device, threads=threads)
+    results = []
+    for cand in candidates:
+        r = CandidateResult(name=cand.recipe.name, recipe=cand.recipe.to_dict(), build_seconds=cand.build_seconds,
+                            key=cand.recipe.key(), model=cand.model)
+        if cand.model is None:
+            r.status, r.reason = "failed", f"failed: {cand.error}"
+        else:
+            try:
+                evaluate_candidate(r, cand.model, eval_data=eval_data, budget=budget, baseline_outputs=base_out,
+                                   baseline_metric=base_metric, device=device, threads=threads)
+            except EdgeoptError as exc:
+                r.status, r.reason, r.model = "failed", f"failed: {exc}", None
+        results.append(r)
+    time_candidates(base, results, bench=bench, device=device, threads=threads, data=eval_data)
+    return base, results
+
+
+def _objective_value(r: CandidateResult, objective: str) -> float:
+    if objective == "size":
+        return float(r.size_bytes)
+    if objective == "memory":
+        return float(r.model_memory_mb or 0.0)
+    return float(r.latency_ms.get("p50", float("inf")))
+
+
+def choose(baseline: CandidateResult, results: list[CandidateResult], *, objective: str = "latency",
+           budget: Budget | None = None) -> CandidateResult | None:
+    """Pick the best candidate for ``objective`` within the budget; set status and reason on every result.
+
+    Rules: failed candidates and those over budget are rejected; a candidate slower than the
+    original (by more than MIN_GAIN) is rejected whatever the objective; for latency it must be
+    at least MIN_GAIN faster, for size at least MIN_GAIN smaller. Among the rest, those within
+    TIE of the best objective value are equivalent and the most accurate (then smallest) wins.
+    """
+    check_objective(objective)
+    max_drop = budget.max_drop if budget else None
+    metric = budget.metric if budget else "accuracy"
+    qualified: list[CandidateResult] = []
+    for r in results:
+        if r.status == "failed" or r.model is None and not r.latency_ms:
+            r.status = "failed"
+            continue
+        speed = r.speedup or 0.0
+        smaller = (r.size_ratio or 0.0) >= 1 + MIN_GAIN
+        if not r.meets_budget:
+            r.status = "rejected"
+            r.reason = (f"{metric} drop {100 * (r.drop or 0):.2f} pt exceeds the budget"
+                        + (f" of {100 * max_drop:.2f} pt" if max_drop is not None else ""))
+        elif speed < 1 / (1 + MIN_GAIN):
+            r.status, r.reason = "rejected", f"slower than the original ({speed:.2f}x)"
+        elif objective == "latency" and speed < 1 + MIN_GAIN:
+            r.status, r.reason = "rejected", f"not faster than the original ({speed:.2f}x)"
+        elif objective == "size" and not smaller:
+            r.status, r.reason = "rejected", f"not smaller than the original ({r.size_ratio or 0:.2f}x)"
+        elif objective == "memory" and (r.model_memory_mb or 0) >= (baseline.model_memory_mb or 0) and \
+                r.size_bytes >= baseline.size_bytes:
+            r.status, r.reason = "rejected", "uses no less memory than the original"
+        else:
+            qualified.append(r)
+    if not qualified:
+        return None
+    best_value = min(_objective_value(r, objective) for r in qualified)
+    tied = [r for r in qualified if _objective_value(r, objective) <= best_value * (1 + TIE) + 1e-12]
+    order = {id(r): i for i, r in enumerate(results)}
+    chosen = sorted(tied, key=lambda r: (-(r.accuracy if r.accuracy is not None else r.agreement or 0.0),
+                                         r.size_bytes, order[id(r)]))[0]
+    for r in qualified:
+        if r is chosen:
+            r.status = "chosen"
+            r.reason = (f"best {objective} within budget: {r.speedup:.2f}x faster, "
+                        f"{r.size_ratio or 0:.2f}x smaller, drop {100 * (r.drop or 0):.2f} pt")
+        else:
+            r.status = "rejected"
+            if r in tied:
+                r.reason = f"as good on {objective} (within {int(TIE * 100)}%) but less accurate or larger than the chosen one"
+            else:
+                r.reason = f"within budget but worse on {objective} than the chosen one"
+    return chosen
+
+
+def pareto_front(results: list[CandidateResult]) -> list[CandidateResult]:
+    """Mark and return the candidates no other beats on accuracy/agreement, latency and size at once."""
+    pool = [r for r in results if r.status != "failed" and r.latency_ms]
+
+    def score(r: CandidateResult) -> tuple[float, float, float]:
+        quality = r.accuracy if r.accuracy is not None else (r.agreement or 0.0)
+        return (-quality, r.latency_ms["p50"], float(r.size_bytes))
+
+    front = []
+    for r in pool:
+        s = score(r)
+        dominated = any(all(a <= b for a, b in zip(score(o), s, strict=True)) and score(o) != s for o in pool
+                        if o is not r)
+        r.pareto = not dominated
+        if r.pareto:
+            front.append(r)
+    return front

@@ -1,0 +1,98 @@
+"""edgeopt optimize: the accuracy-budgeted search over recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edgeopt.cli import app
+from edgeopt.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    WeightsOpt,
+    console,
+    emit_json,
+    err_console,
+    fmt_bytes,
+    fmt_pct,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def optimize(
+    model: Annotated[str, typer.Argument(help="ONNX model, or PyTorch file.py:factory with --weights.")],
+    data: Annotated[str, typer.Option("--data", help="Labelled data (.npz, image folder, sklearn:digits).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")],
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Allowed drop in absolute points (0.01 = 1 pt).")] = 0.01,
+    metric: Annotated[str, typer.Option("--metric", help="accuracy (needs labels) or agreement with the original.")] = "accuracy",
+    objective: Annotated[str, typer.Option("--objective", help="latency, size or memory.")] = "latency",
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Minutes; stops cleanly, keeps the best so far.")] = None,
+    executor: Annotated[str, typer.Option("--executor", help="local, or ray (build candidates on a Ray cluster).")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="ray:// address; default: a local cluster.")] = None,
+    recipes: Annotated[Path | None, typer.Option("--recipes", help="JSON list of recipes to try instead of the default space.")] = None,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of --data held out for judging.")] = 0.5,
+    seconds: Annotated[float, typer.Option("--seconds", help="Minimum timing seconds per candidate.")] = 1.0,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Search quantization/pruning/runtime recipes within --max-drop; keep the Pareto front; pick the best."""
+    import json
+
+    from edgeopt.errors import BadInput
+    from edgeopt.measure.bench import BenchSettings
+    from edgeopt.search.optimize import budget_error
+    from edgeopt.search.optimize import optimize as run_optimize
+    from edgeopt.search.recipe import Recipe
+
+    if max_drop < 0:
+        raise BadInput(f"--max-drop must be >= 0 (0.01 = 1 point), got {max_drop}")
+    plan = None
+    if recipes is not None:
+        try:
+            raw = json.loads(recipes.read_text())
+        except (OSError, ValueError) as exc:
+            raise BadInput(f"cannot read recipes {recipes}: {exc}") from exc
+        if not isinstance(raw, list):
+            raise BadInput(f"{recipes} must hold a JSON list of recipes")
+        plan = [Recipe.from_dict(r) for r in raw]
+    result = run_optimize(model, data, out_dir=out, max_drop=max_drop, metric=metric, objective=objective,
+                          device=device, threads=threads, time_budget_min=time_budget, executor=executor,
+                          ray_address=ray_address, recipes=plan, eval_fraction=eval_fraction,
+                          bench=BenchSettings(min_seconds=seconds, min_runs=100, max_seconds=max(20.0, seconds)),
+                          weights=str(weights) if weights else None, trust_pickle=trust_pickle)
+    payload = result.to_dict()
+    table = Table(title=f"edgeopt optimize: {model} on {result.device.name} (objective {objective})")
+    for col in ("candidate", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy",
+                "agreement", "drop pt", "why"):
+        table.add_column(col, justify="left" if col in ("candidate", "status", "runtime", "why") else "right",
+                         overflow="fold")
+    styles = {"chosen": "bold green", "failed": "red", "baseline": "dim"}
+    for r in [result.baseline, *result.results]:
+        table.add_row(r.name + (" *" if r.pareto else ""), r.status, r.runtime or "-",
+                      f"{r.latency_ms['p50']:.3f}" if r.latency_ms else "-",
+                      f"{r.speedup:.2f}x" if r.speedup else "-", fmt_bytes(r.size_bytes) if r.size_bytes else "-",
+                      f"{r.size_ratio:.2f}x" if r.size_ratio else "-", fmt_pct(r.accuracy), fmt_pct(r.agreement),
+                      "-" if r.drop is None else f"{100 * r.drop:.2f}", r.reason, style=styles.get(r.status))
+    console.print(table)
+    console.print("* Pareto front. Latency: batch 1, interleaved with the original; accuracy on held-out data.")
+    from edgeopt.report.writer import headline
+
+    console.print(headline(payload), style="bold")
+    console.print(f"reports: {out / 'report.html'}, {out / 'report.md'}, {out / 'report.json'}")
+    emit_json(json_out, payload)
+    if result.chosen is None:
+        raise budget_error(result)
+    console.print(f"model: {out / 'model.onnx'}")
+    if result.chosen.size_bytes:
+        err_console.print(f"size {fmt_bytes(result.baseline.size_bytes)} -> {fmt_bytes(result.chosen.size_bytes)}",
+                          style="dim")

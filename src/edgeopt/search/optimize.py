@@ -1,0 +1,303 @@
+"""optimize: search recipes under an accuracy budget, measure every candidate, choose, report.
+
+The flow: split the data once (a tuning part for calibration/fine-tuning, a held-out part
+for judging, never overlapping); turn the original into an ONNX baseline; build and evaluate
+each recipe's candidate (cached, so a killed run resumes); time all candidates interleaved
+with the baseline; keep the Pareto front; choose by the objective within the budget; write
+OUTDIR/model.onnx and the reports.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeopt.data import Dataset, load_data
+from edgeopt.devices import DeviceProfile, get_device
+from edgeopt.errors import BadInput, BudgetNotMet, DataError
+from edgeopt.fileio import check_writable_dir
+from edgeopt.measure.bench import BenchSettings
+from edgeopt.model import Model, load_model
+from edgeopt.search.budget import Budget, check_objective
+from edgeopt.search.cache import CandidateCache, candidate_key, data_fingerprint
+from edgeopt.search.engine import (
+    Candidate,
+    CandidateResult,
+    baseline_result,
+    build_one,
+    choose,
+    evaluate_candidate,
+    pareto_front,
+    time_candidates,
+)
+from edgeopt.search.recipe import Recipe
+from edgeopt.search.space import default_recipes
+from edgeopt.transforms.config import TransformContext
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class OptimizeResult:
+    """What optimize found: the chosen candidate (None if none met the budget), all results, paths."""
+
+    chosen: CandidateResult | None
+    baseline: CandidateResult
+    results: list[CandidateResult]
+    out_dir: Path
+    budget: Budget
+    objective: str
+    device: DeviceProfile
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    reused: int = 0
+    sensitivity: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen.name if self.chosen else None,
+            "chosen_recipe": self.chosen.recipe if self.chosen else None,
+            "model": str(self.out_dir / "model.onnx") if self.chosen else None,
+            "budget": {"metric": self.budget.metric, "max_drop": self.budget.max_drop},
+            "objective": self.objective,
+            "device": self.device.to_dict(),
+            "baseline": self.baseline.to_dict(),
+            "candidates": [r.to_dict() for r in self.results],
+            "pareto": [r.name for r in [self.baseline, *self.results] if r.pareto],
+            "notes": self.notes,
+            "seconds": round(self.seconds, 1),
+            "reused_candidates": self.reused,
+            "sensitivity": self.sensitivity,
+        }
+
+
+@dataclass
+class _Split:
+    tune: Dataset
+    evaluation: Dataset
+    train: Dataset | None
+    validation: Dataset | None
+
+
+def split_data(data: Dataset, *, eval_fraction: float, seed: int) -> _Split:
+    """Held-out evaluation part; the rest tunes (calibration, and train/validation for fine-tuning)."""
+    if len(data) < 20:
+        raise DataError(f"{data.source} has {len(data)} samples; optimize needs at least 20 "
+                        "(half calibrate or fine-tune, half judge)")
+    evaluation, tune = data.split(eval_fraction, seed=seed)
+    train = validation = None
+    if len(tune) >= 20:
+        validation, train = tune.split(0.15, seed=seed + 1)
+    return _Split(tune=tune, evaluation=evaluation, train=train, validation=validation)
+
+
+def _onnx_baseline(model: Model, split: _Split) -> Model:
+    if model.format == "onnx":
+        return model
+    if model.format != "torch":
+        raise BadInput(f"optimize takes an ONNX or PyTorch model, not {model.format}")
+    from edgeopt.transforms.export import OnnxExport, to_onnx
+
+    exported, _ = to_onnx(model, OnnxExport(), data=split.tune)
+    return exported
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgeopt.cli.common import err_console
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True, disable=not enabled)
+
+
+def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str] | Dataset, *,
+             out_dir: str | os.PathLike[str], max_drop: float = 0.01, metric: str = "accuracy",
+             objective: str = "latency", device: str | DeviceProfile | None = None, threads: int | None = None,
+             time_budget_min: float | None = None, executor: str = "local", ray_address: str | None = None,
+             recipes: list[Recipe] | None = None, eval_fraction: float = 0.5, seed: int = 0,
+             bench: BenchSettings | None = None, progress: bool = True, weights: str | None = None,
+             trust_pickle: bool = False, write_reports: bool = True) -> OptimizeResult:
+    """Find the smallest/fastest model within the accuracy budget, measured on the device profile.
+
+    Args:
+        model: ONNX file, PyTorch ``file.py:factory`` (with ``weights``) or a Model.
+        data: labelled data (``.npz`` etc.); half judges candidates and is never used to build them.
+        out_dir: where ``model.onnx``, ``report.{json,md,html}`` and ``candidates/`` go.
+        max_drop: the budget in absolute points of ``metric`` (0.01 = 1 point).
+        objective: ``latency``, ``size`` or ``memory``.
+        time_budget_min: stop building candidates when this many minutes have passed; keep the best so far.
+        executor: ``local`` or ``ray`` (candidates built in parallel on a Ray cluster; timing stays local).
+
+    Returns:
+        OptimizeResult; ``chosen`` is None when no candidate met the budget.
+
+    Raises:
+        BudgetNotMet: never (the CLI raises it from a result with no choice); BadInput/DataError for bad input.
+
+    Example:
+        >>> r = optimize("examples/digits/digits_cnn.onnx", "examples/digits/test.npz", out_dir="out")  # doctest: +SKIP
+        >>> r.chosen.name, r.chosen.speedup
+    """
+    start = time.perf_counter()
+    check_objective(objective)
+    if executor not in EXECUTORS:
+        raise BadInput(f"--executor must be local or ray, got {executor!r}")
+    if time_budget_min is not None and time_budget_min <= 0:
+        raise BadInput(f"--time-budget must be > 0 minutes, got {time_budget_min}")
+    if not 0.05 <= eval_fraction <= 0.95:
+        raise BadInput(f"eval fraction must be in [0.05, 0.95], got {eval_fraction}")
+    budget = Budget(metric=metric, max_drop=max_drop)  # type: ignore[arg-type]
+    profile = get_device(device)
+    out = check_writable_dir(out_dir)
+    original = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    dataset = load_data(data)
+    notes: list[str] = []
+    if dataset.labels is None and budget.metric == "accuracy":
+        budget = Budget(metric="agreement", max_drop=max_drop)
+        notes.append("the data has no labels: the budget applies to agreement with the original model")
+    split = split_data(dataset, eval_fraction=eval_fraction, seed=seed)
+    baseline_model = _onnx_baseline(original, split)
+    split = _Split(tune=split.tune.feeds_for(baseline_model), evaluation=split.evaluation.feeds_for(baseline_model),
+                   train=split.train, validation=split.validation)
+    notes.append(f"data split: {len(split.tune)} samples for calibration/fine-tuning, {len(split.evaluation)} "
+                 "held out for judging (never used to build a candidate)")
+    bench = bench or BenchSettings(warmup=10, min_runs=100, min_seconds=1.0, max_seconds=20.0)
+    plan = recipes if recipes is not None else default_recipes(original, profile)
+    if not plan:
+        raise BadInput("no recipes apply to this model and device profile")
+
+    cache = CandidateCache(out)
+    fp = data_fingerprint(split.tune, split.evaluation)
+    settings_key = {"metric": budget.metric, "eval_fraction": eval_fraction, "seed": seed,
+                    "device": profile.name, "threads": threads}
+    ctx = TransformContext(calibration=split.tune, train=split.train, validation=split.validation,
+                           teacher=original if original.format == "torch" else baseline_model,
+                           device=profile, seed=seed, progress=False)
+    base, base_out, base_metric = baseline_result(baseline_model, split.evaluation, budget, device=profile,
+                                                  threads=threads)
+    deadline = start + time_budget_min * 60 if time_budget_min else None
+    reserve = (len(plan) + 1) * bench.min_seconds + 5.0
+    results: list[CandidateResult] = []
+    reused = 0
+    pending: list[tuple[Recipe, str]] = []
+    for recipe in plan:
+        key = candidate_key(original.sha256, recipe.key(), fp, settings_key)
+        cached = cache.load(key)
+        if cached is not None:
+            cached.name = recipe.name
+            results.append(cached)
+            reused += 1
+        else:
+            pending.append((recipe, key))
+    if reused:
+        notes.append(f"reused {reused} finished candidate(s) from {cache.root}")
+
+    def finish(recipe: Recipe, key: str, cand: Candidate) -> CandidateResult:
+        r = CandidateResult(name=recipe.name, recipe=recipe.to_dict(), build_seconds=round(cand.build_seconds, 2),
+                            key=key, model=cand.model)
+        if cand.model is None:
+            r.status, r.reason = "failed", f"failed: {cand.error}"
+        else:
+            try:
+                evaluate_candidate(r, cand.model, eval_data=split.evaluation, budget=budget,
+                                   baseline_outputs=base_out, baseline_metric=base_metric, device=profile,
+                                   threads=threads)
+            except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the search
+                r.status, r.reason, r.model = "failed", f"failed: {exc}", None
+        cache.store(key, r, r.model)
+        return r
+
+    skipped: list[str] = []
+    with _progress(progress) as bar:
+        task = bar.add_task("candidates", total=len(pending))
+        if executor == "ray" and pending:
+            from edgeopt.search.ray_executor import build_with_ray
+
+            local = [(r, k) for r, k in pending if "torch" in r.needs]
+            remote = [(r, k) for r, k in pending if "torch" not in r.needs]
+            built = build_with_ray(baseline_model, [r for r, _ in remote], split.tune, address=ray_address,
+                                   seed=seed)
+            notes.append(f"built {len(remote)} candidate(s) on Ray; latency measured serially on this host")
+            for (recipe, key), cand in zip(remote, built, strict=True):
+                results.append(finish(recipe, key, cand))
+                bar.advance(task)
+            pending = local
+        for recipe, key in pending:
+            if deadline is not None and time.perf_counter() + reserve > deadline:
+                skipped.append(recipe.name)
+                continue
+            bar.update(task, description=f"building {recipe.name}")
+            source = original if "torch" in recipe.needs else baseline_model
+            results.append(finish(recipe, key, build_one(source, recipe, ctx)))
+            bar.advance(task)
+    if skipped:
+        notes.append(f"time budget reached: skipped {len(skipped)} recipe(s): {', '.join(skipped)}")
+    order = {r.name: i for i, r in enumerate(plan)}
+    results.sort(key=lambda r: order.get(r.name, len(order)))
+
+    timing_name = candidate_key(original.sha256, ",".join(sorted(r.key for r in results)), fp,
+                                {**settings_key, "bench": bench.__dict__})
+    timing = cache.load_timing(timing_name)
+    if timing is not None and set(timing.get("latency", {})) >= {r.key for r in results if r.model is not None}:
+        _apply_timing(base, results, timing)
+        notes.append("latency reused from the finished interleaved timing of an earlier run")
+    else:
+        if progress:
+            from edgeopt.cli.common import err_console
+
+            err_console.print(f"timing {1 + sum(r.model is not None for r in results)} models interleaved...")
+        time_candidates(base, results, bench=bench, device=profile, threads=threads, data=split.evaluation)
+        cache.store_timing(timing_name, _timing_payload(base, results))
+    pareto_front([base, *results])
+    chosen = choose(base, results, objective=objective, budget=budget)
+    outcome = OptimizeResult(chosen=chosen, baseline=base, results=results, out_dir=out, budget=budget,
+                             objective=objective, device=profile, notes=notes, reused=reused)
+    target = out / "model.onnx"
+    if chosen is not None and chosen.model is not None:
+        chosen.model.save(target)
+    elif target.exists():
+        target.unlink()
+    outcome.seconds = time.perf_counter() - start
+    if write_reports:
+        from edgeopt.report.writer import write_optimize_reports
+
+        write_optimize_reports(outcome)
+    return outcome
+
+
+_TIMED_FIELDS = ("latency_ms", "speedup", "size_bytes", "size_ratio", "model_memory_mb", "peak_rss_mb",
+                 "runtime", "threads")
+
+
+def _timing_payload(base: CandidateResult, results: list[CandidateResult]) -> dict[str, Any]:
+    return {"baseline": {f: getattr(base, f) for f in _TIMED_FIELDS},
+            "latency": {r.key: {f: getattr(r, f) for f in _TIMED_FIELDS} for r in results if r.model is not None}}
+
+
+def _apply_timing(base: CandidateResult, results: list[CandidateResult], timing: dict[str, Any]) -> None:
+    for f, v in timing["baseline"].items():
+        setattr(base, f, v)
+    for r in results:
+        for f, v in timing["latency"].get(r.key, {}).items():
+            setattr(r, f, v)
+
+
+def budget_error(result: OptimizeResult) -> BudgetNotMet:
+    """The one-line exit-3 error for a search with no choice, naming the closest candidate."""
+    measured = [r for r in result.results if r.status != "failed" and r.latency_ms]
+    where = f"reports in {result.out_dir}"
+    if not measured:
+        return BudgetNotMet(f"no candidate could be built and measured; see {result.out_dir / 'report.md'}")
+    faster = [r for r in measured if (r.speedup or 0) > 1.0]
+    pool = faster or measured
+    closest = min(pool, key=lambda r: (r.drop if r.drop is not None else 1.0))
+    return BudgetNotMet(
+        f"no candidate met the budget ({result.budget.metric} drop <= {100 * result.budget.max_drop:.2f} pt and "
+        f"better {result.objective} than the original); closest: {closest.name} "
+        f"(drop {100 * (closest.drop or 0):.2f} pt, {closest.speedup or 0:.2f}x speed, "
+        f"{closest.size_ratio or 0:.2f}x smaller); {where}")
+

@@ -1,0 +1,100 @@
+"""The choice rules: budget, never slower, noise ties, Pareto front, recipe serialization."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from edgeopt.errors import ConfigError
+from edgeopt.search.budget import Budget
+from edgeopt.search.engine import CandidateResult, choose, pareto_front
+from edgeopt.search.recipe import Recipe
+from edgeopt.transforms.config import config_from_dict, config_to_dict, register_config
+
+
+def result(name: str, *, p50: float, size: int, acc: float, drop: float, status: str = "rejected",
+           base_p50: float = 1.0, base_size: int = 1000, ok_budget: bool = True) -> CandidateResult:
+    return CandidateResult(name=name, recipe={}, size_bytes=size, latency_ms={"p50": p50, "p99": p50},
+                           speedup=base_p50 / p50, size_ratio=base_size / size, accuracy=acc, agreement=acc,
+                           drop=drop, meets_budget=ok_budget, status=status, model=None, model_memory_mb=1.0)
+
+
+BASE = result("original", p50=1.0, size=1000, acc=0.99, drop=0.0, status="baseline")
+
+
+def test_fastest_within_budget_is_chosen_and_others_say_why() -> None:
+    fast_bad = result("fast-but-inaccurate", p50=0.3, size=250, acc=0.90, drop=0.09, ok_budget=False)
+    good = result("good", p50=0.5, size=260, acc=0.985, drop=0.005)
+    slower = result("slower", p50=1.4, size=500, acc=0.99, drop=0.0)
+    same = result("same-speed", p50=0.99, size=900, acc=0.99, drop=0.0)
+    chosen = choose(BASE, [fast_bad, good, slower, same], objective="latency", budget=Budget(max_drop=0.01))
+    assert chosen is good and good.status == "chosen"
+    assert "exceeds the budget" in fast_bad.reason
+    assert slower.status == "rejected" and "slower than the original" in slower.reason
+    assert "not faster" in same.reason
+
+
+def test_never_chooses_a_slower_model_even_for_size() -> None:
+    small_slow = result("small-slow", p50=3.0, size=100, acc=0.99, drop=0.0)
+    assert choose(BASE, [small_slow], objective="size", budget=Budget()) is None
+    assert "slower" in small_slow.reason
+
+
+def test_size_objective_prefers_smallest() -> None:
+    a = result("a", p50=0.5, size=400, acc=0.99, drop=0.0)
+    b = result("b", p50=0.9, size=200, acc=0.99, drop=0.0)
+    assert choose(BASE, [a, b], objective="size", budget=Budget()) is b
+
+
+def test_ties_within_noise_go_to_the_more_accurate() -> None:
+    a = result("a", p50=0.50, size=300, acc=0.980, drop=0.01)
+    b = result("b", p50=0.51, size=300, acc=0.988, drop=0.002)
+    assert choose(BASE, [a, b], objective="latency", budget=Budget(max_drop=0.02)) is b
+    assert "within 5%" in a.reason
+
+
+def test_nothing_qualifies_returns_none() -> None:
+    r = result("x", p50=0.5, size=300, acc=0.5, drop=0.49, ok_budget=False)
+    assert choose(BASE, [r], objective="latency", budget=Budget()) is None
+
+
+def test_pareto_front() -> None:
+    a = result("a", p50=0.5, size=300, acc=0.98, drop=0.01)
+    dominated = result("d", p50=0.6, size=400, acc=0.97, drop=0.02)
+    c = result("c", p50=0.3, size=500, acc=0.95, drop=0.04)
+    front = pareto_front([BASE, a, dominated, c])
+    assert {r.name for r in front} == {"original", "a", "c"}
+    assert not dominated.pareto
+
+
+def test_budget_validation() -> None:
+    with pytest.raises(ConfigError, match="max-drop"):
+        Budget(max_drop=-0.1)
+    with pytest.raises(ConfigError, match="metric"):
+        Budget(metric="f1")  # type: ignore[arg-type]
+    assert Budget(max_drop=0.01).allows(0.99, 0.98)
+    assert not Budget(max_drop=0.01).allows(0.99, 0.979)
+
+
+@register_config
+@dataclass(frozen=True)
+class _ToyConfig:
+    level: int = 1
+    names: tuple[str, ...] = ()
+
+
+def test_recipe_roundtrips_through_json_and_key_ignores_name() -> None:
+    import json
+
+    r = Recipe("toy", (_ToyConfig(level=3, names=("a", "b")),), runtime="onnxruntime", needs=("calibration",))
+    again = Recipe.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert again == r
+    assert Recipe("other-name", r.steps, needs=r.needs).key() == r.key()
+    assert Recipe("toy", (_ToyConfig(level=4),)).key() != r.key()
+
+
+def test_unknown_config_type_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown transform config 'os.system'"):
+        config_from_dict({"type": "os.system", "fields": {}})
+    with pytest.raises(ConfigError, match="unknown field"):
+        config_from_dict({"type": "_ToyConfig", "fields": {"bogus": 1}})
+    assert config_to_dict(_ToyConfig(level=2))["fields"] == {"level": 2, "names": []}

@@ -96,3 +96,45 @@ def optimize(
     if result.chosen.size_bytes:
         err_console.print(f"size {fmt_bytes(result.baseline.size_bytes)} -> {fmt_bytes(result.chosen.size_bytes)}",
                           style="dim")
+
+
+@app.command()
+@user_errors
+def apply(
+    model: Annotated[str, typer.Argument(help="The original model (ONNX, or PyTorch file.py:factory).")],
+    recipe: Annotated[Path, typer.Argument(help="A recipe JSON: optimize's chosen_recipe, or one of report.json's candidates.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output .onnx.")],
+    data: Annotated[str | None, typer.Option("--data", help="Calibration / fine-tuning data, when the recipe needs it.")] = None,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Replay a saved recipe on a model (e.g. the one optimize chose), without searching again."""
+    import json
+
+    from edgeopt.data import load_data
+    from edgeopt.errors import BadInput
+    from edgeopt.model import load_model
+    from edgeopt.search.recipe import Recipe, apply_recipe
+    from edgeopt.transforms.config import TransformContext
+
+    try:
+        payload = json.loads(recipe.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"cannot read recipe {recipe}: {exc}") from exc
+    if isinstance(payload, dict) and "chosen_recipe" in payload:
+        payload = payload["chosen_recipe"]
+    if not isinstance(payload, dict):
+        raise BadInput(f"{recipe} does not hold a recipe object (or optimize's report.json)")
+    plan = Recipe.from_dict(payload)
+    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    dataset = load_data(data) if data else None
+    if plan.needs and dataset is None:
+        raise BadInput(f"recipe {plan.name} needs {', '.join(plan.needs)} data: pass --data")
+    train = validation = None
+    if dataset is not None and len(dataset) >= 20:
+        validation, train = dataset.split(0.15, seed=0)
+    ctx = TransformContext(calibration=dataset, train=train, validation=validation, teacher=loaded)
+    with console.status(f"applying {plan.describe()}..."):
+        result = apply_recipe(loaded, plan, ctx)
+    saved = result.save(out)
+    console.print(f"wrote {out} ({fmt_bytes(saved.size_bytes)}) from recipe {plan.name}: {plan.describe()}")

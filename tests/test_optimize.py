@@ -1,0 +1,137 @@
+"""optimize end to end on the bundled digits CNN: choice, reports, budget, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeopt.measure.bench import BenchSettings
+from edgeopt.model import load_model
+from edgeopt.search.optimize import optimize
+from edgeopt.search.recipe import Recipe
+
+pytest.importorskip("onnxruntime.quantization")
+quantize = pytest.importorskip("edgeopt.transforms.quantize")
+
+FAST = BenchSettings(warmup=5, min_runs=50, min_seconds=0.3, max_seconds=3.0)
+
+
+def recipes() -> list[Recipe]:
+    return [
+        Recipe("int8-static-qdq", (quantize.StaticInt8(format="qdq", per_channel=True),), needs=("calibration",)),
+        Recipe("int8-dynamic", (quantize.DynamicInt8(),)),
+        Recipe("fp16", (quantize.Fp16(),)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, digits_onnx, digits_test_npz):
+    out = tmp_path_factory.mktemp("opt")
+    result = optimize(digits_onnx, digits_test_npz, out_dir=out, max_drop=0.01, recipes=recipes(), bench=FAST,
+                      threads=1, progress=False)
+    return out, result
+
+
+@pytest.mark.slow
+def test_chooses_a_smaller_faster_int8_within_budget(digits_run) -> None:
+    out, result = digits_run
+    assert result.chosen is not None
+    assert result.chosen.name == "int8-static-qdq"
+    assert result.chosen.size_ratio >= 3.5
+    assert result.chosen.speedup > 1.03
+    assert result.chosen.drop <= 0.01
+    by_name = {r.name: r for r in result.results}
+    assert by_name["int8-dynamic"].status == "rejected"
+    assert "slower" in by_name["int8-dynamic"].reason
+    chosen_model = load_model(out / "model.onnx")
+    assert chosen_model.metadata["edgeopt.runtime"] == "onnxruntime"
+    assert "StaticInt8" in chosen_model.metadata["edgeopt.recipe"]
+
+
+@pytest.mark.slow
+def test_reports_are_complete_and_self_contained(digits_run) -> None:
+    out, result = digits_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"] == "int8-static-qdq"
+    assert {c["name"] for c in report["candidates"]} == {"int8-static-qdq", "int8-dynamic", "fp16"}
+    for c in report["candidates"]:
+        assert c["status"] in ("chosen", "rejected", "failed") and c["reason"]
+        assert c["latency_ms"]["p50"] > 0 and c["accuracy"] is not None
+    assert "original" in report["pareto"] or report["pareto"]
+    md = (out / "report.md").read_text()
+    assert "Chosen: int8-static-qdq" in md and "| int8-dynamic |" in md
+    page = (out / "report.html").read_text()
+    assert page.count("<svg") >= 3
+    assert "http://" not in page.replace("http://www.w3.org", "") and "<script src" not in page
+    assert "Chosen: int8-static-qdq" in page
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_candidate_and_keeps_the_choice(digits_run, digits_onnx, digits_test_npz) -> None:
+    out, first = digits_run
+    again = optimize(digits_onnx, digits_test_npz, out_dir=out, max_drop=0.01, recipes=recipes(), bench=FAST,
+                     threads=1, progress=False)
+    assert again.reused == 3
+    assert again.chosen.name == first.chosen.name
+    assert again.chosen.latency_ms == first.chosen.latency_ms  # finished timing reused, not re-measured
+
+
+def _recipes_file(tmp_path: Path, items: list[Recipe]) -> Path:
+    path = tmp_path / "recipes.json"
+    path.write_text(json.dumps([r.to_dict() for r in items]))
+    return path
+
+
+@pytest.mark.slow
+def test_budget_unreachable_exits_3_naming_the_closest(cli, tmp_path, digits_onnx, digits_test_npz) -> None:
+    only_dynamic = _recipes_file(tmp_path, [Recipe("int8-dynamic", (quantize.DynamicInt8(),))])
+    result = cli("optimize", digits_onnx, "--data", digits_test_npz, "-o", tmp_path / "o", "--recipes", only_dynamic,
+                 "--seconds", "0.2", "--threads", "1")
+    assert result.exit_code == 3, result.output
+    assert "no candidate met the budget" in result.stderr and "closest: int8-dynamic" in result.stderr
+    assert not (tmp_path / "o" / "model.onnx").exists()
+    assert (tmp_path / "o" / "report.html").exists()
+
+
+def test_bad_input(cli, tmp_path, digits_onnx, digits_test_npz) -> None:
+    no_data = cli("optimize", digits_onnx, "-o", tmp_path / "o")
+    assert no_data.exit_code == 2 and "--data" in no_data.output
+    missing = cli("optimize", digits_onnx, "--data", tmp_path / "none.npz", "-o", tmp_path / "o")
+    assert missing.exit_code == 2 and "data not found" in missing.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    unwritable = cli("optimize", digits_onnx, "--data", digits_test_npz, "-o", blocker / "out")
+    assert unwritable.exit_code == 2 and "not writable" in unwritable.stderr
+    negative = cli("optimize", digits_onnx, "--data", digits_test_npz, "-o", tmp_path / "o", "--max-drop", "-1")
+    assert negative.exit_code == 2 and "--max-drop" in negative.stderr
+    bad_objective = cli("optimize", digits_onnx, "--data", digits_test_npz, "-o", tmp_path / "o", "--objective", "joy")
+    assert bad_objective.exit_code == 2 and "--objective" in bad_objective.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_restart_reuses_finished_candidates(tmp_path, digits_onnx, digits_test_npz) -> None:
+    plan = _recipes_file(tmp_path, recipes())
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "edgeopt", "optimize", str(digits_onnx), "--data", str(digits_test_npz), "-o",
+           str(out), "--recipes", str(plan), "--seconds", "0.2", "--threads", "1", "--json", str(tmp_path / "r.json")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "candidates").glob("*/result.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list((out / "candidates").glob("*/result.json")))
+    assert finished >= 1
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["reused_candidates"] >= finished
+    assert report["chosen"] == "int8-static-qdq"
+    assert load_model(out / "model.onnx").size_bytes < digits_onnx.stat().st_size / 3.5

@@ -1,0 +1,165 @@
+"""INT8 post-training quantization with NNCF, for models that will run in OpenVINO.
+
+NNCF's ONNX backend quantizes the ONNX ModelProto itself and returns a QDQ ONNX model
+(QuantizeLinear/DequantizeLinear around Conv/Gemm/MatMul inputs, INT8 weights). That keeps the
+result an ordinary edgeopt ONNX Model that every command can save, time and evaluate, and
+OpenVINO fuses the QDQ pairs into real INT8 kernels (its runtime model reports u8/i8
+convolutions; see docs/openvino.md). The same file run in ONNX Runtime is also valid but is
+not what NNCF tuned it for, so the result is tagged ``runtime=openvino``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from edgeopt.data import Dataset
+from edgeopt.deps import require
+from edgeopt.errors import BadInput, ConfigError, DataError, UnsupportedOperation
+from edgeopt.model import Model
+from edgeopt.transforms.config import TransformContext, register_config, register_transform
+
+PRESETS = ("performance", "mixed")
+MODEL_TYPES = (None, "transformer")
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm"})
+
+
+@register_config
+@dataclass(frozen=True)
+class NncfInt8:
+    """NNCF post-training INT8 quantization (activations and weights) for OpenVINO.
+
+    Args:
+        preset: "performance" (symmetric activations and weights: fastest in OpenVINO) or
+            "mixed" (asymmetric activations: better for activations that are not centred,
+            e.g. after GELU/Swish).
+        subset_size: calibration samples used for the activation statistics.
+        fast_bias_correction: NNCF's fast bias correction (True) or the slower, sometimes more
+            accurate full bias correction (False).
+        model_type: None, or "transformer" to use NNCF's transformer-specific rules (keeps
+            sensitive ops such as Softmax/LayerNorm inputs in float).
+        ignored_scope: node names left in float (e.g. the most sensitive layers from
+            ``edgeopt analyze``).
+    """
+
+    preset: Literal["performance", "mixed"] = "performance"
+    subset_size: int = 300
+    fast_bias_correction: bool = True
+    model_type: Literal["transformer"] | None = None
+    ignored_scope: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"NncfInt8 preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if isinstance(self.subset_size, bool) or not isinstance(self.subset_size, int) or self.subset_size < 1:
+            raise ConfigError(f"NncfInt8 subset_size must be an integer >= 1, got {self.subset_size!r}")
+        if not isinstance(self.fast_bias_correction, bool):
+            raise ConfigError(f"NncfInt8 fast_bias_correction must be true or false, got {self.fast_bias_correction!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"NncfInt8 model_type must be null or 'transformer', got {self.model_type!r}")
+        if isinstance(self.ignored_scope, str) or not all(isinstance(n, str) for n in self.ignored_scope):
+            raise ConfigError("NncfInt8 ignored_scope must be a list of node names")
+
+
+def nncf_quantize(model: Model, config: NncfInt8 | None = None, *, data: Dataset,
+                  progress: bool = False) -> Model:
+    """Quantize an ONNX model to INT8 with NNCF; the result is QDQ ONNX tagged to run in OpenVINO.
+
+    Args:
+        model: an FP32 ONNX model (export PyTorch models first).
+        config: NNCF settings; ``NncfInt8()`` by default.
+        data: calibration samples (preprocessed like the model's inputs); labels are not needed.
+        progress: show NNCF's progress bars (on stderr, so ``--json -`` output stays clean).
+
+    Returns:
+        A new Model with INT8 weights and QDQ activations, metadata ``edgeopt.runtime=openvino``.
+
+    Raises:
+        BadInput: a non-ONNX or already-quantized model, ignored_scope names not in the graph.
+        DataError: calibration data that does not fit the model's inputs, or is empty.
+        UnsupportedOperation: a model NNCF cannot quantize.
+        MissingDependency: nncf is not installed.
+
+    Example:
+        >>> int8 = nncf_quantize(load_model("digits_cnn.onnx"), NncfInt8(), data=load_data("train.npz"))  # doctest: +SKIP
+        >>> benchmark(int8).runtime  # doctest: +SKIP
+        'openvino'
+    """
+    cfg = config or NncfInt8()
+    if model.format != "onnx":
+        raise BadInput(f"NNCF INT8 quantizes ONNX models; {model.source} is {model.format}: "
+                       "export it first with edgeopt export MODEL --to onnx")
+    proto = model.onnx
+    found = sorted({n.op_type for n in proto.graph.node} & QUANTIZED_OPS)
+    if found:
+        raise BadInput(f"{model.source} is already quantized (it has {', '.join(found)}); "
+                       "quantize the original FP32 model")
+    node_names = {n.name for n in proto.graph.node}
+    missing = [n for n in cfg.ignored_scope if n not in node_names]
+    if missing:
+        raise BadInput(f"ignored_scope names not in {model.source}: {missing}")
+    fitted = data.feeds_for(model)
+    if len(fitted) == 0:
+        raise DataError(f"{data.source} is empty: NNCF needs calibration samples")
+
+    nncf = require("nncf", extra="openvino")
+    batch = _calibration_batch(model)
+    items = list(_items(fitted, batch))
+    if not items:
+        raise DataError(f"{data.source} has {len(fitted)} sample(s); the model's fixed batch size is {batch}")
+    dataset = nncf.Dataset(items)
+    kwargs = {
+        "preset": nncf.QuantizationPreset.PERFORMANCE if cfg.preset == "performance"
+        else nncf.QuantizationPreset.MIXED,
+        "subset_size": min(cfg.subset_size, len(items)),
+        "fast_bias_correction": cfg.fast_bias_correction,
+    }
+    if cfg.model_type == "transformer":
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    if cfg.ignored_scope:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(cfg.ignored_scope))
+    sink = sys.stderr if progress else io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink):
+            quantized = nncf.quantize(proto, dataset, **kwargs)
+    except (nncf.ValidationError, nncf.UnsupportedModelError, nncf.UnsupportedBackendError,
+            nncf.ParameterNotSupportedError) as exc:
+        raise UnsupportedOperation(f"NNCF cannot quantize {model.source}: {_first_line(exc)}") from exc
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UnsupportedOperation(f"NNCF failed on {model.source}: {_first_line(exc)}") from exc
+    result = Model.from_onnx(quantized, source=f"{model.source} [nncf-int8]")
+    return result.with_metadata(runtime="openvino", quantization=f"nncf-int8-{cfg.preset}")
+
+
+def _calibration_batch(model: Model) -> int:
+    """1, or the model's fixed batch size when its first input has one."""
+    if model.inputs and model.inputs[0].shape:
+        first = model.inputs[0].shape[0]
+        if isinstance(first, int) and first > 0:
+            return first
+    return 1
+
+
+def _items(data: Dataset, batch: int) -> Iterator[dict[str, np.ndarray]]:
+    for inputs, _ in data.batches(batch):
+        if len(next(iter(inputs.values()))) == batch:
+            yield {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@register_transform(NncfInt8)
+def _apply(model: Model, config: NncfInt8, ctx: TransformContext) -> Model:
+    if ctx.calibration is None:
+        raise DataError("NNCF INT8 needs calibration data: pass --data")
+    return nncf_quantize(model, config, data=ctx.calibration, progress=ctx.progress)

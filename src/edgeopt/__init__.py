@@ -39,6 +39,10 @@ _LAZY: dict[str, str] = {
     "list_devices": "edgeopt.devices",
     "load_data": "edgeopt.data",
     "load_model": "edgeopt.model",
+    # openvino + nncf (issue 4)
+    "NncfInt8": "edgeopt.transforms.nncf_quantize",
+    "OpenVinoRuntime": "edgeopt.runtimes.openvino",
+    "nncf_quantize": "edgeopt.transforms.nncf_quantize",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from edgeopt.data import Dataset, load_data
@@ -37,11 +38,13 @@ def int8(digits: Model, calibration: Dataset) -> Model:
     return nncf_quantize(digits, NncfInt8(subset_size=200), data=calibration)
 
 
-def test_int8_digits_is_smaller_and_accurate(digits: Model, int8: Model, digits_test_npz: Path) -> None:
+def test_int8_digits_is_smaller_and_accurate(digits: Model, int8: Model, digits_onnx: Path,
+                                            digits_test_npz: Path) -> None:
     test = load_data(digits_test_npz)
     assert digits.size_bytes / int8.size_bytes >= 3.5
     assert int8.metadata["edgeopt.runtime"] == "openvino"
     assert int8.metadata["edgeopt.quantization"] == "nncf-int8-performance"
+    assert digits.onnx.SerializeToString() == onnx.load(str(digits_onnx)).SerializeToString()  # input untouched
     ops = {n.op_type for n in int8.onnx.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     fp32 = evaluate(digits, test, runtime="onnxruntime", threads=1)

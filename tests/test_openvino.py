@@ -126,6 +126,9 @@ def test_cli_bench_with_openvino(cli, digits_onnx: Path, tmp_path: Path) -> None
     payload = json.loads(out.read_text())
     assert payload["runtime"] == "openvino" and payload["threads"] == 1
     assert payload["runs"] >= 20 and 0 < payload["latency_ms"]["p50"] < 1000
+    # the precision OpenVINO really compiled is in the report (BF16 by default on AVX-512 BF16 CPUs)
+    assert payload["runtime_details"]["inference_precision"] == ("bf16" if _cpu_has_bf16() else "f32")
+    assert payload["runtime_details"]["num_threads"] == 1
 
 
 def test_cli_bad_stored_option_is_one_line_exit_2(cli, digits: Model, tmp_path: Path) -> None:

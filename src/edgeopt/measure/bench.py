@@ -56,6 +56,7 @@ class BenchResult:
     runs: int
     options: dict[str, Any] = field(default_factory=dict)
     times_ms: list[float] = field(default_factory=list, repr=False)
+    runtime_details: dict[str, Any] = field(default_factory=dict)  # what the runtime compiled, e.g. precision
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,7 +64,7 @@ class BenchResult:
             "threads": self.threads, "batch": self.batch, "size_bytes": self.size_bytes,
             "latency_ms": self.latency_ms, "throughput_ips": self.throughput_ips,
             "peak_rss_mb": self.peak_rss_mb, "model_memory_mb": self.model_memory_mb,
-            "runs": self.runs, "runtime_options": self.options,
+            "runs": self.runs, "runtime_options": self.options, "runtime_details": self.runtime_details,
         }
 
 
@@ -197,7 +198,8 @@ def compare(models: list[Model], *, settings: BenchSettings | None = None, batch
                         "p99": float(np.percentile(ms, 99)), "mean": mean},
             throughput_ips=entry.batch * 1000.0 / mean if mean > 0 else float("inf"),
             peak_rss_mb=round(entry.peak_mb, 1), model_memory_mb=round(entry.model_mb, 1),
-            runs=len(entry.times), options=dict(entry.settings.options), times_ms=ms.tolist()))
+            runs=len(entry.times), options=dict(entry.settings.options), times_ms=ms.tolist(),
+            runtime_details=dict(getattr(entry.session, "details", None) or {})))
     return results
 
 

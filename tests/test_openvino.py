@@ -139,3 +139,13 @@ def test_cli_bad_stored_option_is_one_line_exit_2(cli, digits: Model, tmp_path: 
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in result.output
     assert "openvino precision must be one of f32, bf16" in err
+
+
+def test_session_is_safe_to_share_between_threads(digits: Model, test_x: np.ndarray,
+                                                  ort_logits: np.ndarray) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    session = get_runtime("openvino").load(digits, threads=1, options={"precision": "f32"})
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: session.run({"input": test_x[i:i + 1]})[0], range(32)))
+    np.testing.assert_allclose(np.concatenate(outs), ort_logits[:32], atol=1e-4, rtol=0)

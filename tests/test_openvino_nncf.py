@@ -117,3 +117,13 @@ def test_saved_int8_model_benches_in_openvino_by_default(cli, int8: Model, tmp_p
     payload = json.loads(out.read_text())
     assert payload["runtime"] == "openvino"
     assert payload["size_bytes"] == path.stat().st_size == int8.size_bytes
+
+
+def test_missing_nncf_names_the_extra(digits: Model, calibration: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from edgeopt.errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(MissingDependency, match=r"'nncf', which is not installed: run pip install 'edgeopt\[openvino\]'"):
+        nncf_quantize(digits, data=calibration)

@@ -1,0 +1,219 @@
+"""``edgeopt quantize --mode auto``: try the quantization variants that matter, measure, choose.
+
+The same INT8 recipe can be 2x faster or several times slower than FP32 depending on format,
+signedness, per-channel scales and runtime, so nothing is assumed: every variant is built, judged
+on held-out data (never the calibration samples) and timed interleaved with the FP32 original by
+the search engine, which never chooses a model that is not faster than the original. Variants
+that only matter when accuracy is short (other calibration methods, mixed precision) are added
+only when every plain INT8 variant misses the budget.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeopt.data import Dataset, load_data
+from edgeopt.deps import available
+from edgeopt.devices import DeviceProfile, get_device
+from edgeopt.errors import BadInput, DataError
+from edgeopt.measure.bench import BenchSettings
+from edgeopt.model import Model, load_model
+from edgeopt.search.budget import Budget
+from edgeopt.search.engine import (
+    Candidate,
+    CandidateResult,
+    baseline_result,
+    build_one,
+    choose,
+    evaluate_candidate,
+    time_candidates,
+)
+from edgeopt.search.recipe import Recipe
+from edgeopt.search.space import matmul_heavy
+from edgeopt.transforms.config import TransformContext
+from edgeopt.transforms.quantize import DynamicInt8, Fp16, Int4WeightOnly, StaticInt8, check_quantizable
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+@dataclass
+class AutoQuantizeResult:
+    """``model`` is the chosen one (None when nothing is faster within the budget)."""
+
+    model: Model | None
+    chosen: CandidateResult | None
+    baseline: CandidateResult
+    results: list[CandidateResult]
+    budget: Budget
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen.name if self.chosen else None,
+            "chosen_recipe": self.chosen.recipe if self.chosen else None,
+            "budget": {"metric": self.budget.metric, "max_drop": self.budget.max_drop},
+            "baseline": self.baseline.to_dict(),
+            "variants": [r.to_dict() for r in self.results],
+            "notes": list(self.notes),
+        }
+
+
+def _static(name: str, **fields: Any) -> Recipe:
+    return Recipe(name, (StaticInt8(**fields),), needs=("calibration",))
+
+
+def plain_recipes(model: Model, *, runtimes: tuple[str, ...]) -> list[Recipe]:
+    """The first round: INT8 formats x scales x signedness, dynamic, FP16, INT4, OpenVINO."""
+    recipes: list[Recipe] = []
+    if "onnxruntime" in runtimes:
+        recipes += [
+            _static("int8-qdq-u8s8-perchannel", format="qdq", per_channel=True),
+            _static("int8-qdq-u8s8-pertensor", format="qdq", per_channel=False),
+            _static("int8-qdq-s8s8-perchannel", format="qdq", per_channel=True, activation_type="s8"),
+            _static("int8-qdq-s8s8-perchannel-symmetric", format="qdq", per_channel=True, activation_type="s8",
+                    symmetric_activations=True),
+            _static("int8-qoperator-u8s8-perchannel", format="qoperator", per_channel=True),
+            _static("int8-qoperator-u8s8-pertensor", format="qoperator", per_channel=False),
+            Recipe("int8-dynamic", (DynamicInt8(),)),
+            Recipe("fp16", (Fp16(),)),
+        ]
+        if matmul_heavy(model):
+            recipes.append(Recipe("int4-weight-only", (Int4WeightOnly(),)))
+    if "openvino" in runtimes and importlib.util.find_spec("edgeopt.runtimes.openvino") and available("openvino"):
+        recipes += [Recipe("openvino-f32", (), runtime="openvino", runtime_options={"precision": "f32"}),
+                    Recipe("openvino-bf16", (), runtime="openvino", runtime_options={"precision": "bf16"})]
+        if importlib.util.find_spec("edgeopt.transforms.nncf_quantize") and available("nncf"):
+            from edgeopt.transforms.nncf_quantize import NncfInt8
+
+            recipes.append(Recipe("openvino-nncf-int8", (NncfInt8(),), runtime="openvino", needs=("calibration",)))
+    return recipes
+
+
+def _split(data: Dataset, eval_data: Dataset | None, seed: int) -> tuple[Dataset, Dataset, list[str]]:
+    if eval_data is not None:
+        return data, eval_data, [f"calibration: {len(data)} samples of {data.source}; judged on "
+                                 f"{len(eval_data)} samples of {eval_data.source}"]
+    if len(data) < 20:
+        raise DataError(f"{data.source} has {len(data)} samples; --mode auto needs at least 20 to hold half out "
+                        "for judging, or pass --eval-data")
+    evaluation, calibration = data.split(0.5, seed=seed)
+    return calibration, evaluation, [f"data split: {len(calibration)} samples calibrate, {len(evaluation)} held "
+                                     "out for judging (never used to build a variant)"]
+
+
+def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str] | Dataset, *,
+                  eval_data: str | os.PathLike[str] | Dataset | None = None, max_drop: float = 0.01,
+                  metric: str = "accuracy", device: str | DeviceProfile | None = None, threads: int | None = None,
+                  runtimes: tuple[str, ...] | list[str] | None = None, bench: BenchSettings | None = None,
+                  seed: int = 0, mixed: bool = True) -> AutoQuantizeResult:
+    """Build the relevant quantization variants, measure them against FP32, return the fastest within budget.
+
+    Args:
+        model: an FP32 ONNX model (file or Model).
+        data: calibration data; also the source of the held-out judging half when ``eval_data`` is None.
+        eval_data: separate data to judge accuracy/agreement on.
+        max_drop: allowed drop in absolute points of ``metric`` (0.01 = 1 pt); agreement when unlabelled.
+        device: device profile; ``threads`` overrides its thread count (timing and evaluation).
+        runtimes: runtimes whose variants are tried (default: onnxruntime, and openvino when installed).
+        bench: timing settings for the interleaved comparison.
+        mixed: add calibration-method and mixed-precision variants when plain INT8 misses the budget.
+
+    Returns:
+        AutoQuantizeResult; ``model`` and ``chosen`` are None when no variant is faster than the
+        original within the budget (the CLI then exits 3).
+
+    Raises:
+        BadInput, DataError, ModelError: bad model, data or flags (before any work is done).
+
+    Example:
+        >>> r = auto_quantize("digits_cnn.onnx", "train.npz", threads=1)  # doctest: +SKIP
+        >>> r.chosen.name, r.chosen.speedup
+    """
+    budget = Budget(metric=metric, max_drop=max_drop)  # type: ignore[arg-type]
+    chosen_runtimes = tuple(runtimes) if runtimes else RUNTIMES
+    unknown = [r for r in chosen_runtimes if r not in RUNTIMES]
+    if unknown:
+        raise BadInput(f"--runtime for quantization must be onnxruntime or openvino, got {', '.join(unknown)}")
+    profile = get_device(device)
+    original = load_model(model)
+    check_quantizable(original)
+    dataset = load_data(data).feeds_for(original)
+    held = load_data(eval_data).feeds_for(original) if eval_data is not None else None
+    calibration, evaluation, notes = _split(dataset, held, seed)
+    if evaluation.labels is None and budget.metric == "accuracy":
+        budget = Budget(metric="agreement", max_drop=max_drop)
+        notes.append("the judging data has no labels: the budget applies to agreement with the FP32 model")
+    baseline = original.with_metadata(runtime="onnxruntime")
+    ctx = TransformContext(calibration=calibration, device=profile, seed=seed, progress=False)
+    base, base_out, base_metric = baseline_result(baseline, evaluation, budget, device=profile, threads=threads)
+    base.name = "fp32-onnxruntime"
+
+    def run(recipes: list[Recipe]) -> list[CandidateResult]:
+        out = []
+        for recipe in recipes:
+            cand: Candidate = build_one(baseline, recipe, ctx)
+            r = CandidateResult(name=recipe.name, recipe=recipe.to_dict(), build_seconds=round(cand.build_seconds, 2),
+                                key=recipe.key(), model=cand.model)
+            if cand.model is None:
+                r.status, r.reason = "failed", f"failed: {cand.error}"
+            else:
+                try:
+                    evaluate_candidate(r, cand.model, eval_data=evaluation, budget=budget, baseline_outputs=base_out,
+                                       baseline_metric=base_metric, device=profile, threads=threads)
+                except Exception as exc:  # noqa: BLE001 - one bad variant must not end the search
+                    r.status, r.reason, r.model = "failed", f"failed: {exc}", None
+            out.append(r)
+        return out
+
+    results = run(plain_recipes(original, runtimes=chosen_runtimes))
+    int8_ok = any(r.meets_budget and r.model is not None and r.name.startswith("int8-") for r in results)
+    if mixed and not int8_ok and "onnxruntime" in chosen_runtimes:
+        notes.append("no plain INT8 variant met the budget: tried other calibration methods and mixed precision")
+        results += run([_static("int8-qdq-u8s8-perchannel-percentile", calibration="percentile"),
+                        _static("int8-qdq-u8s8-perchannel-entropy", calibration="entropy")])
+        results += _mixed(original, calibration, evaluation, budget, threads, run)
+    bench = bench or BenchSettings(warmup=10, min_runs=100, min_seconds=1.0, max_seconds=20.0)
+    time_candidates(base, results, bench=bench, device=profile, threads=threads, data=evaluation)
+    chosen = _choose_not_slower_than_fp32_on_its_runtime(base, results, budget)
+    model_out = chosen.model if chosen is not None else None
+    return AutoQuantizeResult(model_out, chosen, base, results, budget, notes)
+
+
+def _mixed(original: Model, calibration: Dataset, evaluation: Dataset, budget: Budget, threads: int | None,
+           run: Any) -> list[CandidateResult]:
+    from edgeopt.transforms.mixed_precision import mixed_precision
+    from edgeopt.transforms.sensitivity import analyze
+
+    base_cfg = StaticInt8()
+    try:
+        ranking = analyze(original, calibration, eval_data=evaluation, threads=threads or 1, all_but=False)
+        found = mixed_precision(original, base_cfg, calibration=calibration, eval_data=evaluation, budget=budget,
+                                ranking=ranking, threads=threads or 1)
+    except Exception as exc:  # noqa: BLE001 - an extra variant; the plain ones still stand
+        failed = CandidateResult(name="int8-mixed-precision", recipe={}, status="failed",
+                                 reason=f"failed: sensitivity analysis: {exc}")
+        return [failed]
+    n = len(found.config.exclude_nodes)
+    return run([Recipe(f"int8-mixed-precision-{n}-float", (found.config,), needs=("calibration",))])
+
+
+def _choose_not_slower_than_fp32_on_its_runtime(base: CandidateResult, results: list[CandidateResult],
+                                                budget: Budget) -> CandidateResult | None:
+    """The engine's choice, re-made while it picks a variant that is slower than FP32 on its own
+    runtime (e.g. an OpenVINO INT8 model slower than the FP32 model in OpenVINO)."""
+    pool = list(results)
+    vetoed: list[tuple[CandidateResult, str]] = []
+    while True:
+        chosen = choose(base, pool, objective="latency", budget=budget)
+        fp32 = [r for r in pool if chosen is not None and chosen.runtime != base.runtime and r is not chosen
+                and r.runtime == chosen.runtime and not r.recipe.get("steps") and r.latency_ms]
+        if chosen is None or not fp32 or chosen.latency_ms["p50"] < fp32[0].latency_ms["p50"]:
+            break
+        vetoed.append((chosen, f"slower than the FP32 model on {chosen.runtime} ({fp32[0].name})"))
+        pool.remove(chosen)
+    for r, reason in vetoed:
+        r.status, r.reason = "rejected", reason
+    return chosen

@@ -1,0 +1,66 @@
+"""Mixed precision: keep the most sensitive layers in float until the accuracy budget holds.
+
+The result is an ordinary :class:`StaticInt8` whose ``exclude_nodes`` lists the float layers, so
+the recipe replays exactly (``edgeopt apply``) without re-running this search. Layers are taken
+greedily in the order :func:`edgeopt.transforms.sensitivity.analyze` ranks them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from edgeopt.data import Dataset
+from edgeopt.model import Model
+from edgeopt.search.budget import Budget
+from edgeopt.transforms.quantize import StaticInt8, quantize
+from edgeopt.transforms.sensitivity import LayerSensitivity, Scorer
+
+
+@dataclass
+class MixedPrecisionResult:
+    """The config found, its model, whether it meets the budget, and every step tried."""
+
+    config: StaticInt8
+    model: Model
+    meets_budget: bool
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def mixed_precision(model: Model, base: StaticInt8, *, calibration: Dataset, eval_data: Dataset, budget: Budget,
+                    ranking: list[LayerSensitivity], max_float: int | None = None, threads: int = 1
+                    ) -> MixedPrecisionResult:
+    """Exclude the top-ranked layers from INT8 one at a time until ``budget`` holds.
+
+    Args:
+        model: the FP32 ONNX model.
+        base: the StaticInt8 settings for the layers that stay INT8.
+        calibration: calibration data; ``eval_data``: held-out data the budget is judged on.
+        budget: accuracy (with labels) or agreement drop allowed vs the FP32 model.
+        ranking: layers, most sensitive first (from ``analyze``).
+        max_float: keep at most this many layers in float (default: half of them).
+
+    Returns:
+        The first config that meets the budget, else the last one tried (``meets_budget`` False).
+
+    Example:
+        >>> r = mixed_precision(m, StaticInt8(), calibration=cal, eval_data=ev, budget=Budget(), ranking=rows)  # doctest: +SKIP
+        >>> r.config.exclude_nodes
+    """
+    scorer = Scorer.for_model(model, eval_data, threads=threads)
+    labels = eval_data.labels is not None and budget.metric == "accuracy"
+    limit = max_float if max_float is not None else max(1, len(ranking) // 2)
+    steps: list[dict[str, Any]] = []
+    cfg, out, ok = base, model, False
+    for k in range(0, min(limit, len(ranking)) + 1):
+        cfg = replace(base, exclude_nodes=tuple(r.node for r in ranking[:k]), only_nodes=())
+        out = quantize(model, cfg, data=calibration)
+        acc, agreement, cosine, _ = scorer.score(out)
+        value = acc if labels and acc is not None else agreement
+        baseline = scorer.base_accuracy if labels and scorer.base_accuracy is not None else 1.0
+        ok = budget.allows(baseline, value)
+        steps.append({"float_nodes": list(cfg.exclude_nodes), "accuracy": acc, "agreement": agreement,
+                      "cosine": cosine, "drop": budget.drop(baseline, value), "meets_budget": ok})
+        if ok:
+            break
+    return MixedPrecisionResult(cfg, out, ok, steps)

@@ -11,6 +11,7 @@ one ``measure.compare`` run per thread count (1 and 2), batch 1:
 - ``openvino-f32``: the FP32 model in OpenVINO with an explicit f32 precision hint;
 - ``openvino-default``: OpenVINO with no hint (BF16 on CPUs with AVX-512 BF16/AMX);
 - ``openvino-nncf-int8``: ``nncf.quantize`` on the ONNX model (QDQ), run in OpenVINO;
+- ``ort-u8s8-perchannel-in-openvino`` (extra): that same QDQ file executed by OpenVINO;
 - ``edgeopt-auto``: ``edgeopt.search.auto_quantize`` (``edgeopt quantize --mode auto``), chosen
   for the same thread count; reported as missing when that module is not in this checkout.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import platform
 import sys
 import tempfile
@@ -48,8 +50,8 @@ from edgeopt.model import Model, load_model
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quantize_peers.json"
 THREADS = (1, 2)
-PEERS = ("ort-static-default", "ort-static-u8s8-perchannel", "openvino-f32", "openvino-default",
-         "openvino-nncf-int8")
+PEERS = ("ort-static-default", "ort-static-u8s8-perchannel", "ort-u8s8-perchannel-in-openvino", "openvino-f32",
+         "openvino-default", "openvino-nncf-int8")
 
 
 @dataclass
@@ -168,12 +170,15 @@ def build(label: str, fn: Any, runtime: str, options: dict[str, Any] | None = No
 def peer_variants(case: Case) -> list[Variant]:
     from edgeopt.transforms.nncf_quantize import NncfInt8, nncf_quantize
 
+    u8s8 = build("ort-static-u8s8-perchannel", lambda: ort_static(case, defaults=False), "onnxruntime",
+                 note="quantize_static QDQ, U8 activations, S8 per-channel weights, MinMax")
     return [
         build("ort-fp32", lambda: case.fp32, "onnxruntime"),
         build("ort-static-default", lambda: ort_static(case, defaults=True), "onnxruntime",
               note="quantize_static defaults: QDQ, S8 activations, S8 weights, per-tensor, MinMax"),
-        build("ort-static-u8s8-perchannel", lambda: ort_static(case, defaults=False), "onnxruntime",
-              note="quantize_static QDQ, U8 activations, S8 per-channel weights, MinMax"),
+        u8s8,
+        Variant("ort-u8s8-perchannel-in-openvino", u8s8.model, "openvino", {}, error=u8s8.error,
+                note="extra: the same ORT U8S8 per-channel QDQ file, executed by OpenVINO"),
         build("openvino-f32", lambda: case.fp32, "openvino", {"precision": "f32"}),
         build("openvino-default", lambda: case.fp32, "openvino", {},
               note="no precision hint: OpenVINO's own CPU default"),
@@ -248,6 +253,7 @@ def run_case(case: Case, bench: BenchSettings, *, with_auto: bool) -> dict[str, 
                 "size_bytes": v.model.size_bytes, "size_ratio_vs_fp32": round(base_size / v.model.size_bytes, 3),
                 "effective": effective_precision(v, 1), **fidelity_row(case, v, reference)})
     auto_rows: list[dict[str, Any]] = []
+    load: dict[str, dict[str, float]] = {}  # 1-minute load average around each timing run (2 cores)
     for threads in THREADS:
         timed = [v for v in variants if v.model is not None]
         auto = auto_variant(case, threads) if with_auto else Variant(
@@ -263,8 +269,10 @@ def run_case(case: Case, bench: BenchSettings, *, with_auto: bool) -> dict[str, 
                              **fidelity_row(case, auto, reference)})
         print(f"[{case.name}] timing {len(timed)} configurations interleaved at {threads} thread(s)",
               file=sys.stderr)
+        load_before = os.getloadavg()[0]
         results = compare([v.model for v in timed], settings=bench, batch=1,
                           run_settings=[RunSettings(v.runtime, threads, dict(v.options)) for v in timed])
+        load[str(threads)] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
         base_p50 = results[0].latency_ms["p50"]
         for v, r in zip(timed, results, strict=True):
             entry = {"p50_ms": round(r.latency_ms["p50"], 4), "p90_ms": round(r.latency_ms["p90"], 4),
@@ -278,13 +286,15 @@ def run_case(case: Case, bench: BenchSettings, *, with_auto: bool) -> dict[str, 
         auto_rows.append(auto_row)
     return {"model": case.name, "input_shape": list(case.input_shape), "fp32_size_bytes": base_size,
             "calibration_samples": len(case.calibration), "heldout_samples": len(case.heldout),
-            "rows": list(rows.values()), "auto": auto_rows, "summary": summarize(rows, auto_rows)}
+            "rows": list(rows.values()), "auto": auto_rows, "load_average": load,
+            "summary": summarize(rows, auto_rows)}
 
 
 def summarize(rows: dict[str, dict[str, Any]], auto_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's questions, answered from the figures above (no thresholds are assumed true)."""
     out: dict[str, Any] = {}
-    int8 = [k for k in ("ort-static-default", "ort-static-u8s8-perchannel", "openvino-nncf-int8")
+    int8 = [k for k in ("ort-static-default", "ort-static-u8s8-perchannel", "ort-u8s8-perchannel-in-openvino",
+                        "openvino-nncf-int8")
             if rows.get(k, {}).get("latency")]
     for threads in THREADS:
         key = str(threads)
@@ -371,11 +381,11 @@ def main() -> None:
 
 def print_case(case: dict[str, Any]) -> None:
     print(f"\n{case['model']} (FP32 {case['fp32_size_bytes'] / 1e6:.2f} MB)")
-    print(f"  {'variant':28s} {'size x':>7s} {'agree':>7s} {'cosine':>8s}  "
+    print(f"  {'variant':34s} {'size x':>7s} {'agree':>7s} {'cosine':>8s}  "
           + "  ".join(f"p50@{t}t ms  ratio" for t in THREADS))
     for row in case["rows"] + case["auto"]:
         if row.get("error"):
-            print(f"  {row['variant']:28s} {row['error']}")
+            print(f"  {row['variant']:34s} {row['error']}")
             continue
         lat = row["latency"] if "threads" not in row else {str(row["threads"]): row["latency"]}
         cells = []
@@ -384,7 +394,7 @@ def print_case(case: dict[str, Any]) -> None:
             cells.append(f"{e['p50_ms']:10.3f} {e['ratio_vs_ort_fp32']:6.2f}x" if e else " " * 18)
         agree = row.get("agreement")
         name = row["variant"] + (f" @{row['threads']}t" if "threads" in row else "")
-        print(f"  {name:28s} "
+        print(f"  {name:34s} "
               f"{row['size_ratio_vs_fp32']:6.2f}x {agree if agree is None else f'{agree:7.3f}'} "
               f"{row.get('cosine') or 0:8.5f}  " + "  ".join(cells))
 

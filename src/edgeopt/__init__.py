@@ -39,6 +39,18 @@ _LAZY: dict[str, str] = {
     "list_devices": "edgeopt.devices",
     "load_data": "edgeopt.data",
     "load_model": "edgeopt.model",
+    # onnxruntime quantization (issue 4)
+    "AutoQuantizeResult": "edgeopt.search.auto_quantize",
+    "Bf16": "edgeopt.transforms.quantize",
+    "DynamicInt8": "edgeopt.transforms.quantize",
+    "Fp16": "edgeopt.transforms.quantize",
+    "Int4WeightOnly": "edgeopt.transforms.quantize",
+    "LayerSensitivity": "edgeopt.transforms.sensitivity",
+    "StaticInt8": "edgeopt.transforms.quantize",
+    "analyze": "edgeopt.transforms.sensitivity",
+    "auto_quantize": "edgeopt.search.auto_quantize",
+    "mixed_precision": "edgeopt.transforms.mixed_precision",
+    "quantize": "edgeopt.transforms.quantize",
     # openvino + nncf (issue 4)
     "NncfInt8": "edgeopt.transforms.nncf_quantize",
     "OpenVinoRuntime": "edgeopt.runtimes.openvino",

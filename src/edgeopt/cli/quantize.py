@@ -1,0 +1,257 @@
+"""edgeopt quantize / analyze."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgeopt.cli import app
+from edgeopt.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    WeightsOpt,
+    console,
+    emit_json,
+    fmt_bytes,
+    fmt_pct,
+    user_errors,
+)
+
+MODES = ("auto", "dynamic", "static", "fp16", "bf16", "int4")
+
+
+def report_path(out: Path) -> Path:
+    """``int8.onnx`` -> ``int8.report.json`` beside it."""
+    return out.with_name(out.stem + ".report.json")
+
+
+def _config(mode: str, *, fmt: str, per_channel: bool | None, calibration: str, activation_type: str,
+            weight_type: str, samples: int, exclude: str | None, block_size: int) -> Any:
+    from edgeopt.transforms import quantize as q
+
+    excluded = tuple(n for n in (exclude or "").split(",") if n)
+    if mode == "static":
+        return q.StaticInt8(format=fmt, per_channel=True if per_channel is None else per_channel,  # type: ignore[arg-type]
+                            activation_type=activation_type, weight_type=weight_type,  # type: ignore[arg-type]
+                            calibration=calibration, samples=samples, exclude_nodes=excluded)  # type: ignore[arg-type]
+    if mode == "dynamic":
+        return q.DynamicInt8(per_channel=bool(per_channel), weight_type=weight_type)  # type: ignore[arg-type]
+    if mode == "fp16":
+        return q.Fp16()
+    if mode == "int4":
+        return q.Int4WeightOnly(block_size=block_size)
+    return q.Bf16()
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: Annotated[str, typer.Argument(help="FP32 ONNX model (export PyTorch models first).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output .onnx (a .report.json is written beside it).")],
+    mode: Annotated[str, typer.Option("--mode", help="auto (measure variants, keep the fastest within budget), "
+                                      "dynamic, static, fp16, bf16 (OpenVINO run hint) or int4.")] = "auto",
+    data: Annotated[str | None, typer.Option("--data", help="Calibration data (.npz, image folder, sklearn:digits).")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out data to judge on (default: half of --data).")] = None,
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Allowed drop in absolute points (0.01 = 1 pt).")] = 0.01,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="auto: only try this runtime (onnxruntime or openvino).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="static: qdq or qoperator.")] = "qdq",
+    per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = None,
+    calibration: Annotated[str, typer.Option("--calibration", help="static: minmax, entropy or percentile.")] = "minmax",
+    activation_type: Annotated[str, typer.Option("--activation-type", help="static: u8 or s8.")] = "u8",
+    weight_type: Annotated[str, typer.Option("--weight-type", help="s8 or u8.")] = "s8",
+    samples: Annotated[int, typer.Option("--samples", help="static: calibration samples used.")] = 128,
+    exclude: Annotated[str | None, typer.Option("--exclude", help="static: comma-separated node names kept in float.")] = None,
+    block_size: Annotated[int, typer.Option("--block-size", help="int4: weights per scale.")] = 32,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
+    seconds: Annotated[float, typer.Option("--seconds", help="Minimum timing seconds per model.")] = 1.0,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Quantize a model and prove the result: size, latency interleaved with FP32, accuracy and agreement."""
+    from edgeopt.data import load_data
+    from edgeopt.errors import BadInput
+    from edgeopt.fileio import check_writable_dir, write_json
+    from edgeopt.measure.bench import BenchSettings
+    from edgeopt.model import load_model
+
+    if mode not in MODES:
+        raise BadInput(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if max_drop < 0 or max_drop >= 1:
+        raise BadInput(f"--max-drop must be in [0, 1) (0.01 = 1 point), got {max_drop}")
+    if out.suffix.lower() != ".onnx":
+        raise BadInput(f"-o must name an .onnx file, got {out}")
+    if mode in ("auto", "static") and data is None:
+        raise BadInput(f"--mode {mode} needs calibration data: pass --data CAL.npz"
+                       + (" (or use --mode dynamic, which needs none)" if mode == "static" else ""))
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+    if runtime is not None and mode != "auto":
+        raise BadInput("--runtime applies to --mode auto; the other modes produce ONNX Runtime models "
+                       "(bf16: OpenVINO)")
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    cfg = None if mode == "auto" else _config(mode, fmt=fmt, per_channel=per_channel, calibration=calibration,
+                                               activation_type=activation_type, weight_type=weight_type,
+                                               samples=samples, exclude=exclude, block_size=block_size)
+    original = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    from edgeopt.transforms.quantize import check_quantizable
+
+    check_quantizable(original)
+    dataset = load_data(data) if data else None
+    held = load_data(eval_data) if eval_data else None
+    if dataset is not None:
+        dataset.feeds_for(original)
+    if held is not None:
+        held.feeds_for(original)
+    bench = BenchSettings(warmup=10, min_runs=100, min_seconds=seconds, max_seconds=max(20.0, seconds))
+    report = report_path(out)
+    if mode == "auto":
+        _auto(original, dataset, held, out=out, report=report, max_drop=max_drop, runtime=runtime, device=device,
+              threads=threads, bench=bench, json_out=json_out)
+        return
+    from edgeopt.transforms.quantize import quantize as run_quantize
+
+    with console.status(f"quantizing ({mode})..."):
+        result = run_quantize(original, cfg, data=dataset)
+    payload = _measure_one(original, result, mode=mode, cfg=cfg, judge=held or dataset, threads=threads,
+                           device=device, bench=bench)
+    saved = result.save(out)
+    payload["output"] = str(out)
+    write_json(report, payload)
+    _print_one(payload)
+    console.print(f"wrote {out} ({fmt_bytes(saved.size_bytes)}) and {report}")
+    emit_json(json_out, payload)
+
+
+def _measure_one(original: Any, result: Any, *, mode: str, cfg: Any, judge: Any, threads: int | None,
+                 device: str | None, bench: Any) -> dict[str, Any]:
+    from edgeopt.measure.bench import compare
+    from edgeopt.measure.evaluate import evaluate
+    from edgeopt.transforms.config import config_to_dict
+
+    payload: dict[str, Any] = {"mode": mode, "config": config_to_dict(cfg), "source": original.source}
+    with console.status("timing FP32 and the quantized model, interleaved..."):
+        timed = compare([original, result], settings=bench, threads=threads, device=device, data=judge)
+    payload["fp32"] = {"size_bytes": original.size_bytes, "latency_ms": timed[0].latency_ms,
+                       "runtime": timed[0].runtime, "threads": timed[0].threads}
+    payload["quantized"] = {"size_bytes": result.size_bytes, "latency_ms": timed[1].latency_ms,
+                            "runtime": timed[1].runtime, "threads": timed[1].threads,
+                            "runtime_options": timed[1].options}
+    payload["size_ratio"] = round(original.size_bytes / result.size_bytes, 3)
+    payload["speedup"] = round(timed[0].latency_ms["p50"] / timed[1].latency_ms["p50"], 3)
+    if judge is not None:
+        base = evaluate(original, judge, threads=threads, device=device)
+        ev = evaluate(result, judge, reference=original, threads=threads, device=device)
+        payload["evaluation"] = {"data": judge.source, "n": ev.n, "fp32_accuracy": base.accuracy,
+                                 "accuracy": ev.accuracy, "agreement": ev.agreement, "cosine": ev.cosine,
+                                 "drop": None if base.accuracy is None or ev.accuracy is None
+                                 else round(base.accuracy - ev.accuracy, 6)}
+    payload["notes"] = ["figures measured on this machine; latency batch 1, interleaved with the FP32 model"]
+    return payload
+
+
+def _print_one(p: dict[str, Any]) -> None:
+    table = Table(title=f"edgeopt quantize --mode {p['mode']}: {p['source']}")
+    for col in ("model", "runtime", "size", "p50 ms", "speed-up", "smaller", "accuracy", "agreement", "cosine"):
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    ev = p.get("evaluation") or {}
+    table.add_row("fp32", p["fp32"]["runtime"], fmt_bytes(p["fp32"]["size_bytes"]),
+                  f"{p['fp32']['latency_ms']['p50']:.3f}", "1.00x", "1.00x", fmt_pct(ev.get("fp32_accuracy")),
+                  "-", "-")
+    table.add_row(p["mode"], p["quantized"]["runtime"], fmt_bytes(p["quantized"]["size_bytes"]),
+                  f"{p['quantized']['latency_ms']['p50']:.3f}", f"{p['speedup']:.2f}x", f"{p['size_ratio']:.2f}x",
+                  fmt_pct(ev.get("accuracy")), fmt_pct(ev.get("agreement")),
+                  "-" if ev.get("cosine") is None else f"{ev['cosine']:.5f}")
+    console.print(table)
+
+
+def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, max_drop: float, runtime: str | None,
+          device: str | None, threads: int | None, bench: Any, json_out: str | None) -> None:
+    from edgeopt.errors import BudgetNotMet
+    from edgeopt.fileio import write_json
+    from edgeopt.search.auto_quantize import auto_quantize
+
+    with console.status("building and measuring quantization variants..."):
+        result = auto_quantize(original, dataset, eval_data=held, max_drop=max_drop, device=device, threads=threads,
+                               runtimes=(runtime,) if runtime else None, bench=bench)
+    payload = {"mode": "auto", "source": original.source, **result.to_dict(),
+               "output": str(out) if result.model is not None else None}
+    payload["notes"].append("figures measured on this machine; latency batch 1, every variant interleaved with FP32")
+    table = Table(title=f"edgeopt quantize --mode auto: {original.source}")
+    for col in ("variant", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy", "agreement",
+                "drop pt", "why"):
+        table.add_column(col, justify="left" if col in ("variant", "status", "runtime", "why") else "right",
+                         overflow="fold")
+    styles = {"chosen": "bold green", "failed": "red", "baseline": "dim"}
+    for r in [result.baseline, *result.results]:
+        table.add_row(r.name, r.status, r.runtime or "-", f"{r.latency_ms['p50']:.3f}" if r.latency_ms else "-",
+                      f"{r.speedup:.2f}x" if r.speedup else "-", fmt_bytes(r.size_bytes) if r.size_bytes else "-",
+                      f"{r.size_ratio:.2f}x" if r.size_ratio else "-", fmt_pct(r.accuracy), fmt_pct(r.agreement),
+                      "-" if r.drop is None else f"{100 * r.drop:.2f}", r.reason, style=styles.get(r.status))
+    console.print(table)
+    if result.model is None or result.chosen is None:
+        if out.exists():
+            out.unlink()
+        write_json(report, payload)
+        emit_json(json_out, payload)
+        raise BudgetNotMet(f"no quantized variant is faster than the FP32 model within a {100 * max_drop:.2f} pt "
+                           f"{result.budget.metric} drop; no model written; see {report}")
+    result.model.save(out)
+    write_json(report, payload)
+    c = result.chosen
+    console.print(f"chosen: {c.name} on {c.runtime}: {c.speedup:.2f}x faster, {c.size_ratio:.2f}x smaller, "
+                  f"drop {100 * (c.drop or 0):.2f} pt", style="bold")
+    console.print(f"wrote {out} and {report}")
+    emit_json(json_out, payload)
+
+
+@app.command()
+@user_errors
+def analyze(
+    model: Annotated[str, typer.Argument(help="FP32 ONNX model.")],
+    data: Annotated[str, typer.Option("--data", help="Calibration data; half of it judges unless --eval-data is given.")],
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out data to judge on.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="qdq or qoperator.")] = "qdq",
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per channel or per tensor.")] = True,
+    calibration: Annotated[str, typer.Option("--calibration", help="minmax, entropy or percentile.")] = "minmax",
+    all_but: Annotated[bool, typer.Option("--all-but/--only", help="Also quantize all but each layer (twice the time).")] = True,
+    max_eval: Annotated[int, typer.Option("--max-eval", help="Judge on at most this many samples.")] = 256,
+    threads: ThreadsOpt = None,
+    top: Annotated[int, typer.Option("--top", help="Rows shown in the table (the JSON has all).")] = 20,
+    json_out: JsonOpt = None,
+) -> None:
+    """Per-layer INT8 sensitivity: each layer quantized alone (and all but it), ranked by what it costs."""
+    from edgeopt.data import load_data
+    from edgeopt.errors import BadInput
+    from edgeopt.model import load_model
+    from edgeopt.transforms.quantize import StaticInt8
+    from edgeopt.transforms.sensitivity import analyze as run_analyze
+
+    if max_eval < 1:
+        raise BadInput(f"--max-eval must be >= 1, got {max_eval}")
+    cfg = StaticInt8(format=fmt, per_channel=per_channel, calibration=calibration)  # type: ignore[arg-type]
+    loaded = load_model(model)
+    dataset = load_data(data)
+    held = load_data(eval_data) if eval_data else None
+    with console.status("quantizing one layer at a time...") as status:
+        rows = run_analyze(loaded, dataset, config=cfg, eval_data=held, threads=threads or 1, all_but=all_but,
+                           max_eval=max_eval, on_layer=lambda n: status.update(f"analyzing {n}..."))
+    labelled = (held or dataset).labels is not None
+    table = Table(title=f"edgeopt analyze: {loaded.source} (most sensitive first)")
+    for col in ("#", "node", "op", "params", "accuracy" if labelled else "-", "agreement", "cosine",
+                "drop pt", "all-but cosine"):
+        table.add_column(col, justify="left" if col in ("node", "op") else "right", overflow="fold")
+    for i, r in enumerate(rows[:top], 1):
+        table.add_row(str(i), r.node, r.op_type, f"{r.params:,}", fmt_pct(r.accuracy), fmt_pct(r.agreement),
+                      f"{r.cosine:.5f}", f"{100 * r.drop:.2f}",
+                      "-" if r.all_but_cosine is None else f"{r.all_but_cosine:.5f}")
+    console.print(table)
+    console.print("drop: accuracy (labels) or agreement lost vs FP32 when only that layer is INT8; "
+                  "all-but: every other layer INT8.")
+    emit_json(json_out, [r.to_dict() for r in rows])

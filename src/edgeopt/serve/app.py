@@ -1,0 +1,326 @@
+"""The OIP v2 HTTP app: health, metadata, readiness, inference and /metrics over FastAPI.
+
+Each served model has its own runtime session (opened with the model's stored runtime and
+settings, see :mod:`edgeopt.measure.sessions`) and its own :class:`Batcher`. Every failure a
+request can cause becomes a JSON ``{"error": ...}`` with a 4xx/5xx status; the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeopt._version import __version__
+from edgeopt.deps import require
+from edgeopt.errors import BadInput
+from edgeopt.model import Model, TensorSpec
+from edgeopt.serve.batching import Batcher, ModelRunError, QueueFull
+from edgeopt.serve.metrics import ServeMetrics
+from edgeopt.serve.protocol import HEADER_LENGTH, ProtocolError, encode_response, parse_infer_request, tensor_metadata
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from edgeopt.measure.sessions import RunSettings
+    from edgeopt.runtimes import Session
+
+log = logging.getLogger("edgeopt.serve")
+VERSION = "1"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Batching and limits shared by every served model.
+
+    Args:
+        max_batch: most samples merged into one runtime call (1: no merging).
+        max_delay_ms: longest a request waits for others to join its batch.
+        max_request_mb: largest request body accepted (413 above).
+        queue_size: most requests waiting per model (503 above).
+    """
+
+    max_batch: int = 8
+    max_delay_ms: float = 5.0
+    max_request_mb: float = 16.0
+    queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise BadInput(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.max_delay_ms < 0:
+            raise BadInput(f"--max-delay-ms must be >= 0, got {self.max_delay_ms}")
+        if self.max_request_mb <= 0:
+            raise BadInput(f"--max-request-mb must be > 0, got {self.max_request_mb}")
+        if self.queue_size < 1:
+            raise BadInput(f"--queue-size must be >= 1, got {self.queue_size}")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1024 * 1024)
+
+
+@dataclass
+class ServedModel:
+    """One model behind the server: its session, run settings and batching limit."""
+
+    name: str
+    model: Model
+    settings: RunSettings
+    session: Session
+    max_batch: int
+    batcher: Batcher | None = field(default=None, repr=False)
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.model.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.model.outputs
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "versions": [VERSION],
+            "platform": f"{self.settings.runtime}_{self.model.format}",
+            "inputs": [tensor_metadata(s) for s in self.inputs],
+            "outputs": [tensor_metadata(s) for s in self.outputs],
+            "parameters": {"max_batch_size": self.max_batch, "runtime": self.settings.runtime,
+                           "threads": self.settings.threads, "sha256": self.model.sha256},
+        }
+
+
+def parse_model_arg(arg: str) -> tuple[str, str]:
+    """``name=path`` or ``path`` (name = the file stem) -> (name, path).
+
+    Raises:
+        BadInput: the name has characters a URL path segment should not carry.
+    """
+    name, sep, path = arg.partition("=")
+    if not sep or not name or "/" in name or Path(name).suffix in (".onnx", ".tflite", ".py"):
+        path, name = arg, Path(arg.split(":")[0]).stem
+    if not _NAME_RE.match(name):
+        raise BadInput(f"model name {name!r} must be letters, digits, '_', '.' or '-'; use NAME=PATH")
+    return name, path
+
+
+def load_served(args: list[str], *, runtime: str | None = None, threads: int | None = None,
+                max_batch: int = 8) -> list[ServedModel]:
+    """Load every ``[name=]path`` and open its session, before any port is bound.
+
+    Args:
+        args: model paths, each optionally prefixed with ``name=``.
+        runtime: override every model's stored runtime.
+        threads: intra-op threads per session (default: the model's stored setting, else the host's).
+        max_batch: the server's batching limit; models with a fixed batch dimension get 1.
+
+    Returns:
+        One ServedModel per argument, in order.
+
+    Raises:
+        BadInput / ModelError: a missing or unreadable model, a duplicate name, a bad runtime.
+
+    Example:
+        >>> served = load_served(["digits=examples/digits/digits_cnn.onnx"], threads=1)  # doctest: +SKIP
+    """
+    from edgeopt.measure.sessions import open_session, resolve_settings
+    from edgeopt.model import load_model
+
+    if not args:
+        raise BadInput("give at least one model to serve")
+    served: list[ServedModel] = []
+    for arg in args:
+        name, path = parse_model_arg(arg)
+        if any(s.name == name for s in served):
+            raise BadInput(f"two models are named {name!r}; name them with NAME=PATH")
+        model = load_model(path)
+        if not model.inputs:
+            raise BadInput(f"{path}: the model's input shapes are unknown, so requests cannot be validated")
+        settings = resolve_settings(model, runtime=runtime, threads=threads)
+        session = open_session(model, settings)
+        served.append(ServedModel(name=name, model=model, settings=settings, session=session,
+                                  max_batch=max_batch if _batchable(model) else 1))
+    return served
+
+
+def _path(request: Any) -> tuple[str, str | None]:
+    params = request.path_params
+    return params["name"], params.get("version")
+
+
+def _batchable(model: Model) -> bool:
+    """Merging needs a dynamic first dimension on every input and output."""
+    for spec in [*model.inputs, *model.outputs]:
+        if not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
+            return False
+    return True
+
+
+def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``models`` over OIP v2; batchers start and drain with its lifespan.
+
+    Example:
+        >>> app = create_app(load_served(["examples/digits/digits_cnn.onnx"]))  # doctest: +SKIP
+        >>> # uvicorn.run(app) or fastapi.testclient.TestClient(app)
+    """
+    fastapi = require("fastapi", extra="serve")
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    cfg = config or ServeConfig()
+    metrics = ServeMetrics()
+    by_name = {m.name: m for m in models}
+    state = {"ready": False}
+
+    for m in models:
+        m.batcher = Batcher(
+            m.name, m.session.run, output_names=list(m.session.output_names),
+            max_batch=min(m.max_batch, cfg.max_batch), max_delay=cfg.max_delay_ms / 1000.0,
+            queue_size=cfg.queue_size,
+            on_batch=metrics.batch_size.labels(model=m.name).observe,
+            on_depth=metrics.queue_depth.labels(model=m.name).set)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        for m in models:
+            assert m.batcher is not None
+            m.batcher.start()
+        state["ready"] = True
+        log.info("ready", extra={"event": "ready", "models": list(by_name)})
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            log.info("draining", extra={"event": "shutdown"})
+            for m in models:
+                assert m.batcher is not None
+                await m.batcher.stop()
+            log.info("stopped", extra={"event": "stopped"})
+
+    app = fastapi.FastAPI(title="edgeopt serve", version=__version__, lifespan=lifespan,
+                          docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    def lookup(name: str, version: str | None) -> ServedModel:
+        served = by_name.get(name)
+        if served is None:
+            raise ProtocolError(404, f"unknown model {name!r}; served: {', '.join(by_name)}")
+        if version is not None and version != VERSION:
+            raise ProtocolError(404, f"model {name!r} has no version {version!r}; versions: {VERSION}")
+        return served
+
+    async def server_metadata(request: Request) -> JSONResponse:
+        return JSONResponse({"name": "edgeopt", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def live(request: Request) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> JSONResponse:
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    async def model_metadata(request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(lookup(*_path(request)).metadata())
+        except ProtocolError as exc:
+            return error(exc.status, str(exc))
+
+    async def model_ready(request: Request) -> JSONResponse:
+        try:
+            served = lookup(*_path(request))
+        except ProtocolError as exc:
+            return error(exc.status, str(exc))
+        ok = state["ready"]
+        return JSONResponse({"name": served.name, "ready": ok}, status_code=200 if ok else 503)
+
+    async def read_body(request: Request) -> bytes:
+        limit = cfg.max_request_bytes
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ProtocolError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise ProtocolError(400, f"Content-Length must be an integer, got {declared!r}")
+            if int(declared) > limit:
+                raise ProtocolError(413, f"request body of {int(declared)} bytes exceeds --max-request-mb "
+                                         f"{cfg.max_request_mb:g}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(413, f"request body exceeds --max-request-mb {cfg.max_request_mb:g}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def infer(request: Request) -> Response:
+        start = time.perf_counter()
+        name, version = _path(request)
+        label = name if name in by_name else "_unknown"
+        samples = 0
+        try:
+            served = lookup(name, version)
+            batcher = served.batcher
+            assert batcher is not None
+            batcher.arrival_started()
+            try:
+                body = await read_body(request)
+                req = parse_infer_request(body, header_length=request.headers.get(HEADER_LENGTH),
+                                          inputs=served.inputs, outputs=served.outputs)
+            finally:
+                batcher.arrival_ended()
+            samples = req.batch
+            results = await batcher.submit(req)
+            payload, headers = encode_response(model_name=served.name, version=VERSION, request=req,
+                                               results=results)
+            response: Response = Response(payload, status_code=200, headers=headers)
+        except ProtocolError as exc:
+            response = error(exc.status, str(exc))
+        except QueueFull as exc:
+            response = error(503, str(exc))
+        except ModelRunError as exc:
+            response = error(500, str(exc))
+        except Exception as exc:  # never let one request take the server down
+            log.exception("unexpected error", extra={"model": label})
+            response = error(500, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        seconds = time.perf_counter() - start
+        metrics.observe_request(label, response.status_code, seconds)
+        level = logging.INFO if response.status_code < 500 else logging.ERROR
+        if log.isEnabledFor(level):
+            extra: dict[str, Any] = {"event": "infer", "model": label, "status": response.status_code,
+                                     "latency_ms": round(seconds * 1000.0, 3), "samples": samples}
+            if response.status_code != 200:
+                extra["error"] = bytes(response.body).decode(errors="replace")[:300]
+            log.log(level, "infer", extra=extra)
+        return response
+
+    async def prometheus(request: Request) -> Response:
+        for m in models:
+            assert m.batcher is not None
+            metrics.queue_depth.labels(model=m.name).set(m.batcher.depth())
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # Plain Starlette routes: the handlers read raw bodies, so FastAPI's per-call validation is pure overhead.
+    routes = [("/v2", server_metadata, "GET"), ("/v2/health/live", live, "GET"),
+              ("/v2/health/ready", ready, "GET"), ("/metrics", prometheus, "GET")]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [(prefix, model_metadata, "GET"), (prefix + "/ready", model_ready, "GET"),
+                   (prefix + "/infer", infer, "POST")]
+    for path, handler, method in routes:
+        app.add_route(path, handler, methods=[method])
+    app.state.metrics = metrics
+    app.state.models = by_name
+    return app

@@ -1,0 +1,112 @@
+"""Run the app under uvicorn: bind first (a busy port is a one-line error), JSON logs, graceful stop.
+
+On SIGTERM or SIGINT uvicorn stops accepting connections, lets in-flight requests finish (up to
+``graceful_seconds``), then the app's lifespan drains every batcher queue before the process exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import time
+from typing import Any
+
+from edgeopt.deps import require
+from edgeopt.errors import BadInput
+from edgeopt.serve.app import ServeConfig, ServedModel, create_app
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key != "color_message" and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(level: str = "info") -> None:
+    """JSON lines on stderr for edgeopt and uvicorn loggers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    numeric = getattr(logging, level.upper(), None)
+    if not isinstance(numeric, int):
+        raise BadInput(f"--log-level must be debug, info, warning or error, got {level!r}")
+    for name in ("edgeopt.serve", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(numeric)
+        logger.propagate = False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or BadInput naming why it cannot be had."""
+    if not 0 <= port <= 65535:
+        raise BadInput(f"--port must be 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise BadInput(f"--host {host!r} cannot be resolved: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise BadInput(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(models: list[ServedModel], *, config: ServeConfig | None = None, host: str = "127.0.0.1",
+          port: int = 8000, log_level: str = "info", graceful_seconds: float = 30.0,
+          on_listening: Any = None) -> None:
+    """Serve ``models`` until SIGTERM/SIGINT; returns after in-flight requests have finished.
+
+    Args:
+        models: from :func:`edgeopt.serve.app.load_served`.
+        config: batching and limits.
+        host, port: where to listen (port 0 picks a free one).
+        log_level: debug, info, warning or error.
+        graceful_seconds: longest wait for in-flight requests on shutdown.
+        on_listening: called with (host, port) once the socket is bound, before serving.
+
+    Raises:
+        BadInput: the address cannot be bound.
+
+    Example:
+        >>> serve(load_served(["examples/digits/digits_cnn.onnx"]), port=8000)  # doctest: +SKIP
+    """
+    uvicorn = require("uvicorn", extra="serve")
+    cfg = config or ServeConfig()
+    configure_logging(log_level)
+    sock = bind(host, port)
+    bound_port = sock.getsockname()[1]
+    app = create_app(models, cfg)
+    # Bodies in flight are bounded too: at most this many connections are served at once (503 above).
+    limit = max(64, 2 * cfg.queue_size * max(1, len(models)))
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="on", limit_concurrency=limit,
+        timeout_graceful_shutdown=graceful_seconds, timeout_keep_alive=30, log_level=log_level))
+    if on_listening is not None:
+        on_listening(host, bound_port)
+    logging.getLogger("edgeopt.serve").info("listening", extra={
+        "event": "listening", "host": host, "port": bound_port, "models": [m.name for m in models],
+        "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "queue_size": cfg.queue_size})
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

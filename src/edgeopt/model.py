@@ -312,6 +312,8 @@ def _onnx_size_with_external(path: Path, proto: onnx.ModelProto) -> int:
 
 
 def _tflite_io(payload: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import numpy as np
+
     litert = require("ai_edge_litert.interpreter", extra="litert")
     try:
         interp = litert.Interpreter(model_content=payload)
@@ -320,7 +322,10 @@ def _tflite_io(payload: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
     def spec(detail: dict[str, Any]) -> TensorSpec:
         shape = tuple(int(d) for d in detail["shape"])
-        return TensorSpec(detail["name"], shape, str(detail["dtype"].__name__))
+        # Quantized int8/uint8/int16 IO is fed and read as float32: the LiteRT session (de)quantizes.
+        scale = detail.get("quantization", (0.0, 0))[0]
+        dtype = "float32" if scale and detail["dtype"] in (np.int8, np.uint8, np.int16) else detail["dtype"].__name__
+        return TensorSpec(detail["name"], shape, str(dtype))
 
     return ([spec(d) for d in interp.get_input_details()], [spec(d) for d in interp.get_output_details()])
 

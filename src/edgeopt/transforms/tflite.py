@@ -1,0 +1,308 @@
+"""PyTorch (or ONNX, or float TFLite) -> ``.tflite`` for LiteRT, optionally quantized, verified.
+
+The field's tools do the work: ``litert-torch`` converts a PyTorch module (ONNX goes through
+``onnx2torch`` first), and ``ai-edge-quantizer`` applies the same choices TFLite's converter
+offers: dynamic range (int8 weights, activations quantized on the fly, like ``Optimize.DEFAULT``),
+full integer with a representative (calibration) dataset, and float16 weights. Every variant is run
+in LiteRT and compared with the reference outputs (PyTorch, or the float model): a variant whose
+cosine falls below the tolerance is an error, not a file.
+
+Which variant is *faster* is a measurement, not a name: on x86 CPUs LiteRT often runs dynamic range
+INT8 slower than FP32. ``edgeopt export`` times every variant asked for, interleaved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeopt.data import Dataset
+from edgeopt.deps import require
+from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation
+from edgeopt.measure.evaluate import fidelity
+from edgeopt.model import Model
+from edgeopt.transforms.config import TransformContext, register_config, register_transform
+
+QUANTIZE_MODES = ("none", "dynamic", "int8", "fp16")
+# Default fidelity floor (mean cosine vs the reference) per mode.
+DEFAULT_MIN_COSINE = {"none": 0.999, "fp16": 0.999, "dynamic": 0.98, "int8": 0.98}
+_LOWERING = re.compile(r"Lowering not found: (?:aten\.)?([\w.]+)")
+
+
+@register_config
+@dataclass(frozen=True)
+class TfliteExport:
+    """Export to ``.tflite``; ``quantize`` is none | dynamic | int8 (full integer, needs data) | fp16.
+
+    ``min_cosine`` None uses :data:`DEFAULT_MIN_COSINE` (0.999 float, 0.98 INT8);
+    ``calibration_samples`` caps the representative dataset; ``verify_samples`` inputs are compared.
+    """
+
+    quantize: str = "none"
+    min_cosine: float | None = None
+    calibration_samples: int = 128
+    verify_samples: int = 16
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_MODES:
+            raise BadInput(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise BadInput(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+        if self.calibration_samples < 1:
+            raise BadInput(f"calibration_samples must be >= 1, got {self.calibration_samples}")
+        if self.verify_samples < 1:
+            raise BadInput(f"verify_samples must be >= 1, got {self.verify_samples}")
+
+    @property
+    def cosine_floor(self) -> float:
+        return DEFAULT_MIN_COSINE[self.quantize] if self.min_cosine is None else self.min_cosine
+
+
+@dataclass
+class TfliteCheck:
+    """How a ``.tflite`` variant's LiteRT outputs compare with the reference's on the same inputs."""
+
+    quantize: str
+    reference: str
+    cosine: float
+    min_cosine: float
+    max_abs_diff: float
+    agreement: float
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quantize": self.quantize, "reference": self.reference, "cosine": self.cosine,
+                "min_cosine": self.min_cosine, "max_abs_diff": self.max_abs_diff,
+                "agreement": self.agreement, "samples": self.samples}
+
+
+def to_tflite(model: Model, config: TfliteExport | None = None, *, data: Dataset | None = None
+              ) -> tuple[Model, TfliteCheck]:
+    """Convert ``model`` to ``.tflite`` (quantized as ``config.quantize`` says) and verify it in LiteRT.
+
+    Args:
+        model: PyTorch (``file.py:factory`` / ``.pt2``), ONNX (converted through onnx2torch) or a
+            float ``.tflite`` (quantized directly; the float model is then the reference).
+        config: what to produce; default FP32.
+        data: inputs for tracing, verification and (``int8``) calibration; random inputs of the
+            model's input shape otherwise (not allowed for ``int8``).
+
+    Returns:
+        The ``.tflite`` Model and its :class:`TfliteCheck`.
+
+    Raises:
+        UnsupportedOperation: the converter has no lowering for an operator (named in the message).
+        BadInput: ``int8`` without data, or outputs below the cosine floor.
+        MissingDependency: the ``[litert]`` extra is not installed.
+
+    Example:
+        >>> tfl, check = to_tflite(load_model("net.py:build", weights="w.pt"), TfliteExport("int8"),
+        ...                        data=load_data("cal.npz"))  # doctest: +SKIP
+        >>> check.cosine > 0.98  # doctest: +SKIP
+    """
+    cfg = config or TfliteExport()
+    return export_tflite(model, [cfg], data=data)[0]
+
+
+def export_tflite(model: Model, configs: list[TfliteExport], *, data: Dataset | None = None
+                  ) -> list[tuple[Model, TfliteCheck]]:
+    """Several variants of one model: converted to float once, then quantized and verified each.
+
+    Same arguments and errors as :func:`to_tflite`, with one config per variant.
+
+    Example:
+        >>> variants = export_tflite(m, [TfliteExport("none"), TfliteExport("dynamic")])  # doctest: +SKIP
+    """
+    if not configs:
+        raise BadInput("no TFLite variant asked for")
+    if any(c.quantize == "int8" for c in configs) and data is None:
+        raise BadInput("--quantize int8 (full integer) needs calibration data: pass --data CAL.npz "
+                       "(a few hundred representative inputs)")
+    source = model.source
+    float_model = model if model.format == "tflite" else _convert(_as_module(model), model, data)
+    verify = _verify_inputs(float_model, data, max(c.verify_samples for c in configs))
+    ref_out = _reference_outputs(model, float_model, verify)
+    ref_name = {"torch": "pytorch", "onnx": "onnxruntime"}.get(model.format, "float tflite")
+    results = []
+    for cfg in configs:
+        payload = float_model.serialized() if cfg.quantize == "none" else _quantize(
+            float_model, cfg, data)
+        out = Model.from_tflite(bytes(payload), source=f"{source} (tflite {cfg.quantize})")
+        check = _check(out, cfg, verify, ref_out, ref_name)
+        results.append((out, check))
+    return results
+
+
+# -- conversion ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_litert_torch() -> Iterator[None]:
+    """litert-torch prints a progress tree on its own rich console; keep the CLI's output clean."""
+    try:
+        from litert_torch import progress
+    except ImportError:  # older litert-torch without the progress console
+        yield
+        return
+    before = progress.console.quiet
+    progress.console.quiet = True
+    try:
+        yield
+    finally:
+        progress.console.quiet = before
+
+
+def _as_module(model: Model) -> Any:
+    if model.format == "torch":
+        return model.module.eval()
+    if model.format == "onnx":
+        onnx2torch = require("onnx2torch", extra="litert")
+        try:
+            return onnx2torch.convert(model.onnx).eval()
+        except Exception as exc:
+            raise UnsupportedOperation(f"cannot convert ONNX {model.source} to PyTorch for TFLite export "
+                                       f"(onnx2torch): {_first_line(exc)}") from exc
+    raise ModelError(f"cannot export a {model.format} model to TFLite")
+
+
+def _sample_args(model: Model, data: Dataset | None) -> tuple[Any, ...]:
+    from edgeopt.transforms.export import example_inputs
+
+    torch = require("torch", extra="torch")
+    if data is not None and model.inputs:
+        data = data.feeds_for(model)
+    feeds = example_inputs(model, data, batch=1)
+    return tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
+
+
+def _convert(module: Any, model: Model, data: Dataset | None) -> Model:
+    litert_torch = require("litert_torch", extra="litert")
+    args = _sample_args(model, data)
+    with _quiet_litert_torch():
+        try:
+            edge = litert_torch.convert(module, args)
+            payload = bytes(edge.model_content())
+        except Exception as exc:
+            text = str(exc)
+            match = _LOWERING.search(text)
+            if match:
+                raise UnsupportedOperation(
+                    f"TFLite export of {model.source}: the converter has no lowering for operator "
+                    f"{match.group(1)}; replace it in the model or export to ONNX instead") from exc
+            raise UnsupportedOperation(f"TFLite export of {model.source} failed: {_first_line(exc)}") from exc
+    return Model.from_tflite(payload, source=f"{model.source} (tflite none)")
+
+
+# -- quantization -------------------------------------------------------------------------------
+def _quantize(float_model: Model, cfg: TfliteExport, data: Dataset | None) -> bytes:
+    require("ai_edge_quantizer", extra="litert")
+    from ai_edge_quantizer import qtyping, quantizer, recipe
+
+    q = quantizer.Quantizer(bytearray(float_model.serialized()))
+    calibration = None
+    if cfg.quantize == "dynamic":
+        q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+    elif cfg.quantize == "fp16":
+        q.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+                                 num_bits=16, algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING)
+    else:
+        q.load_quantization_recipe(recipe.static_wi8_ai8())
+        calibration = q.calibrate(_calibration_set(float_model, data, cfg.calibration_samples),
+                                  num_threads=1)
+    try:
+        result = q.quantize(calibration, enable_progress_report=False)
+    except (ValueError, RuntimeError) as exc:
+        raise UnsupportedOperation(f"ai-edge-quantizer cannot apply {cfg.quantize} to "
+                                   f"{float_model.source}: {_first_line(exc)}") from exc
+    return bytes(result.quantized_model)
+
+
+def _calibration_set(float_model: Model, data: Dataset | None, limit: int) -> dict[str, list[dict[str, Any]]]:
+    """The representative dataset, one sample per entry, keyed as the model's signature wants."""
+    if data is None:
+        raise BadInput("--quantize int8 needs calibration data (--data CAL.npz)")
+    litert = require("ai_edge_litert.interpreter", extra="litert")
+    interp = litert.Interpreter(model_content=float_model.serialized())
+    signatures = interp.get_signature_list()
+    if len(signatures) != 1:
+        raise ModelError(f"{float_model.source} has {len(signatures)} signatures; int8 export needs one")
+    key, sig = next(iter(signatures.items()))
+    feeds = data.feeds_for(float_model).take(slice(0, limit))
+    arrays = list(feeds.inputs.values())
+    if len(arrays) != len(sig["inputs"]):
+        raise DataError(f"{data.source} has {len(arrays)} input arrays; the model takes {len(sig['inputs'])}")
+    n = len(arrays[0])
+    if n == 0:
+        raise DataError(f"{data.source} is empty; int8 calibration needs samples")
+    return {key: [{name: np.ascontiguousarray(a[i:i + 1], dtype=np.float32)
+                   for name, a in zip(sig["inputs"], arrays, strict=True)} for i in range(n)]}
+
+
+# -- verification -------------------------------------------------------------------------------
+def _verify_inputs(float_model: Model, data: Dataset | None, n: int) -> list[np.ndarray]:
+    if data is not None:
+        arrays = list(data.feeds_for(float_model).inputs.values())
+        return [np.ascontiguousarray(a[:n]) for a in arrays]
+    rng = np.random.default_rng(0)
+    out = []
+    for spec in float_model.inputs:
+        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:])
+        out.append(rng.standard_normal((n, *shape)).astype(np.float32))
+    return out
+
+
+def _run_litert(model: Model, inputs: list[np.ndarray]) -> np.ndarray:
+    from edgeopt.runtimes.litert import LiteRtRuntime
+
+    session = LiteRtRuntime().load(model, threads=1)
+    rows = []
+    for i in range(len(inputs[0])):
+        feeds = {name: a[i:i + 1] for name, a in zip(session.input_names, inputs, strict=True)}
+        rows.append(session.run(feeds)[0])
+    return np.concatenate(rows)
+
+
+def _reference_outputs(model: Model, float_model: Model, inputs: list[np.ndarray]) -> np.ndarray:
+    """What the variants must match: PyTorch, ONNX Runtime for an ONNX source, else the float .tflite."""
+    if model.format == "tflite":
+        return _run_litert(float_model, inputs)
+    if model.format == "onnx":
+        from edgeopt.measure.sessions import open_session, resolve_settings
+
+        session = open_session(model, resolve_settings(model, runtime="onnxruntime", threads=1))
+        return session.run(dict(zip(session.input_names, inputs, strict=True)))[0]
+    torch = require("torch", extra="torch")
+    with torch.no_grad():
+        out = model.module(*[torch.from_numpy(a) for a in inputs])
+    out = out.logits if hasattr(out, "logits") else out
+    out = out[0] if isinstance(out, list | tuple) else out
+    return out.float().numpy()
+
+
+def _check(model: Model, cfg: TfliteExport, inputs: list[np.ndarray], ref: np.ndarray,
+           ref_name: str) -> TfliteCheck:
+    got = _run_litert(model, inputs)
+    if got.shape != ref.shape:
+        raise ModelError(f"TFLite {cfg.quantize} outputs have shape {got.shape}, the reference's {ref.shape}")
+    agreement, cos, _min = fidelity(got, ref)
+    diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
+    check = TfliteCheck(quantize=cfg.quantize, reference=ref_name, cosine=cos, min_cosine=_min,
+                        max_abs_diff=diff, agreement=agreement, samples=len(got))
+    if not cos >= cfg.cosine_floor:
+        raise BadInput(f"TFLite {cfg.quantize} export does not match {ref_name}: cosine {cos:.5f} < "
+                       f"{cfg.cosine_floor:g} (max abs diff {diff:.3g}); try another --quantize mode or "
+                       "more representative --data")
+    return check
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@register_transform(TfliteExport)
+def _apply(model: Model, config: TfliteExport, ctx: TransformContext) -> Model:
+    return to_tflite(model, config, data=ctx.calibration or ctx.train)[0]

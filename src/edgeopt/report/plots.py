@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from edgeopt.deps import available
@@ -21,6 +22,7 @@ def _svg(fig: Any) -> str:
 
     plt.close(fig)
     text = buf.getvalue()
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
     return text[text.index("<svg"):]
 
 

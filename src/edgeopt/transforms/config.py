@@ -18,6 +18,26 @@ from edgeopt.errors import ConfigError
 _REGISTRY: dict[str, type] = {}
 T = TypeVar("T")
 
+# Modules that define configs; imported on demand when a serialized recipe names a config
+# that is not registered yet (importing edgeopt must stay light).
+TRANSFORM_MODULES = (
+    "edgeopt.transforms.quantize", "edgeopt.transforms.mixed_precision", "edgeopt.transforms.export",
+    "edgeopt.transforms.nncf_quantize", "edgeopt.transforms.prune", "edgeopt.transforms.distill",
+    "edgeopt.transforms.tflite",
+)
+
+
+def _ensure_registered(name: str) -> None:
+    import importlib
+
+    for module in TRANSFORM_MODULES:
+        if name in _REGISTRY:
+            return
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+
 
 def register_config(cls: type[T]) -> type[T]:
     """Class decorator: allow ``cls`` (a frozen dataclass) in serialized recipes."""
@@ -49,6 +69,8 @@ def config_from_dict(payload: dict[str, Any]) -> Any:
     if not isinstance(payload, dict) or "type" not in payload:
         raise ConfigError("a transform config must be an object with 'type' and 'fields'")
     name = payload["type"]
+    if name not in _REGISTRY:
+        _ensure_registered(str(name))
     cls = _REGISTRY.get(name)
     if cls is None:
         raise ConfigError(f"unknown transform config {name!r}; known: {', '.join(sorted(_REGISTRY))}")

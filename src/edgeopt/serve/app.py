@@ -21,7 +21,13 @@ from edgeopt.errors import BadInput
 from edgeopt.model import Model, TensorSpec
 from edgeopt.serve.batching import Batcher, ModelRunError, QueueFull
 from edgeopt.serve.metrics import ServeMetrics
-from edgeopt.serve.protocol import HEADER_LENGTH, ProtocolError, encode_response, parse_infer_request, tensor_metadata
+from edgeopt.serve.protocol import (
+    HEADER_LENGTH,
+    ProtocolError,
+    encode_response,
+    parse_infer_request,
+    tensor_metadata,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

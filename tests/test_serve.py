@@ -1,0 +1,356 @@
+"""edgeopt serve in-process: OIP v2 protocol, validation, batching, back-pressure, errors, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgeopt.errors import BadInput
+from edgeopt.serve import ServeConfig, create_app, load_served
+from edgeopt.serve.batching import Batcher, QueueFull
+from edgeopt.serve.protocol import InferRequest
+
+from .conftest import make_onnx_cnn
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+
+def make_two_input(path: Path) -> Path:
+    """out = float(ids) * mask + 1, with ids INT64 [batch, 4] and mask FP32 [batch, 4]."""
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    nodes = [helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["f", "mask"], ["m"]),
+             helper.make_node("Add", ["m", "one"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "two_input",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])], initializer=[one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def tensor(x: np.ndarray, name: str = "input", datatype: str = "FP32") -> dict:
+    return {"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    make_onnx_cnn(tmp_path / "tiny.onnx")
+    make_onnx_cnn(tmp_path / "fixed.onnx", batch=1, seed=3)
+    make_two_input(tmp_path / "pair.onnx")
+    return tmp_path
+
+
+@pytest.fixture
+def client(models_dir: Path):
+    served = load_served([str(models_dir / "tiny.onnx"), f"one={models_dir / 'fixed.onnx'}",
+                          str(models_dir / "pair.onnx")], threads=1, max_batch=8)
+    with TestClient(create_app(served, ServeConfig(max_batch=8, max_delay_ms=2, max_request_mb=0.05))) as c:
+        c.served = {m.name: m for m in served}
+        yield c
+
+
+def direct(client, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return client.served[name].session.run(feeds)
+
+
+def test_health_server_and_model_metadata(client) -> None:
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    meta = client.get("/v2").json()
+    assert meta["name"] == "edgeopt" and "binary_tensor_data" in meta["extensions"]
+    tiny = client.get("/v2/models/tiny").json()
+    assert tiny["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 16, 16]}]
+    assert tiny["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    assert tiny["platform"] == "onnxruntime_onnx" and tiny["versions"] == ["1"]
+    assert tiny["parameters"]["max_batch_size"] == 8
+    assert client.get("/v2/models/one").json()["parameters"]["max_batch_size"] == 1  # fixed batch dim
+    assert client.get("/v2/models/tiny/versions/1").json() == tiny
+    assert client.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
+    assert client.get("/v2/models/pair/versions/1/ready").status_code == 200
+
+
+def test_infer_json_matches_direct_run(client) -> None:
+    x = np.random.default_rng(0).standard_normal((3, 1, 16, 16)).astype(np.float32)
+    r = client.post("/v2/models/tiny/infer", json={"id": "req-7", "inputs": [tensor(x)]})
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["id"] == "req-7" and doc["model_name"] == "tiny" and doc["model_version"] == "1"
+    out = doc["outputs"][0]
+    assert out["name"] == "logits" and out["datatype"] == "FP32" and out["shape"] == [3, 10]
+    np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(3, 10),
+                               direct(client, "tiny", {"input": x})[0], rtol=0, atol=0)
+    # nested (row-major) data and the version path give the same answer
+    nested = {"name": "input", "shape": [3, 1, 16, 16], "datatype": "FP32", "data": x.tolist()}
+    r2 = client.post("/v2/models/tiny/versions/1/infer", json={"inputs": [nested]})
+    assert r2.json()["outputs"][0]["data"] == out["data"]
+
+
+def test_infer_two_inputs_int64_and_output_selection(client) -> None:
+    ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=np.int64)
+    mask = np.array([[1, 0, 1, 0], [0.5, 0.5, 0.5, 0.5]], dtype=np.float32)
+    r = client.post("/v2/models/pair/infer", json={
+        "inputs": [tensor(mask, "mask"), tensor(ids, "ids", "INT64")], "outputs": [{"name": "out"}]})
+    assert r.status_code == 200
+    assert r.json()["outputs"][0]["data"] == [2.0, 1.0, 4.0, 1.0, 3.5, 4.0, 4.5, 5.0]
+
+
+def test_binary_tensor_extension_both_ways(client) -> None:
+    x = np.random.default_rng(1).standard_normal((2, 1, 16, 16)).astype(np.float32)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [2, 1, 16, 16], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    r = client.post("/v2/models/tiny/infer", content=header + x.tobytes(),
+                    headers={"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 200
+    n = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.content[:n])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 2 * 10 * 4
+    got = np.frombuffer(r.content[n:], dtype=np.float32).reshape(2, 10)
+    np.testing.assert_array_equal(got, direct(client, "tiny", {"input": x})[0])
+
+
+@pytest.mark.parametrize(("body", "status", "fragment"), [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"inputs": []}', 400, "non-empty list"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP99", "data": [0]}]}', 400,
+     "unknown datatype 'FP99'"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "INT64", "data": [0]}]}', 400,
+     "expected datatype FP32, got INT64"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0]}]}', 400,
+     "expected shape [-1, 1, 16, 16], got [1, 1, 8, 8]"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 16, 16], "datatype": "FP32", "data": [0]}]}', 400,
+     "expected 4 dimensions"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": [0, 1]}]}', 400,
+     "needs 256 values, got 2"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": ["a"]}]}', 400,
+     "needs 256 values"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0]}]}', 400, "unknown input 'x'"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": [0] * 256}],
+                 "outputs": [{"name": "nope"}]}).encode(), 400, "unknown output 'nope'"),
+])
+def test_bad_requests_get_400_with_a_message(client, body: bytes, status: int, fragment: str) -> None:
+    r = client.post("/v2/models/tiny/infer", content=body)
+    assert r.status_code == status
+    assert fragment in r.json()["error"]
+
+
+def test_value_kind_tensor_count_and_range_checks(client) -> None:
+    ids = {"name": "ids", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}
+    mask = {"name": "mask", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}
+    r = client.post("/v2/models/pair/infer", json={"inputs": [ids]})
+    assert r.status_code == 400 and "takes 2 input(s)" in r.json()["error"]
+    r = client.post("/v2/models/pair/infer", json={"inputs": [{**ids, "data": [1.5, 2, 3, 4]}, mask]})
+    assert r.status_code == 400 and "non-integer" in r.json()["error"]
+    r = client.post("/v2/models/pair/infer", json={"inputs": [{**ids, "data": [2**70, 0, 0, 0]}, mask]})
+    assert r.status_code == 400
+    r = client.post("/v2/models/pair/infer", json={"inputs": [{**ids, "shape": [2, 4], "data": [0] * 8}, mask]})
+    assert r.status_code == 400 and "disagree on the batch size" in r.json()["error"]
+    r = client.post("/v2/models/one/infer", json={"inputs": [tensor(np.zeros((2, 1, 16, 16), np.float32))]})
+    assert r.status_code == 400 and "expected shape [1, 1, 16, 16]" in r.json()["error"]
+    r = client.post("/v2/models/tiny/infer", content=b'{"inputs": [{"name": "input", "shape": [1, 1, 16, 16], '
+                    b'"datatype": "FP32", "parameters": {"binary_data_size": 1024}}]}',
+                    headers={"Inference-Header-Content-Length": "999999"})
+    assert r.status_code == 400 and "outside the body" in r.json()["error"]
+
+
+def test_unknown_model_version_and_route_are_404(client) -> None:
+    r = client.post("/v2/models/nope/infer", json={"inputs": []})
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+    assert client.get("/v2/models/nope").status_code == 404
+    assert client.get("/v2/models/tiny/versions/2").status_code == 404
+    assert client.post("/v2/models/tiny/versions/2/infer", json={}).status_code == 404
+    assert client.get("/v2/nothing/here").json() == {"error": "Not Found"}
+
+
+def test_body_over_limit_is_413_by_header_and_by_stream(client) -> None:
+    big = b'{"inputs": [' + b" " * 60_000 + b"]}"  # limit is 0.05 MB = 52428 bytes
+    r = client.post("/v2/models/tiny/infer", content=big)
+    assert r.status_code == 413 and "--max-request-mb 0.05" in r.json()["error"]
+
+    def chunks():  # no Content-Length: chunked transfer, so only the streamed size can catch it
+        for _ in range(8):
+            yield b" " * 10_000
+
+    r = client.post("/v2/models/tiny/infer", content=chunks())
+    assert r.status_code == 413
+    x = np.zeros((1, 1, 16, 16), np.float32)
+    assert client.post("/v2/models/tiny/infer", json={"inputs": [tensor(x)]}).status_code == 200
+
+
+def test_metrics_count_requests_by_status_and_batch_sizes(client) -> None:
+    x = np.zeros((2, 1, 16, 16), np.float32)
+    for _ in range(3):
+        assert client.post("/v2/models/tiny/infer", json={"inputs": [tensor(x)]}).status_code == 200
+    client.post("/v2/models/tiny/infer", content=b"{")
+    client.post("/v2/models/ghost/infer", content=b"{}")
+    text = client.get("/metrics").text
+    assert 'edgeopt_requests_total{code="200",model="tiny"} 3.0' in text
+    assert 'edgeopt_requests_total{code="400",model="tiny"} 1.0' in text
+    assert 'edgeopt_requests_total{code="404",model="_unknown"} 1.0' in text
+    assert 'edgeopt_batch_size_sum{model="tiny"} 6.0' in text
+    assert 'edgeopt_request_latency_seconds_count{model="tiny"} 3.0' in text
+    assert 'edgeopt_queue_depth{model="tiny"} 0.0' in text
+
+
+class GatedSession:
+    """Wraps a real session: run() blocks until released, and fails on NaN input (a runtime error)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.input_names, self.output_names = inner.input_names, inner.output_names
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.release.set()
+
+    def run(self, feeds):
+        self.started.set()
+        self.release.wait(10)
+        if any(np.isnan(v).any() for v in feeds.values()):
+            raise RuntimeError("kernel exploded\non NaN")
+        return self.inner.run(feeds)
+
+
+def test_full_queue_answers_503_runtime_error_500_and_server_keeps_serving(models_dir: Path) -> None:
+    served = load_served([str(models_dir / "tiny.onnx")], threads=1)
+    gate = GatedSession(served[0].session)
+    served[0].session = gate
+    x = np.zeros((1, 1, 16, 16), np.float32)
+    body = {"inputs": [tensor(x)]}
+    with TestClient(create_app(served, ServeConfig(max_batch=1, queue_size=1))) as c:
+        gate.release.clear()
+        results: list[int] = []
+        first = threading.Thread(target=lambda: results.append(c.post("/v2/models/tiny/infer", json=body).status_code))
+        first.start()
+        assert gate.started.wait(10)  # the first request is in the runtime, the queue is empty
+        second = threading.Thread(target=lambda: results.append(c.post("/v2/models/tiny/infer", json=body).status_code))
+        second.start()
+        deadline = time.monotonic() + 10
+        while served[0].batcher.depth() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = c.post("/v2/models/tiny/infer", json=body)
+        assert r.status_code == 503 and "requests queued" in r.json()["error"]
+        gate.release.set()
+        first.join(10)
+        second.join(10)
+        assert results == [200, 200]
+        nan = json.dumps({"inputs": [tensor(np.full((1, 1, 16, 16), np.nan, np.float32))]})  # NaN literals
+        bad = c.post("/v2/models/tiny/infer", content=nan.encode())
+        assert bad.status_code == 500 and bad.json()["error"] == "model 'tiny' failed: kernel exploded on NaN"
+        ok = c.post("/v2/models/tiny/infer", json=body)
+        assert ok.status_code == 200 and ok.json()["outputs"][0]["shape"] == [1, 10]
+        assert 'edgeopt_requests_total{code="503",model="tiny"} 1.0' in c.get("/metrics").text
+
+
+def _request(batch: int, value: float, width: int = 3) -> InferRequest:
+    feeds = {"x": np.full((batch, width), value, dtype=np.float32)}
+    return InferRequest(feeds=feeds, batch=batch, outputs=("y",), binary_outputs=frozenset())
+
+
+def test_batcher_merges_splits_and_respects_max_batch() -> None:
+    calls: list[int] = []
+
+    def run(feeds):
+        calls.append(feeds["x"].shape[0])
+        return [feeds["x"] * 2]
+
+    async def main() -> list[dict]:
+        b = Batcher("m", run, output_names=["y"], max_batch=4, max_delay=0.2, queue_size=16)
+        b.start()
+        for _ in range(6):
+            b.arrival_started()  # six requests "being received": the worker waits for them
+        tasks = []
+        for i in range(6):
+            b.arrival_ended()
+            tasks.append(asyncio.ensure_future(b.submit(_request(1, float(i)))))
+        out = await asyncio.gather(*tasks)
+        await b.stop()
+        return out
+
+    outs = asyncio.run(main())
+    assert calls == [4, 2]
+    assert [float(o["y"][0, 0]) for o in outs] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    assert all(o["y"].shape == (1, 3) for o in outs)
+
+
+def test_batcher_keeps_different_shapes_apart_and_skips_delay_when_alone() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def run(feeds):
+        calls.append(feeds["x"].shape)
+        return [feeds["x"].sum(axis=1, keepdims=True)]
+
+    async def main() -> tuple[list[dict], float]:
+        b = Batcher("m", run, output_names=["y"], max_batch=8, max_delay=1.0, queue_size=16)
+        b.start()
+        t0 = time.perf_counter()
+        alone = await b.submit(_request(2, 1.0))  # nobody else arriving: no 1 s wait
+        elapsed = time.perf_counter() - t0
+        outs = await asyncio.gather(b.submit(_request(1, 1.0, width=3)), b.submit(_request(2, 2.0, width=3)),
+                                    b.submit(_request(1, 1.0, width=5)))
+        await b.stop()
+        return [alone, *outs], elapsed
+
+    outs, elapsed = asyncio.run(main())
+    assert elapsed < 0.5
+    assert [o["y"].ravel().tolist() for o in outs] == [[3.0, 3.0], [3.0], [6.0, 6.0], [5.0]]
+    assert calls == [(2, 3), (3, 3), (1, 5)]  # the two width-3 requests merged, width 5 ran alone
+
+
+def test_batcher_queue_is_bounded() -> None:
+    gate = threading.Event()
+
+    def run(feeds):
+        gate.wait(5)
+        return [feeds["x"]]
+
+    async def main() -> int:
+        b = Batcher("m", run, output_names=["y"], max_batch=1, max_delay=0, queue_size=2)
+        b.start()
+        running = asyncio.ensure_future(b.submit(_request(1, 0.0)))
+        await asyncio.sleep(0.05)  # the worker took it: the queue is empty again
+        queued = [asyncio.ensure_future(b.submit(_request(1, 0.0))) for _ in range(2)]
+        await asyncio.sleep(0)
+        refused = 0
+        try:
+            await b.submit(_request(1, 0.0))
+        except QueueFull:
+            refused = 1
+        gate.set()
+        await asyncio.gather(running, *queued)
+        await b.stop()
+        return refused
+
+    assert asyncio.run(main()) == 1
+
+
+def test_load_served_rejects_bad_input(models_dir: Path) -> None:
+    with pytest.raises(BadInput, match="two models are named 'tiny'"):
+        load_served([str(models_dir / "tiny.onnx"), str(models_dir / "tiny.onnx")])
+    with pytest.raises(BadInput, match="model name 'a b'"):
+        load_served([f"a b={models_dir / 'tiny.onnx'}"])
+    with pytest.raises(BadInput, match="not found"):
+        load_served([str(models_dir / "missing.onnx")])
+    with pytest.raises(BadInput, match="--max-batch must be >= 1"):
+        ServeConfig(max_batch=0)
+
+
+def test_cli_bad_model_path_is_one_line_exit_2(cli, tmp_path: Path) -> None:
+    result = cli("serve", str(tmp_path / "missing.onnx"), "--port", "0")
+    assert result.exit_code == 2
+    assert "missing.onnx" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = cli("serve", str(tmp_path / "missing.onnx"), "--queue-size", "0")
+    assert result.exit_code == 2 and "--queue-size must be >= 1" in result.stderr

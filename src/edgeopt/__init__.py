@@ -55,6 +55,11 @@ _LAZY: dict[str, str] = {
     "NncfInt8": "edgeopt.transforms.nncf_quantize",
     "OpenVinoRuntime": "edgeopt.runtimes.openvino",
     "nncf_quantize": "edgeopt.transforms.nncf_quantize",
+    # split (issue 9)
+    "Link": "edgeopt.split.planner",
+    "PipelineError": "edgeopt.split.pipeline",
+    "run_split": "edgeopt.split",
+    "split_model": "edgeopt.split",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

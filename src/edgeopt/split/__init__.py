@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.model import Model
     from edgeopt.split.pipeline import PipelineResult
-    from edgeopt.split.planner import Link, Objective, Plan
+    from edgeopt.split.planner import Objective, Plan
 
 
 def split_model(model: str | os.PathLike[str] | Model, devices: list[str | DeviceProfile], *,
@@ -57,7 +57,7 @@ def split_model(model: str | os.PathLike[str] | Model, devices: list[str | Devic
     from edgeopt.model import load_model
     from edgeopt.split.graph import GraphCuts
     from edgeopt.split.partition import extract, write_stage
-    from edgeopt.split.planner import Link, fixed_plan, plan_cuts
+    from edgeopt.split.planner import OBJECTIVES, Link, fixed_plan, plan_cuts
     from edgeopt.split.profile import profile_segments
 
     loaded = load_model(model)
@@ -69,6 +69,8 @@ def split_model(model: str | os.PathLike[str] | Model, devices: list[str | Devic
         raise BadInput("--devices needs at least one device profile, e.g. --devices rpi4,gateway-x86")
     if threads < 1:
         raise BadInput(f"--threads must be >= 1, got {threads}")
+    if objective not in OBJECTIVES:
+        raise BadInput(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     link = Link(_link_mbps(link_mbps, profiles), float(link_latency_ms))
     folder = check_writable_dir(out_dir)
 
@@ -122,12 +124,4 @@ def run_split(out_dir: str | os.PathLike[str], **options: Any) -> PipelineResult
     return run_pipeline(out_dir, **options)
 
 
-__all__ = ["Link", "run_split", "split_model"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Link":
-        from edgeopt.split.planner import Link
-
-        return Link
-    raise AttributeError(name)
+__all__ = ["run_split", "split_model"]

@@ -14,7 +14,9 @@ INT8 slower than FP32. ``edgeopt export`` times every variant asked for, interle
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +157,22 @@ def _quiet_litert_torch() -> Iterator[None]:
         progress.console.quiet = before
 
 
+@contextlib.contextmanager
+def _quiet_calibration() -> Iterator[None]:
+    """The quantizer's calibrator shows a tqdm bar and a debugging warning; neither helps a CLI user."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
 def _as_module(model: Model) -> Any:
     if model.format == "torch":
         return model.module.eval()
@@ -210,8 +228,9 @@ def _quantize(float_model: Model, cfg: TfliteExport, data: Dataset | None) -> by
                                  num_bits=16, algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING)
     else:
         q.load_quantization_recipe(recipe.static_wi8_ai8())
-        calibration = q.calibrate(_calibration_set(float_model, data, cfg.calibration_samples),
-                                  num_threads=1)
+        samples = _calibration_set(float_model, data, cfg.calibration_samples)
+        with _quiet_calibration():
+            calibration = q.calibrate(samples, num_threads=1)
     try:
         result = q.quantize(calibration, enable_progress_report=False)
     except (ValueError, RuntimeError) as exc:

@@ -1,0 +1,183 @@
+"""edgeopt export: PyTorch -> verified ONNX; PyTorch / ONNX / Keras -> verified, timed .tflite variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgeopt.cli import app
+from edgeopt.cli.common import (
+    JsonOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    WeightsOpt,
+    console,
+    emit_json,
+    fmt_bytes,
+    load_data_arg,
+    user_errors,
+)
+
+TARGETS = ("onnx", "tflite")
+
+
+@app.command()
+@user_errors
+def export(
+    model: Annotated[str, typer.Argument(help="file.py:factory (+ --weights), .pt2, .onnx (tflite only), "
+                                              ".keras/.h5 (tflite only), float .tflite (to quantize).")],
+    to: Annotated[str, typer.Option("--to", help="Target format: onnx or tflite.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output file (.onnx or .tflite).")],
+    quantize: Annotated[str, typer.Option(
+        "--quantize", help="tflite: none, dynamic, int8 (full integer, needs --data) or fp16; several "
+                           "comma-separated are each written as OUT_<mode>.tflite and timed interleaved.")] = "none",
+    data: Annotated[str | None, typer.Option("--data", help="Sample inputs (.npz): tracing, verification, "
+                                                            "int8 calibration.")] = None,
+    opset: Annotated[int | None, typer.Option("--opset", help="onnx: opset version (default: exporter's, 18+).")] = None,
+    static_batch: Annotated[bool, typer.Option("--static-batch", help="onnx: fixed batch dimension.")] = False,
+    atol: Annotated[float, typer.Option("--atol", help="onnx: max abs diff allowed vs PyTorch.")] = 1e-4,
+    min_cosine: Annotated[float | None, typer.Option(
+        "--min-cosine", help="tflite: cosine floor vs the reference (default 0.999 float, 0.98 INT8).")] = None,
+    bench: Annotated[bool, typer.Option("--bench/--no-bench", help="tflite: time every variant in LiteRT.")] = True,
+    threads: ThreadsOpt = None,
+    seconds: Annotated[float, typer.Option("--seconds", help="Minimum timed seconds per variant.")] = 1.0,
+    runs: Annotated[int, typer.Option("--runs", help="Minimum timed runs per variant.")] = 50,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Export to ONNX or TFLite; outputs are verified against the source model and reported in OUT.report.json."""
+    from edgeopt.errors import BadInput
+    from edgeopt.fileio import check_writable_dir
+
+    if to not in TARGETS:
+        raise BadInput(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+    if out.suffix.lower() != f".{to}":
+        raise BadInput(f"--out must end in .{to} for --to {to}, got {out.name}")
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    dataset = load_data_arg(data) if data else None
+    if to == "onnx":
+        if quantize != "none":
+            raise BadInput("--quantize applies to --to tflite; quantize ONNX models with edgeopt quantize")
+        report = _export_onnx(model, out, dataset, opset=opset, static_batch=static_batch, atol=atol,
+                              weights=weights, trust_pickle=trust_pickle)
+    else:
+        report = _export_tflite(model, out, dataset, modes=_modes(quantize), min_cosine=min_cosine,
+                                bench=bench, threads=threads, seconds=seconds, runs=runs,
+                                weights=weights, trust_pickle=trust_pickle)
+    from edgeopt.fileio import write_json
+
+    write_json(Path(f"{out}.report.json"), report)
+    emit_json(json_out, report)
+
+
+def _modes(text: str) -> list[str]:
+    from edgeopt.errors import BadInput
+    from edgeopt.transforms.tflite import QUANTIZE_MODES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in QUANTIZE_MODES]
+    if not modes or bad:
+        raise BadInput(f"--quantize takes {', '.join(QUANTIZE_MODES)} (comma-separated), got {text!r}")
+    if len(set(modes)) != len(modes):
+        raise BadInput(f"--quantize lists a mode twice: {text!r}")
+    return modes
+
+
+def _export_onnx(spec: str, out: Path, dataset: Any, *, opset: int | None, static_batch: bool, atol: float,
+                 weights: Path | None, trust_pickle: bool) -> dict[str, Any]:
+    from edgeopt.errors import BadInput
+    from edgeopt.model import load_model
+    from edgeopt.transforms.export import OnnxExport, to_onnx
+
+    if opset is not None and not 7 <= opset <= 30:
+        raise BadInput(f"--opset must be between 7 and 30, got {opset}")
+    source = load_model(spec, weights=weights, trust_pickle=trust_pickle)
+    if source.format != "torch":
+        raise BadInput(f"{spec} is already {source.format}; --to onnx exports PyTorch models "
+                       "(file.py:factory with --weights, or .pt2)")
+    cfg = OnnxExport(dynamic_batch=not static_batch, opset=opset, atol=atol)
+    with console.status("exporting to ONNX and verifying against PyTorch..."):
+        exported, check = to_onnx(source, cfg, data=dataset)
+    saved = exported.save(out)
+    opset_used = max((o.version for o in exported.onnx.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    table = Table(title="edgeopt export --to onnx")
+    for col in ("output", "size", "opset", "batch", "max abs diff", "cosine", "samples"):
+        table.add_column(col, justify="left" if col == "output" else "right")
+    table.add_row(str(out), fmt_bytes(saved.size_bytes), str(opset_used), "static" if static_batch else "dynamic",
+                  f"{check.max_abs_diff:.3g}", f"{check.cosine:.6f}", str(check.samples))
+    console.print(table)
+    return {"source": spec, "to": "onnx", "output": str(out), "size_bytes": saved.size_bytes,
+            "sha256": saved.sha256, "opset": opset_used, "dynamic_batch": not static_batch, "atol": atol,
+            "inputs": [t.to_dict() for t in saved.inputs], "outputs": [t.to_dict() for t in saved.outputs],
+            "check": check.to_dict()}
+
+
+def _variant_path(out: Path, mode: str, several: bool) -> Path:
+    return out.with_name(f"{out.stem}_{mode}{out.suffix}") if several else out
+
+
+def _export_tflite(spec: str, out: Path, dataset: Any, *, modes: list[str], min_cosine: float | None,
+                   bench: bool, threads: int | None, seconds: float, runs: int,
+                   weights: Path | None, trust_pickle: bool) -> dict[str, Any]:
+    from edgeopt.measure.bench import BenchSettings, compare
+    from edgeopt.transforms.keras import KERAS_SUFFIXES, keras_to_tflite
+    from edgeopt.transforms.tflite import TfliteExport, export_tflite
+
+    configs = [TfliteExport(quantize=m, min_cosine=min_cosine) for m in modes]
+    settings = BenchSettings(min_runs=runs, min_seconds=seconds) if bench else None
+    with console.status(f"converting to TFLite ({', '.join(modes)}) and verifying..."):
+        if Path(spec).suffix.lower() in KERAS_SUFFIXES:
+            from edgeopt.transforms.keras import load_keras
+
+            keras_model = load_keras(spec)
+            variants = [keras_to_tflite(keras_model, c, data=dataset, source=spec) for c in configs]
+        else:
+            from edgeopt.model import load_model
+
+            source = load_model(spec, weights=weights, trust_pickle=trust_pickle)
+            variants = export_tflite(source, configs, data=dataset)
+    timings = None
+    if settings is not None:
+        with console.status(f"timing {len(variants)} variant(s) in LiteRT, interleaved..."):
+            timings = compare([m for m, _ in variants], settings=settings, runtime="litert",
+                              threads=threads if threads is not None else 1)
+    several = len(variants) > 1
+    saved = [m.save(_variant_path(out, mode, several)) for (m, _), mode in zip(variants, modes, strict=True)]
+    base_size = saved[0].size_bytes
+    base_p50 = timings[0].latency_ms["p50"] if timings else None
+    rows = []
+    for i, (model, (_, check)) in enumerate(zip(saved, variants, strict=True)):
+        row: dict[str, Any] = {"quantize": modes[i], "output": str(model.path), "size_bytes": model.size_bytes,
+                               "size_vs_first": model.size_bytes / base_size, "sha256": model.sha256,
+                               "inputs": [t.to_dict() for t in model.inputs], "check": check.to_dict()}
+        if timings:
+            t = timings[i]
+            row["latency_ms"] = t.latency_ms
+            row["speedup_vs_first"] = base_p50 / t.latency_ms["p50"]
+            row["bench"] = {k: v for k, v in t.to_dict().items() if k not in ("model", "latency_ms")}
+        rows.append(row)
+    table = Table(title="edgeopt export --to tflite" + (" (timed interleaved, LiteRT)" if timings else ""))
+    cols = ["output", "quantize", "size", "size vs first", "cosine", "agreement", "max abs diff"]
+    if timings:
+        cols += ["p50 ms", "p90 ms", "speed vs first"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("output", "quantize") else "right")
+    for row in rows:
+        c = row["check"]
+        cells = [row["output"], row["quantize"], fmt_bytes(row["size_bytes"]), f"{row['size_vs_first']:.2f}x",
+                 f"{c['cosine']:.5f}", f"{100 * c['agreement']:.1f}%", f"{c['max_abs_diff']:.3g}"]
+        if timings:
+            cells += [f"{row['latency_ms']['p50']:.3f}", f"{row['latency_ms']['p90']:.3f}",
+                      f"{row['speedup_vs_first']:.2f}x"]
+        table.add_row(*cells)
+    console.print(table)
+    if timings:
+        console.print(f"reference for cosine: {rows[0]['check']['reference']}; timed with "
+                      f"{timings[0].threads} thread(s); speed > 1x is faster than the first variant")
+    return {"source": spec, "to": "tflite", "variants": rows}

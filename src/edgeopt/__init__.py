@@ -55,6 +55,17 @@ _LAZY: dict[str, str] = {
     "NncfInt8": "edgeopt.transforms.nncf_quantize",
     "OpenVinoRuntime": "edgeopt.runtimes.openvino",
     "nncf_quantize": "edgeopt.transforms.nncf_quantize",
+    # export: ONNX, TFLite/LiteRT, Keras (issue 11)
+    "ExportCheck": "edgeopt.transforms.export",
+    "LiteRtRuntime": "edgeopt.runtimes.litert",
+    "OnnxExport": "edgeopt.transforms.export",
+    "TfliteCheck": "edgeopt.transforms.tflite",
+    "TfliteExport": "edgeopt.transforms.tflite",
+    "export_tflite": "edgeopt.transforms.tflite",
+    "keras_to_tflite": "edgeopt.transforms.keras",
+    "load_keras": "edgeopt.transforms.keras",
+    "to_onnx": "edgeopt.transforms.export",
+    "to_tflite": "edgeopt.transforms.tflite",
     # split (issue 9)
     "Link": "edgeopt.split.planner",
     "PipelineError": "edgeopt.split.pipeline",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +114,8 @@ def kd_loss(student_logits: Any, teacher_logits: Any, labels: Any, *, temperatur
 
 def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, validation: Dataset | None = None,
         teacher_logits: np.ndarray | None = None, params: Iterable[Any] | None = None,
-        progress: bool = True, description: str = "training") -> FitResult:
+        progress: bool = True, description: str = "training",
+        extra_loss: Callable[[Any], Any] | None = None) -> FitResult:
     """Train ``module`` in place on ``train``; return what happened.
 
     Args:
@@ -124,6 +125,9 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
         validation: labelled data for early stopping; the best epoch's weights are restored.
         teacher_logits: the teacher's logits for every ``train`` sample, in order.
         params: the parameters to train (default: all with requires_grad).
+        extra_loss: called after each training forward pass with the batch's sample indices
+            (a LongTensor into ``train``); the loss it returns is added (e.g. feature or
+            hidden-state matching, with the student's activations captured by forward hooks).
 
     Raises:
         DataError: no labels and no teacher (nothing to learn from).
@@ -174,6 +178,8 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
                 loss = kd_loss(out, soft[idx] if soft is not None else None,
                                labels[idx] if labels is not None else None,
                                temperature=cfg.temperature, alpha=cfg.alpha)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(idx)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -1,0 +1,210 @@
+"""edgeopt distill / zoo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edgeopt.cli import app
+from edgeopt.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    console,
+    emit_json,
+    err_console,
+    fmt_bytes,
+    fmt_pct,
+    user_errors,
+)
+
+
+def _fmt_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+@app.command()
+@user_errors
+def zoo(
+    input_size: Annotated[str, typer.Option("--input-size", help="CxHxW the networks are built for.")] = "3x224x224",
+    classes: Annotated[int, typer.Option("--classes", help="Outputs of each network's head.")] = 1000,
+    sort: Annotated[str, typer.Option("--sort", help="params, macs, latency or name.")] = "params",
+    only: Annotated[str | None, typer.Option("--only", help="Comma-separated subset of architecture names.")] = None,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip ONNX export and timing (fast).")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild and re-time instead of using ~/.cache/edgeopt/zoo.")] = False,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """The edge-architecture catalogue for your input size and classes: params, MACs, batch-1 latency."""
+    from edgeopt.data import parse_size
+    from edgeopt.errors import BadInput
+    from edgeopt.transforms.architectures import zoo as run_zoo
+
+    if sort not in ("params", "macs", "latency", "name"):
+        raise BadInput(f"--sort must be params, macs, latency or name, got {sort!r}")
+    if sort == "latency" and no_latency:
+        raise BadInput("--sort latency needs latency: drop --no-latency")
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+    size = parse_size(input_size)
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    with console.status("building the catalogue...") as status:
+        entries = run_zoo(input_size=size, classes=classes, names=names, device=device, threads=threads,
+                          latency=not no_latency, use_cache=not no_cache,
+                          progress=lambda msg: status.update(msg))
+    key = {"params": lambda e: e.params, "macs": lambda e: e.macs, "name": lambda e: e.name,
+           "latency": lambda e: e.latency_ms["p50"] if e.latency_ms else float("inf")}[sort]
+    entries.sort(key=key)
+    table = Table(title=f"edgeopt zoo: {input_size}, {classes} classes" + ("" if no_latency else " (interleaved)"))
+    for col in ("architecture", "params", "MACs", "ONNX size", "p50 ms", "runtime/thr", "cached"):
+        table.add_column(col, justify="left" if col == "architecture" else "right")
+    for e in entries:
+        table.add_row(e.name, _fmt_count(e.params), _fmt_count(e.macs), fmt_bytes(e.onnx_bytes) if e.onnx_bytes else "-",
+                      f"{e.latency_ms['p50']:.3f}" if e.latency_ms else "-",
+                      f"{e.runtime}/{e.threads}" if e.runtime else "-", "yes" if e.cached else "")
+    console.print(table)
+    emit_json(json_out, [e.to_dict() for e in entries])
+
+
+@app.command()
+@user_errors
+def distill(
+    teacher: Annotated[str, typer.Option("--teacher", help="Teacher: model.onnx, file.py:factory, or (text) a local Hugging Face folder.")],
+    student: Annotated[str, typer.Option("--student", help="Catalogue name (see edgeopt zoo), file.py:factory, or 'half' for a BERT teacher.")],
+    data: Annotated[str, typer.Option("--data", help="Training data: .npz (x, y) or, for transformers, .jsonl (text, label).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Student .onnx; a .pt state_dict and .report.json go beside it.")],
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (student and no-teacher baseline).")] = 10,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of the soft targets.")] = 4.0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the soft (teacher) loss; 1 - alpha goes to labels.")] = 0.7,
+    feature_loss: Annotated[bool, typer.Option("--feature-loss", help="Also match features (vision) or hidden states (text).")] = False,
+    feature_weight: Annotated[float, typer.Option("--feature-weight", help="Weight of the feature / hidden-state loss.")] = 1.0,
+    patience: Annotated[int | None, typer.Option("--patience", help="Stop after P epochs without a better validation accuracy.")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out fraction for early stopping.")] = 0.15,
+    test_data: Annotated[str | None, typer.Option("--test-data", help="Data the report's accuracies use (default: the held-out split).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-3 vision, 1e-4 text).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for split, init and shuffling.")] = 0,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip training the student without the teacher.")] = False,
+    max_len: Annotated[int, typer.Option("--max-len", help="Text: tokens per example.")] = 64,
+    teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="state_dict for a file.py:factory teacher.")] = None,
+    trust_pickle: TrustPickleOpt = False,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Knowledge distillation: train a small student on a teacher's soft targets, and show the gain."""
+    from edgeopt.errors import BadInput
+    from edgeopt.fileio import write_json
+
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+    if out.suffix.lower() != ".onnx":
+        raise BadInput(f"-o must name an .onnx file, got {out}")
+    if out.exists() and out.is_dir():
+        raise BadInput(f"-o {out} is a directory; give a file name ending in .onnx")
+    weights_path = out.with_suffix(".pt")
+    report_path = out.with_suffix(".report.json")
+    if data.lower().endswith(".jsonl"):
+        report = _distill_text(teacher, student, data, out, weights_path, epochs=epochs, temperature=temperature,
+                               alpha=alpha, feature_weight=feature_weight if feature_loss else 0.0,
+                               patience=patience, val_fraction=val_fraction, test_data=test_data, lr=lr,
+                               batch_size=batch_size, seed=seed, baseline=not no_baseline, max_len=max_len,
+                               teacher_weights=teacher_weights, trust_pickle=trust_pickle, device=device,
+                               threads=threads)
+    else:
+        report = _distill_vision(teacher, student, data, out, weights_path, epochs=epochs, temperature=temperature,
+                                 alpha=alpha, feature_weight=feature_weight if feature_loss else 0.0,
+                                 patience=patience, val_fraction=val_fraction, test_data=test_data, lr=lr,
+                                 batch_size=batch_size, seed=seed, baseline=not no_baseline,
+                                 teacher_weights=teacher_weights, trust_pickle=trust_pickle, device=device,
+                                 threads=threads)
+    report["outputs"] = {"onnx": str(out), "state_dict": str(weights_path), "report": str(report_path)}
+    write_json(report_path, report)
+    _print_report(report)
+    err_console.print(f"wrote {out}, {weights_path}, {report_path}")
+    emit_json(json_out, report)
+
+
+def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int,
+                    temperature: float, alpha: float, feature_weight: float, patience: int | None,
+                    val_fraction: float, test_data: str | None, lr: float | None, batch_size: int, seed: int,
+                    baseline: bool, teacher_weights: Path | None, trust_pickle: bool, device: str | None,
+                    threads: int | None) -> dict:
+    import torch
+
+    from edgeopt.cli.common import load_data_arg
+    from edgeopt.fileio import atomic_path
+    from edgeopt.model import load_model
+    from edgeopt.transforms.distill import Distill, distill
+
+    config = Distill(student=student, epochs=epochs, temperature=temperature, alpha=alpha,
+                     feature_weight=feature_weight, batch_size=batch_size, patience=patience,
+                     val_fraction=val_fraction, seed=seed, **({"lr": lr} if lr is not None else {}))
+    t_model = load_model(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
+    dataset = load_data_arg(data)
+    test = load_data_arg(test_data) if test_data else None
+    result = distill(t_model, dataset, config, test=test, baseline=baseline, device=device, threads=threads)
+    meta = {"distilled_from": t_model.source, "student": student}
+    result.student_onnx.with_metadata(**meta).save(out)
+    with atomic_path(weights_path) as tmp:
+        torch.save(result.student.module.state_dict(), tmp)
+    return result.report
+
+
+def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int,
+                  temperature: float, alpha: float, feature_weight: float, patience: int | None,
+                  val_fraction: float, test_data: str | None, lr: float | None, batch_size: int, seed: int,
+                  baseline: bool, max_len: int, teacher_weights: Path | None, trust_pickle: bool,
+                  device: str | None, threads: int | None) -> dict:
+    import torch
+
+    from edgeopt.errors import BadInput
+    from edgeopt.fileio import atomic_path, write_json
+    from edgeopt.text_data import load_jsonl
+    from edgeopt.transforms.distill_text import DistillText, distill_text, load_text_teacher
+
+    if student not in ("half", "every-other"):
+        raise BadInput(f"for a transformer teacher the student is built from it: use --student half, not {student!r}")
+    module, vocab = load_text_teacher(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
+    config = DistillText(epochs=epochs, temperature=temperature, alpha=alpha,
+                         hidden_weight=feature_weight, batch_size=batch_size, patience=patience,
+                         val_fraction=val_fraction, seed=seed, max_len=max_len,
+                         **({"lr": lr} if lr is not None else {}))
+    texts = load_jsonl(data)
+    test = load_jsonl(test_data) if test_data else None
+    result = distill_text(module, texts, config, vocab=vocab, test=test, baseline=baseline, device=device,
+                          threads=threads)
+    result.student_onnx.with_metadata(distilled_from=teacher, student="half").save(out)
+    with atomic_path(weights_path) as tmp:
+        torch.save(result.student_module.state_dict(), tmp)
+    vocab_path = out.with_suffix(".vocab.json")
+    write_json(vocab_path, result.vocab.to_dict())
+    result.report["vocab"] = str(vocab_path)
+    return result.report
+
+
+def _print_report(report: dict) -> None:
+    t, s, b = report["teacher"], report["student"], report.get("baseline")
+    table = Table(title=f"edgeopt distill: {report['config']['student']} (latency interleaved, batch 1)")
+    for col in ("", "params", "MACs", "ONNX size", "p50 ms", "accuracy"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("teacher", _fmt_count(t["params"]), _fmt_count(t.get("macs")), fmt_bytes(t["onnx_bytes"]),
+                  f"{t['latency_ms']['p50']:.3f}", fmt_pct(t["accuracy"]))
+    table.add_row("student (distilled)", _fmt_count(s["params"]), _fmt_count(s.get("macs")), fmt_bytes(s["onnx_bytes"]),
+                  f"{s['latency_ms']['p50']:.3f}", fmt_pct(s["accuracy"]))
+    if b is not None:
+        table.add_row("student (no teacher)", "", "", "", "", fmt_pct(b["accuracy"]))
+    r = report["ratios"]
+    table.add_row("teacher / student", f"{r['params']:.1f}x", f"{r['macs']:.1f}x" if r.get("macs") else "-",
+                  f"{r['size']:.1f}x", f"{r['speedup_p50']:.2f}x", "")
+    console.print(table)

@@ -1,0 +1,314 @@
+"""Knowledge distillation: a small student learns from a large teacher's soft outputs.
+
+The student (a catalogue network built for the data, or any ``file.py:factory``) is trained by
+the one training loop (:func:`edgeopt.training.fit`) on ``alpha * T^2 * KL(teacher_T ||
+student_T) + (1 - alpha) * CE(labels)`` (Hinton et al. 2015), optionally plus feature matching
+(FitNets-style: the student's penultimate features, through a learned linear projection, pulled
+towards the teacher's by cosine distance). The teacher is a PyTorch model or an ONNX model (its
+logits computed once by ONNX Runtime). Early stopping uses a held-out split.
+
+So that the gain from distillation is visible, the same student (same initial weights, epochs,
+seed) is also trained on the labels alone, and the report shows both beside the teacher, with
+latency of the teacher and student ONNX exports timed interleaved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeopt.data import Dataset
+from edgeopt.deps import require
+from edgeopt.errors import BadInput, DataError
+from edgeopt.model import Model
+from edgeopt.transforms.config import TransformContext, register_config, register_transform
+
+
+@register_config
+@dataclass(frozen=True)
+class Distill:
+    """Train ``student`` (catalogue name or ``file.py:factory``) from the teacher's soft targets.
+
+    ``alpha`` weights the soft loss (1.0: teacher only, no labels needed); ``feature_weight`` > 0
+    adds feature matching (PyTorch teachers only); ``patience`` stops early on the held-out
+    ``val_fraction`` of the data.
+    """
+
+    student: str = "mobilenet_v3_small"
+    epochs: int = 10
+    temperature: float = 4.0
+    alpha: float = 0.7
+    feature_weight: float = 0.0
+    lr: float = 2e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    patience: int | None = None
+    val_fraction: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.student:
+            raise BadInput("student must be a catalogue name or file.py:factory")
+        if self.epochs < 1:
+            raise BadInput(f"--epochs must be >= 1, got {self.epochs}")
+        if self.temperature <= 0:
+            raise BadInput(f"--temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise BadInput(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.feature_weight < 0:
+            raise BadInput(f"feature weight must be >= 0, got {self.feature_weight}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise BadInput(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.patience is not None and self.patience < 1:
+            raise BadInput(f"--patience must be >= 1, got {self.patience}")
+
+
+@dataclass
+class DistillResult:
+    """The trained student (PyTorch and verified ONNX), the no-teacher baseline's accuracy, and the report."""
+
+    student: Model
+    student_onnx: Model
+    report: dict[str, Any]
+    baseline: Any = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_student(spec: str, *, input_size: tuple[int, ...], classes: int, seed: int = 0) -> Any:
+    """A student module: a catalogue name built for the data, or ``file.py:factory`` (seeded init)."""
+    torch = require("torch", extra="torch")
+    from edgeopt.transforms.architectures import build_architecture
+
+    torch.manual_seed(seed)
+    if ".py:" in spec or spec.endswith(".py"):
+        from edgeopt.model import load_model
+
+        return load_model(spec).module
+    return build_architecture(spec, input_size=input_size, classes=classes)
+
+
+def teacher_logits(teacher: Model, data: Dataset) -> np.ndarray:
+    """The teacher's logits for every sample: PyTorch in eval mode, ONNX through ONNX Runtime."""
+    from edgeopt.measure.evaluate import predict
+    from edgeopt.measure.sessions import resolve_settings
+    from edgeopt.training import predict_torch
+
+    if teacher.format == "torch":
+        out = predict_torch(teacher.module, data)
+    elif teacher.format == "onnx":
+        out = predict(teacher, data, settings=resolve_settings(teacher, runtime="onnxruntime"))
+    else:
+        raise BadInput(f"teacher {teacher.source} is {teacher.format}; give a PyTorch or ONNX teacher")
+    return np.asarray(out, dtype=np.float32).reshape(len(data), -1)
+
+
+def _output_size(torch: Any, module: Any, sample: dict[str, np.ndarray]) -> int:
+    from edgeopt.training import _forward
+
+    module.eval()
+    with torch.no_grad():
+        out = _forward(module, {k: torch.from_numpy(np.ascontiguousarray(v[:1])) for k, v in sample.items()})
+    return int(np.prod(out.shape[1:]))
+
+
+def _feature_module(torch: Any, module: Any) -> Any:
+    """The last Linear (or 1x1 classifier Conv) layer: its input is the penultimate feature."""
+    last = None
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
+            last = m
+    if last is None:
+        raise BadInput("feature matching needs a model with a Linear or Conv2d classifier")
+    return last
+
+
+class _Capture:
+    """Forward pre-hook keeping the (pooled) input of a layer from the latest forward pass."""
+
+    def __init__(self, torch: Any, layer: Any) -> None:
+        self.value = None
+        self._torch = torch
+        self.handle = layer.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: Any, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        self.value = x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
+
+
+def _feature_loss(torch: Any, student: Any, teacher: Any, train: Dataset, weight: float
+                  ) -> tuple[Any, list[Any], list[Any]]:
+    """(extra_loss callback, projection parameters, hooks to remove) for FitNets-style matching."""
+    s_cap = _Capture(torch, _feature_module(torch, student))
+    t_cap = _Capture(torch, _feature_module(torch, teacher))
+    x = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in train.inputs.items()}
+    teacher.eval()
+    from edgeopt.training import _forward
+
+    with torch.no_grad():
+        _forward(teacher, {k: v[:1] for k, v in x.items()})
+        _forward(student.eval(), {k: v[:1] for k, v in x.items()})
+    proj = torch.nn.Linear(s_cap.value.shape[1], t_cap.value.shape[1])
+
+    def extra(idx: Any) -> Any:
+        with torch.no_grad():
+            _forward(teacher, {k: v[idx] for k, v in x.items()})
+        cos = torch.nn.functional.cosine_similarity(proj(s_cap.value), t_cap.value, dim=1)
+        return weight * (1.0 - cos).mean()
+
+    return extra, list(proj.parameters()), [s_cap.handle, t_cap.handle]
+
+
+def _onnx_params(model: Model) -> int:
+    from onnx import numpy_helper
+
+    return int(sum(numpy_helper.to_array(t).size for t in model.onnx.graph.initializer))
+
+
+def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, validation: Dataset | None = None,
+            test: Dataset | None = None, baseline: bool = True, device: Any = None, threads: int | None = None,
+            bench_seconds: float = 2.0, progress: bool = True) -> DistillResult:
+    """Distill ``teacher`` into ``config.student`` on ``data`` and measure what was gained.
+
+    Args:
+        teacher: a PyTorch (``file.py:factory`` + weights) or ONNX model producing logits.
+        data: training inputs (``x``, preprocessed for both models) with labels ``y`` unless alpha is 1.
+        config: student, epochs, temperature, alpha, feature matching, patience.
+        validation: held-out data for early stopping (default: ``config.val_fraction`` of ``data``).
+        test: data the report's accuracies are measured on (default: the validation split).
+        baseline: also train the same student without the teacher (needs labels).
+        device, threads: where latency is measured (teacher and student interleaved).
+
+    Returns:
+        a :class:`DistillResult`; ``report`` holds teacher vs student params, MACs, size,
+        latency (with the speed-up ratio) and accuracy, and the no-teacher baseline's accuracy.
+
+    Raises:
+        BadInput: a student whose output size differs from the teacher's, an unknown architecture.
+        DataError: no labels when alpha < 1 asks for the hard-label loss.
+
+    Example:
+        >>> r = distill(load_model("teacher.onnx"), load_data("train.npz"), Distill(student="squeezenet1_1"))  # doctest: +SKIP
+        >>> r.report["student"]["accuracy"], r.report["baseline"]["accuracy"]
+    """
+    torch = require("torch", extra="torch")
+    from edgeopt.measure.bench import BenchSettings, compare
+    from edgeopt.measure.complexity import count_macs_params
+    from edgeopt.measure.evaluate import evaluate
+    from edgeopt.training import TrainConfig, accuracy_torch, fit
+    from edgeopt.transforms.export import OnnxExport, to_onnx
+
+    cfg = config or Distill()
+    if cfg.alpha < 1 and data.labels is None:
+        raise DataError(f"{data.source} has no labels (y) but alpha {cfg.alpha:g} < 1 asks for the hard-label "
+                        "loss; pass --alpha 1 to learn from the teacher alone")
+    if cfg.feature_weight > 0 and teacher.format != "torch":
+        raise BadInput("feature matching needs a PyTorch teacher (file.py:factory), not an ONNX one")
+    if len(data.inputs) != 1:
+        raise DataError(f"{data.source}: vision distillation takes one input array 'x'; for text use a .jsonl file")
+    if validation is None:
+        if len(data) < 4:
+            raise DataError(f"{data.source} has {len(data)} samples; need at least 4 to hold out a validation split")
+        train, validation = data.split(1.0 - cfg.val_fraction, seed=cfg.seed)
+    else:
+        train = data
+    test = test if test is not None else validation
+    input_size = tuple(next(iter(train.inputs.values())).shape[1:])
+
+    soft = teacher_logits(teacher, train)
+    classes = soft.shape[1]
+    for part in (train, validation, test):
+        if part.labels is not None and (part.labels.max(initial=0) >= classes or part.labels.min(initial=0) < 0):
+            raise DataError(f"{part.source}: labels range {int(part.labels.min())}..{int(part.labels.max())} but "
+                            f"the teacher has {classes} outputs")
+    student = build_student(cfg.student, input_size=input_size, classes=classes, seed=cfg.seed)
+    got = _output_size(torch, student, train.inputs)
+    if got != classes:
+        raise BadInput(f"student {cfg.student} has {got} outputs but the teacher has {classes}; build the "
+                       f"student with {classes} classes")
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+
+    train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                            temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience, seed=cfg.seed)
+    extra, params, hooks = None, None, []
+    if cfg.feature_weight > 0:
+        extra, proj_params, hooks = _feature_loss(torch, student, teacher.module, train, cfg.feature_weight)
+        params = [*student.parameters(), *proj_params]
+    try:
+        fitted = fit(student, train, config=train_cfg, validation=validation, teacher_logits=soft, params=params,
+                     extra_loss=extra, progress=progress, description=f"distilling into {cfg.student}")
+    finally:
+        for h in hooks:
+            h.remove()
+
+    base_module = None
+    base_fit = None
+    if baseline and train.labels is not None:
+        base_module = build_student(cfg.student, input_size=input_size, classes=classes, seed=cfg.seed)
+        base_module.load_state_dict(initial)
+        base_fit = fit(base_module, train, config=train_cfg, validation=validation, teacher_logits=None,
+                       progress=progress, description=f"{cfg.student} without teacher")
+
+    student_model = Model.from_torch(student.eval(), source=f"{cfg.student} (distilled)", input_shape=(1, *input_size))
+    student_onnx, check = to_onnx(student_model, OnnxExport(atol=1e-3), data=validation)
+    student_onnx = Model.from_onnx(student_onnx.onnx, source="student")
+    if teacher.format == "torch":
+        teacher_onnx, _ = to_onnx(Model.from_torch(teacher.module.eval(), source=teacher.source,
+                                                   input_shape=(1, *input_size)), OnnxExport(atol=1e-3), data=validation)
+        teacher_onnx = Model.from_onnx(teacher_onnx.onnx, source="teacher")
+        t_macs, t_params = count_macs_params(teacher.module, np.zeros((1, *input_size), np.float32))
+    else:
+        teacher_onnx = Model.from_onnx(teacher.onnx, source="teacher")
+        t_macs, t_params = None, _onnx_params(teacher)
+    s_macs, s_params = count_macs_params(student, np.zeros((1, *input_size), np.float32))
+
+    t_eval = evaluate(teacher_onnx, test, threads=threads, device=device)
+    s_eval = evaluate(student_onnx, test, reference=teacher_onnx, threads=threads, device=device)
+    timings = compare([teacher_onnx, student_onnx], settings=BenchSettings(
+        warmup=10, min_runs=50, min_seconds=bench_seconds, max_seconds=max(10.0, 5 * bench_seconds)),
+        threads=threads, device=device)
+
+    def lat(r: Any) -> dict[str, Any]:
+        return {k: round(v, 4) for k, v in r.latency_ms.items()}
+
+    report: dict[str, Any] = {
+        "config": {"student": cfg.student, "epochs": cfg.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
+                   "feature_weight": cfg.feature_weight, "patience": cfg.patience, "seed": cfg.seed,
+                   "lr": cfg.lr, "batch_size": cfg.batch_size},
+        "data": {"train": len(train), "validation": len(validation), "test": len(test), "test_source": test.source},
+        "teacher": {"source": teacher.source, "format": teacher.format, "params": t_params, "macs": t_macs,
+                    "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": lat(timings[0]),
+                    "accuracy": t_eval.accuracy},
+        "student": {"params": s_params, "macs": s_macs, "onnx_bytes": student_onnx.size_bytes,
+                    "latency_ms": lat(timings[1]), "accuracy": s_eval.accuracy, "agreement": s_eval.agreement,
+                    "epochs_run": fitted.epochs_run, "best_epoch": fitted.best_epoch,
+                    "best_val_accuracy": fitted.best_val_accuracy, "export_check": check.to_dict()},
+        "ratios": {"params": t_params / s_params, "macs": (t_macs / s_macs) if t_macs else None,
+                   "size": teacher_onnx.size_bytes / student_onnx.size_bytes,
+                   "speedup_p50": timings[0].latency_ms["p50"] / timings[1].latency_ms["p50"]},
+        "latency": {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True},
+        "baseline": None,
+    }
+    if base_module is not None and base_fit is not None:
+        base_acc = accuracy_torch(base_module, test) if test.labels is not None else None
+        report["baseline"] = {"description": "same student, same init/epochs/seed, trained on labels only",
+                              "accuracy": base_acc, "epochs_run": base_fit.epochs_run,
+                              "best_val_accuracy": base_fit.best_val_accuracy}
+        if base_acc is not None and s_eval.accuracy is not None:
+            report["distillation_gain_pt"] = round(100 * (s_eval.accuracy - base_acc), 3)
+    if s_eval.accuracy is not None and t_eval.accuracy is not None:
+        report["accuracy_drop_pt"] = round(100 * (t_eval.accuracy - s_eval.accuracy), 3)
+    return DistillResult(student=student_model, student_onnx=student_onnx, report=report, baseline=base_module,
+                         history=fitted.history)
+
+
+@register_transform(Distill)
+def _apply(model: Model, config: Distill, ctx: TransformContext) -> Model:
+    """In a recipe: the teacher is ``ctx.teacher`` (default: the incoming model); returns the student ONNX."""
+    if ctx.train is None:
+        raise BadInput("distillation needs training data")
+    teacher = ctx.teacher if ctx.teacher is not None else model
+    result = distill(teacher, ctx.train, config, validation=ctx.validation, baseline=False,
+                     device=ctx.device, progress=ctx.progress, bench_seconds=0.5)
+    return result.student_onnx

@@ -1,0 +1,317 @@
+"""DistilBERT-style distillation of a BERT-family sequence classifier (Sanh et al. 2019).
+
+The student is the teacher's configuration with half the layers, initialised from every other
+teacher layer (0, 2, 4, ...) plus the teacher's embeddings, pooler and classifier, then trained by
+:func:`edgeopt.training.fit` on soft targets (KL at temperature T, and hard labels by ``1 -
+alpha``) plus a cosine loss pulling each student layer's hidden states towards those of the
+teacher layer it stands in for (student layer i <-> teacher layer 2i+1), over real tokens only.
+Models are Hugging Face ``transformers`` classes built from a ``BertConfig`` or local weights;
+nothing is downloaded. Text comes from ``.jsonl`` via :mod:`edgeopt.text_data`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeopt.deps import require
+from edgeopt.errors import BadInput, DataError, ModelError
+from edgeopt.model import Model
+from edgeopt.text_data import TextExamples, WordVocab, text_dataset
+
+
+@dataclass(frozen=True)
+class DistillText:
+    """Settings for :func:`distill_text`; ``hidden_weight`` 0 turns hidden-state matching off."""
+
+    epochs: int = 10
+    temperature: float = 2.0
+    alpha: float = 0.7
+    hidden_weight: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 32
+    patience: int | None = None
+    val_fraction: float = 0.15
+    max_len: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise BadInput(f"--epochs must be >= 1, got {self.epochs}")
+        if self.temperature <= 0:
+            raise BadInput(f"--temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise BadInput(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.hidden_weight < 0:
+            raise BadInput(f"hidden-state weight must be >= 0, got {self.hidden_weight}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise BadInput(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.max_len < 3:
+            raise BadInput(f"--max-len must be >= 3, got {self.max_len}")
+
+
+def make_bert_classifier(*, vocab_size: int, layers: int = 4, hidden: int = 128, heads: int = 4,
+                         intermediate: int | None = None, max_len: int = 128, classes: int = 2,
+                         seed: int = 0) -> Any:
+    """A randomly initialised ``BertForSequenceClassification`` (eager attention, exports to ONNX).
+
+    Example:
+        >>> teacher = make_bert_classifier(vocab_size=500, layers=4, classes=2)  # doctest: +SKIP
+    """
+    torch = require("torch", extra="torch")
+    transformers = require("transformers", extra="transformers")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=intermediate or 4 * hidden,
+                                     max_position_embeddings=max(max_len, 8), num_labels=classes,
+                                     attn_implementation="eager")
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def halve_bert(teacher: Any) -> Any:
+    """The DistilBERT student: half the layers, initialised from teacher layers 0, 2, 4, ....
+
+    Raises:
+        ModelError: the teacher is not a BERT-style classifier (``.bert.encoder.layer``) or has one layer.
+    """
+    transformers = require("transformers", extra="transformers")
+    layers = _encoder_layers(teacher)
+    if len(layers) < 2:
+        raise ModelError(f"the teacher has {len(layers)} layer(s); halving needs at least 2")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = (len(layers) + 1) // 2
+    config._attn_implementation = "eager"
+    student = type(teacher)(config) if isinstance(teacher, transformers.PreTrainedModel) else copy.deepcopy(teacher)
+    own = student.state_dict()
+    state = {}
+    for key, value in teacher.state_dict().items():
+        parts = key.split(".")
+        if "layer" in parts and parts[parts.index("layer") - 1] == "encoder":
+            at = parts.index("layer") + 1
+            index = int(parts[at])
+            if index % 2:
+                continue
+            parts[at] = str(index // 2)
+        state[".".join(parts)] = value
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ModelError(f"cannot initialise the student from the teacher: {len(missing)} missing (e.g. {missing[0]})")
+    student.load_state_dict({k: state[k] for k in own}, strict=True)
+    return student.eval()
+
+
+def _encoder_layers(module: Any) -> Any:
+    base = getattr(module, getattr(module, "base_model_prefix", "bert"), None)
+    encoder = getattr(base, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if layers is None:
+        raise ModelError(f"{type(module).__name__} is not a BERT-style encoder classifier (no .encoder.layer)")
+    return layers
+
+
+def load_text_teacher(spec: str, *, weights: str | Path | None = None, trust_pickle: bool = False
+                      ) -> tuple[Any, WordVocab | None]:
+    """A teacher from a local Hugging Face folder (config + weights, and ``vocab.json`` written by
+    edgeopt if present) or ``file.py:factory`` (+ weights); never from the hub."""
+    path = Path(spec)
+    if path.is_dir():
+        transformers = require("transformers", extra="transformers")
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} has no config.json: save the teacher with save_pretrained()")
+        try:
+            module = transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(path), local_files_only=True, attn_implementation="eager")
+        except Exception as exc:
+            raise ModelError(f"cannot load a sequence classifier from {path}: {str(exc).splitlines()[0]}") from exc
+        vocab_file = path / "vocab.json"
+        vocab = WordVocab.load(vocab_file) if vocab_file.exists() else None
+        return module.eval(), vocab
+    from edgeopt.model import load_model
+
+    model = load_model(spec, weights=weights, trust_pickle=trust_pickle)
+    if model.format != "torch":
+        raise ModelError(f"a transformer teacher must be a PyTorch model (folder or file.py:factory), not {model.format}")
+    return model.module.eval(), None
+
+
+class _Logits:
+    """Wrap a classifier so that ``module(input_ids, attention_mask)`` returns the logits tensor (for export)."""
+
+    @staticmethod
+    def wrap(module: Any) -> Any:
+        torch = require("torch", extra="torch")
+
+        class LogitsOnly(torch.nn.Module):
+            def __init__(self, inner: Any) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+        return LogitsOnly(module).eval()
+
+
+def export_text_classifier(module: Any, data: Any, *, source: str) -> Model:
+    """Verified ONNX export with inputs ``input_ids``, ``attention_mask`` and output ``logits``."""
+    from edgeopt.transforms.export import OnnxExport, to_onnx
+
+    wrapped = Model.from_torch(_Logits.wrap(module), source=source)
+    onnx_model, _ = to_onnx(wrapped, OnnxExport(atol=1e-3, input_names=("input_ids", "attention_mask")), data=data)
+    return Model.from_onnx(onnx_model.onnx, source=source)
+
+
+def _hidden_loss(torch: Any, student: Any, teacher: Any, train: Any, weight: float) -> tuple[Any, list[Any]]:
+    captured: dict[int, Any] = {}
+    hooks = []
+    for i, layer in enumerate(_encoder_layers(student)):
+        def hook(_m: Any, _args: Any, out: Any, i: int = i) -> None:
+            captured[i] = out[0] if isinstance(out, tuple) else out
+        hooks.append(layer.register_forward_hook(hook))
+    ids = torch.from_numpy(train.inputs["input_ids"])
+    mask = torch.from_numpy(train.inputs["attention_mask"])
+    n_teacher = len(_encoder_layers(teacher))
+
+    def extra(idx: Any) -> Any:
+        with torch.no_grad():
+            hs = teacher(input_ids=ids[idx], attention_mask=mask[idx], output_hidden_states=True).hidden_states
+        m = mask[idx].float()
+        total = 0.0
+        for i, s_h in captured.items():
+            t_h = hs[min(2 * i + 2, n_teacher)]
+            cos = torch.nn.functional.cosine_similarity(s_h, t_h, dim=-1)
+            total = total + ((1.0 - cos) * m).sum() / m.sum().clamp(min=1.0)
+        return weight * total / max(1, len(captured))
+
+    return extra, hooks
+
+
+@dataclass
+class TextDistillResult:
+    student_module: Any
+    student_onnx: Model
+    vocab: WordVocab
+    report: dict[str, Any]
+    baseline_module: Any = None
+
+
+def distill_text(teacher: Any, examples: TextExamples, config: DistillText | None = None, *,
+                 vocab: WordVocab | None = None, test: TextExamples | None = None, baseline: bool = True,
+                 device: Any = None, threads: int | None = None, bench_seconds: float = 2.0,
+                 progress: bool = True) -> TextDistillResult:
+    """Distill a BERT-family classifier into its every-other-layer student and measure both.
+
+    Args:
+        teacher: a ``transformers`` sequence classifier (e.g. ``BertForSequenceClassification``).
+        examples: training texts with labels (labels optional when ``alpha`` is 1).
+        config: epochs, temperature, alpha, hidden-state weight, max_len.
+        vocab: the teacher's word vocabulary (default: built from ``examples``).
+        test: texts the report's accuracies use (default: the held-out validation split).
+        baseline: also train the same initialised student on labels alone.
+
+    Returns:
+        a :class:`TextDistillResult` with the student, its verified ONNX export and the report
+        (layers, params, size, interleaved batch-1 latency, accuracy, the baseline).
+
+    Raises:
+        DataError: no labels with alpha < 1; labels outside the teacher's classes.
+        ModelError: a teacher that is not a BERT-style encoder classifier.
+
+    Example:
+        >>> r = distill_text(teacher, load_jsonl("train.jsonl"), DistillText(epochs=3))  # doctest: +SKIP
+    """
+    torch = require("torch", extra="torch")
+    from edgeopt.measure.bench import BenchSettings, compare
+    from edgeopt.measure.evaluate import evaluate
+    from edgeopt.training import TrainConfig, accuracy_torch, fit, predict_torch
+
+    cfg = config or DistillText()
+    if cfg.alpha < 1 and examples.labels is None:
+        raise DataError(f"{examples.source} has no labels but alpha {cfg.alpha:g} < 1 asks for the hard-label "
+                        "loss; pass --alpha 1 to learn from the teacher alone")
+    vocab = vocab or WordVocab.build(examples.texts)
+    teacher_vocab = int(getattr(teacher.config, "vocab_size", len(vocab)))
+    if len(vocab) > teacher_vocab:
+        raise DataError(f"the vocabulary has {len(vocab)} tokens but the teacher's embedding has {teacher_vocab}; "
+                        "use the vocabulary the teacher was trained with")
+    max_pos = int(getattr(teacher.config, "max_position_embeddings", cfg.max_len))
+    max_len = min(cfg.max_len, max_pos)
+    data = text_dataset(examples, vocab, max_len=max_len)
+    train, validation = data.split(1.0 - cfg.val_fraction, seed=cfg.seed)
+    test_data = text_dataset(test, vocab, max_len=max_len) if test is not None else validation
+    teacher.eval()
+    soft = predict_torch(teacher, train)
+    classes = soft.shape[1]
+    for part in (train, test_data):
+        if part.labels is not None and (part.labels.max(initial=0) >= classes or part.labels.min(initial=0) < 0):
+            raise DataError(f"{part.source}: labels range {int(part.labels.min())}..{int(part.labels.max())} but the "
+                            f"teacher has {classes} outputs")
+
+    student = halve_bert(teacher)
+    initial = copy.deepcopy(student.state_dict())
+    train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, optimizer="adamw",
+                            temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience, seed=cfg.seed)
+    extra, hooks = (None, [])
+    if cfg.hidden_weight > 0:
+        extra, hooks = _hidden_loss(torch, student, teacher, train, cfg.hidden_weight)
+    try:
+        fitted = fit(student, train, config=train_cfg, validation=validation, teacher_logits=soft, extra_loss=extra,
+                     progress=progress, description="distilling (half the layers)")
+    finally:
+        for h in hooks:
+            h.remove()
+    base_module, base_acc = None, None
+    if baseline and train.labels is not None:
+        base_module = halve_bert(teacher)
+        base_module.load_state_dict(initial)
+        fit(base_module, train, config=train_cfg, validation=validation, progress=progress,
+            description="student without teacher")
+        base_acc = accuracy_torch(base_module, test_data) if test_data.labels is not None else None
+
+    teacher_onnx = export_text_classifier(teacher, validation, source="teacher")
+    student_onnx = export_text_classifier(student, validation, source="student")
+    t_eval = evaluate(teacher_onnx, test_data, threads=threads, device=device)
+    s_eval = evaluate(student_onnx, test_data, reference=teacher_onnx, threads=threads, device=device)
+    timings = compare([teacher_onnx, student_onnx], data=test_data, threads=threads, device=device,
+                      settings=BenchSettings(warmup=10, min_runs=50, min_seconds=bench_seconds,
+                                             max_seconds=max(10.0, 5 * bench_seconds)))
+
+    def n_params(m: Any) -> int:
+        return int(sum(p.numel() for p in m.parameters()))
+
+    def lat(r: Any) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in r.latency_ms.items()}
+
+    report: dict[str, Any] = {
+        "config": {"student": "half", "epochs": cfg.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
+                   "hidden_weight": cfg.hidden_weight, "lr": cfg.lr, "max_len": max_len, "seed": cfg.seed},
+        "data": {"train": len(train), "validation": len(validation), "test": len(test_data),
+                 "vocab_size": len(vocab)},
+        "teacher": {"layers": len(_encoder_layers(teacher)), "params": n_params(teacher), "macs": None,
+                    "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": lat(timings[0]), "accuracy": t_eval.accuracy},
+        "student": {"layers": len(_encoder_layers(student)), "params": n_params(student), "macs": None,
+                    "onnx_bytes": student_onnx.size_bytes, "latency_ms": lat(timings[1]),
+                    "accuracy": s_eval.accuracy, "agreement": s_eval.agreement, "epochs_run": fitted.epochs_run,
+                    "best_epoch": fitted.best_epoch, "best_val_accuracy": fitted.best_val_accuracy},
+        "ratios": {"params": n_params(teacher) / n_params(student),
+                   "size": teacher_onnx.size_bytes / student_onnx.size_bytes,
+                   "speedup_p50": timings[0].latency_ms["p50"] / timings[1].latency_ms["p50"]},
+        "latency": {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True},
+        "baseline": None if base_module is None else {
+            "description": "same every-other-layer student, trained on labels only", "accuracy": base_acc},
+    }
+    if t_eval.accuracy and s_eval.accuracy is not None:
+        report["accuracy_retained"] = s_eval.accuracy / t_eval.accuracy
+    return TextDistillResult(student_module=student, student_onnx=student_onnx, vocab=vocab, report=report,
+                             baseline_module=base_module)
+
+
+def predict_text(module: Any, examples: TextExamples, vocab: WordVocab, *, max_len: int = 64) -> np.ndarray:
+    """Logits of a PyTorch text classifier for ``examples`` (tokenized with ``vocab``)."""
+    from edgeopt.training import predict_torch
+
+    return predict_torch(module, text_dataset(examples, vocab, max_len=max_len))

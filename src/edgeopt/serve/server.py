@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -106,7 +108,13 @@ def serve(models: list[ServedModel], *, config: ServeConfig | None = None, host:
     logging.getLogger("edgeopt.serve").info("listening", extra={
         "event": "listening", "host": host, "port": bound_port, "models": [m.name for m in models],
         "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "queue_size": cfg.queue_size})
+    # uvicorn re-raises the signal it stopped on once shutdown is complete; a graceful stop is a
+    # normal exit here (code 0), so that re-raise lands in a handler that ignores it.
+    stop_signals = [s for s in (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread()]
+    previous = {s: signal.signal(s, lambda *_: None) for s in stop_signals}
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

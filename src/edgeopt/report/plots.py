@@ -53,8 +53,9 @@ def pareto_scatter(rows: list[dict[str, Any]], *, metric_label: str, budget_floo
         ax.scatter(r["latency_ms"]["p50"], _quality(r), s=40 + 400 * r["size_bytes"] / biggest,
                    color=COLORS.get(r["status"], "#9ca3af"), alpha=0.75, edgecolors="black", linewidths=0.6,
                    zorder=3)
-        ax.annotate(r["name"], (r["latency_ms"]["p50"], _quality(r)), fontsize=7, xytext=(5, 4),
-                    textcoords="offset points")
+        if r.get("pareto") or r["status"] in ("baseline", "chosen"):
+            ax.annotate(r["name"], (r["latency_ms"]["p50"], _quality(r)), fontsize=7, xytext=(5, 4),
+                        textcoords="offset points")
     front = sorted((r for r in measured if r.get("pareto")), key=lambda r: r["latency_ms"]["p50"])
     if len(front) > 1:
         ax.plot([r["latency_ms"]["p50"] for r in front], [_quality(r) for r in front], color="#2563eb",
@@ -63,9 +64,12 @@ def pareto_scatter(rows: list[dict[str, Any]], *, metric_label: str, budget_floo
         ax.axhline(budget_floor, color="#dc2626", linestyle="--", linewidth=1, label="budget floor")
     for status, color in COLORS.items():
         ax.scatter([], [], color=color, label=status)
+    latencies = [r["latency_ms"]["p50"] for r in measured]
+    if latencies and max(latencies) / max(min(latencies), 1e-9) > 20:
+        ax.set_xscale("log")
     ax.set_xlabel("latency p50 (ms, batch 1) - lower is better")
     ax.set_ylabel(f"{metric_label} (%) - higher is better")
-    ax.set_title("Candidates: accuracy vs latency (marker area ~ model size)")
+    ax.set_title("Candidates: accuracy vs latency (marker area ~ model size; labels on the Pareto front)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return _svg(fig)

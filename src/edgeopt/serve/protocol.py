@@ -210,8 +210,8 @@ def _tensor(tensor: dict[str, Any], spec: TensorSpec, binary: bytes, offset: int
     count = math.prod(shape)
     dtype = np.dtype(DATATYPES[datatype])
     params = _parameters(tensor.get("parameters"), f"input {spec.name!r}")
-    size = params.get("binary_data_size")
-    if size is not None:
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
         if "data" in tensor:
             raise ProtocolError(400, f"input {spec.name!r}: has both 'data' and binary_data_size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:

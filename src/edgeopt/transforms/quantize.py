@@ -450,7 +450,8 @@ def _static(model: Model, cfg: StaticInt8, data: Dataset) -> Model:
                     quant_format=ortq.QuantFormat.QDQ if cfg.format == "qdq" else ortq.QuantFormat.QOperator,
                     per_channel=cfg.per_channel, activation_type=qtype[cfg.activation_type],
                     weight_type=qtype[cfg.weight_type], calibrate_method=method,
-                    nodes_to_exclude=list(cfg.exclude_nodes), nodes_to_quantize=list(cfg.only_nodes) or None,
+                    nodes_to_exclude=float_region(proto, cfg.exclude_nodes),
+                    nodes_to_quantize=list(cfg.only_nodes) or None,
                     extra_options=extra, calibration_cache_path=str(cache))
             out = onnx.load(str(dst))
         except (MemoryError, KeyboardInterrupt):
@@ -458,6 +459,32 @@ def _static(model: Model, cfg: StaticInt8, data: Dataset) -> Model:
         except Exception as exc:  # ORT raises ValueError, RuntimeError, Fail, KeyError...
             raise _unsupported(model, "quantize", exc) from exc
     return Model.from_onnx(out, source=f"{model.source} [int8 {cfg.label}]")
+
+
+def float_region(proto: Any, exclude: tuple[str, ...]) -> list[str]:
+    """``exclude`` plus the weight-free nodes (Mul, Add, Relu, ...) that only feed excluded nodes.
+
+    Keeping a layer float must keep its *input* float too; otherwise the node producing that input
+    still quantizes it and the layer sees the same INT8 rounding it was excluded to avoid.
+    """
+    region = set(exclude)
+    if not region:
+        return []
+    consumers: dict[str, list[Any]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    changed = True
+    while changed:
+        changed = False
+        for node in proto.graph.node:
+            if node.name in region or node.op_type in WEIGHT_OPS:
+                continue
+            users = [u for out in node.output for u in consumers.get(out, [])]
+            if users and all(u.name in region for u in users):
+                region.add(node.name)
+                changed = True
+    return sorted(region)
 
 
 def _dynamic(model: Model, cfg: DynamicInt8) -> Model:

@@ -1,0 +1,102 @@
+"""Per-layer sensitivity (edgeopt analyze) and greedy mixed precision."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt.data import Dataset, load_data
+from edgeopt.errors import DataError
+from edgeopt.model import Model, load_model
+from edgeopt.search.budget import Budget
+from edgeopt.transforms.mixed_precision import mixed_precision
+from edgeopt.transforms.quantize import StaticInt8
+from edgeopt.transforms.sensitivity import analyze
+
+pytest.importorskip("onnxruntime.quantization")
+
+
+def fragile_mlp() -> tuple[Model, Dataset]:
+    """Two MatMul layers; the second sees one huge-outlier input feature, so per-tensor INT8 of it alone
+    crushes the small features and costs agreement, while the first layer quantizes harmlessly."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((32, 10)).astype(np.float32)
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    scale = np.ones(32, np.float32)
+    scale[0] = 500.0  # feature 0 after layer 1 is an outlier the second layer's input range must cover
+    nodes = [helper.make_node("MatMul", ["input", "w1"], ["h"], name="fc1"),
+             helper.make_node("Mul", ["h", "s"], ["hs"], name="scale"),
+             helper.make_node("MatMul", ["hs", "w2"], ["logits"], name="fc2")]
+    w2[0, :] = 0.001  # the outlier barely matters to the logits; the small features decide them
+    graph = helper.make_graph(nodes, "fragile",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                                           numpy_helper.from_array(scale, "s")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return Model.from_onnx(proto, source="fragile"), Dataset({"x": x}, None, "mlp-data")
+
+
+def test_analyze_ranks_the_fragile_layer_first() -> None:
+    model, data = fragile_mlp()
+    rows = analyze(model, data, config=StaticInt8(per_channel=False), threads=1)
+    assert [r.node for r in rows] == ["fc2", "fc1"]
+    fc2, fc1 = rows
+    assert fc2.cosine < fc1.cosine
+    assert fc2.drop > fc1.drop  # no labels: drop is agreement lost vs FP32
+    assert fc1.cosine > 0.99
+    assert fc2.all_but_cosine > fc1.all_but_cosine  # keeping fc2 float recovers more
+    assert fc2.params == 320 and fc2.op_type == "MatMul"
+    assert fc2.accuracy is None
+
+
+def test_mixed_precision_keeps_the_sensitive_layer_float() -> None:
+    model, data = fragile_mlp()
+    calib, held = data.split(0.5, seed=0)
+    rows = analyze(model, calib, eval_data=held, config=StaticInt8(per_channel=False), threads=1, all_but=False)
+    found = mixed_precision(model, StaticInt8(per_channel=False), calibration=calib, eval_data=held,
+                            budget=Budget(metric="agreement", max_drop=0.05), ranking=rows)
+    assert found.meets_budget
+    assert found.config.exclude_nodes == ("fc2",)
+    assert not found.steps[0]["meets_budget"] and found.steps[0]["drop"] > 0.2
+    assert found.steps[-1]["cosine"] > 0.999
+    float_nodes = {n.name for n in found.model.onnx.graph.node if n.op_type == "MatMul"}
+    assert "fc2" in float_nodes
+
+
+def test_analyze_digits_with_labels(digits_onnx, digits_train_npz) -> None:
+    rows = analyze(load_model(digits_onnx), load_data(digits_train_npz), threads=1, all_but=False, max_eval=128)
+    assert len(rows) == 4
+    assert {r.op_type for r in rows} == {"Conv", "Gemm"}
+    assert all(r.accuracy is not None and r.cosine > 0.99 for r in rows)
+    assert all(r.all_but_cosine is None for r in rows)
+
+
+def test_analyze_needs_enough_data() -> None:
+    model, data = fragile_mlp()
+    with pytest.raises(DataError, match="at least 20"):
+        analyze(model, data.take(slice(0, 10)))
+
+
+def test_cli_analyze_json(cli, tmp_path, digits_onnx, digits_train_npz) -> None:
+    out = tmp_path / "sens.json"
+    result = cli("analyze", digits_onnx, "--data", digits_train_npz, "--threads", "1", "--only", "--max-eval", "64",
+                 "--json", out)
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4
+    assert set(rows[0]) >= {"node", "op_type", "params", "accuracy", "agreement", "cosine", "drop"}
+    assert rows[0]["node"] in result.stdout
+
+
+def test_cli_analyze_bad_data(cli, tmp_path, digits_onnx) -> None:
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((30, 2, 5), np.float32))
+    result = cli("analyze", digits_onnx, "--data", wrong)
+    assert result.exit_code == 2
+    assert "expects 1x32x32" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,130 @@
+"""edgeopt prune: unstructured sparsity or structured channel pruning, fine-tuned and measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgeopt.cli import app
+from edgeopt.cli.common import (
+    JsonOpt,
+    ThreadsOpt,
+    TrustPickleOpt,
+    WeightsOpt,
+    console,
+    emit_json,
+    fmt_bytes,
+    fmt_pct,
+    user_errors,
+)
+
+
+def report_path(out: Path) -> Path:
+    """``pruned.onnx`` -> ``pruned.report.json`` beside it."""
+    return out.with_name(out.stem + ".report.json")
+
+
+@app.command()
+@user_errors
+def prune(
+    model: Annotated[str, typer.Argument(help="PyTorch model: path/to/file.py:factory (with --weights) or a .pt2.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output .onnx; .pt, .pt2 and .report.json go beside it.")],
+    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction in [0, 1): weights zeroed, or with "
+                                            "--structured, channels removed per layer.")],
+    structured: Annotated[bool, typer.Option("--structured", help="Remove whole channels (smaller dense model).")] = False,
+    importance: Annotated[str, typer.Option("--importance", help="--structured: l1, l2 or taylor.")] = "l1",
+    scope: Annotated[str, typer.Option("--scope", help="Unstructured: layer (each layer to S) or global.")] = "layer",
+    skip: Annotated[str | None, typer.Option("--skip", help="Comma-separated layer names to leave alone.")] = None,
+    target_macs: Annotated[float | None, typer.Option("--target-macs", help="--structured: prune in small steps "
+                                                      "(at most --sparsity) until MACs <= this.")] = None,
+    round_to: Annotated[int | None, typer.Option("--round-to", help="--structured: keep channel counts multiples of N.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Fine-tuning data (.npz/folder/sklearn:digits).")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Data to judge accuracy on (default: 20% "
+                                                  "held out of --data).")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs after each pruning step.")] = 0,
+    lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")] = 1e-3,
+    distill: Annotated[bool, typer.Option("--distill", help="Fine-tune with distillation from the unpruned model.")] = False,
+    steps: Annotated[int, typer.Option("--steps", help="Iterative prune-and-tune steps.")] = 1,
+    threads: ThreadsOpt = None,
+    seconds: Annotated[float, typer.Option("--seconds", help="Minimum timing seconds per model.")] = 1.0,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")] = False,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Prune a PyTorch model; report MACs, params, sparsity, gzip sizes, latency and accuracy before/after."""
+    from edgeopt.data import load_data
+    from edgeopt.errors import BadInput
+    from edgeopt.fileio import check_writable_dir, write_json
+    from edgeopt.measure.bench import BenchSettings
+    from edgeopt.model import load_model
+    from edgeopt.transforms.prune import StructuredPrune, UnstructuredPrune, save_pruned, torch_module
+    from edgeopt.transforms.prune import prune as run_prune
+
+    if out.suffix.lower() != ".onnx":
+        raise BadInput(f"-o must name an .onnx file, got {out}")
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+    if epochs > 0 and data is None:
+        raise BadInput("--epochs needs fine-tuning data: pass --data TRAIN.npz")
+    if not structured and (target_macs is not None or round_to is not None or importance != "l1"):
+        raise BadInput("--target-macs, --round-to and --importance apply to --structured pruning")
+    if structured and scope != "layer":
+        raise BadInput("--scope applies to unstructured pruning")
+    names = tuple(s.strip() for s in skip.split(",") if s.strip()) if skip else ()
+    tuning = {"epochs": epochs, "lr": lr, "distill": distill, "iterative_steps": steps}
+    if structured:
+        cfg: Any = StructuredPrune(ratio=sparsity, importance=importance, skip=names, target_macs=target_macs,
+                                   round_to=round_to, **tuning)
+    else:
+        cfg = UnstructuredPrune(sparsity=sparsity, scope=scope, skip=names, **tuning)
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    torch_module(loaded)
+    tune = load_data(data) if data else None
+    held = load_data(eval_data) if eval_data else None
+    bench = BenchSettings(warmup=10, min_runs=100, min_seconds=seconds, max_seconds=max(20.0, seconds))
+    with console.status("pruning..." if epochs == 0 else "pruning and fine-tuning..."):
+        result = run_prune(loaded, cfg, data=tune, eval_data=held, threads=threads or 1, latency=not no_latency,
+                           bench_settings=bench, progress=epochs > 0)
+    paths = save_pruned(result, out)
+    payload = {**result.report, "outputs": {**paths, "report": str(report_path(out))}}
+    write_json(report_path(out), payload)
+    _print(payload)
+    console.print(f"wrote {out} ({fmt_bytes(result.onnx.size_bytes)}), {paths['state_dict']}, {paths['pt2']} "
+                  f"and {report_path(out)}")
+    emit_json(json_out, payload)
+
+
+def _print(report: dict[str, Any]) -> None:
+    if "sparsity" in report:
+        table = Table(title="sparsity per layer")
+        for col in ("layer", "parameters", "zeros", "sparsity"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for row in report["sparsity"]:
+            table.add_row(row["layer"], str(row["parameters"]), str(row["zeros"]), f"{row['sparsity_pct']:.2f}%")
+        console.print(table)
+    summary = Table(title="before / after")
+    for col in ("metric", "before", "after", "change"):
+        summary.add_column(col, justify="left" if col == "metric" else "right")
+    for key in ("macs", "params"):
+        v = report[key]
+        summary.add_row(key.upper() if key == "macs" else "parameters", f"{v['before']:,}", f"{v['after']:,}",
+                        f"-{v['reduction_pct']:.2f}%")
+    before, after = report["sizes"]["before"], report["sizes"]["after"]
+    for key, label in (("onnx_bytes", "ONNX size"), ("onnx_gzip_bytes", "ONNX gzip"),
+                       ("state_dict_gzip_bytes", "state_dict gzip")):
+        summary.add_row(label, fmt_bytes(before[key]), fmt_bytes(after[key]), f"{after[key] / before[key]:.2f}x")
+    if "latency" in report:
+        lat = report["latency"]
+        summary.add_row(f"p50 latency ms (ORT, {lat['threads']} thr, interleaved)", f"{lat['before_ms']['p50']:.3f}",
+                        f"{lat['after_ms']['p50']:.3f}", f"{lat['speedup_p50']:.2f}x faster")
+    if "accuracy" in report:
+        acc = report["accuracy"]
+        summary.add_row(f"accuracy ({acc['samples']} held-out)", fmt_pct(acc["before"]), fmt_pct(acc["after"]),
+                        f"{-acc['drop_pts']:+.2f} pt")
+    console.print(summary)
+    console.print(f"export check: max abs diff {report['export_check']['max_abs_diff']:.2e} (ONNX vs pruned PyTorch)")

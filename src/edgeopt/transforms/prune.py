@@ -1,0 +1,460 @@
+"""Pruning: unstructured L1 magnitude sparsity and structured channel removal, with fine-tuning.
+
+Unstructured pruning zeroes weights; dense runtimes do not skip zeros, so it makes a model
+smaller only once compressed (gzip of the weights) and no faster: the report says so with
+measured numbers. Structured pruning (``prune_structured``, over torch-pruning) removes whole
+channels, giving a smaller dense model that really is faster. Both can be fine-tuned on
+``data`` (optionally distilling from the unpruned model) in an iterative prune-and-tune schedule;
+the data the result is judged on never overlaps the tuning data.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import io
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from edgeopt.data import Dataset
+from edgeopt.deps import require
+from edgeopt.errors import ConfigError, DataError, ModelError
+from edgeopt.model import Model
+from edgeopt.transforms.config import TransformContext, register_config, register_transform
+
+Scope = Literal["layer", "global"]
+Importance = Literal["l1", "l2", "taylor"]
+
+
+def _check_tuning(epochs: int, lr: float, batch_size: int, steps: int) -> None:
+    if epochs < 0:
+        raise ConfigError(f"epochs must be >= 0, got {epochs}")
+    if not lr > 0:
+        raise ConfigError(f"learning rate must be > 0, got {lr}")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if steps < 1:
+        raise ConfigError(f"iterative steps must be >= 1, got {steps}")
+
+
+def _check_fraction(value: float, name: str) -> None:
+    if not isinstance(value, int | float) or not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value}")
+
+
+@register_config
+@dataclass(frozen=True)
+class UnstructuredPrune:
+    """Zero the ``sparsity`` fraction of smallest-magnitude weights (L1), per layer or globally.
+
+    ``layers`` names the modules to prune (default: every Conv and Linear weight), ``skip``
+    removes some. ``iterative_steps`` reaches the sparsity in equal steps, fine-tuning
+    ``epochs`` after each when training data is given (``distill``: from the unpruned model).
+
+    Example:
+        >>> UnstructuredPrune(sparsity=0.4, scope="global", epochs=2)  # doctest: +SKIP
+    """
+
+    sparsity: float = 0.4
+    scope: Scope = "layer"
+    layers: tuple[str, ...] | None = None
+    skip: tuple[str, ...] = ()
+    iterative_steps: int = 1
+    epochs: int = 0
+    lr: float = 1e-3
+    distill: bool = True
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.sparsity, "sparsity")
+        if self.scope not in ("layer", "global"):
+            raise ConfigError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+        _check_tuning(self.epochs, self.lr, self.batch_size, self.iterative_steps)
+
+
+@register_config
+@dataclass(frozen=True)
+class StructuredPrune:
+    """Remove the ``ratio`` fraction of channels of every prunable layer (torch-pruning).
+
+    ``target_macs`` (absolute multiply-accumulates, batch 1) instead prunes in small steps, at
+    most ``ratio``, until the model is at or below it. ``importance`` scores channel groups by
+    L1/L2 weight magnitude or first-order Taylor (needs labelled data). The classifier head
+    (the last Conv/Linear run) is kept whole when ``keep_head``; ``skip`` names more layers to
+    leave alone; ``round_to`` keeps channel counts multiples of it (SIMD-friendly).
+
+    Example:
+        >>> StructuredPrune(ratio=0.5, importance="l2", epochs=3)  # doctest: +SKIP
+    """
+
+    ratio: float = 0.5
+    target_macs: float | None = None
+    importance: Importance = "l1"
+    skip: tuple[str, ...] = ()
+    keep_head: bool = True
+    iterative_steps: int = 1
+    round_to: int | None = None
+    epochs: int = 0
+    lr: float = 1e-3
+    distill: bool = True
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.ratio, "ratio")
+        if self.importance not in ("l1", "l2", "taylor"):
+            raise ConfigError(f"importance must be l1, l2 or taylor, got {self.importance!r}")
+        if self.target_macs is not None and not self.target_macs > 0:
+            raise ConfigError(f"target MACs must be > 0, got {self.target_macs}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
+        _check_tuning(self.epochs, self.lr, self.batch_size, self.iterative_steps)
+
+
+PruneConfig = UnstructuredPrune | StructuredPrune
+
+
+@dataclass
+class PruneResult:
+    """The pruned PyTorch model, its verified ONNX export, and the report (as written to JSON)."""
+
+    model: Model
+    onnx: Model
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# -- the mechanics -------------------------------------------------------------------------------
+def torch_module(model: Model) -> Any:
+    """The nn.Module of a PyTorch Model; ModelError explaining how to give one otherwise."""
+    if model.format != "torch":
+        raise ModelError(
+            f"pruning needs a PyTorch model, and {model.source} is {model.format}: an ONNX graph cannot be "
+            "fine-tuned or re-traced here. Give the architecture as path/to/file.py:factory with "
+            "--weights state_dict.pt, or a torch.export .pt2 archive")
+    return model.module
+
+
+def _example(model: Model, data: Dataset | None) -> Any:
+    torch = require("torch", extra="torch")
+    from edgeopt.transforms.export import example_inputs
+
+    feeds = example_inputs(model, data, batch=1)
+    if len(feeds) != 1:
+        raise ModelError(f"{model.source}: pruning supports single-input models, this one has {len(feeds)} inputs")
+    return torch.from_numpy(next(iter(feeds.values())))
+
+
+def _weight_layers(module: Any, config: UnstructuredPrune) -> list[tuple[str, Any]]:
+    torch = require("torch", extra="torch")
+    from edgeopt.transforms.prune_structured import resolve_layers
+
+    if config.layers is not None:
+        chosen = list(zip(config.layers, resolve_layers(module, config.layers, what="--layers"), strict=True))
+    else:
+        kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+        chosen = [(n, m) for n, m in module.named_modules() if isinstance(m, kinds)]
+    resolve_layers(module, config.skip, what="--skip")
+    chosen = [(n, m) for n, m in chosen if n not in config.skip and isinstance(getattr(m, "weight", None),
+                                                                              torch.nn.Parameter)]
+    if not chosen:
+        raise ConfigError("no layer left to prune (every Conv/Linear layer is skipped)")
+    return chosen
+
+
+def _l1_step(layers: list[tuple[str, Any]], fraction: float, scope: Scope) -> None:
+    """Raise the sparsity of ``layers`` to ``fraction`` (exact counts), keeping earlier zeros."""
+    tprune = require("torch.nn.utils.prune", extra="torch")
+    if scope == "global":
+        total = sum(m.weight.numel() for _, m in layers)
+        already = sum(int((_mask(m) == 0).sum()) for _, m in layers)
+        extra = int(round(fraction * total)) - already
+        if extra > 0:
+            tprune.global_unstructured([(m, "weight") for _, m in layers],
+                                       pruning_method=tprune.L1Unstructured, amount=extra)
+        return
+    for _, m in layers:
+        already = int((_mask(m) == 0).sum())
+        extra = int(round(fraction * m.weight.numel())) - already
+        if extra > 0:
+            tprune.l1_unstructured(m, "weight", amount=extra)
+
+
+def _mask(module: Any) -> Any:
+    mask = getattr(module, "weight_mask", None)
+    return mask if mask is not None else module.weight.detach().ne(0).float()
+
+
+def sparsity_table(module: Any, names: list[str]) -> list[dict[str, Any]]:
+    """Per layer: parameters of its weight, how many are exactly zero, sparsity in percent."""
+    modules = dict(module.named_modules())
+    rows = []
+    for name in names:
+        w = modules[name].weight.detach()
+        zeros = int((w == 0).sum())
+        rows.append({"layer": name, "parameters": int(w.numel()), "zeros": zeros,
+                     "sparsity_pct": round(100.0 * zeros / w.numel(), 4)})
+    return rows
+
+
+def _fine_tuner(module: Any, train: Dataset | None, config: PruneConfig, teacher_logits: np.ndarray | None,
+                progress: bool) -> Any:
+    """A callable fine-tuning ``module`` for ``config.epochs`` (or None when there is nothing to do)."""
+    if train is None or config.epochs == 0:
+        return None
+    from edgeopt.training import TrainConfig, fit
+
+    fit_train, validation = train, None
+    if train.labels is not None and len(train) >= 100:
+        fit_train, validation = train.split(0.9, seed=config.seed)
+        if teacher_logits is not None:
+            keep = _positions(train, fit_train)
+            teacher_logits = teacher_logits[keep]
+    cfg = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed)
+    history: list[dict[str, Any]] = []
+
+    def tune(step: int) -> None:
+        result = fit(module, fit_train, config=cfg, validation=validation, teacher_logits=teacher_logits,
+                     progress=progress, description=f"fine-tuning (step {step + 1})")
+        history.append({"step": step + 1, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                        "val_accuracy": result.best_val_accuracy, "seconds": round(result.seconds, 2)})
+
+    tune.history = history  # type: ignore[attr-defined]
+    return tune
+
+
+def _positions(full: Dataset, part: Dataset) -> np.ndarray:
+    """Indices of ``part``'s samples in ``full`` (Dataset.split keeps order, so this is a merge)."""
+    key = next(iter(full.inputs))
+    a = full.inputs[key].reshape(len(full), -1)
+    b = part.inputs[key].reshape(len(part), -1)
+    idx, j = [], 0
+    for i in range(len(full)):
+        if j < len(b) and np.array_equal(a[i], b[j]):
+            idx.append(i)
+            j += 1
+    if j != len(b):
+        raise DataError("internal: could not align the fine-tuning split with the teacher's logits")
+    return np.array(idx, dtype=np.int64)
+
+
+def teacher_logits_for(teacher: Model | Any, train: Dataset) -> np.ndarray:
+    """The teacher's logits on ``train`` (a torch Model/module, or any model edgeopt can run)."""
+    from edgeopt.training import predict_torch
+
+    if isinstance(teacher, Model) and teacher.format != "torch":
+        from edgeopt.measure.evaluate import predict
+
+        return predict(teacher, train)
+    module = teacher.module if isinstance(teacher, Model) else teacher
+    return predict_torch(module, train)
+
+
+def prune_module(module: Any, config: PruneConfig, *, example: Any, train: Dataset | None = None,
+                 teacher_logits: np.ndarray | None = None, progress: bool = False) -> dict[str, Any]:
+    """Prune ``module`` in place (and fine-tune when ``train`` is given); return what was done.
+
+    Raises:
+        ConfigError: a named layer does not exist, or Taylor importance without labels.
+    """
+    require("torch", extra="torch")
+    from edgeopt.measure.complexity import count_macs_params
+
+    tune = _fine_tuner(module, train, config, teacher_logits, progress)
+    info: dict[str, Any] = {"config": type(config).__name__}
+    if isinstance(config, UnstructuredPrune):
+        tprune = require("torch.nn.utils.prune", extra="torch")
+        layers = _weight_layers(module, config)
+        for step in range(config.iterative_steps):
+            _l1_step(layers, config.sparsity * (step + 1) / config.iterative_steps, config.scope)
+            if tune is not None:
+                tune(step)
+        for _, m in layers:
+            if tprune.is_pruned(m):
+                tprune.remove(m, "weight")
+        info["sparsity"] = sparsity_table(module, [n for n, _ in layers])
+    else:
+        from edgeopt.transforms.prune_structured import head_layer, prune_channels, resolve_layers
+
+        ignored = resolve_layers(module, config.skip, what="--skip")
+        head = head_layer(module, example) if config.keep_head else None
+        if head is not None:
+            ignored.append(dict(module.named_modules())[head])
+        shapes_before = {n: tuple(m.weight.shape) for n, m in module.named_modules()
+                         if getattr(m, "weight", None) is not None and m.weight.dim() > 1}
+        stepwise = tune if config.target_macs is None else None
+        info["steps"] = prune_channels(
+            module, example, ratio=config.ratio, importance=config.importance, ignored=ignored,
+            steps=config.iterative_steps, round_to=config.round_to, target_macs=config.target_macs,
+            count=lambda m: count_macs_params(m, example)[0], data=train, after_step=stepwise)
+        if tune is not None and stepwise is None:
+            tune(0)
+        modules = dict(module.named_modules())
+        info["kept_whole"] = ([head] if head else []) + list(config.skip)
+        info["layers"] = [{"layer": n, "shape_before": list(s), "shape_after": list(modules[n].weight.shape)}
+                          for n, s in shapes_before.items() if n in modules]
+        if config.target_macs is not None and info["steps"][-1]["macs"] > config.target_macs:
+            info["target_macs_met"] = False
+    if tune is not None:
+        info["fine_tune"] = tune.history
+    return info
+
+
+# -- the public API ------------------------------------------------------------------------------
+def _state_dict_bytes(module: Any) -> bytes:
+    torch = require("torch", extra="torch")
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    return buf.getvalue()
+
+
+def _sizes(onnx_model: Model, module: Any) -> dict[str, int]:
+    onnx_bytes = onnx_model.serialized()
+    state = _state_dict_bytes(module)
+    return {"onnx_bytes": len(onnx_bytes), "onnx_gzip_bytes": len(gzip.compress(onnx_bytes, 6)),
+            "state_dict_bytes": len(state), "state_dict_gzip_bytes": len(gzip.compress(state, 6))}
+
+
+def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eval_data: Dataset | None = None,
+          threads: int = 1, latency: bool = True, bench_settings: Any = None, progress: bool = False) -> PruneResult:
+    """Prune a PyTorch model, fine-tune it on ``data``, export it to ONNX and measure the effect.
+
+    Args:
+        model: a PyTorch Model (``file.py:factory`` + weights, or ``.pt2``); it is not changed.
+        config: :class:`UnstructuredPrune` or :class:`StructuredPrune`.
+        data: fine-tuning data (and Taylor gradients). Without ``eval_data``, a labelled ``data``
+            is split 80/20 so the result is judged on samples it was not tuned on.
+        eval_data: the data accuracy before/after is judged on (never used for tuning).
+        threads: ONNX Runtime threads for the interleaved latency measurement.
+        latency: time the original and pruned ONNX models interleaved (``measure.compare``).
+        bench_settings: ``BenchSettings`` for that timing.
+
+    Returns:
+        PruneResult with the pruned torch Model, its verified ONNX export and the report:
+        MACs/params before and after, per-layer sparsity or shapes, sizes and gzip sizes,
+        latency before/after and accuracy before/after (when labels exist).
+
+    Raises:
+        ModelError: the model is not PyTorch.
+        ConfigError: invalid layers or settings.
+
+    Example:
+        >>> r = prune(load_model("net.py:build", weights="w.pt"), StructuredPrune(ratio=0.5))  # doctest: +SKIP
+        >>> r.report["macs"]["reduction_pct"]
+    """
+    from edgeopt.measure.complexity import count_macs_params
+    from edgeopt.measure.evaluate import evaluate
+    from edgeopt.transforms.export import to_onnx
+
+    original = torch_module(model)
+    tune_data = data
+    if data is not None and eval_data is None and data.labels is not None and config.epochs > 0:
+        tune_data, eval_data = data.split(0.8, seed=config.seed)
+    elif data is not None and eval_data is None and data.labels is not None:
+        eval_data = data
+    example = _example(model, tune_data or eval_data)
+    input_shape = tuple(example.shape)
+    macs0, params0 = count_macs_params(original, example)
+    module = copy.deepcopy(original).eval()
+    teacher = None
+    if tune_data is not None and config.epochs > 0 and config.distill:
+        teacher = teacher_logits_for(original, tune_data)
+    info = prune_module(module, config, example=example, train=tune_data, teacher_logits=teacher, progress=progress)
+    module.eval()
+    macs1, params1 = count_macs_params(module, example)
+    pruned = Model.from_torch(module, source=f"{model.source} (pruned)", input_shape=input_shape)
+    base = Model.from_torch(original, source=model.source, input_shape=input_shape)
+    check_data = eval_data or tune_data
+    base_onnx, _ = to_onnx(base, data=check_data)
+    pruned_onnx, check = to_onnx(pruned, data=check_data)
+    report: dict[str, Any] = {
+        "model": model.source, "config": _config_dict(config), **info,
+        "macs": {"before": macs0, "after": macs1, "reduction_pct": round(100.0 * (1 - macs1 / macs0), 2)
+                 if macs0 else None},
+        "params": {"before": params0, "after": params1,
+                   "reduction_pct": round(100.0 * (1 - params1 / params0), 2) if params0 else None},
+        "sizes": {"before": _sizes(base_onnx, original), "after": _sizes(pruned_onnx, module)},
+        "export_check": check.to_dict(),
+        "data": {"tuned_on": tune_data.source if tune_data is not None and config.epochs > 0 else None,
+                 "judged_on": eval_data.source if eval_data is not None else None},
+    }
+    if eval_data is not None and eval_data.labels is not None:
+        before = evaluate(base_onnx, eval_data, threads=threads, keep_outputs=True)
+        after = evaluate(pruned_onnx, eval_data, threads=threads, reference=before.outputs)
+        report["accuracy"] = {"before": before.accuracy, "after": after.accuracy,
+                              "drop_pts": round(100.0 * (before.accuracy - after.accuracy), 3),
+                              "agreement": after.agreement, "samples": after.n}
+    if latency:
+        report["latency"] = _latency(base_onnx, pruned_onnx, threads=threads, settings=bench_settings)
+    return PruneResult(model=pruned, onnx=pruned_onnx, report=report)
+
+
+def _config_dict(config: PruneConfig) -> dict[str, Any]:
+    from edgeopt.transforms.config import config_to_dict
+
+    return config_to_dict(config)
+
+
+def _latency(base: Model, pruned: Model, *, threads: int, settings: Any) -> dict[str, Any]:
+    """Batch-1 ONNX Runtime latency of both models, interleaved in one run."""
+    from edgeopt.measure.bench import BenchSettings, compare
+
+    cfg = settings or BenchSettings(min_runs=100, min_seconds=1.0)
+    before, after = compare([base, pruned], settings=cfg, batch=1, runtime="onnxruntime", threads=threads)
+    p0, p1 = before.latency_ms["p50"], after.latency_ms["p50"]
+    return {"runtime": "onnxruntime", "threads": threads, "batch": 1, "interleaved": True,
+            "before_ms": before.latency_ms, "after_ms": after.latency_ms,
+            "speedup_p50": round(p0 / p1, 3) if p1 > 0 else None, "runs": [before.runs, after.runs]}
+
+
+def save_pruned(result: PruneResult, out: Any) -> dict[str, str]:
+    """Write OUT (.onnx), OUT.pt (state_dict), OUT.pt2 (torch.export, reloadable architecture).
+
+    A structured-pruned state_dict only fits the pruned architecture, which the .pt2 carries.
+    """
+    from pathlib import Path
+
+    torch = require("torch", extra="torch")
+    from edgeopt.fileio import atomic_path
+
+    target = Path(out)
+    module = result.model.module.eval()
+    shape = result.model.inputs[0].shape if result.model.inputs else None
+    example = torch.zeros((2, *shape[1:])) if shape else None
+    paths = {"onnx": str(target), "state_dict": str(target.with_suffix(".pt")), "pt2": str(target.with_suffix(".pt2"))}
+    if example is None:
+        raise ModelError(f"{result.model.source}: input shape unknown; cannot write the .pt2 archive")
+    try:
+        program = torch.export.export(module, (example,),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+    except Exception as exc:
+        from edgeopt.errors import UnsupportedOperation
+
+        raise UnsupportedOperation(f"torch.export of the pruned model failed: {str(exc).splitlines()[0]}") from exc
+    with atomic_path(paths["pt2"]) as tmp:
+        torch.export.save(program, str(tmp.with_suffix(".pt2")))
+        tmp.with_suffix(".pt2").replace(tmp)
+    with atomic_path(paths["state_dict"]) as tmp:
+        torch.save(module.state_dict(), str(tmp))
+    result.onnx.save(target)
+    return paths
+
+
+# -- recipe steps --------------------------------------------------------------------------------
+def _apply(model: Model, config: PruneConfig, ctx: TransformContext) -> Model:
+    """Recipe step: torch Model in, pruned (and, with ctx.train, fine-tuned) torch Model out."""
+    original = torch_module(model)
+    example = _example(model, ctx.train or ctx.calibration)
+    module = copy.deepcopy(original).eval()
+    teacher = None
+    if ctx.train is not None and config.epochs > 0 and config.distill:
+        teacher = teacher_logits_for(ctx.teacher if ctx.teacher is not None else original, ctx.train)
+    prune_module(module, config, example=example, train=ctx.train, teacher_logits=teacher, progress=ctx.progress)
+    module.eval()
+    return Model.from_torch(module, source=f"{model.source} (pruned)", input_shape=tuple(example.shape))
+
+
+register_transform(UnstructuredPrune)(_apply)
+register_transform(StructuredPrune)(_apply)

@@ -12,6 +12,7 @@ one ``measure.compare`` run per thread count (1 and 2), batch 1:
 - ``openvino-default``: OpenVINO with no hint (BF16 on CPUs with AVX-512 BF16/AMX);
 - ``openvino-nncf-int8``: ``nncf.quantize`` on the ONNX model (QDQ), run in OpenVINO;
 - ``ort-u8s8-perchannel-in-openvino`` (extra): that same QDQ file executed by OpenVINO;
+- ``ort-dynamic`` (extra): ``quantize_dynamic`` with its defaults, in ONNX Runtime;
 - ``edgeopt-auto``: ``edgeopt.search.auto_quantize`` (``edgeopt quantize --mode auto``), chosen
   for the same thread count; reported as missing when that module is not in this checkout.
 
@@ -50,8 +51,8 @@ from edgeopt.model import Model, load_model
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quantize_peers.json"
 THREADS = (1, 2)
-PEERS = ("ort-static-default", "ort-static-u8s8-perchannel", "ort-u8s8-perchannel-in-openvino", "openvino-f32",
-         "openvino-default", "openvino-nncf-int8")
+PEERS = ("ort-static-default", "ort-static-u8s8-perchannel", "ort-u8s8-perchannel-in-openvino", "ort-dynamic",
+         "openvino-f32", "openvino-default", "openvino-nncf-int8")
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Variant:
     error: str | None = None
     note: str = ""
     threads: int | None = None  # set for variants built for one thread count (auto)
+    tried: list[dict[str, Any]] = field(default_factory=list)  # auto: every variant it measured, as it saw them
 
 
 # -- models and data ---------------------------------------------------------------------------
@@ -156,6 +158,16 @@ def ort_static(case: Case, *, defaults: bool) -> Model:
         return Model.from_onnx(model.onnx, source=f"{case.name} [ort-static]")
 
 
+def ort_dynamic(case: Case) -> Model:
+    from onnxruntime.quantization import quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "q.onnx"
+        src.write_bytes(case.fp32.serialized())
+        quantize_dynamic(src, out)
+        return Model.from_onnx(load_model(out).onnx, source=f"{case.name} [ort-dynamic]")
+
+
 def build(label: str, fn: Any, runtime: str, options: dict[str, Any] | None = None, note: str = "") -> Variant:
     start = time.perf_counter()
     try:
@@ -179,12 +191,17 @@ def peer_variants(case: Case) -> list[Variant]:
         u8s8,
         Variant("ort-u8s8-perchannel-in-openvino", u8s8.model, "openvino", {}, error=u8s8.error,
                 note="extra: the same ORT U8S8 per-channel QDQ file, executed by OpenVINO"),
+        build("ort-dynamic", lambda: ort_dynamic(case), "onnxruntime",
+              note="extra: quantize_dynamic defaults (INT8 weights, activations quantized at run time)"),
         build("openvino-f32", lambda: case.fp32, "openvino", {"precision": "f32"}),
         build("openvino-default", lambda: case.fp32, "openvino", {},
               note="no precision hint: OpenVINO's own CPU default"),
         build("openvino-nncf-int8", lambda: nncf_quantize(case.fp32, NncfInt8(), data=case.calibration),
               "openvino", note="nncf.quantize (ONNX backend, preset performance) -> QDQ ONNX"),
     ]
+
+
+AUTO_BENCH = BenchSettings(warmup=5, min_runs=30, min_seconds=0.5, max_seconds=5.0)
 
 
 def auto_variant(case: Case, threads: int) -> Variant:
@@ -197,7 +214,7 @@ def auto_variant(case: Case, threads: int) -> Variant:
     start = time.perf_counter()
     try:
         result = module.auto_quantize(case.fp32, case.calibration, eval_data=case.auto_eval, max_drop=0.01,
-                                      threads=threads)
+                                      threads=threads, bench=AUTO_BENCH)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"  {label} (threads {threads}): {type(exc).__name__}: {text}", file=sys.stderr)
@@ -205,14 +222,16 @@ def auto_variant(case: Case, threads: int) -> Variant:
             traceback.print_exc()
         return Variant(label, None, "", error=f"{type(exc).__name__}: {text}", threads=threads,
                        build_seconds=time.perf_counter() - start)
+    tried = [{k: r.to_dict().get(k) for k in ("name", "status", "speedup", "agreement", "drop", "reason")}
+             for r in getattr(result, "results", [])]
     model = result if isinstance(result, Model) else getattr(result, "model", None)
     if model is None:
-        return Variant(label, None, "", error=f"auto_quantize returned {type(result).__name__} without a model",
-                       threads=threads, build_seconds=time.perf_counter() - start)
+        return Variant(label, None, "", error="auto chose nothing: no variant was faster than FP32 within the budget",
+                       threads=threads, build_seconds=time.perf_counter() - start, tried=tried)
     settings = resolve_settings(model, threads=threads)
-    chosen = model.metadata.get("edgeopt.recipe") or getattr(getattr(result, "chosen", None), "name", "")
+    chosen = getattr(getattr(result, "chosen", None), "name", None) or model.metadata.get("edgeopt.recipe", "")
     return Variant(label, model, settings.runtime, dict(settings.options), time.perf_counter() - start,
-                   note=f"chosen: {chosen}", threads=threads)
+                   note=f"chosen: {chosen}", threads=threads, tried=tried)
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -260,7 +279,7 @@ def run_case(case: Case, bench: BenchSettings, *, with_auto: bool) -> dict[str, 
             "edgeopt-auto", None, "", error="skipped (--no-auto)", threads=threads)
         auto_row = {"variant": "edgeopt-auto", "threads": threads, "runtime": auto.runtime,
                     "runtime_options": auto.options, "note": auto.note, "error": auto.error,
-                    "build_seconds": round(auto.build_seconds, 2)}
+                    "build_seconds": round(auto.build_seconds, 2), "auto_tried": auto.tried}
         if auto.model is not None:
             timed.append(auto)
             auto_row.update({"size_bytes": auto.model.size_bytes,
@@ -294,7 +313,7 @@ def summarize(rows: dict[str, dict[str, Any]], auto_rows: list[dict[str, Any]]) 
     """The issue's questions, answered from the figures above (no thresholds are assumed true)."""
     out: dict[str, Any] = {}
     int8 = [k for k in ("ort-static-default", "ort-static-u8s8-perchannel", "ort-u8s8-perchannel-in-openvino",
-                        "openvino-nncf-int8")
+                        "ort-dynamic", "openvino-nncf-int8")
             if rows.get(k, {}).get("latency")]
     for threads in THREADS:
         key = str(threads)
@@ -360,8 +379,8 @@ def main() -> None:
         if name == "digits":
             case = digits_case()
         else:
-            case = torchvision_case(name, size=args.size, n_calib=100 if not args.quick else 16,
-                                    n_eval=100 if not args.quick else 16, n_heldout=128 if not args.quick else 16)
+            case = torchvision_case(name, size=args.size, n_calib=64 if not args.quick else 16,
+                                    n_eval=64 if not args.quick else 16, n_heldout=128 if not args.quick else 16)
         cases_out.append(run_case(case, bench, with_auto=not args.no_auto))
         print_case(cases_out[-1])
     payload = {

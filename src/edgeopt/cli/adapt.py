@@ -1,0 +1,89 @@
+"""edgeopt adapt: fine-tune a model on local data within a measured memory budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edgeopt.cli import app
+from edgeopt.cli.common import (
+    JsonOpt,
+    TrustPickleOpt,
+    WeightsOpt,
+    console,
+    emit_json,
+    err_console,
+    fmt_pct,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def adapt(
+    model: Annotated[str, typer.Argument(help="PyTorch model (file.py:factory with --weights, or .pt2) or an FP32 .onnx.")],
+    data: Annotated[str, typer.Option("--data", help="Labelled local data (.npz with x and y).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Adapted ONNX; OUT.pt, OUT.report.json and OUT.ckpt.pt go beside it.")],
+    memory_mb: Annotated[float | None, typer.Option("--memory-mb", help="Peak training memory allowed (measured).")] = None,
+    strategy: Annotated[str, typer.Option("--strategy", help="auto, last-layer, bias-last, sparse or full.")] = "auto",
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (early stopping on local validation).")] = 20,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size (activation memory scales with it).")] = 32,
+    original_data: Annotated[str | None, typer.Option("--original-data", help="Labelled original-domain data: held-out check and replay source.")] = None,
+    replay: Annotated[int, typer.Option("--replay", help="Original samples mixed into training (needs --original-data).")] = 0,
+    max_forget: Annotated[float | None, typer.Option("--max-forget", help="Roll back if original accuracy drops more than this (0.02 = 2 pt).")] = None,
+    distill: Annotated[float, typer.Option("--distill", help="Weight of distillation from the starting model (0..1).")] = 0.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT's checkpoint with new local data.")] = False,
+    deployed: Annotated[str | None, typer.Option("--deployed", help="The ONNX model now on the device; if quantized, the output is re-quantized alike.")] = None,
+    quantized: Annotated[bool, typer.Option("--quantized", help="Re-quantize the output to static INT8.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for splits, replay choice and training.")] = 0,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Adapt MODEL to local data: strategy chosen by measured memory, rollback if worse, atomic checkpoints."""
+    from edgeopt.adapt import AdaptConfig
+    from edgeopt.adapt import adapt as run_adapt
+    from edgeopt.data import load_data
+    from edgeopt.errors import BadInput
+    from edgeopt.fileio import check_writable_dir
+    from edgeopt.model import load_model
+
+    if out.suffix.lower() != ".onnx":
+        raise BadInput(f"-o must name an .onnx file, got {out}")
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    config = AdaptConfig(strategy=strategy, memory_mb=memory_mb, epochs=epochs, lr=lr, batch_size=batch_size,
+                         replay=replay, max_forget=max_forget, distill=distill, quantize=quantized, seed=seed)
+    source = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    local = load_data(data)
+    original = load_data(original_data) if original_data else None
+    reference = load_model(deployed) if deployed else None
+    result = run_adapt(source, local, config=config, original=original, out=out, resume=resume, deployed=reference,
+                       progress=True)
+    report = result.report
+    if len(result.trials) > 1 or memory_mb is not None:
+        table = Table(title="strategies (peak training memory measured)")
+        for col in ("strategy", "trainable params", "peak MB", "fits"):
+            table.add_column(col, justify="left" if col == "strategy" else "right")
+        for row in report["strategies"]:
+            table.add_row(row["strategy"], f"{row['trainable_params']:,}", f"{row['peak_mb']:.2f}",
+                          "yes" if row["fits"] else "no")
+        console.print(table)
+    summary = Table(title=f"edgeopt adapt: {report['strategy']['name']}")
+    for col in ("data", "before", "after"):
+        summary.add_column(col, justify="left" if col == "data" else "right")
+    summary.add_row("local validation", fmt_pct(report["accuracy_before"]["local"]), fmt_pct(report["accuracy_after"]["local"]))
+    if report["accuracy_before"]["original"] is not None:
+        summary.add_row("original (held out)", fmt_pct(report["accuracy_before"]["original"]),
+                        fmt_pct(report["accuracy_after"]["original"]))
+    console.print(summary)
+    console.print(f"trainable parameters {report['trainable_params']:,} of {report['total_params']:,}; "
+                  f"peak training memory {report['peak_memory_mb']:.2f} MB"
+                  + (f" (budget {memory_mb:g} MB)" if memory_mb is not None else ""))
+    if result.rolled_back:
+        err_console.print(f"rolled back: {report['rollback_reason']}; the output is the input model")
+    console.print(f"wrote {out}, {report['outputs']['state_dict']}, {out.name}.report.json")
+    emit_json(json_out, report)

@@ -115,6 +115,7 @@ def kd_loss(student_logits: Any, teacher_logits: Any, labels: Any, *, temperatur
 def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, validation: Dataset | None = None,
         teacher_logits: np.ndarray | None = None, params: Iterable[Any] | None = None,
         progress: bool = True, description: str = "training",
+        on_epoch_end: Callable[[FitResult], None] | None = None,
         extra_loss: Callable[[Any], Any] | None = None) -> FitResult:
     """Train ``module`` in place on ``train``; return what happened.
 
@@ -125,6 +126,8 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
         validation: labelled data for early stopping; the best epoch's weights are restored.
         teacher_logits: the teacher's logits for every ``train`` sample, in order.
         params: the parameters to train (default: all with requires_grad).
+        on_epoch_end: called after each epoch with the result so far (module holds that epoch's
+            weights), e.g. to write a checkpoint.
         extra_loss: called after each training forward pass with the batch's sample indices
             (a LongTensor into ``train``); the loss it returns is added (e.g. feature or
             hidden-state matching, with the student's activations captured by forward hooks).
@@ -199,6 +202,8 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
                 else:
                     since_best += 1
             result.history.append(entry)
+            if on_epoch_end is not None:
+                on_epoch_end(result)
             if cfg.patience is not None and since_best >= cfg.patience:
                 break
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:

@@ -66,6 +66,11 @@ _LAZY: dict[str, str] = {
     "load_keras": "edgeopt.transforms.keras",
     "to_onnx": "edgeopt.transforms.export",
     "to_tflite": "edgeopt.transforms.tflite",
+    # pruning (issue 5)
+    "PruneResult": "edgeopt.transforms.prune",
+    "StructuredPrune": "edgeopt.transforms.prune",
+    "UnstructuredPrune": "edgeopt.transforms.prune",
+    "prune": "edgeopt.transforms.prune",
     # split (issue 9)
     "Link": "edgeopt.split.planner",
     "PipelineError": "edgeopt.split.pipeline",

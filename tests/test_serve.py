@@ -354,3 +354,18 @@ def test_cli_bad_model_path_is_one_line_exit_2(cli, tmp_path: Path) -> None:
     assert "missing.onnx" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = cli("serve", str(tmp_path / "missing.onnx"), "--queue-size", "0")
     assert result.exit_code == 2 and "--queue-size must be >= 1" in result.stderr
+
+
+def test_listening_socket_is_tcp_so_responses_are_not_delayed_by_nagle() -> None:
+    import socket
+
+    from edgeopt.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP; proto 0 costs ~40 ms a response
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
+    with pytest.raises(BadInput, match="--port must be 0..65535"):
+        bind("127.0.0.1", 70000)

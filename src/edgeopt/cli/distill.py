@@ -96,6 +96,7 @@ def distill(
     seed: Annotated[int, typer.Option("--seed", help="Seed for split, init and shuffling.")] = 0,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip training the student without the teacher.")] = False,
     max_len: Annotated[int, typer.Option("--max-len", help="Text: tokens per example.")] = 64,
+    bench_seconds: Annotated[float, typer.Option("--bench-seconds", help="Minimum timed seconds per model (latency).")] = 2.0,
     teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="state_dict for a file.py:factory teacher.")] = None,
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = None,
@@ -104,7 +105,7 @@ def distill(
 ) -> None:
     """Knowledge distillation: train a small student on a teacher's soft targets, and show the gain."""
     from edgeopt.errors import BadInput
-    from edgeopt.fileio import write_json
+    from edgeopt.fileio import check_writable_dir, write_json
 
     if threads is not None and threads < 1:
         raise BadInput(f"--threads must be >= 1, got {threads}")
@@ -112,6 +113,7 @@ def distill(
         raise BadInput(f"-o must name an .onnx file, got {out}")
     if out.exists() and out.is_dir():
         raise BadInput(f"-o {out} is a directory; give a file name ending in .onnx")
+    check_writable_dir(out.parent if str(out.parent) else ".")
     weights_path = out.with_suffix(".pt")
     report_path = out.with_suffix(".report.json")
     if data.lower().endswith(".jsonl"):
@@ -120,14 +122,14 @@ def distill(
                                patience=patience, val_fraction=val_fraction, test_data=test_data, lr=lr,
                                batch_size=batch_size, seed=seed, baseline=not no_baseline, max_len=max_len,
                                teacher_weights=teacher_weights, trust_pickle=trust_pickle, device=device,
-                               threads=threads)
+                               threads=threads, bench_seconds=bench_seconds)
     else:
         report = _distill_vision(teacher, student, data, out, weights_path, epochs=epochs, temperature=temperature,
                                  alpha=alpha, feature_weight=feature_weight if feature_loss else 0.0,
                                  patience=patience, val_fraction=val_fraction, test_data=test_data, lr=lr,
                                  batch_size=batch_size, seed=seed, baseline=not no_baseline,
                                  teacher_weights=teacher_weights, trust_pickle=trust_pickle, device=device,
-                                 threads=threads)
+                                 threads=threads, bench_seconds=bench_seconds)
     report["outputs"] = {"onnx": str(out), "state_dict": str(weights_path), "report": str(report_path)}
     write_json(report_path, report)
     _print_report(report)
@@ -139,7 +141,7 @@ def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_pa
                     temperature: float, alpha: float, feature_weight: float, patience: int | None,
                     val_fraction: float, test_data: str | None, lr: float | None, batch_size: int, seed: int,
                     baseline: bool, teacher_weights: Path | None, trust_pickle: bool, device: str | None,
-                    threads: int | None) -> dict:
+                    threads: int | None, bench_seconds: float) -> dict:
     import torch
 
     from edgeopt.cli.common import load_data_arg
@@ -153,7 +155,8 @@ def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_pa
     t_model = load_model(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
     dataset = load_data_arg(data)
     test = load_data_arg(test_data) if test_data else None
-    result = distill(t_model, dataset, config, test=test, baseline=baseline, device=device, threads=threads)
+    result = distill(t_model, dataset, config, test=test, baseline=baseline, device=device, threads=threads,
+                     bench_seconds=bench_seconds)
     meta = {"distilled_from": t_model.source, "student": student}
     result.student_onnx.with_metadata(**meta).save(out)
     with atomic_path(weights_path) as tmp:
@@ -165,7 +168,7 @@ def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path
                   temperature: float, alpha: float, feature_weight: float, patience: int | None,
                   val_fraction: float, test_data: str | None, lr: float | None, batch_size: int, seed: int,
                   baseline: bool, max_len: int, teacher_weights: Path | None, trust_pickle: bool,
-                  device: str | None, threads: int | None) -> dict:
+                  device: str | None, threads: int | None, bench_seconds: float) -> dict:
     import torch
 
     from edgeopt.errors import BadInput
@@ -183,7 +186,7 @@ def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path
     texts = load_jsonl(data)
     test = load_jsonl(test_data) if test_data else None
     result = distill_text(module, texts, config, vocab=vocab, test=test, baseline=baseline, device=device,
-                          threads=threads)
+                          threads=threads, bench_seconds=bench_seconds)
     result.student_onnx.with_metadata(distilled_from=teacher, student="half").save(out)
     with atomic_path(weights_path) as tmp:
         torch.save(result.student_module.state_dict(), tmp)

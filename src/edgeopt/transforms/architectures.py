@@ -74,7 +74,8 @@ def _check_size(input_size: tuple[int, ...]) -> tuple[int, int, int]:
     return c, h, w
 
 
-def build_architecture(name: str, *, input_size: tuple[int, ...] = (3, 224, 224), classes: int = 1000) -> Any:
+def build_architecture(name: str, *, input_size: tuple[int, ...] = (3, 224, 224), classes: int = 1000,
+                       small_input_stem: bool | None = None) -> Any:
     """A randomly initialised catalogue network for ``input_size`` = (C, H, W) and ``classes`` outputs.
 
     Args:
@@ -82,6 +83,7 @@ def build_architecture(name: str, *, input_size: tuple[int, ...] = (3, 224, 224)
         input_size: channels and spatial size; C != 3 replaces the first convolution, and a
             shorter side below 96 px sets the stem stride to 1.
         classes: number of outputs of the classifier head.
+        small_input_stem: stem stride 1 (True) or the stock stride (False); None decides by size.
 
     Returns:
         a ``torch.nn.Module`` in eval mode.
@@ -101,7 +103,8 @@ def build_architecture(name: str, *, input_size: tuple[int, ...] = (3, 224, 224)
     builder, kwargs, _ = _CATALOGUE[key]
     net = getattr(models, builder)(weights=None, num_classes=int(classes), **kwargs)
     stem_name, stem = _first_conv(torch, net)
-    stride = (1, 1) if min(h, w) < SMALL_INPUT else stem.stride
+    small = min(h, w) < SMALL_INPUT if small_input_stem is None else small_input_stem
+    stride = (1, 1) if small else stem.stride
     if c != stem.in_channels or tuple(stride) != tuple(stem.stride):
         new = torch.nn.Conv2d(c, stem.out_channels, stem.kernel_size, stride=stride, padding=stem.padding,
                               dilation=stem.dilation, groups=1, bias=stem.bias is not None)

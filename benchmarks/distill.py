@@ -1,0 +1,175 @@
+"""Distillation benchmark: vision (ResNet-18 teacher -> catalogue student on digits) and text
+(4-layer BERT teacher -> DistilBERT-style 2-layer student on a synthetic negation task).
+
+Every model is trained here from random weights (nothing downloaded). For each task the same
+student is also trained without the teacher (same initial weights, epochs and seed) so the gain
+from distillation is visible. Latency is batch 1, ONNX Runtime, teacher and student timed
+interleaved in one process (measure.compare); ratios are reported beside absolute times.
+
+    .venv/bin/python benchmarks/distill.py [--only vision|text] [--student mobilenet_v3_small]
+
+Writes benchmarks/results/distill.json (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from edgeopt.data import load_data  # noqa: E402
+from edgeopt.fileio import write_json  # noqa: E402
+from edgeopt.model import Model  # noqa: E402
+from edgeopt.text_data import TextExamples, WordVocab, text_dataset  # noqa: E402
+from edgeopt.training import TrainConfig, accuracy_torch, fit  # noqa: E402
+from edgeopt.transforms.architectures import build_architecture  # noqa: E402
+from edgeopt.transforms.distill import Distill, distill  # noqa: E402
+from edgeopt.transforms.distill_text import DistillText, distill_text, make_bert_classifier  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "distill.json"
+DIGITS = ROOT / "examples" / "digits"
+
+# -- synthetic text task: sentiment by keywords, with negation and "but" -----------------------
+POS = "good great fine superb lovely happy pleasant excellent nice wonderful brilliant charming".split()
+NEG = "bad awful poor terrible nasty sad dull horrible boring ugly weak annoying".split()
+FILL = ("the movie plot was quite really very food service room staff a and it this day place show "
+        "acting music ending story cast seemed felt looked overall honestly").split()
+NEGATORS = ["not", "never", "hardly"]
+
+
+def _clause(rng: np.random.Generator) -> tuple[str, int]:
+    polarity = 1 if rng.random() < 0.5 else -1
+    word = str(rng.choice(POS if polarity > 0 else NEG))
+    negated = rng.random() < 0.4
+    words = [str(w) for w in rng.choice(FILL, size=int(rng.integers(2, 7)))]
+    words.insert(int(rng.integers(0, len(words) + 1)), (str(rng.choice(NEGATORS)) + " " if negated else "") + word)
+    return " ".join(words), -polarity if negated else polarity
+
+
+def sentiment_task(n: int, seed: int) -> TextExamples:
+    """Label = polarity of the sentiment word, flipped by a negator before it; with "A but B" the
+    label is B's. A bag of words cannot solve it: order and negation scope matter."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        a, pa = _clause(rng)
+        if rng.random() < 0.5:
+            b, pb = _clause(rng)
+            texts.append(f"{a} but {b}")
+            labels.append(int(pb > 0))
+        else:
+            texts.append(a)
+            labels.append(int(pa > 0))
+    return TextExamples(tuple(texts), np.asarray(labels, dtype=np.int64), f"sentiment-negation[{n}, seed {seed}]")
+
+
+def vision(student: str, *, teacher_epochs: int, student_epochs: int, threads: int) -> dict:
+    torch = __import__("torch")
+    train = load_data(DIGITS / "train.npz")
+    test = load_data(DIGITS / "test.npz")
+    fit_part, val = train.split(0.9, seed=0)
+    torch.manual_seed(0)
+    # stock ResNet-18 stem (stride 2 + max-pool): 37M MACs at 32x32, affordable on a shared CPU
+    teacher = build_architecture("resnet18", input_size=(1, 32, 32), classes=10, small_input_stem=False)
+    t0 = time.perf_counter()
+    tfit = fit(teacher, fit_part, config=TrainConfig(epochs=teacher_epochs, lr=1e-3, batch_size=64, seed=0),
+               validation=val, description="teacher resnet18")
+    teacher_seconds = time.perf_counter() - t0
+    print(f"teacher: val {tfit.best_val_accuracy:.4f}, test {accuracy_torch(teacher, test):.4f}, "
+          f"{teacher_seconds:.0f}s", flush=True)
+    teacher_model = Model.from_torch(teacher, source="resnet18 (1x32x32, 10 classes)", input_shape=(1, 1, 32, 32))
+    t0 = time.perf_counter()
+    result = distill(teacher_model, fit_part, Distill(student=student, epochs=student_epochs, temperature=4.0,
+                                                      alpha=0.9, lr=2e-3, seed=0),
+                     validation=val, test=test, baseline=True, threads=threads, bench_seconds=3.0)
+    report = result.report
+    report["teacher"]["train_seconds"] = round(teacher_seconds, 1)
+    report["teacher"]["best_val_accuracy"] = tfit.best_val_accuracy
+    report["distill_seconds_incl_baseline"] = round(time.perf_counter() - t0, 1)
+    t, s, b = report["teacher"], report["student"], report["baseline"]
+    report["done_when"] = {
+        "params_ratio_ge_4": report["ratios"]["params"] >= 4,
+        "student_within_1_5pt_of_teacher": (t["accuracy"] - s["accuracy"]) <= 0.015,
+        "student_ge_no_teacher_baseline": s["accuracy"] >= b["accuracy"],
+    }
+    print(json.dumps({k: report[k] for k in ("ratios", "done_when")}, indent=1),
+          f"teacher {t['accuracy']:.4f} student {s['accuracy']:.4f} baseline {b['accuracy']:.4f}", flush=True)
+    return report
+
+
+def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int, n_test: int) -> dict:
+    torch = __import__("torch")
+    train = sentiment_task(n_train, seed=0)
+    test = sentiment_task(n_test, seed=1)
+    vocab = WordVocab.build(train.texts)
+    max_len = 32
+    torch.manual_seed(0)
+    teacher = make_bert_classifier(vocab_size=len(vocab), layers=4, hidden=128, heads=4, intermediate=512,
+                                   max_len=max_len, classes=2, seed=0)
+    data = text_dataset(train, vocab, max_len=max_len)
+    fit_part, val = data.split(0.85, seed=0)  # the same split distill_text makes (seed 0, 0.15 held out)
+    t0 = time.perf_counter()
+    tfit = fit(teacher, fit_part, config=TrainConfig(epochs=teacher_epochs, lr=5e-4, batch_size=32,
+                                                     optimizer="adamw", seed=0),
+               validation=val, description="teacher bert-4l")
+    teacher_seconds = time.perf_counter() - t0
+    test_acc = accuracy_torch(teacher, text_dataset(test, vocab, max_len=max_len))
+    print(f"text teacher: val {tfit.best_val_accuracy:.4f}, test {test_acc:.4f}, {teacher_seconds:.0f}s", flush=True)
+    result = distill_text(teacher, train, DistillText(epochs=student_epochs, temperature=2.0, alpha=0.7,
+                                                      hidden_weight=1.0, lr=3e-4, batch_size=32,
+                                                      max_len=max_len, seed=0),
+                          vocab=vocab, test=test, baseline=True, threads=threads, bench_seconds=3.0)
+    report = result.report
+    report["teacher"]["train_seconds"] = round(teacher_seconds, 1)
+    report["teacher"]["best_val_accuracy"] = tfit.best_val_accuracy
+    report["task"] = sentiment_task.__doc__.split("\n")[0] + " ..."
+    report["done_when"] = {
+        "student_keeps_ge_97pct_of_teacher_accuracy": report["accuracy_retained"] >= 0.97,
+        "student_ge_1_6x_faster_batch1": report["ratios"]["speedup_p50"] >= 1.6,
+    }
+    print(json.dumps({k: report[k] for k in ("ratios", "accuracy_retained", "done_when")}, indent=1), flush=True)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["vision", "text"])
+    parser.add_argument("--student", default="mobilenet_v3_small")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for latency")
+    parser.add_argument("--teacher-epochs", type=int, default=8)
+    parser.add_argument("--student-epochs", type=int, default=20)
+    parser.add_argument("--text-teacher-epochs", type=int, default=6)
+    parser.add_argument("--text-student-epochs", type=int, default=6)
+    parser.add_argument("--text-train", type=int, default=2500)
+    args = parser.parse_args()
+    torch = __import__("torch")
+    torch.set_num_threads(2)
+    machine = {"platform": platform.platform(), "python": platform.python_version(),
+               "torch": torch.__version__, "note": "2 shared CPU cores, loaded by other jobs; "
+               "latency ratios (interleaved) are more reliable than absolute times"}
+
+    def save(key: str, value: dict) -> None:
+        results = json.loads(OUT.read_text()) if OUT.exists() else {}  # re-read: parts may run separately
+        results["machine"] = machine
+        results[key] = {**value, "command": " ".join(sys.argv)}
+        write_json(OUT, results)
+
+    if args.only in (None, "vision"):
+        save("vision", vision(args.student, teacher_epochs=args.teacher_epochs,
+                              student_epochs=args.student_epochs, threads=args.threads))
+    if args.only in (None, "text"):
+        save("text", text(teacher_epochs=args.text_teacher_epochs, student_epochs=args.text_student_epochs,
+                          threads=args.threads, n_train=args.text_train, n_test=1000))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

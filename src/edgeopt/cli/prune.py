@@ -127,4 +127,6 @@ def _print(report: dict[str, Any]) -> None:
         summary.add_row(f"accuracy ({acc['samples']} held-out)", fmt_pct(acc["before"]), fmt_pct(acc["after"]),
                         f"{-acc['drop_pts']:+.2f} pt")
     console.print(summary)
+    if "note" in report:
+        console.print(f"note: {report['note']}")
     console.print(f"export check: max abs diff {report['export_check']['max_abs_diff']:.2e} (ONNX vs pruned PyTorch)")

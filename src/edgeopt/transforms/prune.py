@@ -325,7 +325,8 @@ def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eva
         model: a PyTorch Model (``file.py:factory`` + weights, or ``.pt2``); it is not changed.
         config: :class:`UnstructuredPrune` or :class:`StructuredPrune`.
         data: fine-tuning data (and Taylor gradients). Without ``eval_data``, a labelled ``data``
-            is split 80/20 so the result is judged on samples it was not tuned on.
+            used for either is split 80/20 (stratified) so the result is judged on samples it was
+            not tuned on; when ``data`` is not used for tuning, it is only judged on.
         eval_data: the data accuracy before/after is judged on (never used for tuning).
         threads: ONNX Runtime threads for the interleaved latency measurement.
         latency: time the original and pruned ONNX models interleaved (``measure.compare``).
@@ -350,7 +351,8 @@ def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eva
 
     original = torch_module(model)
     tune_data = data
-    if data is not None and eval_data is None and data.labels is not None and config.epochs > 0:
+    uses_data = config.epochs > 0 or getattr(config, "importance", None) == "taylor"
+    if data is not None and eval_data is None and data.labels is not None and uses_data:
         tune_data, eval_data = data.split(0.8, seed=config.seed)
     elif data is not None and eval_data is None and data.labels is not None:
         eval_data = data
@@ -377,9 +379,12 @@ def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eva
                    "reduction_pct": round(100.0 * (1 - params1 / params0), 2) if params0 else None},
         "sizes": {"before": _sizes(base_onnx, original), "after": _sizes(pruned_onnx, module)},
         "export_check": check.to_dict(),
-        "data": {"tuned_on": tune_data.source if tune_data is not None and config.epochs > 0 else None,
+        "data": {"tuned_on": tune_data.source if tune_data is not None and uses_data else None,
                  "judged_on": eval_data.source if eval_data is not None else None},
     }
+    if isinstance(config, UnstructuredPrune):
+        report["note"] = ("unstructured zeros are still stored and multiplied by dense runtimes: the model "
+                          "shrinks only when compressed (gzip sizes), and latency is as measured, not assumed")
     if eval_data is not None and eval_data.labels is not None:
         before = evaluate(base_onnx, eval_data, threads=threads, keep_outputs=True)
         after = evaluate(pruned_onnx, eval_data, threads=threads, reference=before.outputs)

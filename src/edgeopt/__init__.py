@@ -71,6 +71,11 @@ _LAZY: dict[str, str] = {
     "StructuredPrune": "edgeopt.transforms.prune",
     "UnstructuredPrune": "edgeopt.transforms.prune",
     "prune": "edgeopt.transforms.prune",
+    # serve: OIP v2 inference microservice (issue 8)
+    "ServeConfig": "edgeopt.serve.app",
+    "ServedModel": "edgeopt.serve.app",
+    "load_served": "edgeopt.serve.app",
+    "run_server": "edgeopt.serve.server",
     # split (issue 9)
     "Link": "edgeopt.split.planner",
     "PipelineError": "edgeopt.split.pipeline",

@@ -26,7 +26,7 @@ def serve(
 ) -> None:
     """Serve models over the Open Inference Protocol v2 with dynamic batching and Prometheus /metrics."""
     from edgeopt.serve.app import ServeConfig, load_served
-    from edgeopt.serve.server import serve as run_server
+    from edgeopt.serve.server import run_server
 
     config = ServeConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_request_mb=max_request_mb,
                          queue_size=queue_size)

@@ -6,6 +6,6 @@ FastAPI, uvicorn and prometheus-client are imported only when a server is built.
 """
 
 from edgeopt.serve.app import ServeConfig, ServedModel, create_app, load_served
-from edgeopt.serve.server import serve
+from edgeopt.serve.server import run_server
 
-__all__ = ["ServeConfig", "ServedModel", "create_app", "load_served", "serve"]
+__all__ = ["ServeConfig", "ServedModel", "create_app", "load_served", "run_server"]

@@ -154,9 +154,36 @@ def load_served(args: list[str], *, runtime: str | None = None, threads: int | N
     return served
 
 
+_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+
+
+class _InferFastPath:
+    """Send ``POST .../infer`` straight to its handler, past routing and exception middleware.
+
+    The handler already turns every failure into a JSON error response; skipping the layers it
+    does not need saves a measurable share of the per-request CPU under load.
+    """
+
+    def __init__(self, app: Any, handler: Any) -> None:
+        self.app = app
+        self.handler = handler
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.match(scope["path"])
+            if match:
+                from starlette.requests import Request
+
+                scope["path_params"] = {"name": match.group(1), "version": match.group(2)}
+                response = await self.handler(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _path(request: Any) -> tuple[str, str | None]:
     params = request.path_params
-    return params["name"], params.get("version")
+    return params["name"], params.get("version") or None
 
 
 def _batchable(model: Model) -> bool:
@@ -327,6 +354,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
                    (prefix + "/infer", infer, "POST")]
     for path, handler, method in routes:
         app.add_route(path, handler, methods=[method])
+    app.add_middleware(_InferFastPath, handler=infer)
     app.state.metrics = metrics
     app.state.models = by_name
     return app

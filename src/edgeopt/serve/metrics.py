@@ -15,6 +15,8 @@ class ServeMetrics:
 
     def __init__(self) -> None:
         prom = require("prometheus_client", extra="serve")
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._latencies: dict[str, Any] = {}
         self._prom = prom
         self.registry = prom.CollectorRegistry()
         self.requests = prom.Counter("edgeopt_requests", "Inference requests by model and HTTP status.",
@@ -28,9 +30,15 @@ class ServeMetrics:
                                       ["model"], registry=self.registry)
 
     def observe_request(self, model: str, code: int, seconds: float) -> None:
-        self.requests.labels(model=model, code=str(code)).inc()
+        counter = self._counters.get((model, code))
+        if counter is None:  # label lookups cost more than the increment: keep the children
+            counter = self._counters[(model, code)] = self.requests.labels(model=model, code=str(code))
+        counter.inc()
         if code == 200:
-            self.latency.labels(model=model).observe(seconds)
+            histogram = self._latencies.get(model)
+            if histogram is None:
+                histogram = self._latencies[model] = self.latency.labels(model=model)
+            histogram.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -75,7 +75,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(models: list[ServedModel], *, config: ServeConfig | None = None, host: str = "127.0.0.1",
+def run_server(models: list[ServedModel], *, config: ServeConfig | None = None, host: str = "127.0.0.1",
           port: int = 8000, log_level: str = "info", graceful_seconds: float = 30.0,
           on_listening: Any = None) -> None:
     """Serve ``models`` until SIGTERM/SIGINT; returns after in-flight requests have finished.
@@ -92,7 +92,7 @@ def serve(models: list[ServedModel], *, config: ServeConfig | None = None, host:
         BadInput: the address cannot be bound.
 
     Example:
-        >>> serve(load_served(["examples/digits/digits_cnn.onnx"]), port=8000)  # doctest: +SKIP
+        >>> run_server(load_served(["examples/digits/digits_cnn.onnx"]), port=8000)  # doctest: +SKIP
     """
     uvicorn = require("uvicorn", extra="serve")
     cfg = config or ServeConfig()

@@ -51,7 +51,9 @@ class LiteRtSession:
         self.output_names = [d["name"] for d in self._outputs]
         self._in_quant = [quantization_of(d) for d in self._inputs]
         self._out_quant = [quantization_of(d) for d in self._outputs]
-        self._shapes = [tuple(int(s) for s in d["shape"]) for d in self._inputs]
+        self._exported = [tuple(int(s) for s in d["shape"]) for d in self._inputs]
+        self._shapes = list(self._exported)
+        self._unresizable: set[tuple[tuple[int, ...], ...]] = set()
         self._lock = threading.Lock()
         self.details = {"quantized_inputs": sum(q is not None for q in self._in_quant),
                         "quantized_outputs": sum(q is not None for q in self._out_quant)}
@@ -66,18 +68,40 @@ class LiteRtSession:
             return np.clip(q, info.min, info.max).astype(dtype)
         return np.ascontiguousarray(array, dtype=dtype)
 
-    def _resize(self, arrays: list[np.ndarray]) -> None:
+    def _resize(self, arrays: list[np.ndarray]) -> bool:
+        """Fit the interpreter to the feed shapes; False when the graph is fixed to batch 1 (split then)."""
         shapes = [tuple(a.shape) for a in arrays]
         if shapes == self._shapes:
-            return
+            return True
+        if tuple(shapes) in self._unresizable:
+            return False
         try:
             for detail, shape in zip(self._inputs, shapes, strict=True):
                 self._interp.resize_tensor_input(detail["index"], list(shape), strict=False)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise DataError(f"LiteRT cannot run {self._source} with input shapes {shapes}: "
-                            f"{_first_line(exc)}") from exc
+            # e.g. a Reshape with the batch baked in: go back to the exported shapes.
+            for detail, shape in zip(self._inputs, self._exported, strict=True):
+                self._interp.resize_tensor_input(detail["index"], list(shape), strict=False)
+            self._interp.allocate_tensors()
+            self._shapes = list(self._exported)
+            if not all(s[0] == 1 and len(s) == len(g) and s[1:] == g[1:]
+                       for s, g in zip(self._exported, shapes, strict=True)):
+                raise DataError(f"LiteRT cannot run {self._source} with input shapes {shapes}: "
+                                f"{_first_line(exc)}") from exc
+            self._unresizable.add(tuple(shapes))
+            return False
         self._shapes = shapes
+        return True
+
+    def _invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        for detail, array in zip(self._inputs, arrays, strict=True):
+            self._interp.set_tensor(detail["index"], array)
+        try:
+            self._interp.invoke()
+        except RuntimeError as exc:
+            raise ModelError(f"LiteRT failed to run {self._source}: {_first_line(exc)}") from exc
+        return [self._interp.get_tensor(d["index"]) for d in self._outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
@@ -85,14 +109,11 @@ class LiteRtSession:
         except KeyError as exc:
             raise DataError(f"missing input {exc.args[0]!r}; the model takes {self.input_names}") from exc
         with self._lock:
-            self._resize(arrays)
-            for detail, array in zip(self._inputs, arrays, strict=True):
-                self._interp.set_tensor(detail["index"], array)
-            try:
-                self._interp.invoke()
-            except RuntimeError as exc:
-                raise ModelError(f"LiteRT failed to run {self._source}: {_first_line(exc)}") from exc
-            raw = [self._interp.get_tensor(d["index"]) for d in self._outputs]
+            if self._resize(arrays):
+                raw = self._invoke(arrays)
+            else:  # a graph fixed to batch 1 runs a batch one sample at a time
+                rows = [self._invoke([a[i:i + 1] for a in arrays]) for i in range(len(arrays[0]))]
+                raw = [np.concatenate(parts) for parts in zip(*rows, strict=True)]
         out = []
         for array, quant in zip(raw, self._out_quant, strict=True):
             if quant is not None:

@@ -70,7 +70,8 @@ def to_onnx(model: Model, config: OnnxExport | None = None, *, data: Dataset | N
     torch = require("torch", extra="torch")
     cfg = config or OnnxExport()
     module = model.module.eval()
-    feeds = example_inputs(model, data)
+    # A dynamic batch needs a traced batch > 1 (torch.export specializes size-1 dims); a static one is 1.
+    feeds = example_inputs(model, data, batch=2 if cfg.dynamic_batch else 1)
     names = list(feeds)
     input_names = list(cfg.input_names) if len(cfg.input_names) == len(names) else names
     args = tuple(torch.from_numpy(v) for v in feeds.values())

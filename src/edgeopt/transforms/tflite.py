@@ -2,7 +2,7 @@
 
 The field's tools do the work: ``litert-torch`` converts a PyTorch module (ONNX goes through
 ``onnx2torch`` first), and ``ai-edge-quantizer`` applies the same choices TFLite's converter
-offers: dynamic range (int8 weights, activations quantized on the fly, like ``Optimize.DEFAULT``),
+offers: dynamic range (``Optimize.DEFAULT``: int8 weights of the larger tensors, activations quantized on the fly),
 full integer with a representative (calibration) dataset, and float16 weights. Every variant is run
 in LiteRT and compared with the reference outputs (PyTorch, or the float model): a variant whose
 cosine falls below the tolerance is an error, not a file.
@@ -14,7 +14,6 @@ INT8 slower than FP32. ``edgeopt export`` times every variant asked for, interle
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -159,18 +158,10 @@ def _quiet_litert_torch() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_calibration() -> Iterator[None]:
-    """The quantizer's calibrator shows a tqdm bar and a debugging warning; neither helps a CLI user."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
+    """The quantizer opens its interpreters in a debugging mode that warns on every use; not a user problem."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
+        yield
 
 
 def _as_module(model: Model) -> Any:
@@ -222,7 +213,9 @@ def _quantize(float_model: Model, cfg: TfliteExport, data: Dataset | None) -> by
     q = quantizer.Quantizer(bytearray(float_model.serialized()))
     calibration = None
     if cfg.quantize == "dynamic":
-        q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+        # TFLite's Optimize.DEFAULT: int8 weights only for tensors of >= 1024 elements (small
+        # depthwise kernels stay float, which is what keeps MobileNet-style models accurate).
+        q.load_quantization_recipe(recipe.dynamic_legacy_wi8_afp32())
     elif cfg.quantize == "fp16":
         q.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                                  num_bits=16, algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING)
@@ -232,7 +225,8 @@ def _quantize(float_model: Model, cfg: TfliteExport, data: Dataset | None) -> by
         with _quiet_calibration():
             calibration = q.calibrate(samples, num_threads=1)
     try:
-        result = q.quantize(calibration, enable_progress_report=False)
+        with _quiet_calibration():
+            result = q.quantize(calibration, enable_progress_report=False)
     except (ValueError, RuntimeError) as exc:
         raise UnsupportedOperation(f"ai-edge-quantizer cannot apply {cfg.quantize} to "
                                    f"{float_model.source}: {_first_line(exc)}") from exc

@@ -369,3 +369,23 @@ def test_listening_socket_is_tcp_so_responses_are_not_delayed_by_nagle() -> None
         sock.close()
     with pytest.raises(BadInput, match="--port must be 0..65535"):
         bind("127.0.0.1", 70000)
+
+
+def test_serving_an_onnx_model_needs_no_torch(tmp_path: Path) -> None:
+    """The Docker image installs .[serve] only: loading, validating and running must not touch torch."""
+    import subprocess
+    import sys
+
+    path = make_onnx_cnn(tmp_path / "tiny.onnx")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+        "from fastapi.testclient import TestClient\n"
+        "from edgeopt.serve import create_app, load_served\n"
+        f"app = create_app(load_served([{str(path)!r}], threads=1))\n"
+        "with TestClient(app) as c:\n"
+        "    r = c.post('/v2/models/tiny/infer', json={'inputs': [{'name': 'input', 'shape': [1, 1, 16, 16],"
+        " 'datatype': 'FP32', 'data': [0.0] * 256}]})\n"
+        "    print(r.status_code, r.json()['outputs'][0]['shape'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "200 [1, 10]"

@@ -389,3 +389,27 @@ def test_serving_an_onnx_model_needs_no_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "200 [1, 10]"
+
+
+def test_batcher_survives_a_session_returning_the_wrong_number_of_outputs() -> None:
+    calls = []
+
+    def run(feeds):
+        calls.append(1)
+        return [] if len(calls) == 1 else [feeds["x"]]  # first call breaks the output contract
+
+    async def main() -> tuple[str, float]:
+        b = Batcher("m", run, output_names=["y"], max_batch=4, max_delay=0, queue_size=4)
+        b.start()
+        try:
+            await b.submit(_request(1, 1.0))
+            message = ""
+        except Exception as exc:  # noqa: BLE001 - the message is what is checked
+            message = str(exc)
+        ok = await asyncio.wait_for(b.submit(_request(1, 7.0)), 5)
+        await b.stop()
+        return message, float(ok["y"][0, 0])
+
+    message, value = asyncio.run(main())
+    assert message.startswith("model 'm' failed:")
+    assert value == 7.0

@@ -128,6 +128,10 @@ class Batcher:
             self._on_depth(self.depth())
             try:
                 await self._execute(batch)
+            except Exception as exc:  # the worker must outlive anything one batch does
+                log.exception("batch failed", extra={"model": self.name})
+                for p in batch:
+                    _resolve_error(p, ModelRunError(f"model {self.name!r} failed: {_one_line(exc)}"))
             finally:
                 for _ in batch:
                     self._queue.task_done()

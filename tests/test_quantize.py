@@ -85,6 +85,16 @@ def test_dynamic_and_fp16_sizes_and_fidelity(digits) -> None:
     assert half.inputs[0].dtype == "float32"  # keep_io_types
 
 
+def test_every_mode_saves_a_valid_reloadable_model(tmp_path, digits, digits_int8) -> None:
+    model, _, test = digits
+    for name, q in [("int8", digits_int8), ("dyn", quantize(model, DynamicInt8())), ("fp16", quantize(model, Fp16()))]:
+        saved = q.save(tmp_path / f"{name}.onnx")
+        again = load_model(saved.path)  # runs the ONNX checker (e.g. topological order after the fp16 Casts)
+        assert again.sha256 == q.sha256
+        assert again.metadata["edgeopt.quantization"] == q.metadata["edgeopt.quantization"]
+        assert evaluate(again, test.take(slice(0, 50)), reference=model, threads=1).agreement >= 0.98
+
+
 def test_exclude_nodes_keeps_those_layers_float(digits) -> None:
     model, train, _ = digits
     convs = [n for n, op, _ in weight_nodes(prepared(model)) if op == "Conv"]

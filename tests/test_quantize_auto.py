@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from edgeopt.data import load_data
 from edgeopt.measure.bench import BenchSettings
 from edgeopt.model import load_model
 from edgeopt.search import auto_quantize as aq
@@ -18,7 +19,8 @@ FAST = BenchSettings(warmup=5, min_runs=30, min_seconds=0.2, max_seconds=3.0)
 
 @pytest.mark.slow
 def test_auto_on_digits_chooses_a_faster_int8(digits_onnx, digits_train_npz, digits_test_npz) -> None:
-    result = aq.auto_quantize(digits_onnx, digits_train_npz, eval_data=digits_test_npz, threads=1,
+    train, test = load_data(digits_train_npz), load_data(digits_test_npz)
+    result = aq.auto_quantize(digits_onnx, train.take(slice(0, 256)), eval_data=test.take(slice(0, 300)), threads=1,
                               runtimes=("onnxruntime",), bench=FAST)
     assert result.model is not None and result.chosen is not None
     chosen = result.chosen

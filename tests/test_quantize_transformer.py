@@ -7,7 +7,7 @@ import pytest
 
 from edgeopt.data import Dataset
 from edgeopt.measure.evaluate import evaluate
-from edgeopt.model import Model
+from edgeopt.model import Model, load_model
 from edgeopt.search.space import matmul_heavy
 from edgeopt.transforms.quantize import DynamicInt8, Int4WeightOnly, quantize
 
@@ -61,9 +61,9 @@ def test_encoder_is_matmul_heavy_and_dynamic_int8_keeps_cosine(encoder) -> None:
 
 
 @pytest.mark.slow
-def test_encoder_int4_weight_only_keeps_cosine(encoder) -> None:
+def test_encoder_int4_weight_only_keeps_cosine(encoder, tmp_path) -> None:
     model, data = encoder
-    q = quantize(model, Int4WeightOnly(block_size=32))
+    q = load_model(quantize(model, Int4WeightOnly(block_size=32)).save(tmp_path / "int4.onnx").path)
     assert sum(n.op_type == "MatMulNBits" for n in q.onnx.graph.node) == 6  # fused qkv + 2 FFN MatMuls per layer
     r = evaluate(q, data, reference=model, threads=1)
     assert r.cosine >= 0.99

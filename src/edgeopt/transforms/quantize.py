@@ -510,12 +510,15 @@ def _dynamic(model: Model, cfg: DynamicInt8) -> Model:
 
 def _fp16(model: Model, cfg: Fp16) -> Model:
     float16 = require("onnxruntime.transformers.float16", extra="core")
+    onnx_model = require("onnxruntime.transformers.onnx_model", extra="core")
     onnx = require("onnx", extra="core")
     proto = onnx.ModelProto()
     proto.CopyFrom(model.onnx)
     try:
         with _quiet():
             out = float16.convert_float_to_float16(proto, keep_io_types=cfg.keep_io_types, disable_shape_infer=False)
+            # the converter appends the input Casts at the end; a saved model must be topologically sorted
+            onnx_model.OnnxModel(out).topological_sort()
     except Exception as exc:  # noqa: BLE001
         raise _unsupported(model, "convert to float16", exc) from exc
     return Model.from_onnx(out, source=f"{model.source} [fp16]")

@@ -81,6 +81,16 @@ _LAZY: dict[str, str] = {
     "PipelineError": "edgeopt.split.pipeline",
     "run_split": "edgeopt.split",
     "split_model": "edgeopt.split",
+    # adapt: on-device training (issue 10)
+    "AdaptConfig": "edgeopt.adapt",
+    "AdaptResult": "edgeopt.adapt",
+    "BiasLast": "edgeopt.adapt",
+    "FullFinetune": "edgeopt.adapt",
+    "LastLayer": "edgeopt.adapt",
+    "MemoryMeasurement": "edgeopt.adapt",
+    "SparseUpdate": "edgeopt.adapt",
+    "adapt_model": "edgeopt.adapt",
+    "measure_training_memory": "edgeopt.adapt",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

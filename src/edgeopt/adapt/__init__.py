@@ -14,8 +14,11 @@ from edgeopt.adapt.strategies import (
     mark_trainable,
 )
 
+# ``edgeopt.adapt`` is this package, so the top-level API names the function ``adapt_model``.
+adapt_model = adapt
+
 __all__ = [
     "STRATEGIES", "STRATEGY_NAMES", "AdaptConfig", "AdaptResult", "BiasLast", "FullFinetune", "LastLayer",
-    "MemoryMeasurement", "SparseUpdate", "adapt", "checkpoint_path", "get_strategy", "is_quantized",
+    "MemoryMeasurement", "SparseUpdate", "adapt", "adapt_model", "checkpoint_path", "get_strategy", "is_quantized",
     "load_checkpoint", "mark_trainable", "measure_training_memory", "save_checkpoint",
 ]

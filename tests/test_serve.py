@@ -174,6 +174,7 @@ def test_unknown_model_version_and_route_are_404(client) -> None:
     assert client.get("/v2/models/tiny/versions/2").status_code == 404
     assert client.post("/v2/models/tiny/versions/2/infer", json={}).status_code == 404
     assert client.get("/v2/nothing/here").json() == {"error": "Not Found"}
+    assert client.get("/v2/models/tiny/infer").status_code == 405
 
 
 def test_body_over_limit_is_413_by_header_and_by_stream(client) -> None:

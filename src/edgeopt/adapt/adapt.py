@@ -159,8 +159,8 @@ def adapt(model: Model, local: Dataset, *, config: AdaptConfig | None = None, or
     trials, strategy = _choose_strategy(module, train, cfg)
     params = mark_trainable(module, strategy)
 
-    before = {"local": accuracy_torch(module, local_val),
-              "original": accuracy_torch(module, original_check) if original_check is not None else None}
+    before = {"local": accuracy_torch(module, local_val, batch_size=cfg.batch_size),
+              "original": accuracy_torch(module, original_check, batch_size=cfg.batch_size) if original_check is not None else None}
     runs = history_in + [{"samples": len(local), "strategy": strategy.name}]
 
     def on_epoch(result: Any) -> None:
@@ -172,12 +172,12 @@ def adapt(model: Model, local: Dataset, *, config: AdaptConfig | None = None, or
     torch.manual_seed(cfg.seed)
     train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
                             alpha=cfg.distill, temperature=2.0)
-    teacher = predict_torch(module, train) if cfg.distill > 0 else None
+    teacher = predict_torch(module, train, batch_size=cfg.batch_size) if cfg.distill > 0 else None
     with frozen_norm_statistics(module):
         fitted = fit(module, train, config=train_cfg, validation=local_val, params=params, progress=progress,
                      teacher_logits=teacher, description=f"adapting ({strategy.name})", on_epoch_end=on_epoch)
-    after = {"local": accuracy_torch(module, local_val),
-             "original": accuracy_torch(module, original_check) if original_check is not None else None}
+    after = {"local": accuracy_torch(module, local_val, batch_size=cfg.batch_size),
+             "original": accuracy_torch(module, original_check, batch_size=cfg.batch_size) if original_check is not None else None}
 
     reason = _rollback_reason(before, after, cfg)
     if reason is not None:

@@ -5,7 +5,9 @@ copy of the model under ``torch.profiler`` with ``profile_memory=True``. The pro
 every CPU tensor allocation and free made by PyTorch's allocator, in order; the running sum of
 those events peaks at the largest amount of tensor memory the step ever held at once:
 activations kept for backward, temporaries, gradients and optimizer state (Adam's two moments
-are created at the first step, which is inside the window). The weights and buffers are
+are created at the first step, which is inside the window), plus what adapt's training run also
+does: validation passes at the same batch size and the copy of the best weights that early
+stopping keeps. The weights and buffers are
 resident before the window starts, so their bytes are added. What is not counted: the Python
 interpreter and library code (the same for every strategy, and not training memory) and the
 local data set itself (it can stream from storage batch by batch).
@@ -93,7 +95,7 @@ def measure_training_memory(module: Any, data: Dataset, strategy: Strategy, *, b
     config = TrainConfig(epochs=1, lr=lr, batch_size=batch_size)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof, \
             frozen_norm_statistics(trial):
-        fit(trial, subset, config=config, params=params, progress=False)
+        fit(trial, subset, config=config, validation=subset, params=params, progress=False)
     peak = _peak_live_bytes(prof)
     return MemoryMeasurement(strategy=strategy.name, trainable_params=count_params(params),
                              total_params=count_params(list(trial.parameters())), weights_bytes=int(weights),

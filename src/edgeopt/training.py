@@ -90,10 +90,10 @@ def predict_torch(module: Any, data: Dataset, *, batch_size: int = 256) -> np.nd
     return np.concatenate(outs)
 
 
-def accuracy_torch(module: Any, data: Dataset) -> float:
+def accuracy_torch(module: Any, data: Dataset, *, batch_size: int = 256) -> float:
     if data.labels is None:
         raise DataError(f"{data.source} has no labels")
-    return float(np.mean(predict_torch(module, data).argmax(axis=1) == data.labels))
+    return float(np.mean(predict_torch(module, data, batch_size=batch_size).argmax(axis=1) == data.labels))
 
 
 def kd_loss(student_logits: Any, teacher_logits: Any, labels: Any, *, temperature: float, alpha: float) -> Any:
@@ -164,7 +164,7 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
     result = FitResult(epochs_run=0, best_epoch=0, best_val_accuracy=None)
     best_state = None
     if validation is not None and validation.labels is not None:
-        result.best_val_accuracy = accuracy_torch(module, validation)
+        result.best_val_accuracy = accuracy_torch(module, validation, batch_size=cfg.batch_size)
         best_state = copy.deepcopy(module.state_dict())
     since_best = 0
     start = time.perf_counter()
@@ -193,7 +193,7 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
             result.epochs_run = epoch + 1
             entry = {"epoch": epoch + 1, "loss": total / n}
             if validation is not None and validation.labels is not None:
-                acc = accuracy_torch(module, validation)
+                acc = accuracy_torch(module, validation, batch_size=cfg.batch_size)
                 entry["val_accuracy"] = acc
                 if result.best_val_accuracy is None or acc > result.best_val_accuracy:
                     result.best_val_accuracy, result.best_epoch = acc, epoch + 1

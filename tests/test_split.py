@@ -176,6 +176,7 @@ def test_link_rejects_bad_values() -> None:
 
 
 # -- split_model: stage files and plan.json ------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [["host-1t", "host-1t"], ["rpi4", "gateway-x86", "host"]])
 def test_stages_reproduce_the_whole_model(res_onnx: Path, tmp_path: Path, devices: list[str]) -> None:
     out = tmp_path / "out"
@@ -235,7 +236,8 @@ def test_pipeline_matches_whole_model_and_pays_for_the_link(res_onnx: Path, res_
     wire = (16 * 8 * 8 * 4 + 16 * 4) * 8 / 0.1e6 * 1000 + 2 * 5
     assert slow.predicted_latency_ms >= wire
     assert slow.latency_ms["min"] >= wire  # the simulated link really delays every item
-    assert slow.latency_ms["mean"] == pytest.approx(slow.predicted_latency_ms, rel=0.25)
+    assert slow.latency_ms["p50"] == pytest.approx(slow.predicted_latency_ms, rel=0.25)
+    assert abs(slow.latency_error) <= 0.25
     assert slow.max_abs_diff is not None and slow.max_abs_diff <= 1e-5
     assert not multiprocessing.active_children()
 

@@ -105,9 +105,9 @@ def run(
                         + (", simulated link" if simulate_link else "") + ")")
     for col in ("", "measured", "predicted", "measured/predicted"):
         table.add_column(col, justify="left" if not col else "right")
-    lat, pred = result.latency_ms["mean"], result.predicted_latency_ms
-    table.add_row("latency mean ms", f"{lat:.2f}", f"{pred:.2f}", f"{lat / pred:.2f}" if pred else "-")
-    table.add_row("latency p50 / p90 ms", f"{result.latency_ms['p50']:.2f} / {result.latency_ms['p90']:.2f}", "-", "-")
+    lat, pred = result.latency_ms["p50"], result.predicted_latency_ms
+    table.add_row("latency p50 ms", f"{lat:.2f}", f"{pred:.2f}", f"{lat / pred:.2f}" if pred else "-")
+    table.add_row("latency mean / p90 ms", f"{result.latency_ms['mean']:.2f} / {result.latency_ms['p90']:.2f}", "-", "-")
     tput, ptput = result.throughput_ips, result.predicted_throughput_ips
     table.add_row("throughput items/s", f"{tput:.1f}", f"{ptput:.1f}", f"{tput / ptput:.2f}" if ptput else "-")
     table.add_row("max abs diff vs whole model", "-" if result.max_abs_diff is None else f"{result.max_abs_diff:.3g}",

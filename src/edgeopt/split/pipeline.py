@@ -60,8 +60,8 @@ class PipelineResult:
 
     @property
     def latency_error(self) -> float:
-        """(predicted - measured) / measured, for the mean per-item latency."""
-        return (self.predicted_latency_ms - self.latency_ms["mean"]) / self.latency_ms["mean"]
+        """(predicted - measured) / measured for the median item (the profile's statistic too)."""
+        return (self.predicted_latency_ms - self.latency_ms["p50"]) / self.latency_ms["p50"]
 
     def to_dict(self) -> dict[str, Any]:
         return {"stages": self.stages, "devices": self.devices, "items": self.items,

@@ -1,11 +1,15 @@
 """Per-segment latency on this host, measured with the one harness (measure.compare).
 
-The graph is cut at every candidate position into small segments; all segments and an
-``Identity`` model are timed interleaved in one run. The Identity's time is the per-call cost
+The graph is cut at every candidate position into small segments; all segments, an
+``Identity`` model and the whole model are timed interleaved in one run, one call each per round
+(``round_seconds=0``): segments then run in graph order, as in the real model, so no segment
+finds its weights hot in cache from having just run itself (that made a first version of this
+profile ~2-3x optimistic for MobileNetV2). The Identity's time is the per-call cost
 of a session (binding inputs and outputs), so a stage made of segments ``a..b`` costs
 ``sum(segment - call) + call``: the call cost is paid once per stage, not once per segment.
 Timings are host timings at ``threads`` intra-op threads; the planner scales them by each
-device profile's ``relative_speed``.
+device profile's ``relative_speed``. ``details`` records the whole model's time beside the sum of
+the segments as a check of the additive model.
 """
 
 from __future__ import annotations
@@ -63,13 +67,17 @@ def profile_segments(cuts: GraphCuts, positions: list[CutPoint], *, threads: int
     bounds: list[CutPoint | None] = [None, *positions, None]
     models = [Model.from_onnx(extract(cuts, bounds[j], bounds[j + 1], name=f"segment_{j}"),
                               source=f"segment_{j}") for j in range(len(bounds) - 1)]
-    models.append(_identity_model())
-    cfg = settings or BenchSettings(warmup=3, min_runs=30, min_seconds=0.05, max_seconds=5.0, round_seconds=0.02)
+    n = len(models)
+    models += [_identity_model(), Model.from_onnx(cuts.proto, source="whole model")]
+    cfg = settings or BenchSettings(warmup=3, min_runs=30, min_seconds=0.05, max_seconds=5.0, round_seconds=0.0)
     results = compare(models, settings=cfg, runtime="onnxruntime", threads=threads)
-    call = results[-1].latency_ms["p50"]
-    return SegmentProfile(cuts=list(positions), segment_ms=[r.latency_ms["p50"] for r in results[:-1]],
-                          call_ms=call, threads=threads,
-                          details={"runs_per_segment_min": min(r.runs for r in results)})
+    segment_ms = [r.latency_ms["p50"] for r in results[:n]]
+    call = results[n].latency_ms["p50"]
+    profile = SegmentProfile(cuts=list(positions), segment_ms=segment_ms, call_ms=call, threads=threads)
+    profile.details = {"whole_model_ms": results[n + 1].latency_ms["p50"],
+                       "stages_sum_ms": profile.stage_host_ms(0, n - 1),
+                       "runs_per_segment_min": min(r.runs for r in results)}
+    return profile
 
 
 def _identity_model() -> Model:

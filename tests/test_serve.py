@@ -414,3 +414,23 @@ def test_batcher_survives_a_session_returning_the_wrong_number_of_outputs() -> N
     message, value = asyncio.run(main())
     assert message.startswith("model 'm' failed:")
     assert value == 7.0
+
+
+def test_each_model_runs_on_its_stored_runtime(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    from edgeopt.model import load_model
+
+    plain = make_onnx_cnn(tmp_path / "plain.onnx")
+    tuned = tmp_path / "tuned.onnx"
+    load_model(plain).with_metadata(runtime="openvino").save(tuned)
+    served = load_served([str(plain), str(tuned)], threads=1)
+    assert [m.settings.runtime for m in served] == ["onnxruntime", "openvino"]
+    x = np.random.default_rng(2).standard_normal((2, 1, 16, 16)).astype(np.float32)
+    with TestClient(create_app(served)) as c:
+        assert c.get("/v2/models/tuned").json()["platform"] == "openvino_onnx"
+        outs = [np.array(c.post(f"/v2/models/{n}/infer", json={"inputs": [tensor(x)]}).json()["outputs"][0]["data"],
+                         dtype=np.float32).reshape(2, 10) for n in ("plain", "tuned")]
+    np.testing.assert_array_equal(outs[1], served[1].session.run({"input": x})[0])
+    # same weights on two runtimes (OpenVINO may compute in BF16 on this CPU): close, same classes
+    np.testing.assert_allclose(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    assert (outs[0].argmax(1) == outs[1].argmax(1)).all()

@@ -34,9 +34,20 @@ from edgeopt.search.engine import (
 from edgeopt.search.recipe import Recipe
 from edgeopt.search.space import matmul_heavy
 from edgeopt.transforms.config import TransformContext
-from edgeopt.transforms.quantize import DynamicInt8, Fp16, Int4WeightOnly, StaticInt8, check_quantizable
+from edgeopt.transforms.quantize import (
+    DynamicInt8,
+    Fp16,
+    Int4WeightOnly,
+    StaticInt8,
+    check_quantizable,
+    prepared,
+    weight_nodes,
+)
 
 RUNTIMES = ("onnxruntime", "openvino")
+# Per-layer analysis costs one quantize-and-evaluate per layer; beyond this many layers auto leaves
+# mixed precision to an explicit `edgeopt analyze` + `quantize --mode static --exclude ...`.
+MAX_ANALYZED_LAYERS = 32
 
 
 @dataclass
@@ -188,8 +199,16 @@ def _mixed(original: Model, calibration: Dataset, evaluation: Dataset, budget: B
     from edgeopt.transforms.sensitivity import analyze
 
     base_cfg = StaticInt8()
+    layers = len(weight_nodes(prepared(original)))
+    if layers > MAX_ANALYZED_LAYERS:
+        failed = CandidateResult(name="int8-mixed-precision", recipe={}, status="failed",
+                                 reason=f"skipped: {layers} weight layers is more than auto analyzes "
+                                        f"({MAX_ANALYZED_LAYERS}); run edgeopt analyze and quantize --mode static "
+                                        "--exclude NODES")
+        return [failed]
     try:
-        ranking = analyze(original, calibration, eval_data=evaluation, threads=threads or 1, all_but=False)
+        ranking = analyze(original, calibration, eval_data=evaluation, threads=threads or 1, all_but=False,
+                          max_eval=128)
         found = mixed_precision(original, base_cfg, calibration=calibration, eval_data=evaluation, budget=budget,
                                 ranking=ranking, threads=threads or 1)
     except Exception as exc:  # noqa: BLE001 - an extra variant; the plain ones still stand

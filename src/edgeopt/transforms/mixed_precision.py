@@ -2,7 +2,8 @@
 
 The result is an ordinary :class:`StaticInt8` whose ``exclude_nodes`` lists the float layers, so
 the recipe replays exactly (``edgeopt apply``) without re-running this search. Layers are taken
-greedily in the order :func:`edgeopt.transforms.sensitivity.analyze` ranks them.
+greedily in the order :func:`edgeopt.transforms.sensitivity.analyze` ranks them, 0, 1, 2, 4, 8 ...
+at a time, so a model with a hundred layers needs a handful of quantize-and-evaluate steps.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def mixed_precision(model: Model, base: StaticInt8, *, calibration: Dataset, eva
     limit = max_float if max_float is not None else max(1, len(ranking) // 2)
     steps: list[dict[str, Any]] = []
     cfg, out, ok = base, model, False
-    for k in range(0, min(limit, len(ranking)) + 1):
+    for k in _float_counts(min(limit, len(ranking))):
         cfg = replace(base, exclude_nodes=tuple(r.node for r in ranking[:k]), only_nodes=())
         out = quantize(model, cfg, data=calibration)
         acc, agreement, cosine, _ = scorer.score(out)
@@ -64,3 +65,14 @@ def mixed_precision(model: Model, base: StaticInt8, *, calibration: Dataset, eva
         if ok:
             break
     return MixedPrecisionResult(cfg, out, ok, steps)
+
+
+def _float_counts(limit: int) -> list[int]:
+    """0, 1, 2, 4, ... up to and including ``limit``."""
+    counts, k = [0], 1
+    while k < limit:
+        counts.append(k)
+        k *= 2
+    if limit > 0:
+        counts.append(limit)
+    return counts

@@ -162,38 +162,6 @@ def test_trial_peak_covers_a_whole_training_run(base) -> None:
 
 
 # -- adapt API -----------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_adapt_improves_local_keeps_bn_stats_and_writes_outputs(base, local_npz, tmp_path) -> None:
-    from edgeopt.data import load_data
-
-    model = load(base)
-    out = tmp_path / "adapted.onnx"
-    original = patterns(90, seed=5, shifted=False)
-    result = adapt(model, load_data(local_npz), config=AdaptConfig(strategy="last-layer", epochs=15, lr=1e-2),
-                   original=original, out=out, progress=False)
-    r = result.report
-    assert not result.rolled_back, r["rollback_reason"]
-    assert r["accuracy_after"]["local"] >= r["accuracy_before"]["local"] + 0.2
-    assert r["trainable_params"] == 51 and r["total_params"] == TOTAL
-    assert r["peak_memory_mb"] > 0 and r["strategies"][0]["strategy"] == "last-layer"
-    # Only the classifier changed: BatchNorm running statistics and conv weights are the input's.
-    state = result.state_dict
-    for key, value in model.module.state_dict().items():
-        if not key.startswith("8."):
-            assert torch.equal(state[key], value), key
-    assert not torch.equal(state["8.weight"], model.module.state_dict()["8.weight"])
-    saved = load_model(out)
-    local_val_acc = evaluate(saved, load_data(local_npz).split(0.8, seed=0)[1], threads=1).accuracy
-    assert local_val_acc == pytest.approx(r["accuracy_after"]["local"], abs=1e-6)
-    report = json.loads(out.with_name("adapted.onnx.report.json").read_text())
-    assert report["strategy"]["name"] == "last-layer" and report["outputs"]["size_bytes"] == out.stat().st_size
-    assert saved.metadata["edgeopt.adapted_strategy"] == "last-layer"
-    weights = torch.load(out.with_suffix(".pt"), weights_only=True)
-    assert torch.equal(weights["8.weight"], state["8.weight"])
-    ck_state, info = load_checkpoint(checkpoint_path(out))
-    assert info["complete"] is True and torch.equal(ck_state["8.weight"], state["8.weight"])
-
-
 def test_memory_budget_picks_most_capable_fitting_or_refuses(base, tmp_path) -> None:
     model = load(base)
     local = patterns(60, seed=1, shifted=True)
@@ -296,20 +264,38 @@ def test_requantize_like_deployed_and_refuse_quantized_input(base, tmp_path) -> 
 
 # -- CLI -----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_cli_adapt_with_original_data_and_json(cli, base, local_npz, tmp_path) -> None:
+def test_cli_adapt_improves_local_keeps_bn_stats_and_writes_outputs(cli, base, local_npz, tmp_path) -> None:
+    from edgeopt.data import load_data
+
     spec, weights = base
     original = tmp_path / "orig.npz"
     o = patterns(90, seed=9, shifted=False)
     np.savez(original, x=o.inputs["x"], y=o.labels)
     out = tmp_path / "out" / "adapted.onnx"
-    res = cli("adapt", spec, "--weights", weights, "--data", local_npz, "-o", out, "--strategy", "bias-last",
-              "--epochs", "8", "--lr", "0.01", "--original-data", original, "--replay", "30", "--json", "-")
+    res = cli("adapt", spec, "--weights", weights, "--data", local_npz, "-o", out, "--strategy", "last-layer",
+              "--epochs", "15", "--lr", "0.01", "--original-data", original, "--replay", "30", "--json", "-")
     assert res.exit_code == 0, res.stderr
-    report = json.loads(res.stdout[res.stdout.index("{\n"):])
-    assert report["strategy"]["name"] == "bias-last" and report["samples"]["replay"] == 30
-    assert report["samples"]["original_check"] == 60 and report["trainable_params"] == 75
-    assert report["accuracy_after"]["original"] is not None
-    assert load_model(out).outputs[0].shape[-1] == 3
+    r = json.loads(res.stdout[res.stdout.index("{\n"):])
+    assert not r["rolled_back"], r["rollback_reason"]
+    assert r["accuracy_after"]["local"] >= r["accuracy_before"]["local"] + 0.2
+    assert r["strategy"]["name"] == "last-layer" and r["trainable_params"] == 51 and r["total_params"] == TOTAL
+    assert r["samples"] == {"local_train": 96, "local_validation": 24, "replay": 30, "original_check": 60}
+    assert r["accuracy_after"]["original"] is not None and r["peak_memory_mb"] > 0
+    # Only the classifier changed: BatchNorm running statistics and conv weights are the input's.
+    state = torch.load(out.with_suffix(".pt"), weights_only=True)
+    start = load(base).module.state_dict()
+    for key, value in start.items():
+        if not key.startswith("8."):
+            assert torch.equal(state[key], value), key
+    assert not torch.equal(state["8.weight"], start["8.weight"])
+    saved = load_model(out)
+    assert saved.metadata["edgeopt.adapted_strategy"] == "last-layer"
+    local_val = load_data(local_npz).split(0.8, seed=0)[1]
+    assert evaluate(saved, local_val, threads=1).accuracy == pytest.approx(r["accuracy_after"]["local"], abs=1e-6)
+    on_disk = json.loads(out.with_name("adapted.onnx.report.json").read_text())
+    assert on_disk["outputs"]["size_bytes"] == out.stat().st_size
+    ck_state, info = load_checkpoint(checkpoint_path(out))
+    assert info["complete"] is True and torch.equal(ck_state["8.weight"], state["8.weight"])
 
 
 def test_cli_bad_input_one_line_exit_2(cli, base, local_npz, tmp_path) -> None:

@@ -249,7 +249,7 @@ def test_stage_that_gets_a_bad_tensor_is_reported(res_onnx: Path, tmp_path: Path
     other = tmp_path / "other"
     split_model(res_onnx, ["host-1t"] * 2, out_dir=other, link_mbps=100, cuts=[8], settings=FAST)
     (out / "stage_1.onnx").write_bytes((other / "stage_1.onnx").read_bytes())  # expects d_r, gets s_r
-    with pytest.raises(PipelineError, match=r"stage 1: stage 1 expects tensor\(s\) \['d_r'\], got \['s_r'\]"):
+    with pytest.raises(PipelineError, match=r"stage 1: rejected item 0: it expects tensor\(s\) \['d_r'\] but got \['s_r'\]"):
         run_pipeline(out, items=2, timeout_s=30)
     assert not multiprocessing.active_children()
 

@@ -154,19 +154,19 @@ def _sleep_until(when: float) -> None:
         time.sleep(delay)
 
 
-def _check_feeds(tensors: dict[str, np.ndarray], specs: list[Any], stage: int) -> dict[str, np.ndarray]:
+def _check_feeds(tensors: dict[str, np.ndarray], specs: list[Any]) -> dict[str, np.ndarray]:
     names = [s.name for s in specs]
     if sorted(tensors) != sorted(names):
-        raise BadInput(f"stage {stage} expects tensor(s) {names}, got {sorted(tensors)}")
+        raise BadInput(f"it expects tensor(s) {names} but got {sorted(tensors)}")
     for spec in specs:
         array = tensors[spec.name]
         want = _ORT_TYPES.get(spec.type)
         if want is not None and array.dtype != np.dtype(want):
-            raise BadInput(f"stage {stage}: tensor {spec.name!r} has dtype {array.dtype}, expected {want}")
+            raise BadInput(f"tensor {spec.name!r} has dtype {array.dtype}, expected {want}")
         shape = list(spec.shape)
         if len(shape) != array.ndim or any(isinstance(d, int) and d != a for d, a in zip(shape, array.shape,
                                                                                           strict=True)):
-            raise BadInput(f"stage {stage}: tensor {spec.name!r} has shape {list(array.shape)}, expected {shape}")
+            raise BadInput(f"tensor {spec.name!r} has shape {list(array.shape)}, expected {shape}")
     return tensors
 
 
@@ -223,9 +223,15 @@ def stage_main(index: int, model_path: str, threads: int, host: str, control: An
                 sender.put(frame)
                 code = 0 if frame.kind == "end" else UPSTREAM_CLOSED
                 break
-            feeds = _check_feeds(frame.tensors, specs, index)
+            try:
+                feeds = _check_feeds(frame.tensors, specs)
+            except BadInput as exc:
+                raise BadInput(f"rejected item {frame.seq}: {exc}") from None
             start = time.perf_counter()
-            outputs = session.run(out_names, feeds)
+            try:
+                outputs = session.run(out_names, feeds)
+            except Exception as exc:  # ORT's own error types
+                raise RuntimeError(f"failed on item {frame.seq}: {_first_line(exc)}") from None
             if slowdown > 1.0:
                 time.sleep((time.perf_counter() - start) * (slowdown - 1.0))
             sender.put(Frame("data", seq=frame.seq, tensors=dict(zip(out_names, outputs, strict=True))))
@@ -443,16 +449,18 @@ def run_pipeline(outdir: str | Path, *, data: Dataset | None = None, items: int 
     outputs: dict[int, dict[str, np.ndarray]] = {}
     try:
         for i in range(warmup):
-            stages.send(Frame("data", seq=-1 - i, tensors=inputs[i % items]))
+            stages.send(Frame("data", seq=i, tensors=inputs[i % items]))
             stages.receive()
         latencies = []
         for i, feeds in enumerate(inputs):
             start = time.perf_counter()
-            stages.send(Frame("data", seq=i, tensors=feeds))
+            stages.send(Frame("data", seq=warmup + i, tensors=feeds))
             frame = stages.receive()
             latencies.append((time.perf_counter() - start) * 1000.0)
+            if frame.seq != warmup + i:
+                raise PipelineError(f"the pipeline returned item {frame.seq} when item {warmup + i} was expected")
             outputs[i] = frame.tensors
-        throughput, streamed = _stream(stages, inputs)
+        throughput, streamed = _stream(stages, inputs, first_seq=warmup + items)
         stages.send(Frame("end"))
         end = _receive_end(stages)
         if end.kind != "end":
@@ -476,14 +484,15 @@ def run_pipeline(outdir: str | Path, *, data: Dataset | None = None, items: int 
         link={k: float(v) for k, v in plan["link"].items()}, threads=n_threads, latencies_ms=latencies)
 
 
-def _stream(stages: _Stages, inputs: list[dict[str, np.ndarray]]) -> tuple[float, dict[int, dict[str, np.ndarray]]]:
+def _stream(stages: _Stages, inputs: list[dict[str, np.ndarray]], *, first_seq: int
+            ) -> tuple[float, dict[int, dict[str, np.ndarray]]]:
     """Send every item back to back from a thread while collecting results: items per second."""
     failure: list[BaseException] = []
 
     def feed() -> None:
         try:
             for i, feeds in enumerate(inputs):
-                stages.send(Frame("data", seq=len(inputs) + i, tensors=feeds))
+                stages.send(Frame("data", seq=first_seq + i, tensors=feeds))
         except BaseException as exc:  # surfaced by the collector below
             failure.append(exc)
 
@@ -494,7 +503,7 @@ def _stream(stages: _Stages, inputs: list[dict[str, np.ndarray]]) -> tuple[float
     try:
         for _ in inputs:
             frame = stages.receive()
-            streamed[frame.seq - len(inputs)] = frame.tensors
+            streamed[frame.seq - first_seq] = frame.tensors
     except PipelineError:
         if failure and isinstance(failure[0], PipelineError):
             raise failure[0] from None

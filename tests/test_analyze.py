@@ -100,3 +100,20 @@ def test_cli_analyze_bad_data(cli, tmp_path, digits_onnx) -> None:
     result = cli("analyze", digits_onnx, "--data", wrong)
     assert result.exit_code == 2
     assert "expects 1x32x32" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_auto_adds_mixed_precision_when_plain_int8_misses_the_budget() -> None:
+    from edgeopt.measure.bench import BenchSettings
+    from edgeopt.search.auto_quantize import auto_quantize
+
+    model, data = fragile_mlp()
+    result = auto_quantize(model, data, max_drop=0.05, threads=1, runtimes=("onnxruntime",),
+                           bench=BenchSettings(warmup=2, min_runs=20, min_seconds=0.05, max_seconds=1.0))
+    assert result.budget.metric == "agreement"  # no labels
+    by_name = {r.name: r for r in result.results}
+    assert not by_name["int8-qdq-u8s8-pertensor"].meets_budget
+    mixed = [r for r in result.results if r.name.startswith("int8-mixed-precision")]
+    assert len(mixed) == 1 and mixed[0].meets_budget
+    assert mixed[0].recipe["steps"][0]["fields"]["exclude_nodes"] == ["fc2"]
+    assert "int8-qdq-u8s8-perchannel-entropy" in by_name
+    assert any("mixed precision" in n for n in result.notes)

@@ -6,7 +6,8 @@ between them (on, off, on, off, ...) so machine load hits both alike. The load g
 separate process: closed-loop asyncio clients on persistent HTTP/1.1 connections sending
 pre-built OIP v2 requests with the binary tensor extension (what tritonclient sends by default),
 so it costs little CPU next to the server. The runtime's own figures come from the one harness,
-measure.benchmark (batch 1 and batch --max-batch), taken before and after the load.
+measure.benchmark (batch 1 and batch --max-batch): in every round at concurrency 1 and 32 (paired
+ratios, robust to the machine's load drifting) and before and after the load (with CPU per sample).
 
 Then 1,000 seeded malformed requests (10 kinds) go to the batching server: every answer must be
 4xx, the server's RSS is read before and after (and after 1,000 more), and a correct request
@@ -293,12 +294,28 @@ def main() -> None:
                 files[label] = Path(tmp) / f"{label}.http"
                 files[label].write_bytes(infer_request(port, x))
             load: dict[str, dict[str, Any]] = {}
+            model = load_model(MODEL)
+            paired: dict[str, list[float]] = {"c1_overhead_ms": [], "c32_ratio_to_runtime_batched": []}
             for conc in (1, 8, 32):
                 runs: dict[str, list[dict[str, Any]]] = {"batching_on": [], "batching_off": []}
-                for _ in range(args.rounds):  # interleaved: on, off, on, off, ...
+                for _ in range(args.rounds):  # interleaved: [runtime,] on, off, [runtime,] on, off, ...
+                    runtime_round = None
+                    if conc in (1, 32):  # the runtime's own figure in the same round, via the one harness
+                        runtime_round = benchmark(model, batch=1 if conc == 1 else args.max_batch,
+                                                  threads=args.threads, settings=BenchSettings(
+                                                      warmup=5, min_runs=20, min_seconds=args.seconds / 2,
+                                                      max_seconds=args.seconds * 2))
                     for label, port, proc in (("batching_on", port_on, on), ("batching_off", port_off, off)):
                         runs[label].append(run_load(port, files[label], conc, args.warmup, args.seconds,
                                                     args.max_requests, proc.pid))
+                    last = runs["batching_on"][-1]
+                    if runtime_round is not None and last["latencies"]:
+                        if conc == 1:
+                            p50 = 1000.0 * float(np.percentile(last["latencies"], 50))
+                            paired["c1_overhead_ms"].append(round(p50 - runtime_round.latency_ms["p50"], 3))
+                        else:
+                            rps = len(last["latencies"]) / last["window_s"]
+                            paired["c32_ratio_to_runtime_batched"].append(round(rps / runtime_round.throughput_ips, 3))
                 load[f"c{conc}"] = {label: summarize(r) for label, r in runs.items()}
                 on_, off_ = load[f"c{conc}"]["batching_on"], load[f"c{conc}"]["batching_off"]
                 load[f"c{conc}"]["on_vs_off_throughput"] = round(on_["throughput_rps"] / off_["throughput_rps"], 3)
@@ -307,6 +324,8 @@ def main() -> None:
                       f"p50 {off_['p50_ms']} p99 {off_['p99_ms']} cpu/req {off_['server_cpu_ms_per_request']} ms",
                       flush=True)
             results["load"] = load
+            results["paired_per_round"] = {k: {"values": v, "median": float(np.median(v)) if v else None}
+                                           for k, v in paired.items()}
 
         # malformed requests against the batching server, then a correct one
         rss = {"before": round(rss_mb(on.pid), 1)}
@@ -370,6 +389,9 @@ def main() -> None:
         f"runtime_batch{mb}_cpu_ms_per_sample": round(
             (rt_before[f"batch{mb}_cpu_ms_per_sample"] + rt_after[f"batch{mb}_cpu_ms_per_sample"]) / 2, 3),
     }
+    per_round = results["paired_per_round"]
+    results["targets"]["c32_ratio_median_of_paired_rounds"] = per_round["c32_ratio_to_runtime_batched"]["median"]
+    results["targets"]["c1_overhead_ms_median_of_paired_rounds"] = per_round["c1_overhead_ms"]["median"]
     results["targets"]["c32_cpu_efficiency_vs_runtime"] = round(
         results["targets"][f"runtime_batch{mb}_cpu_ms_per_sample"] / c32["server_cpu_ms_per_request"], 3)
     payload = {

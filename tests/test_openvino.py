@@ -70,9 +70,11 @@ def test_default_and_bf16_are_close_to_fp32(digits: Model, test_x: np.ndarray, o
 def test_threads_streams_and_mode_are_applied(digits: Model) -> None:
     rt = get_runtime("openvino")
     one = rt.load(digits, threads=1)
-    two = rt.load(digits, threads=2, options={"num_streams": 2, "performance_mode": "throughput"})
+    two = rt.load(digits, threads=2, options={"num_streams": 2, "performance_mode": "throughput",
+                                              "cpu_pinning": True})
     assert (one.details["num_threads"], one.details["num_streams"], one.details["performance_mode"]) == (1, 1, "LATENCY")
     assert (two.details["num_threads"], two.details["num_streams"], two.details["performance_mode"]) == (2, 2, "THROUGHPUT")
+    assert one.details["cpu_pinning"] is False and two.details["cpu_pinning"] is True  # edgeopt's default: unpinned
 
 
 def test_session_reuses_request_but_returns_independent_outputs(digits: Model, test_x: np.ndarray,
@@ -89,6 +91,7 @@ def test_session_reuses_request_but_returns_independent_outputs(digits: Model, t
     (1, {"precision": "int8"}, "precision must be one of f32, bf16"),
     (1, {"num_streams": 0}, "num_streams must be an integer >= 1"),
     (1, {"performance_mode": "fast"}, "performance_mode must be one of latency, throughput"),
+    (1, {"cpu_pinning": "yes"}, "cpu_pinning must be true or false"),
     (0, {}, "threads must be an integer >= 1"),
 ])
 def test_bad_options_are_bad_input(digits: Model, threads: int, options: dict, message: str) -> None:

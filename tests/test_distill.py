@@ -1,0 +1,170 @@
+"""Vision distillation: API, recipe transform, CLI outputs and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgeopt.data import Dataset, load_data  # noqa: E402
+from edgeopt.errors import BadInput, DataError  # noqa: E402
+from edgeopt.model import load_model  # noqa: E402
+from edgeopt.transforms.config import TransformContext, apply_config, config_from_dict, config_to_dict  # noqa: E402
+from edgeopt.transforms.distill import Distill, distill  # noqa: E402
+
+STUDENT_SRC = '''
+from torch import nn
+
+INPUT_SHAPE = (1, 1, 32, 32)
+
+
+def tiny(classes=10):
+    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, classes))
+
+
+def seven():
+    return tiny(7)
+'''
+
+
+@pytest.fixture
+def student_py(tmp_path: Path) -> Path:
+    path = tmp_path / "student.py"
+    path.write_text(STUDENT_SRC)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_train(tmp_path_factory, digits_train_npz) -> Path:
+    data = load_data(digits_train_npz).take(slice(0, 400))
+    path = tmp_path_factory.mktemp("distill") / "train400.npz"
+    np.savez(path, x=data.inputs["x"], y=data.labels)
+    return path
+
+
+def test_config_validates_and_round_trips():
+    cfg = Distill(student="squeezenet1_1", epochs=3, alpha=0.5, feature_weight=0.5, patience=2)
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+    for bad, message in [({"alpha": 1.5}, "--alpha must be in"), ({"epochs": 0}, "--epochs must be >= 1"),
+                         ({"temperature": 0}, "--temperature must be > 0"), ({"val_fraction": 1.0}, "--val-fraction")]:
+        with pytest.raises(BadInput, match=message):
+            Distill(**bad)
+
+
+@pytest.mark.slow
+def test_distill_from_onnx_teacher_learns_and_reports(digits_onnx, small_train, student_py, digits_test_npz):
+    teacher = load_model(digits_onnx)
+    test = load_data(digits_test_npz).take(slice(0, 200))
+    result = distill(teacher, load_data(small_train), Distill(student=f"{student_py}:tiny", epochs=4, lr=1e-2),
+                     test=test, bench_seconds=0.2, progress=False)
+    r = result.report
+    assert r["teacher"]["accuracy"] > 0.97  # the bundled digits CNN
+    assert r["student"]["accuracy"] > 0.7  # an 11.5K-parameter CNN after 4 short epochs (chance: 0.1)
+    assert r["student"]["params"] == 11_498
+    assert r["student"]["params"] == sum(p.numel() for p in result.student.module.parameters())
+    assert r["teacher"]["params"] == 372_234 and r["teacher"]["macs"] is None
+    assert r["ratios"]["params"] == pytest.approx(372_234 / 11_498) and r["ratios"]["size"] > 10
+    assert r["latency"]["interleaved"] and r["student"]["latency_ms"]["p50"] > 0
+    assert r["baseline"]["accuracy"] is not None and "distillation_gain_pt" in r
+    assert r["data"] == {"train": 340, "validation": 60, "test": 200, "test_source": test.source}
+    # The ONNX export is the trained student: same predictions as PyTorch.
+    from edgeopt.measure.evaluate import predict
+    from edgeopt.training import predict_torch
+
+    onnx_out = predict(result.student_onnx, test)
+    torch_out = predict_torch(result.student.module, test)
+    assert np.allclose(onnx_out, torch_out, atol=1e-3)
+    assert [i.name for i in result.student_onnx.inputs] == ["input"]
+
+
+@pytest.mark.slow
+def test_feature_matching_with_a_torch_teacher(digits_factory, small_train):
+    spec, weights = digits_factory
+    teacher = load_model(spec, weights=weights)
+    data = load_data(small_train)
+    result = distill(teacher, data, Distill(student="squeezenet1_1", epochs=1, feature_weight=1.0),
+                     baseline=False, bench_seconds=0.1, progress=False)
+    r = result.report
+    assert r["config"]["feature_weight"] == 1.0 and r["baseline"] is None
+    # torch-pruning counts BatchNorm's scale and shift; the ONNX export folds them into the convs
+    assert r["teacher"]["macs"] > 0 and r["teacher"]["params"] == 372_682
+    assert r["student"]["epochs_run"] == 1
+    # the feature hooks are removed after training: inference has no side effects left
+    net = result.student.module
+    assert all(not m._forward_pre_hooks for m in net.modules())
+
+
+def test_feature_matching_needs_a_torch_teacher(digits_onnx, small_train):
+    with pytest.raises(BadInput, match="feature matching needs a PyTorch teacher"):
+        distill(load_model(digits_onnx), load_data(small_train), Distill(feature_weight=1.0), progress=False)
+
+
+def test_unlabelled_data_with_hard_loss_is_refused(digits_onnx):
+    data = Dataset({"x": np.zeros((20, 1, 32, 32), np.float32)}, None, source="unlabelled.npz")
+    with pytest.raises(DataError, match=r"has no labels \(y\) but alpha 0.7 < 1 asks for the hard-label loss"):
+        distill(load_model(digits_onnx), data, Distill(alpha=0.7), progress=False)
+
+
+@pytest.mark.slow
+def test_recipe_step_returns_the_student_onnx(digits_onnx, small_train, student_py):
+    data = load_data(small_train)
+    train, val = data.split(0.8, seed=0)
+    teacher = load_model(digits_onnx)
+    out = apply_config(teacher, Distill(student=f"{student_py}:tiny", epochs=1),
+                       TransformContext(train=train, validation=val, progress=False))
+    assert out.format == "onnx" and out.size_bytes < teacher.size_bytes / 10
+    assert out.outputs[0].shape[-1] == 10
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_distill_writes_onnx_state_dict_and_report(cli, tmp_path, digits_onnx, small_train, student_py):
+    out = tmp_path / "out" / "student.onnx"
+    result = cli("distill", "--teacher", digits_onnx, "--student", f"{student_py}:tiny", "--data", small_train,
+                 "-o", out, "--epochs", "2", "--lr", "0.01", "--temperature", "3", "--alpha", "0.8",
+                 "--bench-seconds", "0.1", "--threads", "1", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["temperature"] == 3.0 and report["config"]["alpha"] == 0.8
+    assert report["latency"]["threads"] == 1
+    student = load_model(out)
+    assert student.metadata["edgeopt.distilled_from"] == str(digits_onnx)
+    state = torch.load(out.with_suffix(".pt"), weights_only=True)
+    assert sum(v.numel() for v in state.values()) == report["student"]["params"]
+    assert "student (no teacher)" in result.stdout and "teacher / student" in result.stdout
+
+
+@pytest.mark.parametrize("student, message", [
+    ("seven", "has 7 outputs but the teacher has 10"),
+    ("mobilenet_v9", "unknown architecture 'mobilenet_v9'; known: mobilenet_v2_0.5"),
+])
+def test_cli_bad_student_exit_2_one_line(cli, tmp_path, digits_onnx, small_train, student_py, student, message):
+    spec = f"{student_py}:{student}" if student == "seven" else student
+    out = tmp_path / "s.onnx"
+    result = cli("distill", "--teacher", digits_onnx, "--student", spec, "--data", small_train, "-o", out)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.glob("s.*")) == []
+
+
+def test_cli_unlabelled_data_exit_2(cli, tmp_path, digits_onnx, student_py):
+    data = tmp_path / "nolabels.npz"
+    np.savez(data, x=np.zeros((30, 1, 32, 32), np.float32))
+    out = tmp_path / "s.onnx"
+    result = cli("distill", "--teacher", digits_onnx, "--student", f"{student_py}:tiny", "--data", data, "-o", out)
+    assert result.exit_code == 2
+    assert "has no labels (y) but alpha 0.7 < 1 asks for the hard-label loss; pass --alpha 1" in result.stderr
+    assert not out.exists()
+
+
+def test_cli_output_must_be_onnx(cli, tmp_path, digits_onnx, small_train):
+    result = cli("distill", "--teacher", digits_onnx, "--student", "squeezenet1_1", "--data", small_train,
+                 "-o", tmp_path / "s.tflite")
+    assert result.exit_code == 2 and "-o must name an .onnx file" in result.stderr

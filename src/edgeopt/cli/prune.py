@@ -112,7 +112,7 @@ def _print(report: dict[str, Any]) -> None:
         summary.add_column(col, justify="left" if col == "metric" else "right")
     for key in ("macs", "params"):
         v = report[key]
-        summary.add_row(key.upper() if key == "macs" else "parameters", f"{v['before']:,}", f"{v['after']:,}",
+        summary.add_row("MACs" if key == "macs" else "parameters", f"{v['before']:,}", f"{v['after']:,}",
                         f"-{v['reduction_pct']:.2f}%")
     before, after = report["sizes"]["before"], report["sizes"]["after"]
     for key, label in (("onnx_bytes", "ONNX size"), ("onnx_gzip_bytes", "ONNX gzip"),

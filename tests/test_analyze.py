@@ -102,6 +102,7 @@ def test_cli_analyze_bad_data(cli, tmp_path, digits_onnx) -> None:
     assert "expects 1x32x32" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_auto_adds_mixed_precision_when_plain_int8_misses_the_budget() -> None:
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.search.auto_quantize import auto_quantize

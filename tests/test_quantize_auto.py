@@ -36,6 +36,7 @@ def test_auto_on_digits_chooses_a_faster_int8(digits_onnx, digits_train_npz, dig
     assert "StaticInt8" in result.model.metadata["edgeopt.recipe"]
 
 
+@pytest.mark.slow
 def test_auto_splits_calibration_from_judging_data(digits_onnx, digits_test_npz, monkeypatch) -> None:
     seen = {}
     monkeypatch.setattr(aq, "plain_recipes",
@@ -52,6 +53,7 @@ def test_auto_splits_calibration_from_judging_data(digits_onnx, digits_test_npz,
     assert any("held out" in n for n in result.notes)
 
 
+@pytest.mark.slow
 def test_cli_auto_exits_3_when_nothing_is_faster(cli, tmp_path, digits_onnx, digits_train_npz, monkeypatch) -> None:
     # Dynamic INT8 of a CNN runs ConvInteger in ONNX Runtime: several times slower than FP32 on x86.
     monkeypatch.setattr(aq, "plain_recipes", lambda model, runtimes: [Recipe("int8-dynamic", (DynamicInt8(),))])

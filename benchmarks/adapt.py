@@ -39,7 +39,7 @@ from edgeopt.model import load_model  # noqa: E402
 DIGITS = ROOT / "examples" / "digits"
 SPEC = f"{DIGITS / 'digits_cnn.py'}:DigitsCNN"
 WEIGHTS = DIGITS / "digits_cnn.pt"
-ANGLE, NOISE, LOCAL_N, ORIGINAL_N, REPLAY = 20.0, 0.03, 200, 400, 100
+ANGLE, NOISE, LOCAL_N, ORIGINAL_N, REPLAY = 20.0, 0.03, 200, 400, 300
 
 
 def shifted(data: Dataset, *, seed: int, angle: float = ANGLE, noise: float = NOISE) -> Dataset:

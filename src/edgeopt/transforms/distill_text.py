@@ -122,11 +122,17 @@ def load_text_teacher(spec: str, *, weights: str | Path | None = None, trust_pic
         transformers = require("transformers", extra="transformers")
         if not (path / "config.json").exists():
             raise ModelError(f"{path} has no config.json: save the teacher with save_pretrained()")
+        hf_logging = transformers.utils.logging
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # keep stderr to our own one-line messages
         try:
             module = transformers.AutoModelForSequenceClassification.from_pretrained(
                 str(path), local_files_only=True, attn_implementation="eager")
         except Exception as exc:
             raise ModelError(f"cannot load a sequence classifier from {path}: {str(exc).splitlines()[0]}") from exc
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         vocab_file = path / "vocab.json"
         vocab = WordVocab.load(vocab_file) if vocab_file.exists() else None
         return module.eval(), vocab

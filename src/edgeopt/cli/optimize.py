@@ -31,7 +31,7 @@ def optimize(
     data: Annotated[str, typer.Option("--data", help="Labelled data (.npz, image folder, sklearn:digits).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")],
     max_drop: Annotated[float, typer.Option("--max-drop", help="Allowed drop in absolute points (0.01 = 1 pt).")] = 0.01,
-    metric: Annotated[str, typer.Option("--metric", help="accuracy (needs labels) or agreement with the original.")] = "accuracy",
+    metric: Annotated[str, typer.Option("--metric", help="accuracy (needs labels), or agreement / cosine with the original.")] = "accuracy",
     objective: Annotated[str, typer.Option("--objective", help="latency, size or memory.")] = "latency",
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,

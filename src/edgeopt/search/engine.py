@@ -102,7 +102,8 @@ def build_one(baseline: Model, recipe: Recipe, ctx: TransformContext) -> Candida
 def _metric(budget: Budget, outputs: np.ndarray, labels: np.ndarray | None, reference: np.ndarray) -> float:
     if budget.metric == "accuracy" and labels is not None:
         return accuracy_of(outputs, labels)
-    return fidelity(outputs, reference)[0]
+    agreement, cosine, _ = fidelity(outputs, reference)
+    return cosine if budget.metric == "cosine" else agreement
 
 
 def evaluate_candidate(result: CandidateResult, model: Model, *, eval_data: Dataset, budget: Budget,

@@ -89,26 +89,61 @@ def post_training_recipes(model: Model, device: DeviceProfile, *, runtimes: tupl
     return recipes
 
 
-def training_recipes(model: Model, device: DeviceProfile) -> list[Recipe]:
-    """Recipes that train (pruning + fine-tuning, then INT8), for PyTorch models with torch installed."""
+def training_recipes(model: Model, device: DeviceProfile, *, epochs: int = 15) -> list[Recipe]:
+    """Recipes that train, for PyTorch models with torch installed: structured pruning + fine-tuning
+    (distilling from the original), and distillation into a catalogue student at least 2x smaller;
+    each also followed by static INT8 when the device runs INT8."""
     if model.format != "torch" or not available("torch") or not _module_exists("edgeopt.transforms.prune"):
         return []
     from edgeopt.transforms.export import OnnxExport
+    from edgeopt.transforms.prune import StructuredPrune
     from edgeopt.transforms.quantize import StaticInt8
 
-    prune_mod = importlib.import_module("edgeopt.transforms.prune")
-    structured = getattr(prune_mod, "StructuredPrune", None)
-    if structured is None:
-        return []
-    recipes: list[Recipe] = []
     int8 = "int8" in device.precisions
+    recipes: list[Recipe] = []
     for ratio in (0.3, 0.5):
-        steps: tuple[Any, ...] = (structured(ratio=ratio), OnnxExport())
-        recipes.append(Recipe(f"prune-{int(ratio * 100)}-finetune", steps, needs=("torch", "train")))
+        steps: tuple[Any, ...] = (StructuredPrune(ratio=ratio, epochs=epochs, distill=True), OnnxExport())
+        name = f"prune-{int(ratio * 100)}-finetune"
+        recipes.append(Recipe(name, steps, needs=("torch", "train")))
         if int8:
-            recipes.append(Recipe(f"prune-{int(ratio * 100)}-finetune-int8", (*steps, StaticInt8()),
+            recipes.append(Recipe(f"{name}-int8", (*steps, StaticInt8()), needs=("torch", "train", "calibration")))
+    for student in smaller_students(model):
+        from edgeopt.transforms.distill import Distill
+
+        steps = (Distill(student=student, epochs=2 * epochs, patience=5),)
+        recipes.append(Recipe(f"distill-{student}", steps, needs=("torch", "train")))
+        if int8:
+            recipes.append(Recipe(f"distill-{student}-int8", (*steps, StaticInt8()),
                                   needs=("torch", "train", "calibration")))
     return recipes
+
+
+STUDENTS = ("mobilenet_v3_small", "squeezenet1_1")
+
+
+def smaller_students(model: Model, *, factor: float = 2.0) -> list[str]:
+    """Catalogue students with at least ``factor`` times fewer parameters than ``model`` (for its input/classes)."""
+    if not model.inputs or not _module_exists("edgeopt.transforms.distill"):
+        return []
+    import numpy as np
+
+    from edgeopt.transforms.architectures import build_architecture
+
+    torch = importlib.import_module("torch")
+    module = model.module
+    shape = tuple(d if isinstance(d, int) else 1 for d in model.inputs[0].shape)
+    with torch.no_grad():
+        classes = int(np.prod(module(torch.zeros(shape)).shape[1:]))
+    teacher_params = sum(p.numel() for p in module.parameters())
+    chosen = []
+    for name in STUDENTS:
+        try:
+            student = build_architecture(name, input_size=shape[1:], classes=classes)
+        except Exception:  # noqa: BLE001 - a student that cannot take this input is simply not offered
+            continue
+        if teacher_params >= factor * sum(p.numel() for p in student.parameters()):
+            chosen.append(name)
+    return chosen
 
 
 def default_recipes(model: Model, device: DeviceProfile, *, runtimes: tuple[str, ...] | None = None

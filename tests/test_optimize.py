@@ -136,3 +136,29 @@ def test_kill_9_mid_run_then_restart_reuses_finished_candidates(tmp_path, digits
     assert report["reused_candidates"] >= finished
     assert report["chosen"] == "int8-static-qdq"
     assert load_model(out / "model.onnx").size_bytes < digits_onnx.stat().st_size / 3.5
+
+
+@pytest.mark.slow
+def test_pytorch_model_gets_pruning_recipes_judged_on_held_out_data(tmp_path, digits_factory, digits_train_npz) -> None:
+    pytest.importorskip("torch_pruning")
+    from edgeopt.data import load_data
+    from edgeopt.search.space import training_recipes
+    from edgeopt.transforms.export import OnnxExport
+    from edgeopt.transforms.prune import StructuredPrune
+
+    spec, weights = digits_factory
+    original = load_model(spec, weights=weights)
+    from edgeopt.devices import get_device
+
+    names = [r.name for r in training_recipes(original, get_device("host"))]
+    assert "prune-50-finetune-int8" in names and "prune-30-finetune" in names
+    plan = [Recipe("prune-50-int8", (StructuredPrune(ratio=0.5, epochs=3), OnnxExport(), quantize.StaticInt8()),
+                   needs=("torch", "train", "calibration"))]
+    data = load_data(digits_train_npz).take(slice(0, 600))
+    result = optimize(original, data, out_dir=tmp_path / "o", max_drop=0.05, recipes=plan, bench=FAST, threads=1,
+                      progress=False)
+    cand = result.results[0]
+    assert cand.status != "failed", cand.reason
+    assert cand.size_ratio > 8  # half the channels (about 4x fewer weights) and INT8 (4x smaller each)
+    assert cand.speedup > 1.5
+    assert result.baseline.accuracy > 0.97

@@ -258,7 +258,7 @@ def fidelity_row(case: Case, variant: Variant, reference: np.ndarray) -> dict[st
     return row
 
 
-def run_case(case: Case, bench: BenchSettings, *, with_auto: bool) -> dict[str, Any]:
+def run_case(case: Case, bench: BenchSettings, *, auto_threads: tuple[int, ...]) -> dict[str, Any]:
     print(f"[{case.name}] building variants", file=sys.stderr)
     variants = peer_variants(case)
     reference = predict(case.fp32, case.heldout, settings=RunSettings("onnxruntime", 2, {}))
@@ -275,8 +275,9 @@ def run_case(case: Case, bench: BenchSettings, *, with_auto: bool) -> dict[str, 
     load: dict[str, dict[str, float]] = {}  # 1-minute load average around each timing run (2 cores)
     for threads in THREADS:
         timed = [v for v in variants if v.model is not None]
-        auto = auto_variant(case, threads) if with_auto else Variant(
-            "edgeopt-auto", None, "", error="skipped (--no-auto)", threads=threads)
+        auto = auto_variant(case, threads) if threads in auto_threads else Variant(
+            "edgeopt-auto", None, "", threads=threads,
+            error="not run for this model/thread count in this run (see --auto-models/--auto-threads)")
         auto_row = {"variant": "edgeopt-auto", "threads": threads, "runtime": auto.runtime,
                     "runtime_options": auto.options, "note": auto.note, "error": auto.error,
                     "build_seconds": round(auto.build_seconds, 2), "auto_tried": auto.tried}
@@ -369,20 +370,31 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="torchvision input size")
     parser.add_argument("--quick", action="store_true", help="short timings (a smoke run, not for figures)")
     parser.add_argument("--no-auto", action="store_true", help="skip edgeopt --mode auto")
+    parser.add_argument("--auto-models", default=None, help="models to run auto on (default: all)")
+    parser.add_argument("--auto-threads", default="1,2", help="thread counts to run auto at")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     bench = (BenchSettings(warmup=3, min_runs=10, min_seconds=0.2, max_seconds=2.0) if args.quick
              else BenchSettings(warmup=5, min_runs=50, min_seconds=1.5, max_seconds=8.0))
     started = time.perf_counter()
-    cases_out = []
+    cases_out: list[dict[str, Any]] = []
+    auto_models = set(args.models.split(",") if args.auto_models is None else args.auto_models.split(","))
+    auto_threads = tuple(int(t) for t in args.auto_threads.split(",") if t.strip())
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name == "digits":
             case = digits_case()
         else:
             case = torchvision_case(name, size=args.size, n_calib=64 if not args.quick else 16,
                                     n_eval=64 if not args.quick else 16, n_heldout=128 if not args.quick else 16)
-        cases_out.append(run_case(case, bench, with_auto=not args.no_auto))
+        use_auto = not args.no_auto and name in auto_models
+        cases_out.append(run_case(case, bench, auto_threads=auto_threads if use_auto else ()))
         print_case(cases_out[-1])
+        write_results(args, bench, cases_out, started, complete=False)  # keep what is done if stopped
+    write_results(args, bench, cases_out, started, complete=True)
+
+
+def write_results(args: argparse.Namespace, bench: BenchSettings, cases_out: list[dict[str, Any]],
+                  started: float, *, complete: bool) -> None:
     payload = {
         "benchmark": "quantize_peers",
         "command": "benchmarks/quantize_peers.py " + " ".join(sys.argv[1:]),
@@ -392,10 +404,11 @@ def main() -> None:
         "bench_settings": {"warmup": bench.warmup, "min_runs": bench.min_runs, "min_seconds": bench.min_seconds,
                            "max_seconds": bench.max_seconds, "batch": 1, "threads": list(THREADS)},
         "total_seconds": round(time.perf_counter() - started, 1),
+        "complete": complete,
         "cases": cases_out,
     }
     write_json(args.out, payload)
-    print(f"wrote {args.out} in {payload['total_seconds']} s")
+    print(f"wrote {args.out} ({len(cases_out)} model(s), complete={complete}) after {payload['total_seconds']} s")
 
 
 def print_case(case: dict[str, Any]) -> None:

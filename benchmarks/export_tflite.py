@@ -76,7 +76,10 @@ def main() -> None:
     spread = float(np.std(ref, axis=0).mean())
 
     t0 = time.perf_counter()
-    variants = export_tflite(source, [TfliteExport(quantize=m) for m in QUANTIZE_MODES], data=cal)
+    # min_cosine=0: record every variant's fidelity (judged against FLOORS below) instead of stopping
+    # at the first one under its floor, as `edgeopt export` would.
+    variants = export_tflite(source, [TfliteExport(quantize=m, min_cosine=0.0) for m in QUANTIZE_MODES],
+                             data=cal)
     export_s = time.perf_counter() - t0
     onnx_model, onnx_check = to_onnx(source, OnnxExport(dynamic_batch=False), data=cal)
 

@@ -41,7 +41,7 @@ def load_case(name: str) -> Any:
     return peers.torchvision_case(name, size=224, n_calib=64, n_eval=100, n_heldout=100)
 
 
-def run_case(name: str, *, with_auto: bool) -> dict[str, Any]:
+def run_case(name: str, *, with_auto: bool, max_drop: float) -> dict[str, Any]:
     start = time.perf_counter()
     case = load_case(name)
     fp32 = case.fp32
@@ -60,8 +60,9 @@ def run_case(name: str, *, with_auto: bool) -> dict[str, Any]:
             "int8_over_fp32": round(timed[1].latency_ms["p50"] / timed[0].latency_ms["p50"], 3)},
     }
     if with_auto:
-        auto = auto_quantize(fp32, case.calibration, eval_data=case.auto_eval, max_drop=0.01, threads=1, bench=BENCH)
-        entry: dict[str, Any] = {"chosen": auto.chosen.name if auto.chosen else None,
+        auto = auto_quantize(fp32, case.calibration, eval_data=case.auto_eval, max_drop=max_drop, threads=1, bench=BENCH)
+        entry: dict[str, Any] = {"max_drop": max_drop, "budget_metric": auto.budget.metric,
+                                 "chosen": auto.chosen.name if auto.chosen else None,
                                  "fp32_p50_ms": auto.baseline.latency_ms["p50"],
                                  "variants": [{"name": r.name, "status": r.status, "runtime": r.runtime,
                                                "p50_ms": r.latency_ms.get("p50"), "speedup": r.speedup,
@@ -84,20 +85,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits,mobilenet_v2,resnet18")
     parser.add_argument("--no-auto", action="store_true", help="skip --mode auto (sizes and fidelity only)")
+    parser.add_argument("--max-drop", type=float, default=0.01, help="auto's budget (agreement when unlabelled)")
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     results: dict[str, Any] = {}
     for name in args.models.split(","):
         print(f"== {name}", file=sys.stderr, flush=True)
-        results[name] = run_case(name, with_auto=not args.no_auto and name != "resnet18")
+        results[name] = run_case(name, with_auto=not args.no_auto and name != "resnet18", max_drop=args.max_drop)
         print({k: v for k, v in results[name].items() if k != "auto_1thread"}, file=sys.stderr, flush=True)
         if "auto_1thread" in results[name]:
             a = results[name]["auto_1thread"]
             print(f"   auto: {a['chosen']} {a.get('chosen_over_fp32')}x FP32", file=sys.stderr, flush=True)
-    write_json(OUT, {"benchmark": "quantize_digits", "command": "benchmarks/quantize_digits.py " + " ".join(sys.argv[1:]),
+    write_json(args.out, {"benchmark": "quantize_digits", "command": "benchmarks/quantize_digits.py " + " ".join(sys.argv[1:]),
                      "machine": {"platform": platform.platform(), "python": platform.python_version(),
                                  "note": "shared machine under load from other jobs; ratios are from interleaved runs"},
                      "bench": BENCH.__dict__, "results": results})
-    print(f"wrote {OUT}", file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

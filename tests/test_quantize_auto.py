@@ -40,7 +40,7 @@ def test_auto_on_digits_chooses_a_faster_int8(digits_onnx, digits_train_npz, dig
 def test_auto_splits_calibration_from_judging_data(digits_onnx, digits_test_npz, monkeypatch) -> None:
     seen = {}
     monkeypatch.setattr(aq, "plain_recipes",
-                        lambda model, runtimes: [Recipe("int8-qdq", (aq.StaticInt8(),), needs=("calibration",))])
+                        lambda model, runtimes, **_: [Recipe("int8-qdq", (aq.StaticInt8(),), needs=("calibration",))])
     real = aq.time_candidates
 
     def spy(base, results, **kw):
@@ -56,7 +56,7 @@ def test_auto_splits_calibration_from_judging_data(digits_onnx, digits_test_npz,
 @pytest.mark.slow
 def test_cli_auto_exits_3_when_nothing_is_faster(cli, tmp_path, digits_onnx, digits_train_npz, monkeypatch) -> None:
     # Dynamic INT8 of a CNN runs ConvInteger in ONNX Runtime: several times slower than FP32 on x86.
-    monkeypatch.setattr(aq, "plain_recipes", lambda model, runtimes: [Recipe("int8-dynamic", (DynamicInt8(),))])
+    monkeypatch.setattr(aq, "plain_recipes", lambda model, runtimes, **_: [Recipe("int8-dynamic", (DynamicInt8(),))])
     out = tmp_path / "auto.onnx"
     result = cli("quantize", digits_onnx, "-o", out, "--data", digits_train_npz, "--threads", "1",
                  "--seconds", "0.2", "--runtime", "onnxruntime")
@@ -72,7 +72,7 @@ def test_cli_auto_exits_3_when_nothing_is_faster(cli, tmp_path, digits_onnx, dig
 
 @pytest.mark.slow
 def test_cli_auto_writes_the_chosen_model(cli, tmp_path, digits_onnx, digits_train_npz, monkeypatch) -> None:
-    monkeypatch.setattr(aq, "plain_recipes", lambda model, runtimes: [
+    monkeypatch.setattr(aq, "plain_recipes", lambda model, runtimes, **_: [
         Recipe("int8-qdq-u8s8-perchannel", (aq.StaticInt8(),), needs=("calibration",)),
         Recipe("int8-dynamic", (DynamicInt8(),))])
     out = tmp_path / "auto.onnx"

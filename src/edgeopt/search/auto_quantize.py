@@ -10,13 +10,11 @@ only when every plain INT8 variant misses the budget.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgeopt.data import Dataset, load_data
-from edgeopt.deps import available
 from edgeopt.devices import DeviceProfile, get_device
 from edgeopt.errors import BadInput, DataError
 from edgeopt.measure.bench import BenchSettings
@@ -32,12 +30,9 @@ from edgeopt.search.engine import (
     time_candidates,
 )
 from edgeopt.search.recipe import Recipe
-from edgeopt.search.space import matmul_heavy
+from edgeopt.search.space import post_training_recipes, static_recipe
 from edgeopt.transforms.config import TransformContext
 from edgeopt.transforms.quantize import (
-    DynamicInt8,
-    Fp16,
-    Int4WeightOnly,
     StaticInt8,
     check_quantizable,
     prepared,
@@ -72,38 +67,9 @@ class AutoQuantizeResult:
         }
 
 
-def _static(name: str, **fields: Any) -> Recipe:
-    return Recipe(name, (StaticInt8(**fields),), needs=("calibration",))
-
-
-def plain_recipes(model: Model, *, runtimes: tuple[str, ...]) -> list[Recipe]:
-    """The first round: INT8 formats x scales x signedness, dynamic, FP16, INT4, OpenVINO."""
-    recipes: list[Recipe] = []
-    if "onnxruntime" in runtimes:
-        recipes += [
-            _static("int8-qdq-u8s8-perchannel", format="qdq", per_channel=True),
-            _static("int8-qdq-u8s8-pertensor", format="qdq", per_channel=False),
-            _static("int8-qdq-s8s8-perchannel", format="qdq", per_channel=True, activation_type="s8"),
-            _static("int8-qdq-s8s8-perchannel-symmetric", format="qdq", per_channel=True, activation_type="s8",
-                    symmetric_activations=True),
-            _static("int8-qoperator-u8s8-perchannel", format="qoperator", per_channel=True),
-            _static("int8-qoperator-u8s8-pertensor", format="qoperator", per_channel=False),
-            Recipe("int8-dynamic", (DynamicInt8(),)),
-            Recipe("fp16", (Fp16(),)),
-        ]
-        if matmul_heavy(model):
-            recipes.append(Recipe("int4-weight-only", (Int4WeightOnly(),)))
-    if "openvino" in runtimes and importlib.util.find_spec("edgeopt.runtimes.openvino") and available("openvino"):
-        recipes += [Recipe("openvino-f32", (), runtime="openvino", runtime_options={"precision": "f32"}),
-                    Recipe("openvino-bf16", (), runtime="openvino", runtime_options={"precision": "bf16"}),
-                    # OpenVINO fuses ORT's QDQ pairs into its own INT8 kernels, often faster than ORT's
-                    Recipe("int8-qdq-u8s8-perchannel-openvino", (StaticInt8(),), runtime="openvino",
-                           needs=("calibration",))]
-        if importlib.util.find_spec("edgeopt.transforms.nncf_quantize") and available("nncf"):
-            from edgeopt.transforms.nncf_quantize import NncfInt8
-
-            recipes.append(Recipe("openvino-nncf-int8", (NncfInt8(),), runtime="openvino", needs=("calibration",)))
-    return recipes
+def plain_recipes(model: Model, *, runtimes: tuple[str, ...], device: DeviceProfile | None = None) -> list[Recipe]:
+    """The first round: the same post-training space optimize searches (search/space.py)."""
+    return post_training_recipes(model, device or get_device(None), runtimes=runtimes)
 
 
 def _split(data: Dataset, eval_data: Dataset | None, seed: int) -> tuple[Dataset, Dataset, list[str]]:
@@ -182,12 +148,12 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
             out.append(r)
         return out
 
-    results = run(plain_recipes(original, runtimes=chosen_runtimes))
+    results = run(plain_recipes(original, runtimes=chosen_runtimes, device=profile))
     int8_ok = any(r.meets_budget and r.model is not None and r.name.startswith("int8-") for r in results)
     if mixed and not int8_ok and "onnxruntime" in chosen_runtimes:
         notes.append("no plain INT8 variant met the budget: tried other calibration methods and mixed precision")
-        results += run([_static("int8-qdq-u8s8-perchannel-percentile", calibration="percentile"),
-                        _static("int8-qdq-u8s8-perchannel-entropy", calibration="entropy")])
+        results += run([static_recipe("int8-qdq-u8s8-perchannel-percentile", calibration="percentile"),
+                        static_recipe("int8-qdq-u8s8-perchannel-entropy", calibration="entropy")])
         results += _mixed(original, calibration, evaluation, budget, threads, run)
     bench = bench or BenchSettings(warmup=10, min_runs=100, min_seconds=1.0, max_seconds=20.0)
     time_candidates(base, results, bench=bench, device=profile, threads=threads, data=evaluation)

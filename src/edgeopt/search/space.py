@@ -42,50 +42,53 @@ def _numel(init: Any) -> int:
     return n
 
 
+def static_recipe(name: str, **fields: Any) -> Recipe:
+    from edgeopt.transforms.quantize import StaticInt8
+
+    return Recipe(name, (StaticInt8(**fields),), needs=("calibration",))
+
+
 def post_training_recipes(model: Model, device: DeviceProfile, *, runtimes: tuple[str, ...] | None = None
                           ) -> list[Recipe]:
-    """Quantization and runtime variants for an ONNX model, filtered by what the device executes."""
-    from edgeopt.transforms.quantize import DynamicInt8, Fp16, StaticInt8
+    """Quantization and runtime variants of an ONNX model: INT8 formats x scales x signedness, dynamic,
+    FP16, INT4 (MatMul-heavy models), OpenVINO f32/bf16/INT8; filtered by what the device executes.
+
+    Used by both ``optimize`` and ``quantize --mode auto``, so the two search the same space.
+    """
+    from edgeopt.transforms.quantize import DynamicInt8, Fp16, Int4WeightOnly, StaticInt8
 
     precisions = set(device.precisions)
     allowed = set(runtimes) if runtimes else {"onnxruntime", "openvino"}
     recipes: list[Recipe] = []
-    if "int8" in precisions:
-        recipes += [
-            Recipe("int8-static-qdq-u8s8-perchannel",
-                   (StaticInt8(format="qdq", per_channel=True, activation_type="u8", weight_type="s8"),),
-                   needs=("calibration",)),
-            Recipe("int8-static-qdq-s8s8-perchannel",
-                   (StaticInt8(format="qdq", per_channel=True, activation_type="s8", weight_type="s8"),),
-                   needs=("calibration",)),
-            Recipe("int8-static-qoperator-u8s8-perchannel",
-                   (StaticInt8(format="qoperator", per_channel=True, activation_type="u8", weight_type="s8"),),
-                   needs=("calibration",)),
-            Recipe("int8-static-qdq-u8s8-pertensor",
-                   (StaticInt8(format="qdq", per_channel=False, activation_type="u8", weight_type="s8"),),
-                   needs=("calibration",)),
-            Recipe("int8-static-qdq-u8s8-perchannel-percentile",
-                   (StaticInt8(format="qdq", per_channel=True, activation_type="u8", weight_type="s8",
-                               calibration="percentile"),),
-                   needs=("calibration",)),
-            Recipe("int8-dynamic", (DynamicInt8(),)),
-        ]
-    if "fp16" in precisions:
-        recipes.append(Recipe("fp16", (Fp16(),)))
-    if "int4" in precisions and matmul_heavy(model):
-        from edgeopt.transforms.quantize import Int4WeightOnly
-
-        recipes.append(Recipe("int4-weight-only", (Int4WeightOnly(),)))
+    if "onnxruntime" in allowed:
+        if "int8" in precisions:
+            recipes += [
+                static_recipe("int8-qdq-u8s8-perchannel", format="qdq", per_channel=True),
+                static_recipe("int8-qdq-u8s8-pertensor", format="qdq", per_channel=False),
+                static_recipe("int8-qdq-s8s8-perchannel", format="qdq", per_channel=True, activation_type="s8"),
+                static_recipe("int8-qdq-s8s8-perchannel-symmetric", format="qdq", per_channel=True, activation_type="s8",
+                        symmetric_activations=True),
+                static_recipe("int8-qoperator-u8s8-perchannel", format="qoperator", per_channel=True),
+                static_recipe("int8-qoperator-u8s8-pertensor", format="qoperator", per_channel=False),
+                Recipe("int8-dynamic", (DynamicInt8(),)),
+            ]
+        if "fp16" in precisions:
+            recipes.append(Recipe("fp16", (Fp16(),)))
+        if "int4" in precisions and matmul_heavy(model):
+            recipes.append(Recipe("int4-weight-only", (Int4WeightOnly(),)))
     if "openvino" in allowed and _module_exists("edgeopt.runtimes.openvino") and available("openvino"):
         recipes.append(Recipe("openvino-f32", (), runtime="openvino", runtime_options={"precision": "f32"}))
         if "bf16" in precisions:
             recipes.append(Recipe("openvino-bf16", (), runtime="openvino", runtime_options={"precision": "bf16"}))
-        if "int8" in precisions and _module_exists("edgeopt.transforms.nncf_quantize") and available("nncf"):
-            from edgeopt.transforms.nncf_quantize import NncfInt8
+        if "int8" in precisions:
+            # OpenVINO fuses ORT's QDQ pairs into its own INT8 kernels, often faster than ORT's
+            recipes.append(Recipe("int8-qdq-u8s8-perchannel-openvino", (StaticInt8(),), runtime="openvino",
+                                  needs=("calibration",)))
+            if _module_exists("edgeopt.transforms.nncf_quantize") and available("nncf"):
+                from edgeopt.transforms.nncf_quantize import NncfInt8
 
-            recipes.append(Recipe("openvino-nncf-int8", (NncfInt8(),), runtime="openvino", needs=("calibration",)))
-    if "onnxruntime" not in allowed:
-        recipes = [r for r in recipes if r.runtime != "onnxruntime"]
+                recipes.append(Recipe("openvino-nncf-int8", (NncfInt8(),), runtime="openvino",
+                                      needs=("calibration",)))
     return recipes
 
 

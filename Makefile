@@ -18,7 +18,7 @@ $(STAMP_DEMO): pyproject.toml | $(PY)
 	touch $@
 
 $(STAMP_ALL): pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[all,dev]'
+	$(PIP) install -q -e '.[all,tensorflow,dev]'
 	touch $@ $(STAMP_DEMO)
 
 install: $(STAMP_ALL)

@@ -105,26 +105,27 @@ def vision(student: str, *, teacher_epochs: int, student_epochs: int, threads: i
     return report
 
 
-def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int, n_test: int) -> dict:
+def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int, n_test: int, hidden: int,
+         batch_size: int, lr: float) -> dict:
     torch = __import__("torch")
     train = sentiment_task(n_train, seed=0)
     test = sentiment_task(n_test, seed=1)
     vocab = WordVocab.build(train.texts)
     max_len = 32
     torch.manual_seed(0)
-    teacher = make_bert_classifier(vocab_size=len(vocab), layers=4, hidden=128, heads=4, intermediate=512,
-                                   max_len=max_len, classes=2, seed=0)
+    teacher = make_bert_classifier(vocab_size=len(vocab), layers=4, hidden=hidden, heads=max(2, hidden // 32),
+                                   intermediate=4 * hidden, max_len=max_len, classes=2, seed=0)
     data = text_dataset(train, vocab, max_len=max_len)
     fit_part, val = data.split(0.85, seed=0)  # the same split distill_text makes (seed 0, 0.15 held out)
     t0 = time.perf_counter()
-    tfit = fit(teacher, fit_part, config=TrainConfig(epochs=teacher_epochs, lr=5e-4, batch_size=32,
+    tfit = fit(teacher, fit_part, config=TrainConfig(epochs=teacher_epochs, lr=lr, batch_size=batch_size,
                                                      optimizer="adamw", seed=0),
                validation=val, description="teacher bert-4l")
     teacher_seconds = time.perf_counter() - t0
     test_acc = accuracy_torch(teacher, text_dataset(test, vocab, max_len=max_len))
     print(f"text teacher: val {tfit.best_val_accuracy:.4f}, test {test_acc:.4f}, {teacher_seconds:.0f}s", flush=True)
     result = distill_text(teacher, train, DistillText(epochs=student_epochs, temperature=2.0, alpha=0.7,
-                                                      hidden_weight=1.0, lr=3e-4, batch_size=32,
+                                                      hidden_weight=1.0, lr=lr / 2, batch_size=batch_size,
                                                       max_len=max_len, seed=0),
                           vocab=vocab, test=test, baseline=True, threads=threads, bench_seconds=3.0)
     report = result.report
@@ -149,6 +150,9 @@ def main() -> None:
     parser.add_argument("--text-teacher-epochs", type=int, default=6)
     parser.add_argument("--text-student-epochs", type=int, default=6)
     parser.add_argument("--text-train", type=int, default=2500)
+    parser.add_argument("--text-hidden", type=int, default=64)
+    parser.add_argument("--text-batch", type=int, default=16)
+    parser.add_argument("--text-lr", type=float, default=1e-3)
     args = parser.parse_args()
     torch = __import__("torch")
     torch.set_num_threads(2)
@@ -167,7 +171,8 @@ def main() -> None:
                               student_epochs=args.student_epochs, threads=args.threads))
     if args.only in (None, "text"):
         save("text", text(teacher_epochs=args.text_teacher_epochs, student_epochs=args.text_student_epochs,
-                          threads=args.threads, n_train=args.text_train, n_test=1000))
+                          threads=args.threads, n_train=args.text_train, n_test=1000, hidden=args.text_hidden,
+                          batch_size=args.text_batch, lr=args.text_lr))
     print(f"wrote {OUT}")
 
 

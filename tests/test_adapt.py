@@ -295,7 +295,7 @@ def test_cli_adapt_improves_local_keeps_bn_stats_and_writes_outputs(cli, base, l
     assert saved.metadata["edgeopt.adapted_strategy"] == "last-layer"
     local_val = load_data(local_npz).split(0.8, seed=0)[1]
     assert evaluate(saved, local_val, threads=1).accuracy == pytest.approx(r["accuracy_after"]["local"], abs=1e-6)
-    on_disk = json.loads(out.with_name("adapted.onnx.report.json").read_text())
+    on_disk = json.loads(out.with_name("adapted.report.json").read_text())
     assert on_disk["outputs"]["size_bytes"] == out.stat().st_size
     ck_state, info = load_checkpoint(checkpoint_path(out))
     assert info["complete"] is True and torch.equal(ck_state["8.weight"], state["8.weight"])

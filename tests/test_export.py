@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeopt.fileio import report_path
+
 pytest.importorskip("torch")
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_quantizer")
@@ -97,7 +99,7 @@ def test_export_onnx_cli_verified_dynamic_batch(onnx_export, net) -> None:
 
     result, out = onnx_export
     assert result.exit_code == 0, result.stderr
-    report = json.loads(Path(f"{out}.report.json").read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["check"]["max_abs_diff"] <= 1e-4
     assert report["check"]["cosine"] > 0.99999
     assert report["dynamic_batch"] is True and report["size_bytes"] == out.stat().st_size
@@ -136,7 +138,7 @@ def test_export_onnx_static_batch_and_opset(cli, net, tmp_path: Path) -> None:
     proto = onnx.load(out)
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 18
-    assert json.loads(Path(f"{out}.report.json").read_text())["opset"] == 18
+    assert json.loads(report_path(out).read_text())["opset"] == 18
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -228,7 +230,7 @@ def test_export_tflite_cli_variants_timed(cli, net, tmp_path: Path) -> None:
                  "--quantize", "none,dynamic", "--seconds", "0.1", "--runs", "10",
                  "--threads", "1")
     assert result.exit_code == 0, result.stderr
-    report = json.loads(Path(f"{out}.report.json").read_text())
+    report = json.loads(report_path(out).read_text())
     rows = {r["quantize"]: r for r in report["variants"]}
     assert set(rows) == {"none", "dynamic"}
     for mode, row in rows.items():

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeopt.fileio import report_path
+
 pytestmark = pytest.mark.slow  # importing TensorFlow alone takes several seconds
 
 tf = pytest.importorskip("tensorflow")
@@ -42,7 +44,7 @@ def test_keras_cli_dynamic_and_int8(cli, keras_files, tmp_path: Path) -> None:
     result = cli("export", keras_files["keras"], "--to", "tflite", "-o", out, "--quantize", "none,dynamic,int8",
                  "--data", keras_files["cal"], "--no-bench")
     assert result.exit_code == 0, result.stderr
-    rows = {r["quantize"]: r for r in json.loads(Path(f"{out}.report.json").read_text())["variants"]}
+    rows = {r["quantize"]: r for r in json.loads(report_path(out).read_text())["variants"]}
     assert rows["none"]["check"]["reference"] == "keras" and rows["none"]["check"]["cosine"] > 0.99999
     assert rows["dynamic"]["size_vs_first"] < 0.35 and rows["dynamic"]["check"]["cosine"] > 0.98
     assert rows["int8"]["check"]["cosine"] > 0.98 and "latency_ms" not in rows["int8"]

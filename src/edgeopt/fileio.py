@@ -76,3 +76,9 @@ def check_writable_dir(path: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise BadInput(f"output directory {out} is not writable ({exc.strerror or exc}); choose another -o") from exc
     return out
+
+
+def report_path(out: str | os.PathLike[str]) -> Path:
+    """Where a command that writes ``out`` puts its report: ``int8.onnx`` -> ``int8.report.json`` beside it."""
+    target = Path(out)
+    return target.with_name(target.stem + ".report.json")

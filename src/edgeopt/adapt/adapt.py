@@ -114,14 +114,14 @@ def adapt(model: Model, local: Dataset, *, config: AdaptConfig | None = None, or
         local: labelled local samples (the new domain).
         config: strategy, memory budget, epochs, replay, rollback threshold.
         original: labelled original-domain samples: replay buffer source and held-out check.
-        out: output ONNX path; ``OUT.pt`` (state_dict), ``OUT.report.json`` and the checkpoint
+        out: output ONNX path; ``OUT.pt`` (state_dict), ``OUT``'s .report.json and the checkpoint
             ``OUT.ckpt.pt`` are written beside it, each atomically. None: nothing written.
         resume: start from OUT's checkpoint (incremental adaptation with new local data).
         deployed: the ONNX model now on the device; when it is quantized the output is
             re-quantized the same way.
 
     Returns:
-        The result; ``result.report`` is what ``OUT.report.json`` holds.
+        The result; ``result.report`` is what ``OUT``'s .report.json holds.
 
     Raises:
         BudgetNotMet: no strategy's measured peak training memory fits ``memory_mb`` (exit 3).
@@ -350,7 +350,7 @@ def _evaluate_onnx(model: Model, local_val: Dataset, original: Dataset | None) -
 def _write_outputs(out: Path, onnx_model: Model, state: dict[str, Any], report: dict[str, Any],
                    strategy: Strategy, runs: list[dict[str, Any]]) -> Model:
     torch = require("torch", extra="torch")
-    from edgeopt.fileio import atomic_path, write_json
+    from edgeopt.fileio import atomic_path, report_path, write_json
 
     weights = out.with_suffix(".pt")
     with atomic_path(weights) as tmp:
@@ -360,5 +360,5 @@ def _write_outputs(out: Path, onnx_model: Model, state: dict[str, Any], report: 
                     info={"complete": True, "strategy": strategy.name, "runs": runs})
     report["outputs"] = {"onnx": str(out), "state_dict": str(weights), "checkpoint": str(checkpoint_path(out)),
                          "size_bytes": saved.size_bytes}
-    write_json(out.with_name(out.name + ".report.json"), report)
+    write_json(report_path(out), report)
     return saved

@@ -26,7 +26,7 @@ from edgeopt.cli.common import (
 def adapt(
     model: Annotated[str, typer.Argument(help="PyTorch model (file.py:factory with --weights, or .pt2) or an FP32 .onnx.")],
     data: Annotated[str, typer.Option("--data", help="Labelled local data (.npz with x and y).")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Adapted ONNX; OUT.pt, OUT.report.json and OUT.ckpt.pt go beside it.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Adapted ONNX; OUT.pt, a .report.json and OUT.ckpt.pt go beside it.")],
     memory_mb: Annotated[float | None, typer.Option("--memory-mb", help="Peak training memory allowed (measured).")] = None,
     strategy: Annotated[str, typer.Option("--strategy", help="auto, last-layer, bias-last, sparse or full.")] = "auto",
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (early stopping on local validation).")] = 20,
@@ -85,5 +85,5 @@ def adapt(
                   + (f" (budget {memory_mb:g} MB)" if memory_mb is not None else ""))
     if result.rolled_back:
         err_console.print(f"rolled back: {report['rollback_reason']}; the output is the input model")
-    console.print(f"wrote {out}, {report['outputs']['state_dict']}, {out.name}.report.json")
+    console.print(f"wrote {out}, {report['outputs']['state_dict']}, {out.stem}.report.json")
     emit_json(json_out, report)

@@ -49,7 +49,7 @@ def export(
     trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
-    """Export to ONNX or TFLite; outputs are verified against the source model and reported in OUT.report.json."""
+    """Export to ONNX or TFLite; outputs are verified against the source model and reported in OUT's .report.json (model.onnx -> model.report.json)."""
     from edgeopt.errors import BadInput
     from edgeopt.fileio import check_writable_dir
 
@@ -70,9 +70,9 @@ def export(
         report = _export_tflite(model, out, dataset, modes=_modes(quantize), min_cosine=min_cosine,
                                 bench=bench, threads=threads, seconds=seconds, runs=runs,
                                 weights=weights, trust_pickle=trust_pickle)
-    from edgeopt.fileio import write_json
+    from edgeopt.fileio import report_path, write_json
 
-    write_json(Path(f"{out}.report.json"), report)
+    write_json(report_path(out), report)
     emit_json(json_out, report)
 
 

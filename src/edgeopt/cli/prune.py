@@ -20,11 +20,7 @@ from edgeopt.cli.common import (
     fmt_pct,
     user_errors,
 )
-
-
-def report_path(out: Path) -> Path:
-    """``pruned.onnx`` -> ``pruned.report.json`` beside it."""
-    return out.with_name(out.stem + ".report.json")
+from edgeopt.fileio import report_path
 
 
 @app.command()

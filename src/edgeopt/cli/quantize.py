@@ -21,13 +21,9 @@ from edgeopt.cli.common import (
     fmt_pct,
     user_errors,
 )
+from edgeopt.fileio import report_path
 
 MODES = ("auto", "dynamic", "static", "fp16", "bf16", "int4")
-
-
-def report_path(out: Path) -> Path:
-    """``int8.onnx`` -> ``int8.report.json`` beside it."""
-    return out.with_name(out.stem + ".report.json")
 
 
 def _config(mode: str, *, fmt: str, per_channel: bool | None, calibration: str, activation_type: str,

@@ -16,9 +16,7 @@ from edgeopt.measure.bench import BenchSettings
 from edgeopt.model import load_model
 from edgeopt.search.optimize import optimize
 from edgeopt.search.recipe import Recipe
-
-pytest.importorskip("onnxruntime.quantization")
-quantize = pytest.importorskip("edgeopt.transforms.quantize")
+from edgeopt.transforms import quantize
 
 FAST = BenchSettings(warmup=5, min_runs=50, min_seconds=0.3, max_seconds=3.0)
 

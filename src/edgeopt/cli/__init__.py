@@ -7,7 +7,6 @@ Errors a user can fix leave as one line and exit code 2 (3 for an unmet budget).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import typer
 
@@ -25,9 +24,7 @@ COMMAND_MODULES = ["measure", "quantize", "prune", "distill", "export", "optimiz
 
 def _register() -> None:
     for name in COMMAND_MODULES:
-        full = f"{__name__}.{name}"
-        if importlib.util.find_spec(full) is not None:
-            importlib.import_module(full)
+        importlib.import_module(f"{__name__}.{name}")
 
 
 @app.callback()

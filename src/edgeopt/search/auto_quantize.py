@@ -21,12 +21,11 @@ from edgeopt.measure.bench import BenchSettings
 from edgeopt.model import Model, load_model
 from edgeopt.search.budget import Budget
 from edgeopt.search.engine import (
-    Candidate,
     CandidateResult,
     baseline_result,
     build_one,
     choose,
-    evaluate_candidate,
+    result_for,
     time_candidates,
 )
 from edgeopt.search.recipe import Recipe
@@ -132,21 +131,9 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
     base.name = "fp32-onnxruntime"
 
     def run(recipes: list[Recipe]) -> list[CandidateResult]:
-        out = []
-        for recipe in recipes:
-            cand: Candidate = build_one(baseline, recipe, ctx)
-            r = CandidateResult(name=recipe.name, recipe=recipe.to_dict(), build_seconds=round(cand.build_seconds, 2),
-                                key=recipe.key(), model=cand.model)
-            if cand.model is None:
-                r.status, r.reason = "failed", f"failed: {cand.error}"
-            else:
-                try:
-                    evaluate_candidate(r, cand.model, eval_data=evaluation, budget=budget, baseline_outputs=base_out,
-                                       baseline_metric=base_metric, device=profile, threads=threads)
-                except Exception as exc:  # noqa: BLE001 - one bad variant must not end the search
-                    r.status, r.reason, r.model = "failed", f"failed: {exc}", None
-            out.append(r)
-        return out
+        return [result_for(build_one(baseline, recipe, ctx), key=recipe.key(), eval_data=evaluation, budget=budget,
+                           baseline_outputs=base_out, baseline_metric=base_metric, device=profile, threads=threads)
+                for recipe in recipes]
 
     results = run(plain_recipes(original, runtimes=chosen_runtimes, device=profile))
     int8_ok = any(r.meets_budget and r.model is not None and r.name.startswith("int8-") for r in results)

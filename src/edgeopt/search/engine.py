@@ -155,24 +155,29 @@ def time_candidates(baseline: CandidateResult, results: list[CandidateResult], *
         r.runtime, r.threads = b.runtime, b.threads
 
 
+def result_for(cand: Candidate, *, key: str, eval_data: Dataset, budget: Budget, baseline_outputs: np.ndarray,
+               baseline_metric: float, device: Any = None, threads: int | None = None) -> CandidateResult:
+    """A built candidate judged on ``eval_data`` (not yet timed); a build or evaluation failure is a failed result."""
+    r = CandidateResult(name=cand.recipe.name, recipe=cand.recipe.to_dict(), build_seconds=round(cand.build_seconds, 2),
+                        key=key, model=cand.model)
+    if cand.model is None:
+        r.status, r.reason = "failed", f"failed: {cand.error}"
+        return r
+    try:
+        evaluate_candidate(r, cand.model, eval_data=eval_data, budget=budget, baseline_outputs=baseline_outputs,
+                           baseline_metric=baseline_metric, device=device, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the search
+        r.status, r.reason, r.model = "failed", f"failed: {exc}", None
+    return r
+
+
 def measure_candidates(baseline: Model, candidates: list[Candidate], *, eval_data: Dataset, budget: Budget,
                        bench: BenchSettings | None = None, device: str | DeviceProfile | None = None,
                        threads: int | None = None) -> tuple[CandidateResult, list[CandidateResult]]:
     """Accuracy and fidelity of every candidate on ``eval_data``, then latency interleaved with the baseline."""
     base, base_out, base_metric = baseline_result(baseline, eval_data, budget, device=device, threads=threads)
-    results = []
-    for cand in candidates:
-        r = CandidateResult(name=cand.recipe.name, recipe=cand.recipe.to_dict(), build_seconds=cand.build_seconds,
-                            key=cand.recipe.key(), model=cand.model)
-        if cand.model is None:
-            r.status, r.reason = "failed", f"failed: {cand.error}"
-        else:
-            try:
-                evaluate_candidate(r, cand.model, eval_data=eval_data, budget=budget, baseline_outputs=base_out,
-                                   baseline_metric=base_metric, device=device, threads=threads)
-            except EdgeoptError as exc:
-                r.status, r.reason, r.model = "failed", f"failed: {exc}", None
-        results.append(r)
+    results = [result_for(c, key=c.recipe.key(), eval_data=eval_data, budget=budget, baseline_outputs=base_out,
+                          baseline_metric=base_metric, device=device, threads=threads) for c in candidates]
     time_candidates(base, results, bench=bench, device=device, threads=threads, data=eval_data)
     return base, results
 

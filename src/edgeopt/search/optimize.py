@@ -29,8 +29,8 @@ from edgeopt.search.engine import (
     baseline_result,
     build_one,
     choose,
-    evaluate_candidate,
-    pareto_front,
+        pareto_front,
+    result_for,
     time_candidates,
 )
 from edgeopt.search.recipe import Recipe
@@ -197,17 +197,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         notes.append(f"reused {reused} finished candidate(s) from {cache.root}")
 
     def finish(recipe: Recipe, key: str, cand: Candidate) -> CandidateResult:
-        r = CandidateResult(name=recipe.name, recipe=recipe.to_dict(), build_seconds=round(cand.build_seconds, 2),
-                            key=key, model=cand.model)
-        if cand.model is None:
-            r.status, r.reason = "failed", f"failed: {cand.error}"
-        else:
-            try:
-                evaluate_candidate(r, cand.model, eval_data=split.evaluation, budget=budget,
-                                   baseline_outputs=base_out, baseline_metric=base_metric, device=profile,
-                                   threads=threads)
-            except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the search
-                r.status, r.reason, r.model = "failed", f"failed: {exc}", None
+        r = result_for(cand, key=key, eval_data=split.evaluation, budget=budget, baseline_outputs=base_out,
+                       baseline_metric=base_metric, device=profile, threads=threads)
         cache.store(key, r, r.model)
         return r
 

@@ -97,3 +97,12 @@ def test_cli_zoo_bad_input_is_one_line_exit_2(cli, tmp_path, monkeypatch, args, 
     assert result.exit_code == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_students_batchnorm_settles_in_short_training() -> None:
+    torch = pytest.importorskip("torch")
+    from edgeopt.transforms.architectures import BN_MOMENTUM, build_architecture
+
+    net = build_architecture("mobilenet_v3_small", input_size=(1, 32, 32), classes=10)
+    momenta = {m.momentum for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert momenta == {BN_MOMENTUM}

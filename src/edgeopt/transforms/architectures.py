@@ -29,6 +29,7 @@ from edgeopt.deps import require
 from edgeopt.errors import BadInput
 
 SMALL_INPUT = 96  # shorter side below this: stem stride 1
+BN_MOMENTUM = 0.1
 
 # name -> (torchvision builder, keyword arguments, family, note)
 _CATALOGUE: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -109,6 +110,12 @@ def build_architecture(name: str, *, input_size: tuple[int, ...] = (3, 224, 224)
         new = torch.nn.Conv2d(c, stem.out_channels, stem.kernel_size, stride=stride, padding=stem.padding,
                               dilation=stem.dilation, groups=1, bias=stem.bias is not None)
         _set_module(net, stem_name, new)
+    # torchvision builds some families (MobileNetV3, EfficientNet, MnasNet) with BatchNorm momentum 0.01,
+    # tuned for long ImageNet runs; in a few hundred distillation steps the running statistics never
+    # settle and the student sits at chance in eval mode. PyTorch's default 0.1 settles in time.
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = BN_MOMENTUM
     return net.eval()
 
 

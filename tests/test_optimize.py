@@ -160,3 +160,14 @@ def test_pytorch_model_gets_pruning_recipes_judged_on_held_out_data(tmp_path, di
     assert cand.size_ratio > 8  # half the channels (about 4x fewer weights) and INT8 (4x smaller each)
     assert cand.speedup > 1.5
     assert result.baseline.accuracy > 0.97
+
+
+@pytest.mark.slow
+def test_ray_executor_builds_candidates_remotely_and_times_them_here(tmp_path, digits_onnx, digits_test_npz) -> None:
+    pytest.importorskip("ray")
+    plan = [Recipe("int8-static-qdq", (quantize.StaticInt8(),), needs=("calibration",))]
+    result = optimize(digits_onnx, digits_test_npz, out_dir=tmp_path / "o", recipes=plan, bench=FAST, threads=1,
+                      executor="ray", progress=False)
+    assert any("built 1 candidate(s) on Ray" in n for n in result.notes)
+    assert result.chosen is not None and result.chosen.size_ratio > 3.5
+    assert result.chosen.latency_ms["p50"] < result.baseline.latency_ms["p50"]

@@ -66,3 +66,9 @@ class BudgetNotMet(EdgeoptError):
     """No candidate met the budget; the message names the closest one."""
 
     exit_code = 3
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,18 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeopt.deps import available, require
-from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation
+from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation, first_line
 
 if TYPE_CHECKING:
     from edgeopt.model import Model
 
 KNOWN_OPTIONS = ("use_xnnpack",)
 _INTEGER_IO = (np.int8, np.uint8, np.int16)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def quantization_of(detail: dict[str, Any]) -> tuple[float, int] | None:
@@ -88,7 +83,7 @@ class LiteRtSession:
             if not all(s[0] == 1 and len(s) == len(g) and s[1:] == g[1:]
                        for s, g in zip(self._exported, shapes, strict=True)):
                 raise DataError(f"LiteRT cannot run {self._source} with input shapes {shapes}: "
-                                f"{_first_line(exc)}") from exc
+                                f"{first_line(exc)}") from exc
             self._unresizable.add(tuple(shapes))
             return False
         self._shapes = shapes
@@ -100,7 +95,7 @@ class LiteRtSession:
         try:
             self._interp.invoke()
         except RuntimeError as exc:
-            raise ModelError(f"LiteRT failed to run {self._source}: {_first_line(exc)}") from exc
+            raise ModelError(f"LiteRT failed to run {self._source}: {first_line(exc)}") from exc
         return [self._interp.get_tensor(d["index"]) for d in self._outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -160,7 +155,7 @@ class LiteRtRuntime:
             interpreter = litert.Interpreter(**kwargs)
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            text = _first_line(exc)
+            text = first_line(exc)
             if "op" in text.lower() and ("unsupported" in text.lower() or "didn't find" in text.lower()
                                          or "not supported" in text.lower()):
                 raise UnsupportedOperation(f"LiteRT cannot run {model.source}: {text}") from exc

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgeopt.data import Dataset
-from edgeopt.errors import BadInput, EdgeoptError, ModelError
+from edgeopt.errors import BadInput, EdgeoptError, ModelError, first_line
 from edgeopt.split import protocol
 from edgeopt.split.protocol import Frame, ProtocolError
 
@@ -175,11 +175,6 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def stage_main(index: int, model_path: str, threads: int, host: str, control: Any,
                link: dict[str, float] | None, slowdown: float) -> None:
     """Entry point of one stage process: load, connect, then receive -> run -> send until ``end``."""
@@ -205,7 +200,7 @@ def stage_main(index: int, model_path: str, threads: int, host: str, control: An
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except Exception as exc:  # report anything that stops the stage from starting
         with contextlib.suppress(OSError):
-            control.send(("error", f"stage {index} ({Path(model_path).name}) cannot start: {_first_line(exc)}"))
+            control.send(("error", f"stage {index} ({Path(model_path).name}) cannot start: {first_line(exc)}"))
         sys.exit(1)
     sender = _LinkSender(down, link)
     code = 0
@@ -231,14 +226,14 @@ def stage_main(index: int, model_path: str, threads: int, host: str, control: An
             try:
                 outputs = session.run(out_names, feeds)
             except Exception as exc:  # ORT's own error types
-                raise RuntimeError(f"failed on item {frame.seq}: {_first_line(exc)}") from None
+                raise RuntimeError(f"failed on item {frame.seq}: {first_line(exc)}") from None
             if slowdown > 1.0:
                 time.sleep((time.perf_counter() - start) * (slowdown - 1.0))
             sender.put(Frame("data", seq=frame.seq, tensors=dict(zip(out_names, outputs, strict=True))))
     except Exception as exc:  # a bad tensor or a runtime failure: tell downstream, then exit
         code = 1
         with contextlib.suppress(Exception):
-            sender.put(Frame("error", message=f"stage {index}: {_first_line(exc)}"))
+            sender.put(Frame("error", message=f"stage {index}: {first_line(exc)}"))
     finally:
         sender.close()
         with contextlib.suppress(OSError):
@@ -388,7 +383,7 @@ def load_plan(outdir: str | Path) -> dict[str, Any]:
                 raise BadInput(f"{folder / stage['path']} is missing; re-run edgeopt split")
         float(plan["link"]["mbps"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise BadInput(f"{path} is not a valid split plan ({_first_line(exc)})") from exc
+        raise BadInput(f"{path} is not a valid split plan ({first_line(exc)})") from exc
     return plan
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import BadInput, UnsupportedOperation
+from edgeopt.errors import BadInput, UnsupportedOperation, first_line
 from edgeopt.measure.evaluate import fidelity
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
@@ -84,7 +84,7 @@ def to_onnx(model: Model, config: OnnxExport | None = None, *, data: Dataset | N
                                     input_names=input_names, output_names=list(cfg.output_names),
                                     opset_version=cfg.opset, verbose=False, optimize=True)
     except Exception as exc:
-        raise UnsupportedOperation(f"ONNX export of {model.source} failed: {_first_line(exc)}") from exc
+        raise UnsupportedOperation(f"ONNX export of {model.source} failed: {first_line(exc)}") from exc
     proto = program.model_proto
     exported = Model.from_onnx(proto, source=f"{model.source} (onnx)")
     check = verify_export(model, exported, feeds, atol=cfg.atol)
@@ -108,11 +108,6 @@ def verify_export(torch_model: Model, onnx_model: Model, feeds: dict[str, np.nda
         raise BadInput(f"ONNX export does not match PyTorch: max abs diff {diff:.3g} > tolerance {atol:g} "
                        f"(cosine {cos:.6f})")
     return check
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @register_transform(OnnxExport)

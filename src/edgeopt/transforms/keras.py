@@ -17,9 +17,9 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation
+from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation, first_line
 from edgeopt.model import Model
-from edgeopt.transforms.tflite import TfliteCheck, TfliteExport, _check, _first_line
+from edgeopt.transforms.tflite import TfliteCheck, TfliteExport, _check
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 _UNSUPPORTED = re.compile(r"'(tf\.\w+)' op is neither a custom op nor a flex op")
@@ -41,13 +41,13 @@ def load_keras(path: str | Path) -> Any:
         return tf.keras.models.load_model(path, compile=False)
     except Exception as exc:
         if path.suffix.lower() == ".keras":
-            raise ModelError(f"cannot load Keras model {path}: {_first_line(exc)}") from exc
+            raise ModelError(f"cannot load Keras model {path}: {first_line(exc)}") from exc
         first = exc
     tf_keras = require("tf_keras", extra="tensorflow")
     try:
         return tf_keras.models.load_model(path, compile=False)
     except Exception as exc:
-        raise ModelError(f"cannot load Keras model {path}: {_first_line(first)}") from exc
+        raise ModelError(f"cannot load Keras model {path}: {first_line(first)}") from exc
 
 
 def keras_to_tflite(keras_model: Any, config: TfliteExport | None = None, *, data: Dataset | None = None,
@@ -102,7 +102,7 @@ def keras_to_tflite(keras_model: Any, config: TfliteExport | None = None, *, dat
         if match:
             raise UnsupportedOperation(f"TFLite export of {source}: the converter cannot handle operator "
                                        f"{match.group(1)}") from exc
-        raise UnsupportedOperation(f"TFLite export of {source} failed: {_first_line(exc)}") from exc
+        raise UnsupportedOperation(f"TFLite export of {source} failed: {first_line(exc)}") from exc
     out = Model.from_tflite(bytes(payload), source=f"{source} (tflite {cfg.quantize})")
     ref = keras_model(*inputs, training=False) if len(inputs) > 1 else keras_model(inputs[0], training=False)
     ref = np.asarray(ref[0] if isinstance(ref, list | tuple) else ref, dtype=np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import BadInput, ConfigError, DataError, UnsupportedOperation
+from edgeopt.errors import BadInput, ConfigError, DataError, UnsupportedOperation, first_line
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
 
@@ -131,9 +131,9 @@ def nncf_quantize(model: Model, config: NncfInt8 | None = None, *, data: Dataset
             quantized = nncf.quantize(proto, dataset, **kwargs)
     except (nncf.ValidationError, nncf.UnsupportedModelError, nncf.UnsupportedBackendError,
             nncf.ParameterNotSupportedError) as exc:
-        raise UnsupportedOperation(f"NNCF cannot quantize {model.source}: {_first_line(exc)}") from exc
+        raise UnsupportedOperation(f"NNCF cannot quantize {model.source}: {first_line(exc)}") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise UnsupportedOperation(f"NNCF failed on {model.source}: {_first_line(exc)}") from exc
+        raise UnsupportedOperation(f"NNCF failed on {model.source}: {first_line(exc)}") from exc
     result = Model.from_onnx(quantized, source=f"{model.source} [nncf-int8]")
     return result.with_metadata(runtime="openvino", quantization=f"nncf-int8-{cfg.preset}")
 
@@ -151,11 +151,6 @@ def _items(data: Dataset, batch: int) -> Iterator[dict[str, np.ndarray]]:
     for inputs, _ in data.batches(batch):
         if len(next(iter(inputs.values()))) == batch:
             yield {k: np.ascontiguousarray(v) for k, v in inputs.items()}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @register_transform(NncfInt8)

@@ -27,7 +27,14 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import available, require
-from edgeopt.errors import BadInput, ConfigError, DataError, MissingDependency, UnsupportedOperation
+from edgeopt.errors import (
+    BadInput,
+    ConfigError,
+    DataError,
+    MissingDependency,
+    UnsupportedOperation,
+    first_line,
+)
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, config_to_dict, register_config, register_transform
 
@@ -318,13 +325,8 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _unsupported(model: Model, what: str, exc: BaseException) -> UnsupportedOperation:
-    message = _first_line(exc)
+    message = first_line(exc)
     ops = sorted({n.op_type for n in model.onnx.graph.node if n.op_type in str(exc)}, key=len, reverse=True)
     named = f" (operator {ops[0]})" if ops else ""
     return UnsupportedOperation(f"ONNX Runtime could not {what} {model.source}{named}: {message}")

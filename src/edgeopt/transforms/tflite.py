@@ -24,7 +24,7 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation
+from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation, first_line
 from edgeopt.measure.evaluate import fidelity
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
@@ -173,7 +173,7 @@ def _as_module(model: Model) -> Any:
             return onnx2torch.convert(model.onnx).eval()
         except Exception as exc:
             raise UnsupportedOperation(f"cannot convert ONNX {model.source} to PyTorch for TFLite export "
-                                       f"(onnx2torch): {_first_line(exc)}") from exc
+                                       f"(onnx2torch): {first_line(exc)}") from exc
     raise ModelError(f"cannot export a {model.format} model to TFLite")
 
 
@@ -201,7 +201,7 @@ def _convert(module: Any, model: Model, data: Dataset | None) -> Model:
                 raise UnsupportedOperation(
                     f"TFLite export of {model.source}: the converter has no lowering for operator "
                     f"{match.group(1)}; replace it in the model or export to ONNX instead") from exc
-            raise UnsupportedOperation(f"TFLite export of {model.source} failed: {_first_line(exc)}") from exc
+            raise UnsupportedOperation(f"TFLite export of {model.source} failed: {first_line(exc)}") from exc
     return Model.from_tflite(payload, source=f"{model.source} (tflite none)")
 
 
@@ -229,7 +229,7 @@ def _quantize(float_model: Model, cfg: TfliteExport, data: Dataset | None) -> by
             result = q.quantize(calibration, enable_progress_report=False)
     except (ValueError, RuntimeError) as exc:
         raise UnsupportedOperation(f"ai-edge-quantizer cannot apply {cfg.quantize} to "
-                                   f"{float_model.source}: {_first_line(exc)}") from exc
+                                   f"{float_model.source}: {first_line(exc)}") from exc
     return bytes(result.quantized_model)
 
 
@@ -309,11 +309,6 @@ def _check(model: Model, cfg: TfliteExport, inputs: list[np.ndarray], ref: np.nd
                        f"{cfg.cosine_floor:g} (max abs diff {diff:.3g}); try another --quantize mode or "
                        "more representative --data")
     return check
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @register_transform(TfliteExport)

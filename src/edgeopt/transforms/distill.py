@@ -26,6 +26,20 @@ from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
 
 
+def check_kd_fields(config: Any) -> None:
+    """The checks every distillation config shares: epochs, temperature, alpha, val_fraction, patience."""
+    if config.epochs < 1:
+        raise BadInput(f"--epochs must be >= 1, got {config.epochs}")
+    if config.temperature <= 0:
+        raise BadInput(f"--temperature must be > 0, got {config.temperature}")
+    if not 0.0 <= config.alpha <= 1.0:
+        raise BadInput(f"--alpha must be in [0, 1], got {config.alpha}")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise BadInput(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
+    if config.patience is not None and config.patience < 1:
+        raise BadInput(f"--patience must be >= 1, got {config.patience}")
+
+
 @register_config
 @dataclass(frozen=True)
 class Distill:
@@ -51,18 +65,9 @@ class Distill:
     def __post_init__(self) -> None:
         if not self.student:
             raise BadInput("student must be a catalogue name or file.py:factory")
-        if self.epochs < 1:
-            raise BadInput(f"--epochs must be >= 1, got {self.epochs}")
-        if self.temperature <= 0:
-            raise BadInput(f"--temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise BadInput(f"--alpha must be in [0, 1], got {self.alpha}")
+        check_kd_fields(self)
         if self.feature_weight < 0:
             raise BadInput(f"feature weight must be >= 0, got {self.feature_weight}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise BadInput(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        if self.patience is not None and self.patience < 1:
-            raise BadInput(f"--patience must be >= 1, got {self.patience}")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from edgeopt.deps import require
 from edgeopt.errors import BadInput, DataError, ModelError
 from edgeopt.model import Model
 from edgeopt.text_data import TextExamples, WordVocab, text_dataset
+from edgeopt.transforms.distill import check_kd_fields
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,9 @@ class DistillText:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise BadInput(f"--epochs must be >= 1, got {self.epochs}")
-        if self.temperature <= 0:
-            raise BadInput(f"--temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise BadInput(f"--alpha must be in [0, 1], got {self.alpha}")
+        check_kd_fields(self)
         if self.hidden_weight < 0:
             raise BadInput(f"hidden-state weight must be >= 0, got {self.hidden_weight}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise BadInput(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.max_len < 3:
             raise BadInput(f"--max-len must be >= 3, got {self.max_len}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgeopt.deps import require
-from edgeopt.errors import ModelError
+from edgeopt.errors import ModelError, first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -266,13 +266,12 @@ def _load_onnx(path: Path) -> Model:
     try:
         proto = onnx.load(str(path))
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise ModelError(f"{path} is not a valid ONNX file ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else 'cannot parse'}); re-export it") from exc
+        raise ModelError(f"{path} is not a valid ONNX file ({type(exc).__name__}: {first_line(exc)}); "
+                         "re-export it") from exc
     try:
         onnx.checker.check_model(proto, full_check=False)
     except Exception as exc:  # onnx raises several checker error types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path} is not a valid ONNX model: {first}; re-export it") from exc
+        raise ModelError(f"{path} is not a valid ONNX model: {first_line(exc)}; re-export it") from exc
     if len(proto.graph.node) == 0:
         raise ModelError(f"{path} is an ONNX file with an empty graph; re-export the model")
     return Model.from_onnx(proto, source=str(path), path=path)
@@ -318,7 +317,7 @@ def _tflite_io(payload: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
     try:
         interp = litert.Interpreter(model_content=payload)
     except (ValueError, RuntimeError) as exc:
-        raise ModelError(f"not a valid TFLite model: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"not a valid TFLite model: {first_line(exc)}") from exc
 
     def spec(detail: dict[str, Any]) -> TensorSpec:
         shape = tuple(int(d) for d in detail["shape"])
@@ -380,7 +379,7 @@ def load_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         if not trust_pickle and "weights_only" in str(exc):
             raise ModelError(f"{p.name} holds pickled Python objects, not a plain state_dict; save "
                              "model.state_dict() instead, or pass --trust-pickle if you trust the file") from exc
-        raise ModelError(f"cannot read weights {p}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"cannot read weights {p}: {type(exc).__name__}: {first_line(exc)}") from exc
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict()
     if isinstance(obj, dict):
@@ -416,7 +415,7 @@ def _load_pt2(path: Path, input_shape: tuple[int, ...] | None) -> Model:
         program = torch.export.load(str(path))
     except Exception as exc:
         raise ModelError(f"{path} is not a valid torch.export archive: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                         f"{first_line(exc)}") from exc
     module = program.module()
     shape = input_shape
     example = getattr(program, "example_inputs", None)

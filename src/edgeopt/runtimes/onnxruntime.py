@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeopt.deps import available, require
-from edgeopt.errors import BadInput, ModelError, UnsupportedOperation
+from edgeopt.errors import BadInput, ModelError, UnsupportedOperation, first_line
 
 if TYPE_CHECKING:
     from edgeopt.model import Model
@@ -59,7 +59,7 @@ class OnnxRuntime:
             session = ort.InferenceSession(model.serialized(), sess_options=so,
                                            providers=["CPUExecutionProvider"])
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = first_line(exc)
             if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
                 raise UnsupportedOperation(f"ONNX Runtime cannot run {model.source}: {text}") from exc
             raise ModelError(f"ONNX Runtime cannot load {model.source}: {text}") from exc

@@ -171,3 +171,50 @@ def test_ray_executor_builds_candidates_remotely_and_times_them_here(tmp_path, d
     assert any("built 1 candidate(s) on Ray" in n for n in result.notes)
     assert result.chosen is not None and result.chosen.size_ratio > 3.5
     assert result.chosen.latency_ms["p50"] < result.baseline.latency_ms["p50"]
+
+
+def test_fine_tuning_split_is_85_15_disjoint_and_needs_20_samples(digits_test_npz) -> None:
+    from edgeopt.data import load_data
+    from edgeopt.search.optimize import fine_tuning_split, split_data
+
+    data = load_data(digits_test_npz)
+    assert fine_tuning_split(data.take(slice(0, 19)), seed=0) == (None, None)
+    train, validation = fine_tuning_split(data, seed=0)
+    assert len(train) + len(validation) == len(data)
+    assert abs(len(validation) - 0.15 * len(data)) <= 10  # stratified: rounded per class
+    assert set(validation.labels) == set(data.labels)
+    rows = {r.tobytes() for r in train.inputs["x"]}
+    assert not any(r.tobytes() in rows for r in validation.inputs["x"])
+    split = split_data(data, eval_fraction=0.5, seed=0)
+    assert split.train is not None and len(split.train) + len(split.validation) == len(split.tune)
+
+
+def test_apply_replays_a_recipe_with_the_fine_tuning_split(cli, tmp_path, digits_onnx, digits_test_npz,
+                                                           monkeypatch) -> None:
+    import numpy as np
+
+    from edgeopt.data import load_data
+    from edgeopt.search import recipe as recipe_module
+    from edgeopt.search.optimize import fine_tuning_split
+
+    static = tmp_path / "static.json"
+    static.write_text(json.dumps(recipes()[0].to_dict()))
+    no_data = cli("apply", digits_onnx, static, "-o", tmp_path / "m.onnx")
+    assert no_data.exit_code == 2 and "needs calibration data: pass --data" in no_data.stderr
+    dynamic = tmp_path / "dynamic.json"
+    dynamic.write_text(json.dumps({"chosen_recipe": recipes()[1].to_dict()}))  # optimize's report.json shape
+    done = cli("apply", digits_onnx, dynamic, "-o", tmp_path / "d.onnx")
+    assert done.exit_code == 0, done.output
+    assert "DynamicInt8" in load_model(tmp_path / "d.onnx").metadata["edgeopt.recipe"]
+
+    seen = {}
+
+    def record(model, plan, ctx):
+        seen["ctx"] = ctx
+        return model
+
+    monkeypatch.setattr(recipe_module, "apply_recipe", record)
+    assert cli("apply", digits_onnx, static, "-o", tmp_path / "s.onnx", "--data", digits_test_npz).exit_code == 0
+    train, validation = fine_tuning_split(load_data(digits_test_npz), seed=0)
+    assert np.array_equal(seen["ctx"].train.inputs["x"], train.inputs["x"])
+    assert np.array_equal(seen["ctx"].validation.inputs["x"], validation.inputs["x"])

@@ -114,6 +114,7 @@ def apply(
     from edgeopt.data import load_data
     from edgeopt.errors import BadInput
     from edgeopt.model import load_model
+    from edgeopt.search.optimize import fine_tuning_split
     from edgeopt.search.recipe import Recipe, apply_recipe
     from edgeopt.transforms.config import TransformContext
 
@@ -130,9 +131,7 @@ def apply(
     dataset = load_data(data) if data else None
     if plan.needs and dataset is None:
         raise BadInput(f"recipe {plan.name} needs {', '.join(plan.needs)} data: pass --data")
-    train = validation = None
-    if dataset is not None and len(dataset) >= 20:
-        validation, train = dataset.split(0.15, seed=0)
+    train, validation = fine_tuning_split(dataset, seed=0) if dataset is not None else (None, None)
     ctx = TransformContext(calibration=dataset, train=train, validation=validation, teacher=loaded)
     with console.status(f"applying {plan.describe()}..."):
         result = apply_recipe(loaded, plan, ctx)

@@ -88,10 +88,19 @@ def split_data(data: Dataset, *, eval_fraction: float, seed: int) -> _Split:
         raise DataError(f"{data.source} has {len(data)} samples; optimize needs at least 20 "
                         "(half calibrate or fine-tune, half judge)")
     evaluation, tune = data.split(eval_fraction, seed=seed)
-    train = validation = None
-    if len(tune) >= 20:
-        validation, train = tune.split(0.15, seed=seed + 1)
+    train, validation = fine_tuning_split(tune, seed=seed + 1)
     return _Split(tune=tune, evaluation=evaluation, train=train, validation=validation)
+
+
+def fine_tuning_split(data: Dataset, *, seed: int) -> tuple[Dataset | None, Dataset | None]:
+    """``(train, validation)``: 85 % / 15 %, disjoint and stratified; ``(None, None)`` under 20 samples.
+
+    Recipes that fine-tune (pruning, distillation) train on the first part and stop early on the second.
+    """
+    if len(data) < 20:
+        return None, None
+    validation, train = data.split(0.15, seed=seed)
+    return train, validation
 
 
 def _onnx_baseline(model: Model, split: _Split) -> Model:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -23,13 +24,17 @@ import numpy as np
 import torch
 import torchvision
 
-from edgeopt.data import Dataset
-from edgeopt.fileio import write_json
-from edgeopt.measure.bench import BenchSettings, compare
-from edgeopt.measure.evaluate import evaluate
-from edgeopt.model import Model
-from edgeopt.transforms.export import OnnxExport, to_onnx
-from edgeopt.transforms.tflite import QUANTIZE_MODES, TfliteExport, export_tflite
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quantize_peers import reestimate_batchnorm  # noqa: E402
+
+from edgeopt.data import Dataset  # noqa: E402
+from edgeopt.fileio import write_json  # noqa: E402
+from edgeopt.measure.bench import BenchSettings, compare  # noqa: E402
+from edgeopt.measure.evaluate import evaluate  # noqa: E402
+from edgeopt.model import Model  # noqa: E402
+from edgeopt.transforms.export import OnnxExport, to_onnx  # noqa: E402
+from edgeopt.transforms.tflite import QUANTIZE_MODES, TfliteExport, export_tflite  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "export_tflite.json"
@@ -45,16 +50,7 @@ def images(n: int, seed: int) -> np.ndarray:
 
 def build(calibration: np.ndarray) -> torch.nn.Module:
     torch.manual_seed(0)
-    net = torchvision.models.mobilenet_v2(weights=None)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over all batches
-    net.train()
-    with torch.no_grad():
-        for i in range(0, len(calibration), 16):
-            net(torch.from_numpy(calibration[i:i + 16]))
-    return net.eval()
+    return reestimate_batchnorm(torchvision.models.mobilenet_v2(weights=None), calibration)
 
 
 def main() -> None:

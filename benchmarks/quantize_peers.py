@@ -90,24 +90,32 @@ def smooth_images(n: int, seed: int, size: int) -> np.ndarray:
     return x.numpy().astype(np.float32)
 
 
+def reestimate_batchnorm(net: Any, images: np.ndarray, *, batch: int = 16) -> Any:
+    """Reset every BatchNorm's running statistics and re-estimate them on ``images``; return ``net`` in eval mode.
+
+    Random weights give flat outputs until BatchNorm statistics match real activations. The forward
+    passes run in train mode without gradients; no weight changes.
+    """
+    torch = importlib.import_module("torch")
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the re-estimation batches
+    net.train()
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            net(torch.from_numpy(images[start:start + batch]))
+    return net.eval()
+
+
 def torchvision_case(name: str, *, size: int, n_calib: int, n_eval: int, n_heldout: int) -> Case:
     torch = importlib.import_module("torch")
     torchvision = importlib.import_module("torchvision")
     from edgeopt.transforms.export import OnnxExport, to_onnx
 
     torch.manual_seed(0)
-    net = getattr(torchvision.models, name)(weights=None)
-    # Random weights give flat outputs until BatchNorm statistics match real activations.
-    for module in net.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the re-estimation batches
-    net.train()
-    bn_images = torch.from_numpy(smooth_images(64, seed=100, size=size))
-    with torch.no_grad():
-        for start in range(0, len(bn_images), 16):
-            net(bn_images[start:start + 16])
-    net.eval()
+    net = reestimate_batchnorm(getattr(torchvision.models, name)(weights=None),
+                               smooth_images(64, seed=100, size=size))
     torch_model = Model.from_torch(net, source=name, input_shape=(1, 3, size, size))
     sample = Dataset({"input": smooth_images(2, seed=101, size=size)}, None, source="export-sample")
     fp32, _ = to_onnx(torch_model, OnnxExport(atol=1e-3), data=sample)

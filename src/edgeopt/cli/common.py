@@ -67,10 +67,15 @@ WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="state_dict (
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled modules (runs code from the file).")]
 RuntimeOpt = Annotated[str | None, typer.Option("--runtime", help="onnxruntime, openvino, litert or torch; default: the model's stored runtime.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Intra-op threads; default: the device profile's.")]
+# For commands that time or evaluate with one thread unless told otherwise (they take no --device).
+ThreadsDefault1Opt = Annotated[int | None, typer.Option("--threads", help="Intra-op threads; default: 1.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device profile name or .yaml file (see edgeopt devices).")]
 InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="CxHxW for image folders, e.g. 3x224x224.")]
 MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean, comma-separated, e.g. 0.485,0.456,0.406.")]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std, comma-separated.")]
+SecondsOpt = Annotated[float, typer.Option("--seconds", help="Minimum timed seconds per model.")]
+RunsOpt = Annotated[int, typer.Option("--runs", help="Minimum timed runs per model.")]
+MaxDropOpt = Annotated[float, typer.Option("--max-drop", help="Allowed drop in absolute points (0.01 = 1 pt).")]
 
 
 def parse_floats(text: str | None, flag: str) -> list[float] | None:

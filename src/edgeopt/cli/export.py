@@ -11,7 +11,9 @@ from rich.table import Table
 from edgeopt.cli import app
 from edgeopt.cli.common import (
     JsonOpt,
-    ThreadsOpt,
+    RunsOpt,
+    SecondsOpt,
+    ThreadsDefault1Opt,
     TrustPickleOpt,
     WeightsOpt,
     console,
@@ -42,9 +44,9 @@ def export(
     min_cosine: Annotated[float | None, typer.Option(
         "--min-cosine", help="tflite: cosine floor vs the reference (default 0.999 float, 0.98 INT8).")] = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="tflite: time every variant in LiteRT.")] = True,
-    threads: ThreadsOpt = None,
-    seconds: Annotated[float, typer.Option("--seconds", help="Minimum timed seconds per variant.")] = 1.0,
-    runs: Annotated[int, typer.Option("--runs", help="Minimum timed runs per variant.")] = 50,
+    threads: ThreadsDefault1Opt = None,
+    seconds: SecondsOpt = 1.0,
+    runs: RunsOpt = 50,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,

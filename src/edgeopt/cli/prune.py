@@ -11,7 +11,8 @@ from rich.table import Table
 from edgeopt.cli import app
 from edgeopt.cli.common import (
     JsonOpt,
-    ThreadsOpt,
+    SecondsOpt,
+    ThreadsDefault1Opt,
     TrustPickleOpt,
     WeightsOpt,
     console,
@@ -44,8 +45,8 @@ def prune(
     lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")] = 1e-3,
     distill: Annotated[bool, typer.Option("--distill", help="Fine-tune with distillation from the unpruned model.")] = False,
     steps: Annotated[int, typer.Option("--steps", help="Iterative prune-and-tune steps.")] = 1,
-    threads: ThreadsOpt = None,
-    seconds: Annotated[float, typer.Option("--seconds", help="Minimum timing seconds per model.")] = 1.0,
+    threads: ThreadsDefault1Opt = None,
+    seconds: SecondsOpt = 1.0,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")] = False,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,

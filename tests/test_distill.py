@@ -51,7 +51,8 @@ def test_config_validates_and_round_trips():
     cfg = Distill(student="squeezenet1_1", epochs=3, alpha=0.5, feature_weight=0.5, patience=2)
     assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
     for bad, message in [({"alpha": 1.5}, "--alpha must be in"), ({"epochs": 0}, "--epochs must be >= 1"),
-                         ({"temperature": 0}, "--temperature must be > 0"), ({"val_fraction": 1.0}, "--val-fraction")]:
+                         ({"temperature": 0}, "--temperature must be > 0"), ({"val_fraction": 1.0}, "--val-fraction"),
+                         ({"augment_shift": -1}, "--augment-shift must be >= 0"), ({"warmup": -0.1}, "--warmup")]:
         with pytest.raises(BadInput, match=message):
             Distill(**bad)
 
@@ -97,6 +98,38 @@ def test_feature_matching_with_a_torch_teacher(digits_factory, small_train):
     # the feature hooks are removed after training: inference has no side effects left
     net = result.student.module
     assert all(not m._forward_pre_hooks for m in net.modules())
+
+
+@pytest.mark.slow
+def test_augmented_distillation_runs_an_onnx_teacher_on_each_shifted_batch(digits_onnx, small_train, student_py,
+                                                                           monkeypatch):
+    """With --augment-shift the ONNX teacher runs in ONNX Runtime on every batch (not once up front)."""
+    import edgeopt.transforms.distill as distill_module
+
+    calls = []
+    real = distill_module.teacher_function
+
+    def counting(teacher):
+        run = real(teacher)
+        return lambda batch: calls.append(len(batch["x"])) or run(batch)
+
+    monkeypatch.setattr(distill_module, "teacher_function", counting)
+    test = load_data(small_train).take(slice(300, 400))
+    result = distill(load_model(digits_onnx), load_data(small_train).take(slice(0, 300)),
+                     Distill(student=f"{student_py}:tiny", epochs=3, lr=1e-2, augment_shift=2, warmup=0.1),
+                     test=test, bench_seconds=0.1, progress=False)
+    r = result.report
+    n = r["data"]["train"]
+    # the held-out 43 plain and shifted (the views check), then every batch of 64 in each of 3 epochs
+    assert n == 257 and calls == [43, 43] + [64, 64, 64, 64, 1] * 3
+    assert r["config"]["augment_shift"] == 2 and r["config"]["warmup"] == 0.1
+    assert r["baseline"]["accuracy"] is not None and "augmentation" in r["baseline"]["description"]
+    # the bundled teacher never saw shifted digits: the report says its soft targets there are poor
+    views = r["teacher"]["validation_accuracy_on_views"]
+    assert views["plain"] > 0.95 and views["shifted"] < views["plain"] - 0.05
+    assert r["notes"] == [f"the teacher is {100 * views['shifted']:.1f}% accurate on images shifted by up to 2 px "
+                          f"({100 * views['plain']:.1f}% unshifted): its soft targets on the shifted views are poor; "
+                          "train the teacher with the same shifts or lower --augment-shift"]
 
 
 def test_feature_matching_needs_a_torch_teacher(digits_onnx, small_train):

@@ -3,6 +3,13 @@
 Supervised cross-entropy, optionally blended with knowledge distillation from a teacher's
 logits (Hinton et al. 2015: KL at temperature T, scaled by T^2), early stopping on a
 validation split with the best weights restored. Deterministic for a given seed.
+
+Two options exist because distillation needs them to work at all on small data:
+- a linear learning-rate warm-up before the cosine decay: a transformer trained from scratch
+  with Adam diverges or stalls at chance without it (seen on the 4-layer BERT teacher);
+- random-shift augmentation with the teacher run on the *same* shifted batch ("consistent
+  teaching", Beyer et al. 2022): soft targets computed once on the unshifted images would
+  contradict the view the student sees, so with augmentation the teacher is a callable.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ class TrainConfig:
 
     ``alpha`` weights the soft (teacher) loss against the hard (label) loss: 1.0 is pure
     distillation, 0.0 ignores the teacher. ``patience`` stops after that many epochs without a
-    better validation accuracy (None: run all epochs).
+    better validation accuracy (None: run all epochs). ``warmup`` is the fraction of all steps
+    over which the learning rate ramps up linearly; ``augment_shift`` moves each image by up to
+    that many pixels (edge-padded) in every batch.
     """
 
     epochs: int = 5
@@ -39,6 +48,8 @@ class TrainConfig:
     patience: int | None = None
     seed: int = 0
     max_seconds: float | None = None
+    warmup: float = 0.0
+    augment_shift: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -53,6 +64,10 @@ class TrainConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.optimizer not in ("adam", "sgd", "adamw"):
             raise ConfigError(f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"warm-up must be a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.augment_shift < 0:
+            raise ConfigError(f"augment shift must be >= 0 pixels, got {self.augment_shift}")
 
 
 @dataclass
@@ -116,7 +131,8 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
         teacher_logits: np.ndarray | None = None, params: Iterable[Any] | None = None,
         progress: bool = True, description: str = "training",
         on_epoch_end: Callable[[FitResult], None] | None = None,
-        extra_loss: Callable[[Any], Any] | None = None) -> FitResult:
+        extra_loss: Callable[[Any], Any] | None = None,
+        teacher: Callable[[dict[str, Any]], Any] | None = None) -> FitResult:
     """Train ``module`` in place on ``train``; return what happened.
 
     Args:
@@ -125,6 +141,9 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
         config: epochs, lr, distillation temperature/alpha, patience.
         validation: labelled data for early stopping; the best epoch's weights are restored.
         teacher_logits: the teacher's logits for every ``train`` sample, in order.
+        teacher: instead of ``teacher_logits``, a function from a batch (tensors keyed like
+            ``train.inputs``, augmented as the student sees them) to the teacher's logits;
+            needed with ``augment_shift`` so that both models see the same view.
         params: the parameters to train (default: all with requires_grad).
         on_epoch_end: called after each epoch with the result so far (module holds that epoch's
             weights), e.g. to write a checkpoint.
@@ -137,11 +156,17 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
     """
     torch = require("torch", extra="torch")
     cfg = config or TrainConfig()
-    if train.labels is None and (teacher_logits is None or cfg.alpha == 0):
+    if teacher_logits is not None and teacher is not None:
+        raise ConfigError("give the teacher's logits or the teacher, not both")
+    if teacher_logits is not None and cfg.augment_shift:
+        raise ConfigError("augmentation needs the teacher itself (its logits change with the view), "
+                          "not precomputed logits")
+    has_teacher = teacher_logits is not None or teacher is not None
+    if train.labels is None and (not has_teacher or cfg.alpha == 0):
         raise DataError(f"{train.source} has no labels (y) and there is no teacher: nothing to train on")
     if teacher_logits is not None and len(teacher_logits) != len(train):
         raise DataError("teacher logits must have one row per training sample")
-    if train.labels is None and teacher_logits is not None and cfg.alpha < 1:
+    if train.labels is None and has_teacher and cfg.alpha < 1:
         cfg = TrainConfig(**{**cfg.__dict__, "alpha": 1.0})
     torch.manual_seed(cfg.seed)
     trainable = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
@@ -153,13 +178,14 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs))
     tensors = _to_tensors(torch, train.inputs)
     labels = torch.from_numpy(train.labels) if train.labels is not None else None
     soft = torch.from_numpy(teacher_logits.astype(np.float32)) if teacher_logits is not None else None
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(train)
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps))
+    shift = _Shift(torch, tensors, cfg.augment_shift, seed=cfg.seed + 1) if cfg.augment_shift else None
 
     result = FitResult(epochs_run=0, best_epoch=0, best_val_accuracy=None)
     best_state = None
@@ -177,19 +203,26 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
             total = 0.0
             for s in range(steps):
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                out = _forward(module, {k: v[idx] for k, v in tensors.items()})
-                loss = kd_loss(out, soft[idx] if soft is not None else None,
-                               labels[idx] if labels is not None else None,
+                batch = {k: v[idx] for k, v in tensors.items()}
+                if shift is not None:
+                    batch = shift(batch)
+                if teacher is not None:
+                    with torch.no_grad():
+                        targets = teacher(batch).float()
+                else:
+                    targets = soft[idx] if soft is not None else None
+                out = _forward(module, batch)
+                loss = kd_loss(out, targets, labels[idx] if labels is not None else None,
                                temperature=cfg.temperature, alpha=cfg.alpha)
                 if extra_loss is not None:
                     loss = loss + extra_loss(idx)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
                 total += float(loss.detach()) * len(idx)
                 if bar:
                     bar.advance(task)
-            sched.step()
             result.epochs_run = epoch + 1
             entry = {"epoch": epoch + 1, "loss": total / n}
             if validation is not None and validation.labels is not None:
@@ -213,6 +246,41 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
     module.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-step LR multiplier: linear warm-up over ``cfg.warmup`` of all steps, times a cosine
+    decay that steps once per epoch (the schedule this loop always had)."""
+    warm = int(cfg.warmup * cfg.epochs * steps_per_epoch)
+    epochs = max(1, cfg.epochs)
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warm) if warm else 1.0
+        return ramp * 0.5 * (1.0 + np.cos(np.pi * (step // steps_per_epoch) / epochs))
+
+    return factor
+
+
+class _Shift:
+    """Random translation by up to ``pixels`` per image (edge padding), for every 4-D float input."""
+
+    def __init__(self, torch: Any, tensors: dict[str, Any], pixels: int, *, seed: int) -> None:
+        self.keys = [k for k, v in tensors.items() if v.dim() == 4 and v.is_floating_point()]
+        if not self.keys:
+            raise ConfigError("random-shift augmentation needs image inputs shaped (N, C, H, W)")
+        self.torch, self.pixels = torch, pixels
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        f, p = self.torch.nn.functional, self.pixels
+        out = dict(batch)
+        for key in self.keys:
+            x = batch[key]
+            padded = f.pad(x, (p, p, p, p), mode="replicate")
+            dy, dx = self.torch.randint(0, 2 * p + 1, (2, len(x)), generator=self.gen).tolist()
+            h, w = x.shape[2], x.shape[3]
+            out[key] = self.torch.stack([padded[i, :, y:y + h, z:z + w] for i, (y, z) in enumerate(zip(dy, dx, strict=True))])
+        return out
 
 
 class _NoBar:

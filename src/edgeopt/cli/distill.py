@@ -93,6 +93,8 @@ def distill(
     test_data: Annotated[str | None, typer.Option("--test-data", help="Data the report's accuracies use (default: the held-out split).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-3 vision, 1e-4 text).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 64,
+    warmup: Annotated[float | None, typer.Option("--warmup", help="Fraction of the steps with a linear learning-rate warm-up (text default 0.1).")] = None,
+    augment_shift: Annotated[int, typer.Option("--augment-shift", help="Vision: shift images by up to N pixels each batch; the teacher sees the same view.")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for split, init and shuffling.")] = 0,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip training the student without the teacher.")] = False,
     max_len: Annotated[int, typer.Option("--max-len", help="Text: tokens per example.")] = 64,
@@ -121,6 +123,7 @@ def distill(
                                alpha=alpha, feature_weight=feature_weight if feature_loss else 0.0,
                                patience=patience, val_fraction=val_fraction, test_data=test_data, lr=lr,
                                batch_size=batch_size, seed=seed, baseline=not no_baseline, max_len=max_len,
+                               warmup=warmup, augment_shift=augment_shift,
                                teacher_weights=teacher_weights, trust_pickle=trust_pickle, device=device,
                                threads=threads, bench_seconds=bench_seconds)
     else:
@@ -128,7 +131,7 @@ def distill(
                                  alpha=alpha, feature_weight=feature_weight if feature_loss else 0.0,
                                  patience=patience, val_fraction=val_fraction, test_data=test_data, lr=lr,
                                  batch_size=batch_size, seed=seed, baseline=not no_baseline,
-                                 teacher_weights=teacher_weights, trust_pickle=trust_pickle, device=device,
+                                 warmup=warmup, augment_shift=augment_shift, teacher_weights=teacher_weights, trust_pickle=trust_pickle, device=device,
                                  threads=threads, bench_seconds=bench_seconds)
     report["outputs"] = {"onnx": str(out), "state_dict": str(weights_path), "report": str(report_path)}
     write_json(report_path, report)
@@ -140,8 +143,8 @@ def distill(
 def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int,
                     temperature: float, alpha: float, feature_weight: float, patience: int | None,
                     val_fraction: float, test_data: str | None, lr: float | None, batch_size: int, seed: int,
-                    baseline: bool, teacher_weights: Path | None, trust_pickle: bool, device: str | None,
-                    threads: int | None, bench_seconds: float) -> dict:
+                    baseline: bool, warmup: float | None, augment_shift: int, teacher_weights: Path | None,
+                    trust_pickle: bool, device: str | None, threads: int | None, bench_seconds: float) -> dict:
     import torch
 
     from edgeopt.cli.common import load_data_arg
@@ -151,7 +154,8 @@ def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_pa
 
     config = Distill(student=student, epochs=epochs, temperature=temperature, alpha=alpha,
                      feature_weight=feature_weight, batch_size=batch_size, patience=patience,
-                     val_fraction=val_fraction, seed=seed, **({"lr": lr} if lr is not None else {}))
+                     val_fraction=val_fraction, seed=seed, augment_shift=augment_shift,
+                     **({"lr": lr} if lr is not None else {}), **({"warmup": warmup} if warmup is not None else {}))
     t_model = load_model(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
     dataset = load_data_arg(data)
     test = load_data_arg(test_data) if test_data else None
@@ -167,8 +171,9 @@ def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_pa
 def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int,
                   temperature: float, alpha: float, feature_weight: float, patience: int | None,
                   val_fraction: float, test_data: str | None, lr: float | None, batch_size: int, seed: int,
-                  baseline: bool, max_len: int, teacher_weights: Path | None, trust_pickle: bool,
-                  device: str | None, threads: int | None, bench_seconds: float) -> dict:
+                  baseline: bool, max_len: int, warmup: float | None, augment_shift: int,
+                  teacher_weights: Path | None, trust_pickle: bool, device: str | None, threads: int | None,
+                  bench_seconds: float) -> dict:
     import torch
 
     from edgeopt.errors import BadInput
@@ -176,13 +181,15 @@ def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path
     from edgeopt.text_data import load_jsonl
     from edgeopt.transforms.distill_text import DistillText, distill_text, load_text_teacher
 
+    if augment_shift:
+        raise BadInput("--augment-shift shifts images; it does not apply to text")
     if student not in ("half", "every-other"):
         raise BadInput(f"for a transformer teacher the student is built from it: use --student half, not {student!r}")
     module, vocab = load_text_teacher(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
     config = DistillText(epochs=epochs, temperature=temperature, alpha=alpha,
                          hidden_weight=feature_weight, batch_size=batch_size, patience=patience,
                          val_fraction=val_fraction, seed=seed, max_len=max_len,
-                         **({"lr": lr} if lr is not None else {}))
+                         **({"lr": lr} if lr is not None else {}), **({"warmup": warmup} if warmup is not None else {}))
     texts = load_jsonl(data)
     test = load_jsonl(test_data) if test_data else None
     result = distill_text(module, texts, config, vocab=vocab, test=test, baseline=baseline, device=device,
@@ -211,3 +218,5 @@ def _print_report(report: dict) -> None:
     table.add_row("teacher / student", f"{r['params']:.1f}x", f"{r['macs']:.1f}x" if r.get("macs") else "-",
                   f"{r['size']:.1f}x", f"{r['speedup_p50']:.2f}x", "")
     console.print(table)
+    for note in report.get("notes", []):
+        err_console.print(f"[yellow]note:[/yellow] {note}")

@@ -36,11 +36,15 @@ class EvalResult:
 
 
 def predict(model: Model, data: Dataset, *, settings: RunSettings | None = None,
-            batch_size: int = 64) -> np.ndarray:
-    """The model's first output for every sample, stacked (N, ...)."""
+            batch_size: int = 64, session: Any = None) -> np.ndarray:
+    """The model's first output for every sample, stacked (N, ...).
+
+    ``session``: one already opened for ``model`` (callers that predict batch after batch, such
+    as an ONNX teacher during distillation, open it once).
+    """
     fitted = data.feeds_for(model)
-    rs = settings or resolve_settings(model)
-    session = open_session(model, rs)
+    if session is None:
+        session = open_session(model, settings or resolve_settings(model))
     fixed = [s.shape[0] for s in model.inputs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
     step = fixed[0] if fixed else batch_size
     chunks: list[np.ndarray] = []

@@ -4,8 +4,14 @@ The student (a catalogue network built for the data, or any ``file.py:factory``)
 the one training loop (:func:`edgeopt.training.fit`) on ``alpha * T^2 * KL(teacher_T ||
 student_T) + (1 - alpha) * CE(labels)`` (Hinton et al. 2015), optionally plus feature matching
 (FitNets-style: the student's penultimate features, through a learned linear projection, pulled
-towards the teacher's by cosine distance). The teacher is a PyTorch model or an ONNX model (its
-logits computed once by ONNX Runtime). Early stopping uses a held-out split.
+towards the teacher's by cosine distance). The teacher is a PyTorch model or an ONNX model (run
+by ONNX Runtime). Early stopping uses a held-out split.
+
+With ``augment_shift`` the images are randomly shifted every batch and the teacher is run on the
+same shifted batch ("consistent teaching", Beyer et al. 2022): on small datasets the student then
+learns the teacher's whole function around each image rather than a few thousand soft labels,
+which is where distillation beats training on labels alone. Without augmentation (and without
+feature matching) the teacher's logits are computed once, which is cheaper.
 
 So that the gain from distillation is visible, the same student (same initial weights, epochs,
 seed) is also trained on the labels alone, and the report shows both beside the teacher, with
@@ -27,7 +33,7 @@ from edgeopt.transforms.config import TransformContext, register_config, registe
 
 
 def check_kd_fields(config: Any) -> None:
-    """The checks every distillation config shares: epochs, temperature, alpha, val_fraction, patience."""
+    """The checks every distillation config shares: epochs, temperature, alpha, val_fraction, patience, warmup."""
     if config.epochs < 1:
         raise BadInput(f"--epochs must be >= 1, got {config.epochs}")
     if config.temperature <= 0:
@@ -38,6 +44,8 @@ def check_kd_fields(config: Any) -> None:
         raise BadInput(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
     if config.patience is not None and config.patience < 1:
         raise BadInput(f"--patience must be >= 1, got {config.patience}")
+    if not 0.0 <= config.warmup < 1.0:
+        raise BadInput(f"--warmup must be a fraction in [0, 1), got {config.warmup}")
 
 
 @register_config
@@ -47,7 +55,8 @@ class Distill:
 
     ``alpha`` weights the soft loss (1.0: teacher only, no labels needed); ``feature_weight`` > 0
     adds feature matching (PyTorch teachers only); ``patience`` stops early on the held-out
-    ``val_fraction`` of the data.
+    ``val_fraction`` of the data; ``augment_shift`` shifts images by up to that many pixels with
+    the teacher seeing the same view (the no-teacher baseline gets the same augmentation).
     """
 
     student: str = "mobilenet_v3_small"
@@ -61,6 +70,8 @@ class Distill:
     patience: int | None = None
     val_fraction: float = 0.15
     seed: int = 0
+    augment_shift: int = 0
+    warmup: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.student:
@@ -68,6 +79,8 @@ class Distill:
         check_kd_fields(self)
         if self.feature_weight < 0:
             raise BadInput(f"feature weight must be >= 0, got {self.feature_weight}")
+        if self.augment_shift < 0:
+            raise BadInput(f"--augment-shift must be >= 0 pixels, got {self.augment_shift}")
 
 
 @dataclass
@@ -109,6 +122,47 @@ def teacher_logits(teacher: Model, data: Dataset) -> np.ndarray:
     return np.asarray(out, dtype=np.float32).reshape(len(data), -1)
 
 
+def teacher_function(teacher: Model) -> Any:
+    """``batch tensors -> teacher logits`` for a teacher run during training (on augmented views)."""
+    torch = require("torch", extra="torch")
+    from edgeopt.training import _forward
+
+    if teacher.format == "torch":
+        module = teacher.module.eval()
+        return lambda batch: _forward(module, batch)
+    if teacher.format != "onnx":
+        raise BadInput(f"teacher {teacher.source} is {teacher.format}; give a PyTorch or ONNX teacher")
+    from edgeopt.measure.evaluate import predict
+    from edgeopt.measure.sessions import open_session, resolve_settings
+
+    session = open_session(teacher, resolve_settings(teacher, runtime="onnxruntime"))
+
+    def run(batch: dict[str, Any]) -> Any:
+        view = Dataset({k: v.numpy() for k, v in batch.items()}, None, source="training batch")
+        out = predict(teacher, view, session=session)
+        return torch.from_numpy(np.asarray(out, dtype=np.float32).reshape(len(view), -1))
+
+    return run
+
+
+def teacher_on_shifted_views(run_teacher: Any, data: Dataset, pixels: int, *, seed: int = 0) -> dict[str, float]:
+    """The teacher's accuracy on ``data`` as is and shifted as training will shift it.
+
+    Consistent teaching only helps if the teacher is right on the shifted views: a teacher never
+    trained with shifts can fall from 100% to 60% on digits moved by 2 pixels, and its soft
+    targets then teach the student mistakes.
+    """
+    torch = require("torch", extra="torch")
+    from edgeopt.training import _Shift
+
+    x = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.inputs.items()}
+    shift = _Shift(torch, x, pixels, seed=seed)
+    with torch.no_grad():
+        plain = run_teacher(x).argmax(dim=1).numpy()
+        moved = run_teacher(shift(x)).argmax(dim=1).numpy()
+    return {"plain": float(np.mean(plain == data.labels)), "shifted": float(np.mean(moved == data.labels))}
+
+
 def _output_size(torch: Any, module: Any, sample: dict[str, np.ndarray]) -> int:
     from edgeopt.training import _forward
 
@@ -144,21 +198,22 @@ class _Capture:
 
 def _feature_loss(torch: Any, student: Any, teacher: Any, train: Dataset, weight: float
                   ) -> tuple[Any, list[Any], list[Any]]:
-    """(extra_loss callback, projection parameters, hooks to remove) for FitNets-style matching."""
+    """(extra_loss callback, projection parameters, hooks to remove) for FitNets-style matching.
+
+    The teacher runs inside the training loop on each batch (``fit(teacher=...)``) before the
+    student's loss is taken, so its hook already holds this batch's features.
+    """
     s_cap = _Capture(torch, _feature_module(torch, student))
     t_cap = _Capture(torch, _feature_module(torch, teacher))
-    x = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in train.inputs.items()}
-    teacher.eval()
+    sample = {k: torch.from_numpy(np.ascontiguousarray(v[:1])) for k, v in train.inputs.items()}
     from edgeopt.training import _forward
 
     with torch.no_grad():
-        _forward(teacher, {k: v[:1] for k, v in x.items()})
-        _forward(student.eval(), {k: v[:1] for k, v in x.items()})
+        _forward(teacher.eval(), sample)
+        _forward(student.eval(), sample)
     proj = torch.nn.Linear(s_cap.value.shape[1], t_cap.value.shape[1])
 
-    def extra(idx: Any) -> Any:
-        with torch.no_grad():
-            _forward(teacher, {k: v[idx] for k, v in x.items()})
+    def extra(_idx: Any) -> Any:
         cos = torch.nn.functional.cosine_similarity(proj(s_cap.value), t_cap.value, dim=1)
         return weight * (1.0 - cos).mean()
 
@@ -221,8 +276,7 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
     test = test if test is not None else validation
     input_size = tuple(next(iter(train.inputs.values())).shape[1:])
 
-    soft = teacher_logits(teacher, train)
-    classes = soft.shape[1]
+    classes = teacher_logits(teacher, train.take(slice(0, 1))).shape[1]
     for part in (train, validation, test):
         if part.labels is not None and (part.labels.max(initial=0) >= classes or part.labels.min(initial=0) < 0):
             raise DataError(f"{part.source}: labels range {int(part.labels.min())}..{int(part.labels.max())} but "
@@ -235,14 +289,27 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
     initial = {k: v.clone() for k, v in student.state_dict().items()}
 
     train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                            temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience, seed=cfg.seed)
+                            temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience, seed=cfg.seed,
+                            augment_shift=cfg.augment_shift, warmup=cfg.warmup)
+    online = cfg.augment_shift > 0 or cfg.feature_weight > 0
+    soft = None if online else teacher_logits(teacher, train)
+    run_teacher = teacher_function(teacher) if online else None
+    notes: list[str] = []
+    views = None
+    if cfg.augment_shift and validation.labels is not None:
+        views = teacher_on_shifted_views(run_teacher, validation, cfg.augment_shift, seed=cfg.seed)
+        if views["shifted"] < views["plain"] - 0.05:
+            notes.append(f"the teacher is {100 * views['shifted']:.1f}% accurate on images shifted by up to "
+                         f"{cfg.augment_shift} px ({100 * views['plain']:.1f}% unshifted): its soft targets on the "
+                         "shifted views are poor; train the teacher with the same shifts or lower --augment-shift")
     extra, params, hooks = None, None, []
     if cfg.feature_weight > 0:
         extra, proj_params, hooks = _feature_loss(torch, student, teacher.module, train, cfg.feature_weight)
         params = [*student.parameters(), *proj_params]
     try:
         fitted = fit(student, train, config=train_cfg, validation=validation, teacher_logits=soft, params=params,
-                     extra_loss=extra, progress=progress, description=f"distilling into {cfg.student}")
+                     extra_loss=extra, teacher=run_teacher, progress=progress,
+                     description=f"distilling into {cfg.student}")
     finally:
         for h in hooks:
             h.remove()
@@ -280,7 +347,8 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
     report: dict[str, Any] = {
         "config": {"student": cfg.student, "epochs": cfg.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
                    "feature_weight": cfg.feature_weight, "patience": cfg.patience, "seed": cfg.seed,
-                   "lr": cfg.lr, "batch_size": cfg.batch_size},
+                   "lr": cfg.lr, "batch_size": cfg.batch_size, "augment_shift": cfg.augment_shift,
+                   "warmup": cfg.warmup},
         "data": {"train": len(train), "validation": len(validation), "test": len(test), "test_source": test.source},
         "teacher": {"source": teacher.source, "format": teacher.format, "params": t_params, "macs": t_macs,
                     "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": lat(timings[0]),
@@ -294,10 +362,13 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
                    "speedup_p50": timings[0].latency_ms["p50"] / timings[1].latency_ms["p50"]},
         "latency": {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True},
         "baseline": None,
+        "notes": notes,
     }
+    if views is not None:
+        report["teacher"]["validation_accuracy_on_views"] = views
     if base_module is not None and base_fit is not None:
         base_acc = accuracy_torch(base_module, test) if test.labels is not None else None
-        report["baseline"] = {"description": "same student, same init/epochs/seed, trained on labels only",
+        report["baseline"] = {"description": "same student, same init/epochs/seed/augmentation, trained on labels only",
                               "accuracy": base_acc, "epochs_run": base_fit.epochs_run,
                               "best_val_accuracy": base_fit.best_val_accuracy}
         if base_acc is not None and s_eval.accuracy is not None:

@@ -27,7 +27,8 @@ from edgeopt.transforms.distill import check_kd_fields
 
 @dataclass(frozen=True)
 class DistillText:
-    """Settings for :func:`distill_text`; ``hidden_weight`` 0 turns hidden-state matching off."""
+    """Settings for :func:`distill_text`; ``hidden_weight`` 0 turns hidden-state matching off;
+    ``warmup`` is the fraction of steps with a linear learning-rate ramp (transformers need one)."""
 
     epochs: int = 10
     temperature: float = 2.0
@@ -39,6 +40,7 @@ class DistillText:
     val_fraction: float = 0.15
     max_len: int = 64
     seed: int = 0
+    warmup: float = 0.1
 
     def __post_init__(self) -> None:
         check_kd_fields(self)
@@ -254,7 +256,8 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
     student = halve_bert(teacher)
     initial = copy.deepcopy(student.state_dict())
     train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, optimizer="adamw",
-                            temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience, seed=cfg.seed)
+                            temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience, seed=cfg.seed,
+                            warmup=cfg.warmup)
     extra, hooks = (None, [])
     if cfg.hidden_weight > 0:
         extra, hooks = _hidden_loss(torch, student, teacher, train, cfg.hidden_weight)
@@ -288,7 +291,8 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
 
     report: dict[str, Any] = {
         "config": {"student": "half", "epochs": cfg.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
-                   "hidden_weight": cfg.hidden_weight, "lr": cfg.lr, "max_len": max_len, "seed": cfg.seed},
+                   "hidden_weight": cfg.hidden_weight, "lr": cfg.lr, "warmup": cfg.warmup, "max_len": max_len,
+                   "seed": cfg.seed},
         "data": {"train": len(train), "validation": len(validation), "test": len(test_data),
                  "vocab_size": len(vocab)},
         "teacher": {"layers": len(_encoder_layers(teacher)), "params": n_params(teacher), "macs": None,

@@ -57,6 +57,20 @@ def test_threads_zero(cli, digits_onnx: Path) -> None:
     assert_clean_error(cli("bench", digits_onnx, "--threads", "0"), "--threads must be >= 1")
 
 
+@pytest.mark.parametrize("command", ["quantize", "prune", "adapt", "distill"])
+def test_onnx_output_checks(cli, tmp_path: Path, digits_onnx: Path, command: str) -> None:
+    args = {"quantize": [digits_onnx, "--mode", "dynamic"], "prune": ["m.py:f", "--sparsity", "0.5"],
+            "adapt": ["m.py:f", "--data", tmp_path / "d.npz"],
+            "distill": ["--teacher", digits_onnx, "--student", "squeezenet1_1", "--data", tmp_path / "d.npz"]}[command]
+    assert_clean_error(cli(command, *args, "-o", tmp_path / "m.tflite"), "-o must name an .onnx file")
+    folder = tmp_path / "dir.onnx"
+    folder.mkdir()
+    assert_clean_error(cli(command, *args, "-o", folder), f"-o {folder} is a directory")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    assert_clean_error(cli(command, *args, "-o", blocker / "m.onnx"), "is not writable")
+
+
 def test_eval_without_labels_or_reference(cli, tmp_path: Path, digits_onnx: Path) -> None:
     p = tmp_path / "d.npz"
     np.savez(p, x=np.zeros((4, 1, 32, 32), np.float32))

@@ -13,6 +13,7 @@ from edgeopt.cli.common import (
     JsonOpt,
     TrustPickleOpt,
     WeightsOpt,
+    check_onnx_output,
     console,
     emit_json,
     err_console,
@@ -48,13 +49,9 @@ def adapt(
     from edgeopt.adapt import AdaptConfig
     from edgeopt.adapt import adapt as run_adapt
     from edgeopt.data import load_data
-    from edgeopt.errors import BadInput
-    from edgeopt.fileio import check_writable_dir
     from edgeopt.model import load_model
 
-    if out.suffix.lower() != ".onnx":
-        raise BadInput(f"-o must name an .onnx file, got {out}")
-    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    check_onnx_output(out)
     config = AdaptConfig(strategy=strategy, memory_mb=memory_mb, epochs=epochs, lr=lr, batch_size=batch_size,
                          replay=replay, max_forget=max_forget, distill=distill, quantize=quantized, seed=seed)
     source = load_model(model, weights=weights, trust_pickle=trust_pickle)

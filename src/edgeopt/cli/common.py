@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from edgeopt.errors import EdgeoptError
+from edgeopt.errors import BadInput, EdgeoptError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,14 +78,34 @@ RunsOpt = Annotated[int, typer.Option("--runs", help="Minimum timed runs per mod
 MaxDropOpt = Annotated[float, typer.Option("--max-drop", help="Allowed drop in absolute points (0.01 = 1 pt).")]
 
 
+def check_threads(threads: int | None) -> None:
+    """Reject ``--threads`` below 1; None leaves the choice to the command."""
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+
+
+def check_output_dir(out: Path) -> None:
+    """Create the folder ``out`` goes into and prove it is writable, before any long work starts."""
+    from edgeopt.fileio import check_writable_dir
+
+    check_writable_dir(out.parent)
+
+
+def check_onnx_output(out: Path) -> None:
+    """``-o`` must name an .onnx file, not a folder, in a writable folder."""
+    if out.suffix.lower() != ".onnx":
+        raise BadInput(f"-o must name an .onnx file, got {out}")
+    if out.is_dir():
+        raise BadInput(f"-o {out} is a directory; give a file name ending in .onnx")
+    check_output_dir(out)
+
+
 def parse_floats(text: str | None, flag: str) -> list[float] | None:
     if text is None:
         return None
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        from edgeopt.errors import BadInput
-
         raise BadInput(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 

@@ -14,6 +14,8 @@ from edgeopt.cli.common import (
     JsonOpt,
     ThreadsOpt,
     TrustPickleOpt,
+    check_onnx_output,
+    check_threads,
     console,
     emit_json,
     err_console,
@@ -54,8 +56,7 @@ def zoo(
         raise BadInput(f"--sort must be params, macs, latency or name, got {sort!r}")
     if sort == "latency" and no_latency:
         raise BadInput("--sort latency needs latency: drop --no-latency")
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)
     size = parse_size(input_size)
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
     with console.status("building the catalogue...") as status:
@@ -106,16 +107,10 @@ def distill(
     json_out: JsonOpt = None,
 ) -> None:
     """Knowledge distillation: train a small student on a teacher's soft targets, and show the gain."""
-    from edgeopt.errors import BadInput
-    from edgeopt.fileio import check_writable_dir, write_json
+    from edgeopt.fileio import write_json
 
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads must be >= 1, got {threads}")
-    if out.suffix.lower() != ".onnx":
-        raise BadInput(f"-o must name an .onnx file, got {out}")
-    if out.exists() and out.is_dir():
-        raise BadInput(f"-o {out} is a directory; give a file name ending in .onnx")
-    check_writable_dir(out.parent if str(out.parent) else ".")
+    check_threads(threads)
+    check_onnx_output(out)
     weights_path = out.with_suffix(".pt")
     report_path = out.with_suffix(".report.json")
     if data.lower().endswith(".jsonl"):

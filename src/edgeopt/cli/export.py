@@ -16,6 +16,8 @@ from edgeopt.cli.common import (
     ThreadsDefault1Opt,
     TrustPickleOpt,
     WeightsOpt,
+    check_output_dir,
+    check_threads,
     console,
     emit_json,
     fmt_bytes,
@@ -53,15 +55,13 @@ def export(
 ) -> None:
     """Export to ONNX or TFLite; outputs are verified against the source model and reported in OUT's .report.json (model.onnx -> model.report.json)."""
     from edgeopt.errors import BadInput
-    from edgeopt.fileio import check_writable_dir
 
     if to not in TARGETS:
         raise BadInput(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     if out.suffix.lower() != f".{to}":
         raise BadInput(f"--out must end in .{to} for --to {to}, got {out.name}")
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads must be >= 1, got {threads}")
-    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    check_threads(threads)
+    check_output_dir(out)
     dataset = load_data_arg(data) if data else None
     if to == "onnx":
         if quantize != "none":

@@ -20,6 +20,7 @@ from edgeopt.cli.common import (
     ThreadsOpt,
     TrustPickleOpt,
     WeightsOpt,
+    check_threads,
     console,
     emit_json,
     fmt_bytes,
@@ -48,12 +49,10 @@ def bench(
     json_out: JsonOpt = None,
 ) -> None:
     """Latency (p50/p90/p99/mean), throughput, peak memory and size; several models interleaved."""
-    from edgeopt.errors import BadInput
     from edgeopt.measure.bench import BenchSettings, compare
     from edgeopt.model import load_model
 
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)
     settings = BenchSettings(min_runs=runs, min_seconds=seconds)
     loaded = [load_model(m, weights=weights, trust_pickle=trust_pickle) for m in models]
     dataset = load_data_arg(data, input_size, mean, std) if data else None

@@ -15,6 +15,8 @@ from edgeopt.cli.common import (
     ThreadsDefault1Opt,
     TrustPickleOpt,
     WeightsOpt,
+    check_onnx_output,
+    check_threads,
     console,
     emit_json,
     fmt_bytes,
@@ -55,16 +57,13 @@ def prune(
     """Prune a PyTorch model; report MACs, params, sparsity, gzip sizes, latency and accuracy before/after."""
     from edgeopt.data import load_data
     from edgeopt.errors import BadInput
-    from edgeopt.fileio import check_writable_dir, write_json
+    from edgeopt.fileio import write_json
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.model import load_model
     from edgeopt.transforms.prune import StructuredPrune, UnstructuredPrune, save_pruned, torch_module
     from edgeopt.transforms.prune import prune as run_prune
 
-    if out.suffix.lower() != ".onnx":
-        raise BadInput(f"-o must name an .onnx file, got {out}")
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)
     if epochs > 0 and data is None:
         raise BadInput("--epochs needs fine-tuning data: pass --data TRAIN.npz")
     if not structured and (target_macs is not None or round_to is not None or importance != "l1"):
@@ -78,7 +77,7 @@ def prune(
                                    round_to=round_to, **tuning)
     else:
         cfg = UnstructuredPrune(sparsity=sparsity, scope=scope, skip=names, **tuning)
-    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    check_onnx_output(out)
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
     torch_module(loaded)
     tune = load_data(data) if data else None

@@ -18,6 +18,8 @@ from edgeopt.cli.common import (
     ThreadsOpt,
     TrustPickleOpt,
     WeightsOpt,
+    check_onnx_output,
+    check_threads,
     console,
     emit_json,
     fmt_bytes,
@@ -76,7 +78,7 @@ def quantize(
     """Quantize a model and prove the result: size, latency interleaved with FP32, accuracy and agreement."""
     from edgeopt.data import load_data
     from edgeopt.errors import BadInput
-    from edgeopt.fileio import check_writable_dir, write_json
+    from edgeopt.fileio import write_json
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.model import load_model
 
@@ -84,17 +86,14 @@ def quantize(
         raise BadInput(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if max_drop < 0 or max_drop >= 1:
         raise BadInput(f"--max-drop must be in [0, 1) (0.01 = 1 point), got {max_drop}")
-    if out.suffix.lower() != ".onnx":
-        raise BadInput(f"-o must name an .onnx file, got {out}")
     if mode in ("auto", "static") and data is None:
         raise BadInput(f"--mode {mode} needs calibration data: pass --data CAL.npz"
                        + (" (or use --mode dynamic, which needs none)" if mode == "static" else ""))
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)
     if runtime is not None and mode != "auto":
         raise BadInput("--runtime applies to --mode auto; the other modes produce ONNX Runtime models "
                        "(bf16: OpenVINO)")
-    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    check_onnx_output(out)
     cfg = None if mode == "auto" else _config(mode, fmt=fmt, per_channel=per_channel, calibration=calibration,
                                                activation_type=activation_type, weight_type=weight_type,
                                                samples=samples, exclude=exclude, block_size=block_size)

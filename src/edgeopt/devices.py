@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeopt.errors import DeviceError
+from edgeopt.errors import DeviceError, first_line
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 
@@ -77,7 +77,7 @@ def _read_yaml(path: Path | Any, source: str) -> DeviceProfile:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise DeviceError(f"device profile {source} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise DeviceError(f"device profile {source} is not valid YAML: {first_line(exc)}") from exc
     return _profile_from_mapping(raw, source)
 
 

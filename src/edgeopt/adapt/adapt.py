@@ -39,7 +39,7 @@ from edgeopt.adapt.strategies import (
 )
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import BudgetNotMet, ConfigError, DataError, ModelError
+from edgeopt.errors import BudgetNotMet, ConfigError, DataError, ModelError, first_line
 from edgeopt.model import Model
 
 
@@ -149,7 +149,7 @@ def adapt(model: Model, local: Dataset, *, config: AdaptConfig | None = None, or
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelError(f"checkpoint {ckpt} does not match this model: {str(exc).splitlines()[0]}") from exc
+            raise ModelError(f"checkpoint {ckpt} does not match this model: {first_line(exc)}") from exc
         history_in = list(info.get("runs", []))
     start_state = copy.deepcopy(module.state_dict())
 
@@ -248,7 +248,7 @@ def _torch_module(model: Model) -> tuple[Any, tuple[int, ...] | None]:
             module = onnx2torch.convert(model.onnx)
         except Exception as exc:
             raise ModelError(f"cannot convert {model.source} to PyTorch for training "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                             f"({type(exc).__name__}: {first_line(exc)}); "
                              "pass the PyTorch model as file.py:factory with --weights") from exc
         return module, shape
     raise ModelError(f"{model.source} is a {model.format} model; adapt trains PyTorch models: pass "

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeopt.errors import BadInput, ModelError
+from edgeopt.errors import BadInput, ModelError, first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -62,7 +62,7 @@ class GraphCuts:
         try:
             self.proto = onnx.shape_inference.infer_shapes(proto)
         except Exception as exc:  # onnx raises several inference error types
-            raise ModelError(f"cannot infer tensor shapes to plan cuts: {str(exc).splitlines()[0]}") from exc
+            raise ModelError(f"cannot infer tensor shapes to plan cuts: {first_line(exc)}") from exc
         graph = self.proto.graph
         self.nodes = list(graph.node)
         if not self.nodes:

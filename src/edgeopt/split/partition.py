@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgeopt.errors import ModelError
+from edgeopt.errors import ModelError, first_line
 from edgeopt.split.graph import CutPoint, GraphCuts
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def extract(cuts: GraphCuts, start: CutPoint | None, end: CutPoint | None, *, na
         sub.graph.name = name
         onnx.checker.check_model(sub, full_check=False)
     except Exception as exc:  # onnx raises several error types here
-        raise ModelError(f"cannot extract the part {inputs} -> {outputs}: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"cannot extract the part {inputs} -> {outputs}: {first_line(exc)}") from exc
     del sub.metadata_props[:]
     for prop in cuts.proto.metadata_props:
         if prop.key.startswith("edgeopt."):
@@ -76,5 +76,5 @@ def write_stage(proto: onnx.ModelProto, path: Path) -> None:
         options.log_severity_level = 3
         ort.InferenceSession(payload, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types
-        raise ModelError(f"stage {path.name} does not load in ONNX Runtime: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"stage {path.name} does not load in ONNX Runtime: {first_line(exc)}") from exc
     write_bytes(path, payload)

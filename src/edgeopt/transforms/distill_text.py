@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgeopt.deps import require
-from edgeopt.errors import BadInput, DataError, ModelError
+from edgeopt.errors import BadInput, DataError, ModelError, first_line
 from edgeopt.model import Model
 from edgeopt.text_data import TextExamples, WordVocab, text_dataset
 from edgeopt.transforms.distill import check_kd_fields
@@ -125,7 +125,7 @@ def load_text_teacher(spec: str, *, weights: str | Path | None = None, trust_pic
             module = transformers.AutoModelForSequenceClassification.from_pretrained(
                 str(path), local_files_only=True, attn_implementation="eager")
         except Exception as exc:
-            raise ModelError(f"cannot load a sequence classifier from {path}: {str(exc).splitlines()[0]}") from exc
+            raise ModelError(f"cannot load a sequence classifier from {path}: {first_line(exc)}") from exc
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()

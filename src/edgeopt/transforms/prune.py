@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import ConfigError, DataError, ModelError
+from edgeopt.errors import ConfigError, DataError, ModelError, first_line
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
 
@@ -437,7 +437,7 @@ def save_pruned(result: PruneResult, out: Any) -> dict[str, str]:
     except Exception as exc:
         from edgeopt.errors import UnsupportedOperation
 
-        raise UnsupportedOperation(f"torch.export of the pruned model failed: {str(exc).splitlines()[0]}") from exc
+        raise UnsupportedOperation(f"torch.export of the pruned model failed: {first_line(exc)}") from exc
     with atomic_path(paths["pt2"]) as tmp:
         torch.export.save(program, str(tmp.with_suffix(".pt2")))
         tmp.with_suffix(".pt2").replace(tmp)

@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import ConfigError, UnsupportedOperation
+from edgeopt.errors import ConfigError, UnsupportedOperation, first_line
 
 
 def head_layer(module: Any, example: Any) -> str | None:
@@ -96,7 +96,7 @@ def prune_channels(module: Any, example: Any, *, ratio: float, importance: str =
                                       ignored_layers=ignored, round_to=round_to)
     except Exception as exc:
         raise UnsupportedOperation(f"torch-pruning cannot analyse this model: {type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                                   f"{first_line(exc)}") from exc
     history = []
     for i in range(n_steps):
         if importance == "taylor" and data is not None:

@@ -57,7 +57,9 @@ def quantize(
     mode: Annotated[str, typer.Option("--mode", help="auto (measure variants, keep the fastest within budget), "
                                       "dynamic, static, fp16, bf16 (OpenVINO run hint) or int4.")] = "auto",
     data: Annotated[str | None, typer.Option("--data", help="Calibration data (.npz, image folder, sklearn:digits).")] = None,
-    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out data to judge on (default: half of --data).")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out data to judge on (default: --mode auto holds "
+                                                  "out half of --data; the other modes judge on all of --data, which "
+                                                  "static also calibrates on).")] = None,
     max_drop: MaxDropOpt = 0.01,
     runtime: Annotated[str | None, typer.Option("--runtime", help="auto: only try this runtime (onnxruntime or openvino).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="static: qdq or qoperator.")] = "qdq",

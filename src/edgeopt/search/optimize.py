@@ -29,7 +29,7 @@ from edgeopt.search.engine import (
     baseline_result,
     build_one,
     choose,
-        pareto_front,
+    pareto_front,
     result_for,
     time_candidates,
 )

@@ -2,11 +2,13 @@
 (4-layer BERT teacher -> DistilBERT-style 2-layer student on a synthetic negation task).
 
 Every model is trained here from random weights (nothing downloaded). For each task the same
-student is also trained without the teacher (same initial weights, epochs and seed) so the gain
-from distillation is visible. Latency is batch 1, ONNX Runtime, teacher and student timed
-interleaved in one process (measure.compare); ratios are reported beside absolute times.
+student is also trained without the teacher (same initial weights, epochs, seed and augmentation)
+so the gain from distillation is visible; this is repeated over several seeds because one test
+sample of digits is 0.19 pt. Vision runs with and without random-shift augmentation (the teacher
+sees the same shifted view, "consistent teaching"). Latency is batch 1, ONNX Runtime, teacher and
+student timed interleaved in one process (measure.compare); ratios are reported beside absolute times.
 
-    .venv/bin/python benchmarks/distill.py [--only vision|text] [--student mobilenet_v3_small]
+    .venv/bin/python benchmarks/distill.py [--only vision|text] [--student mobilenet_v3_small] [--seeds 0,1,2]
 
 Writes benchmarks/results/distill.json (atomically).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -71,7 +74,15 @@ def sentiment_task(n: int, seed: int) -> TextExamples:
     return TextExamples(tuple(texts), np.asarray(labels, dtype=np.int64), f"sentiment-negation[{n}, seed {seed}]")
 
 
-def vision(student: str, *, teacher_epochs: int, student_epochs: int, threads: int) -> dict:
+def _summary(runs: list[dict], key: str) -> dict:
+    values = [r[key] for r in runs]
+    return {"mean": round(float(np.mean(values)), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
+
+
+def vision(student: str, *, teacher_epochs: int, student_epochs: int, threads: int, seeds: list[int],
+           shift: int) -> dict:
+    """Teacher trained once (with the shifts); then per seed and per setting (no augmentation, and
+    ``shift``-pixel shifts) the distilled student and the same student without the teacher."""
     torch = __import__("torch")
     train = load_data(DIGITS / "train.npz")
     test = load_data(DIGITS / "test.npz")
@@ -80,33 +91,53 @@ def vision(student: str, *, teacher_epochs: int, student_epochs: int, threads: i
     # stock ResNet-18 stem (stride 2 + max-pool): 37M MACs at 32x32, affordable on a shared CPU
     teacher = build_architecture("resnet18", input_size=(1, 32, 32), classes=10, small_input_stem=False)
     t0 = time.perf_counter()
-    tfit = fit(teacher, fit_part, config=TrainConfig(epochs=teacher_epochs, lr=1e-3, batch_size=64, seed=0),
+    tfit = fit(teacher, fit_part, config=TrainConfig(epochs=teacher_epochs, lr=1e-3, batch_size=64, seed=0,
+                                                     augment_shift=shift),
                validation=val, description="teacher resnet18")
     teacher_seconds = time.perf_counter() - t0
     print(f"teacher: val {tfit.best_val_accuracy:.4f}, test {accuracy_torch(teacher, test):.4f}, "
           f"{teacher_seconds:.0f}s", flush=True)
     teacher_model = Model.from_torch(teacher, source="resnet18 (1x32x32, 10 classes)", input_shape=(1, 1, 32, 32))
-    t0 = time.perf_counter()
-    result = distill(teacher_model, fit_part, Distill(student=student, epochs=student_epochs, temperature=4.0,
-                                                      alpha=0.9, lr=2e-3, seed=0),
-                     validation=val, test=test, baseline=True, threads=threads, bench_seconds=3.0)
-    report = result.report
+    settings = {"no_augmentation": 0, f"shift_{shift}px": shift}
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    main = None
+    for seed in seeds:
+        for name, pixels in settings.items():
+            t0 = time.perf_counter()
+            result = distill(teacher_model, fit_part, Distill(student=student, epochs=student_epochs, temperature=4.0,
+                                                              alpha=0.9, lr=2e-3, seed=seed, augment_shift=pixels),
+                             validation=val, test=test, baseline=True, threads=threads, bench_seconds=3.0)
+            r = result.report
+            runs[name].append({"seed": seed, "student": r["student"]["accuracy"], "baseline": r["baseline"]["accuracy"],
+                               "gain_pt": r["distillation_gain_pt"], "speedup_p50": r["ratios"]["speedup_p50"],
+                               "seconds_incl_baseline": round(time.perf_counter() - t0, 1)})
+            print(name, runs[name][-1], flush=True)
+            if main is None and pixels:
+                main = r
+    report = main
     report["teacher"]["train_seconds"] = round(teacher_seconds, 1)
     report["teacher"]["best_val_accuracy"] = tfit.best_val_accuracy
-    report["distill_seconds_incl_baseline"] = round(time.perf_counter() - t0, 1)
-    t, s, b = report["teacher"], report["student"], report["baseline"]
+    report["teacher"]["augment_shift"] = shift
+    report["seeds"] = runs
+    report["summary"] = {name: {"student": _summary(rs, "student"), "baseline": _summary(rs, "baseline"),
+                                "gain_pt": _summary(rs, "gain_pt"),
+                                "seeds_where_distilled_ge_baseline": sum(x["gain_pt"] >= 0 for x in rs)}
+                         for name, rs in runs.items()}
+    t = report["teacher"]["accuracy"]
+    best = report["summary"][f"shift_{shift}px"]
     report["done_when"] = {
         "params_ratio_ge_4": report["ratios"]["params"] >= 4,
-        "student_within_1_5pt_of_teacher": (t["accuracy"] - s["accuracy"]) <= 0.015,
-        "student_ge_no_teacher_baseline": s["accuracy"] >= b["accuracy"],
+        "student_within_1_5pt_of_teacher_mean": (t - best["student"]["mean"]) <= 0.015,
+        "student_ge_no_teacher_baseline_mean": best["gain_pt"]["mean"] >= 0,
+        "student_ge_no_teacher_baseline_every_seed": best["seeds_where_distilled_ge_baseline"] == len(seeds),
     }
-    print(json.dumps({k: report[k] for k in ("ratios", "done_when")}, indent=1),
-          f"teacher {t['accuracy']:.4f} student {s['accuracy']:.4f} baseline {b['accuracy']:.4f}", flush=True)
+    print(json.dumps({k: report[k] for k in ("ratios", "summary", "done_when")}, indent=1), f"teacher {t:.4f}",
+          flush=True)
     return report
 
 
 def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int, n_test: int, hidden: int,
-         batch_size: int, lr: float) -> dict:
+         batch_size: int, lr: float, seeds: list[int]) -> dict:
     torch = __import__("torch")
     train = sentiment_task(n_train, seed=0)
     test = sentiment_task(n_test, seed=1)
@@ -119,24 +150,33 @@ def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int
     fit_part, val = data.split(0.85, seed=0)  # the same split distill_text makes (seed 0, 0.15 held out)
     t0 = time.perf_counter()
     tfit = fit(teacher, fit_part, config=TrainConfig(epochs=teacher_epochs, lr=lr, batch_size=batch_size,
-                                                     optimizer="adamw", seed=0),
+                                                     optimizer="adamw", seed=0, warmup=0.1),
                validation=val, description="teacher bert-4l")
     teacher_seconds = time.perf_counter() - t0
     test_acc = accuracy_torch(teacher, text_dataset(test, vocab, max_len=max_len))
     print(f"text teacher: val {tfit.best_val_accuracy:.4f}, test {test_acc:.4f}, {teacher_seconds:.0f}s", flush=True)
-    result = distill_text(teacher, train, DistillText(epochs=student_epochs, temperature=2.0, alpha=0.7,
-                                                      hidden_weight=1.0, lr=lr / 2, batch_size=batch_size,
-                                                      max_len=max_len, seed=0),
-                          vocab=vocab, test=test, baseline=True, threads=threads, bench_seconds=3.0)
-    report = result.report
+    runs = []
+    report = None
+    for seed in seeds:
+        result = distill_text(teacher, train, DistillText(epochs=student_epochs, temperature=2.0, alpha=0.7,
+                                                          hidden_weight=1.0, lr=lr / 2, batch_size=batch_size,
+                                                          max_len=max_len, seed=seed, warmup=0.1),
+                              vocab=vocab, test=test, baseline=True, threads=threads, bench_seconds=3.0)
+        r = result.report
+        runs.append({"seed": seed, "student": r["student"]["accuracy"], "baseline": r["baseline"]["accuracy"],
+                     "retained": r["accuracy_retained"], "speedup_p50": r["ratios"]["speedup_p50"]})
+        print("text", runs[-1], flush=True)
+        report = report or r
+    report["seeds"] = runs
+    report["summary"] = {k: _summary(runs, k) for k in ("student", "baseline", "retained", "speedup_p50")}
     report["teacher"]["train_seconds"] = round(teacher_seconds, 1)
     report["teacher"]["best_val_accuracy"] = tfit.best_val_accuracy
     report["task"] = sentiment_task.__doc__.split("\n")[0] + " ..."
     report["done_when"] = {
-        "student_keeps_ge_97pct_of_teacher_accuracy": report["accuracy_retained"] >= 0.97,
-        "student_ge_1_6x_faster_batch1": report["ratios"]["speedup_p50"] >= 1.6,
+        "student_keeps_ge_97pct_of_teacher_accuracy_every_seed": report["summary"]["retained"]["min"] >= 0.97,
+        "student_ge_1_6x_faster_batch1_every_seed": report["summary"]["speedup_p50"]["min"] >= 1.6,
     }
-    print(json.dumps({k: report[k] for k in ("ratios", "accuracy_retained", "done_when")}, indent=1), flush=True)
+    print(json.dumps({k: report[k] for k in ("summary", "done_when")}, indent=1), flush=True)
     return report
 
 
@@ -145,34 +185,39 @@ def main() -> None:
     parser.add_argument("--only", choices=["vision", "text"])
     parser.add_argument("--student", default="mobilenet_v3_small")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for latency")
-    parser.add_argument("--teacher-epochs", type=int, default=8)
-    parser.add_argument("--student-epochs", type=int, default=20)
-    parser.add_argument("--text-teacher-epochs", type=int, default=6)
+    parser.add_argument("--seeds", default="0,1,2", help="student seeds (distilled and baseline each)")
+    parser.add_argument("--shift", type=int, default=2, help="vision augmentation: random shift in pixels")
+    parser.add_argument("--teacher-epochs", type=int, default=5)
+    parser.add_argument("--student-epochs", type=int, default=10)
+    parser.add_argument("--text-teacher-epochs", type=int, default=8)
     parser.add_argument("--text-student-epochs", type=int, default=6)
-    parser.add_argument("--text-train", type=int, default=2500)
+    parser.add_argument("--text-train", type=int, default=3000)
     parser.add_argument("--text-hidden", type=int, default=64)
-    parser.add_argument("--text-batch", type=int, default=16)
+    parser.add_argument("--text-batch", type=int, default=32)
     parser.add_argument("--text-lr", type=float, default=1e-3)
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     torch = __import__("torch")
     torch.set_num_threads(2)
     machine = {"platform": platform.platform(), "python": platform.python_version(),
-               "torch": torch.__version__, "note": "2 shared CPU cores, loaded by other jobs; "
-               "latency ratios (interleaved) are more reliable than absolute times"}
+               "torch": torch.__version__, "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+               "note": "2 CPU cores; latency ratios (interleaved) are more reliable than absolute times"}
 
     def save(key: str, value: dict) -> None:
         results = json.loads(OUT.read_text()) if OUT.exists() else {}  # re-read: parts may run separately
         results["machine"] = machine
-        results[key] = {**value, "command": " ".join(sys.argv)}
+        results[key] = {**value, "command": " ".join(sys.argv),
+                        "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
         write_json(OUT, results)
 
     if args.only in (None, "vision"):
         save("vision", vision(args.student, teacher_epochs=args.teacher_epochs,
-                              student_epochs=args.student_epochs, threads=args.threads))
+                              student_epochs=args.student_epochs, threads=args.threads, seeds=seeds,
+                              shift=args.shift))
     if args.only in (None, "text"):
         save("text", text(teacher_epochs=args.text_teacher_epochs, student_epochs=args.text_student_epochs,
                           threads=args.threads, n_train=args.text_train, n_test=1000, hidden=args.text_hidden,
-                          batch_size=args.text_batch, lr=args.text_lr))
+                          batch_size=args.text_batch, lr=args.text_lr, seeds=seeds))
     print(f"wrote {OUT}")
 
 

@@ -29,6 +29,10 @@ def tiny(classes=10):
 
 def seven():
     return tiny(7)
+
+
+def big():  # 414K parameters: more than the bundled 372K teacher, no BatchNorm
+    return nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 400), nn.ReLU(), nn.Linear(400, 10))
 '''
 
 
@@ -130,6 +134,19 @@ def test_augmented_distillation_runs_an_onnx_teacher_on_each_shifted_batch(digit
     assert r["notes"] == [f"the teacher is {100 * views['shifted']:.1f}% accurate on images shifted by up to 2 px "
                           f"({100 * views['plain']:.1f}% unshifted): its soft targets on the shifted views are poor; "
                           "train the teacher with the same shifts or lower --augment-shift"]
+
+
+def test_report_notes_a_student_that_did_not_learn_and_is_not_smaller(digits_onnx, small_train, student_py):
+    result = distill(load_model(digits_onnx), load_data(small_train), Distill(student=f"{student_py}:big", epochs=1,
+                                                                              lr=1e-9),
+                     baseline=False, bench_seconds=0.05, progress=False)
+    r = result.report
+    assert r["student"]["best_epoch"] == 0 and r["student"]["params"] == 414_010
+    best = 100 * r["student"]["best_val_accuracy"]
+    assert r["notes"] == [
+        f"the student never beat its initial weights on the held-out split in 1 epoch(s) (best {best:.1f}%): "
+        "train longer (--epochs) or change --lr",
+        "the student has 414,010 parameters, the teacher 372,234: pick a smaller student (see edgeopt zoo)"]
 
 
 def test_feature_matching_needs_a_torch_teacher(digits_onnx, small_train):

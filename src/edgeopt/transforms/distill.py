@@ -145,6 +145,18 @@ def teacher_function(teacher: Model) -> Any:
     return run
 
 
+def student_notes(fitted: Any, *, student_params: int, teacher_params: int | None) -> list[str]:
+    """Plain warnings for results a user would otherwise misread as distillation failing."""
+    notes = []
+    if fitted.best_epoch == 0 and fitted.best_val_accuracy is not None:
+        notes.append(f"the student never beat its initial weights on the held-out split in {fitted.epochs_run} "
+                     f"epoch(s) (best {100 * fitted.best_val_accuracy:.1f}%): train longer (--epochs) or change --lr")
+    if teacher_params and student_params >= teacher_params:
+        notes.append(f"the student has {student_params:,} parameters, the teacher {teacher_params:,}: pick a smaller "
+                     "student (see edgeopt zoo)")
+    return notes
+
+
 def teacher_on_shifted_views(run_teacher: Any, data: Dataset, pixels: int, *, seed: int = 0) -> dict[str, float]:
     """The teacher's accuracy on ``data`` as is and shifted as training will shift it.
 
@@ -362,7 +374,7 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
                    "speedup_p50": timings[0].latency_ms["p50"] / timings[1].latency_ms["p50"]},
         "latency": {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True},
         "baseline": None,
-        "notes": notes,
+        "notes": notes + student_notes(fitted, student_params=s_params, teacher_params=t_params),
     }
     if views is not None:
         report["teacher"]["validation_accuracy_on_views"] = views

@@ -22,7 +22,7 @@ from edgeopt.deps import require
 from edgeopt.errors import BadInput, DataError, ModelError, first_line
 from edgeopt.model import Model
 from edgeopt.text_data import TextExamples, WordVocab, text_dataset
-from edgeopt.transforms.distill import check_kd_fields
+from edgeopt.transforms.distill import check_kd_fields, student_notes
 
 
 @dataclass(frozen=True)
@@ -307,6 +307,7 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
         "latency": {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True},
         "baseline": None if base_module is None else {
             "description": "same every-other-layer student, trained on labels only", "accuracy": base_acc},
+        "notes": student_notes(fitted, student_params=n_params(student), teacher_params=n_params(teacher)),
     }
     if t_eval.accuracy and s_eval.accuracy is not None:
         report["accuracy_retained"] = s_eval.accuracy / t_eval.accuracy

@@ -185,6 +185,25 @@ def test_memory_budget_picks_most_capable_fitting_or_refuses(base, tmp_path) -> 
 
 
 @pytest.mark.slow
+def test_auto_falls_back_to_a_less_capable_strategy_when_one_forgets(base) -> None:
+    local = patterns(120, seed=1, shifted=True)
+    original = patterns(90, seed=9, shifted=False)
+    cfg = AdaptConfig(epochs=15, lr=0.05, max_forget=0.05)  # at this rate full fine-tuning forgets the clean domain
+    r = adapt(load(base), local, original=original, config=cfg, progress=False).report
+    assert [a["strategy"] for a in r["attempts"]] == ["full", "sparse"]
+    full = r["attempts"][0]
+    assert full["rollback_reason"].startswith("original-domain accuracy dropped")
+    assert full["accuracy_after"]["original"] < r["accuracy_before"]["original"] - 0.05
+    assert r["strategy"]["name"] == "sparse" and not r["rolled_back"]
+    assert r["accuracy_after"]["original"] >= r["accuracy_before"]["original"] - 0.05
+    assert r["accuracy_after"]["local"] > r["accuracy_before"]["local"]
+    # a strategy the user named is not swapped for another: it is rolled back
+    named = adapt(load(base), local, original=original, config=AdaptConfig(**{**cfg.__dict__, "strategy": "full"}),
+                  progress=False).report
+    assert named["rolled_back"] and [a["strategy"] for a in named["attempts"]] == ["full"]
+
+
+@pytest.mark.slow
 def test_rollback_when_nothing_to_gain_output_is_input(base) -> None:
     model = load(base)
     clean = patterns(60, seed=7, shifted=False)  # the model already gets these right

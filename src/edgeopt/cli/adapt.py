@@ -80,6 +80,9 @@ def adapt(
     console.print(f"trainable parameters {report['trainable_params']:,} of {report['total_params']:,}; "
                   f"peak training memory {report['peak_memory_mb']:.2f} MB"
                   + (f" (budget {memory_mb:g} MB)" if memory_mb is not None else ""))
+    for attempt in report["attempts"][:-1]:
+        err_console.print(f"tried {attempt['strategy']} first: {attempt['rollback_reason']}; "
+                          "fell back to a strategy that trains fewer parameters")
     if result.rolled_back:
         err_console.print(f"rolled back: {report['rollback_reason']}; the output is the input model")
     console.print(f"wrote {out}, {report['outputs']['state_dict']}, {out.stem}.report.json")

@@ -184,6 +184,16 @@ def test_memory_budget_picks_most_capable_fitting_or_refuses(base, tmp_path) -> 
     assert result.report["peak_memory_mb"] <= budget
 
 
+def test_forgetting_exactly_the_limit_is_allowed() -> None:
+    from edgeopt.adapt.adapt import _rollback_reason
+
+    cfg = AdaptConfig(max_forget=0.02)
+    before = {"local": 0.5, "original": 1.0}
+    assert _rollback_reason(before, {"local": 0.9, "original": 0.98}, cfg) is None  # 1.0 - 0.98 = 0.020000000000000018
+    assert _rollback_reason(before, {"local": 0.9, "original": 0.97}, cfg) == (
+        "original-domain accuracy dropped 3.0 pt (> --max-forget 2.0 pt)")
+
+
 @pytest.mark.slow
 def test_auto_falls_back_to_a_less_capable_strategy_when_one_forgets(base) -> None:
     local = patterns(120, seed=1, shifted=True)

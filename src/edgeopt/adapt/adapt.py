@@ -329,7 +329,7 @@ def _rollback_reason(before: dict[str, float | None], after: dict[str, float | N
         return f"no improvement on the local validation split ({100 * after['local']:.1f}%)"
     if cfg.max_forget is not None and before["original"] is not None and after["original"] is not None:
         drop = before["original"] - after["original"]
-        if drop > cfg.max_forget:
+        if drop > cfg.max_forget + 1e-9:  # 2 of 100 samples is 0.020000000000000018, not more than 0.02
             return (f"{FORGOT} {100 * drop:.1f} pt "
                     f"(> --max-forget {100 * cfg.max_forget:.1f} pt)")
     return None

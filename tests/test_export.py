@@ -243,3 +243,19 @@ def test_export_tflite_cli_variants_timed(cli, net, tmp_path: Path) -> None:
         rows["none"]["latency_ms"]["p50"] / rows["dynamic"]["latency_ms"]["p50"])
     assert rows["dynamic"]["check"]["cosine"] >= 0.98
     assert not out.exists()  # several variants: one file each, named by mode
+
+
+def test_quantizer_progress_bar_is_silenced_during_calibration_only() -> None:
+    """ai-edge-quantizer's own tqdm bar would print beside edgeopt's; the override is undone after."""
+    pytest.importorskip("ai_edge_quantizer")
+    from ai_edge_quantizer.utils import progress_utils
+
+    from edgeopt.transforms.tflite import _quiet_calibration
+
+    before = progress_utils.ProgressBar
+    with _quiet_calibration():
+        with progress_utils.ProgressBar(500, "Running Calibration:") as bar:
+            assert bar._progress_bar.disable
+    assert progress_utils.ProgressBar is before
+    with progress_utils.ProgressBar(500, "x", enable=True) as bar:
+        assert not bar._progress_bar.disable

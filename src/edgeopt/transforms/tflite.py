@@ -158,10 +158,26 @@ def _quiet_litert_torch() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_calibration() -> Iterator[None]:
-    """The quantizer opens its interpreters in a debugging mode that warns on every use; not a user problem."""
+    """The quantizer opens its interpreters in a debugging mode that warns on every use, and draws
+    its own tqdm bar ("Running Calibration") on stderr beside ours; neither is a user problem."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*")
-        yield
+        try:
+            from ai_edge_quantizer.utils import progress_utils
+        except ImportError:
+            yield
+            return
+        original = progress_utils.ProgressBar
+
+        def silent(total_steps: int, description: str = "", disappear_on_finish: bool = False,
+                   enable: bool | None = None) -> Any:
+            return original(total_steps, description, disappear_on_finish, enable=False)
+
+        progress_utils.ProgressBar = silent
+        try:
+            yield
+        finally:
+            progress_utils.ProgressBar = original
 
 
 def _as_module(model: Model) -> Any:

@@ -8,6 +8,7 @@ import pytest
 from edgeopt.data import load_data
 from edgeopt.errors import BadInput, DataError
 from edgeopt.measure import BenchSettings, benchmark, compare, evaluate
+from edgeopt.measure.bench import BenchResult, speedup_interval
 from edgeopt.model import load_model
 from tests.conftest import make_onnx_cnn
 
@@ -28,9 +29,31 @@ def test_benchmark_reports_percentiles_in_order(tiny_onnx: Path) -> None:
 def test_compare_interleaves_and_sees_a_bigger_model_is_slower(tmp_path: Path) -> None:
     small = load_model(make_onnx_cnn(tmp_path / "s.onnx", channels=4, size=16))
     big = load_model(make_onnx_cnn(tmp_path / "b.onnx", channels=64, size=64))
-    rs = compare([small, big], settings=FAST, threads=1)
+    rs = compare([small, big], settings=BenchSettings(warmup=2, min_runs=20, min_seconds=0.3), threads=1)
     assert [r.model for r in rs] == [small.source, big.source]
     assert rs[1].latency_ms["p50"] > 2 * rs[0].latency_ms["p50"]
+    # one median per interleaved round (50 ms each), the same number for both: paired samples
+    assert len(rs[0].round_p50_ms) == len(rs[1].round_p50_ms) >= 5
+    low, high = speedup_interval(rs[1], rs[0], resamples=500)
+    assert 2.0 < low <= high
+
+
+def test_speedup_interval_is_narrow_for_a_steady_gain_and_wide_for_noise() -> None:
+    def result(rounds: list[float]) -> BenchResult:
+        return BenchResult(model="m", format="onnx", runtime="onnxruntime", threads=1, batch=1, size_bytes=1,
+                           latency_ms={"p50": float(np.median(rounds))}, throughput_ips=1.0, peak_rss_mb=0.0,
+                           model_memory_mb=0.0, runs=len(rounds), round_p50_ms=rounds)
+
+    rng = np.random.default_rng(0)
+    load = rng.uniform(1.0, 3.0, 40)  # the machine's load changes from round to round, for both models alike
+    base = result(list(load))
+    steady = result(list(load / 2 * rng.normal(1.0, 0.02, 40)))
+    noisy = result(list(load / 1.05 * rng.normal(1.0, 0.15, 40)))
+    low, high = speedup_interval(base, steady)
+    assert 1.9 < low <= high < 2.1 and high - low < 0.05
+    low, high = speedup_interval(base, noisy)
+    assert low < 1.03 < high  # 1.05x on average, but not distinguishable from no gain
+    assert speedup_interval(base, result([1.0] * 4)) is None  # too few rounds to say
 
 
 def test_batch_is_honoured(tiny_onnx: Path) -> None:

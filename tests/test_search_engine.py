@@ -33,6 +33,19 @@ def test_fastest_within_budget_is_chosen_and_others_say_why() -> None:
     assert "not faster" in same.reason
 
 
+def test_a_gain_within_the_noise_of_the_interleaved_rounds_is_not_faster() -> None:
+    lucky = result("lucky", p50=0.93, size=900, acc=0.99, drop=0.0)  # 1.075x by the p50 ratio alone
+    lucky.speedup_interval = [0.97, 1.16]
+    steady = result("steady", p50=0.5, size=900, acc=0.985, drop=0.005)
+    steady.speedup_interval = [1.9, 2.1]
+    assert choose(BASE, [lucky, steady], objective="latency", budget=Budget(max_drop=0.01)) is steady
+    assert lucky.reason == ("not reliably faster than the original (1.08x, 90% interval 0.97-1.16x over the "
+                            "interleaved rounds)")
+    assert choose(BASE, [lucky], objective="latency", budget=Budget(max_drop=0.01)) is None
+    lucky.speedup_interval = None  # too few rounds to tell: the p50 ratio decides, as before
+    assert choose(BASE, [lucky], objective="latency", budget=Budget(max_drop=0.01)) is lucky
+
+
 def test_never_chooses_a_slower_model_even_for_size() -> None:
     small_slow = result("small-slow", p50=3.0, size=100, acc=0.99, drop=0.0)
     assert choose(BASE, [small_slow], objective="size", budget=Budget()) is None

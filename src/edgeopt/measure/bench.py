@@ -3,6 +3,11 @@
 Timings from two separate runs on a shared machine are not comparable, so :func:`compare`
 loads every model first and then times them in rounds (A, B, A, B, ...): whatever the machine
 is doing affects all candidates alike, and the ratios are what a user can trust.
+
+Each round's median is kept too: round i of two models ran moments apart, so the per-round
+ratios are paired samples of the speed-up, and :func:`speedup_interval` turns them into a
+confidence interval. A search that only asks "is the p50 ratio above 1.03?" lets a candidate
+through that is 1.07x faster by luck on a loaded machine; the interval's lower bound does not.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class BenchResult:
     runs: int
     options: dict[str, Any] = field(default_factory=dict)
     times_ms: list[float] = field(default_factory=list, repr=False)
+    round_p50_ms: list[float] = field(default_factory=list, repr=False)  # one median per interleaved round
     runtime_details: dict[str, Any] = field(default_factory=dict)  # what the runtime compiled, e.g. precision
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +141,7 @@ class _Entry:
     peak_mb: float
     model_mb: float
     times: list[float] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)
 
 
 def compare(models: list[Model], *, settings: BenchSettings | None = None, batch: int = 1,
@@ -176,12 +183,14 @@ def compare(models: list[Model], *, settings: BenchSettings | None = None, batch
     while True:
         for entry in entries:
             round_start = time.perf_counter()
+            first = len(entry.times)
             while True:
                 t0 = time.perf_counter()
                 entry.session.run(entry.feeds)
                 entry.times.append(time.perf_counter() - t0)
                 if time.perf_counter() - round_start >= cfg.round_seconds:
                     break
+            entry.rounds.append(float(np.median(entry.times[first:])) * 1000.0)
         elapsed = time.perf_counter() - start
         done = all(len(e.times) >= cfg.min_runs for e in entries) and elapsed >= cfg.min_seconds * len(entries)
         if done or elapsed >= cfg.max_seconds * len(entries):
@@ -199,8 +208,25 @@ def compare(models: list[Model], *, settings: BenchSettings | None = None, batch
             throughput_ips=entry.batch * 1000.0 / mean if mean > 0 else float("inf"),
             peak_rss_mb=round(entry.peak_mb, 1), model_memory_mb=round(entry.model_mb, 1),
             runs=len(entry.times), options=dict(entry.settings.options), times_ms=ms.tolist(),
+            round_p50_ms=list(entry.rounds),
             runtime_details=dict(getattr(entry.session, "details", None) or {})))
     return results
+
+
+def speedup_interval(baseline: BenchResult, candidate: BenchResult, *, confidence: float = 0.9,
+                     resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """A ``confidence`` bootstrap interval of the median per-round speed-up (baseline / candidate).
+
+    Returns None with fewer than 5 paired rounds (too few to say anything beyond the p50 ratio).
+    """
+    n = min(len(baseline.round_p50_ms), len(candidate.round_p50_ms))
+    if n < 5:
+        return None
+    ratios = np.asarray(baseline.round_p50_ms[:n]) / np.asarray(candidate.round_p50_ms[:n])
+    rng = np.random.default_rng(seed)
+    medians = np.median(ratios[rng.integers(0, n, size=(resamples, n))], axis=1)
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(medians, tail)), float(np.percentile(medians, 100 - tail))
 
 
 def benchmark(model: Model, *, settings: BenchSettings | None = None, batch: int = 1,

@@ -18,7 +18,7 @@ import numpy as np
 from edgeopt.data import Dataset
 from edgeopt.devices import DeviceProfile
 from edgeopt.errors import EdgeoptError
-from edgeopt.measure.bench import BenchResult, BenchSettings, compare
+from edgeopt.measure.bench import BenchResult, BenchSettings, compare, speedup_interval
 from edgeopt.measure.evaluate import accuracy_of, fidelity, predict
 from edgeopt.measure.sessions import resolve_settings
 from edgeopt.model import Model
@@ -50,6 +50,7 @@ class CandidateResult:
     size_bytes: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
     speedup: float | None = None
+    speedup_interval: list[float] | None = None  # 90% interval from paired interleaved rounds
     size_ratio: float | None = None
     model_memory_mb: float | None = None
     peak_rss_mb: float | None = None
@@ -148,6 +149,8 @@ def time_candidates(baseline: CandidateResult, results: list[CandidateResult], *
     for r, b in zip(timed, bench_results, strict=True):
         r.latency_ms = {k: round(v, 4) for k, v in b.latency_ms.items()}
         r.speedup = round(base_p50 / b.latency_ms["p50"], 3)
+        interval = speedup_interval(bench_results[0], b) if r is not baseline else None
+        r.speedup_interval = [round(v, 3) for v in interval] if interval is not None else None
         r.size_bytes = b.size_bytes
         r.size_ratio = round(baseline.size_bytes / b.size_bytes, 3) if b.size_bytes else None
         r.model_memory_mb = b.model_memory_mb
@@ -198,6 +201,9 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
     original (by more than MIN_GAIN) is rejected whatever the objective; for latency it must be
     at least MIN_GAIN faster, for size at least MIN_GAIN smaller. Among the rest, those within
     TIE of the best objective value are equivalent and the most accurate (then smallest) wins.
+    "Faster" for the latency objective is judged on the lower bound of the speed-up's interval
+    from paired interleaved rounds where there is one, so noise on a loaded machine cannot pass
+    as a gain.
     """
     check_objective(objective)
     max_drop = budget.max_drop if budget else None
@@ -217,6 +223,10 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
             r.status, r.reason = "rejected", f"slower than the original ({speed:.2f}x)"
         elif objective == "latency" and speed < 1 + MIN_GAIN:
             r.status, r.reason = "rejected", f"not faster than the original ({speed:.2f}x)"
+        elif objective == "latency" and r.speedup_interval and r.speedup_interval[0] < 1 + MIN_GAIN:
+            low, high = r.speedup_interval
+            r.status, r.reason = "rejected", (f"not reliably faster than the original ({speed:.2f}x, 90% interval "
+                                              f"{low:.2f}-{high:.2f}x over the interleaved rounds)")
         elif objective == "size" and not smaller:
             r.status, r.reason = "rejected", f"not smaller than the original ({r.size_ratio or 0:.2f}x)"
         elif objective == "memory" and (r.model_memory_mb or 0) >= (baseline.model_memory_mb or 0) and \
@@ -234,7 +244,9 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
     for r in qualified:
         if r is chosen:
             r.status = "chosen"
-            r.reason = (f"best {objective} within budget: {r.speedup:.2f}x faster, "
+            interval = (f" (90% interval {r.speedup_interval[0]:.2f}-{r.speedup_interval[1]:.2f}x)"
+                        if r.speedup_interval else "")
+            r.reason = (f"best {objective} within budget: {r.speedup:.2f}x faster{interval}, "
                         f"{r.size_ratio or 0:.2f}x smaller, drop {100 * (r.drop or 0):.2f} pt")
         else:
             r.status = "rejected"

@@ -269,8 +269,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
     return outcome
 
 
-_TIMED_FIELDS = ("latency_ms", "speedup", "size_bytes", "size_ratio", "model_memory_mb", "peak_rss_mb",
-                 "runtime", "threads")
+_TIMED_FIELDS = ("latency_ms", "speedup", "speedup_interval", "size_bytes", "size_ratio", "model_memory_mb",
+                 "peak_rss_mb", "runtime", "threads")
 
 
 def _timing_payload(base: CandidateResult, results: list[CandidateResult]) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def bench(
     json_out: JsonOpt = None,
 ) -> None:
     """Latency (p50/p90/p99/mean), throughput, peak memory and size; several models interleaved."""
-    from edgeopt.measure.bench import BenchSettings, compare
+    from edgeopt.measure.bench import BenchSettings, compare, speedup_interval
     from edgeopt.model import load_model
 
     check_threads(threads)
@@ -65,16 +65,20 @@ def bench(
         table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
     if len(results) > 1:
         table.add_column("vs first", justify="right")
+        table.add_column("90% interval", justify="right")
     base = results[0].latency_ms["p50"]
-    for r in results:
+    payload = [r.to_dict() for r in results]
+    for r, entry in zip(results, payload, strict=True):
         row = [r.model, r.runtime, str(r.threads), str(r.batch), fmt_bytes(r.size_bytes),
                f"{r.latency_ms['p50']:.3f}", f"{r.latency_ms['p90']:.3f}", f"{r.latency_ms['p99']:.3f}",
                f"{r.latency_ms['mean']:.3f}", f"{r.throughput_ips:.1f}", f"{r.peak_rss_mb:.0f}"]
         if len(results) > 1:
-            row.append(f"{base / r.latency_ms['p50']:.2f}x")
+            interval = speedup_interval(results[0], r) if r is not results[0] else None
+            entry["vs_first"] = {"speedup_p50": base / r.latency_ms["p50"],
+                                 "interval_90": list(interval) if interval else None}
+            row += [f"{base / r.latency_ms['p50']:.2f}x", f"{interval[0]:.2f}-{interval[1]:.2f}x" if interval else "-"]
         table.add_row(*row)
     console.print(table)
-    payload = [r.to_dict() for r in results]
     emit_json(json_out, payload[0] if len(payload) == 1 else payload)
 
 

@@ -10,15 +10,16 @@ from rich.table import Table
 
 from edgeopt.cli import app
 from edgeopt.cli.common import (
+    DeviceOpt,
     JsonOpt,
     SecondsOpt,
-    ThreadsDefault1Opt,
     TrustPickleOpt,
     WeightsOpt,
     check_onnx_output,
     check_threads,
     console,
     emit_json,
+    err_console,
     fmt_bytes,
     fmt_pct,
     user_errors,
@@ -39,6 +40,9 @@ def prune(
     skip: Annotated[str | None, typer.Option("--skip", help="Comma-separated layer names to leave alone.")] = None,
     target_macs: Annotated[float | None, typer.Option("--target-macs", help="--structured: prune in small steps "
                                                       "(at most --sparsity) until MACs <= this.")] = None,
+    target_latency_ms: Annotated[float | None, typer.Option(
+        "--target-latency-ms", help="--structured: remove the fewest channels (at most --sparsity) that bring the "
+        "ONNX export's measured batch-1 p50 (--device, --threads) to <= this many ms.")] = None,
     round_to: Annotated[int | None, typer.Option("--round-to", help="--structured: keep channel counts multiples of N.")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Fine-tuning data (.npz/folder/sklearn:digits).")] = None,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Data to judge accuracy on (default: 20% "
@@ -47,15 +51,19 @@ def prune(
     lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")] = 1e-3,
     distill: Annotated[bool, typer.Option("--distill", help="Fine-tune with distillation from the unpruned model.")] = False,
     steps: Annotated[int, typer.Option("--steps", help="Iterative prune-and-tune steps.")] = 1,
-    threads: ThreadsDefault1Opt = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads for timing; default: the "
+                                                "--device profile's, else 1.")] = None,
+    device: DeviceOpt = None,
     seconds: SecondsOpt = 1.0,
-    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")] = False,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the before/after latency measurement "
+                                             "(a --target-latency-ms search still times).")] = False,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Prune a PyTorch model; report MACs, params, sparsity, gzip sizes, latency and accuracy before/after."""
     from edgeopt.data import load_data
+    from edgeopt.devices import get_device
     from edgeopt.errors import BadInput
     from edgeopt.fileio import write_json
     from edgeopt.measure.bench import BenchSettings
@@ -66,26 +74,32 @@ def prune(
     check_threads(threads)
     if epochs > 0 and data is None:
         raise BadInput("--epochs needs fine-tuning data: pass --data TRAIN.npz")
-    if not structured and (target_macs is not None or round_to is not None or importance != "l1"):
-        raise BadInput("--target-macs, --round-to and --importance apply to --structured pruning")
+    targets = target_macs is not None or target_latency_ms is not None
+    if not structured and (targets or round_to is not None or importance != "l1"):
+        raise BadInput("--target-macs, --target-latency-ms, --round-to and --importance apply to "
+                       "--structured pruning")
+    if target_macs is not None and target_latency_ms is not None:
+        raise BadInput("--target-macs and --target-latency-ms are alternatives: give one")
     if structured and scope != "layer":
         raise BadInput("--scope applies to unstructured pruning")
     names = tuple(s.strip() for s in skip.split(",") if s.strip()) if skip else ()
     tuning = {"epochs": epochs, "lr": lr, "distill": distill, "iterative_steps": steps}
     if structured:
         cfg: Any = StructuredPrune(ratio=sparsity, importance=importance, skip=names, target_macs=target_macs,
-                                   round_to=round_to, **tuning)
+                                   target_latency_ms=target_latency_ms, round_to=round_to, **tuning)
     else:
         cfg = UnstructuredPrune(sparsity=sparsity, scope=scope, skip=names, **tuning)
     check_onnx_output(out)
+    if device is not None:
+        get_device(device)
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
     torch_module(loaded)
     tune = load_data(data) if data else None
     held = load_data(eval_data) if eval_data else None
     bench = BenchSettings(warmup=10, min_runs=100, min_seconds=seconds, max_seconds=max(20.0, seconds))
     with console.status("pruning..." if epochs == 0 else "pruning and fine-tuning..."):
-        result = run_prune(loaded, cfg, data=tune, eval_data=held, threads=threads or 1, latency=not no_latency,
-                           bench_settings=bench, progress=epochs > 0)
+        result = run_prune(loaded, cfg, data=tune, eval_data=held, threads=threads, device=device,
+                           latency=not no_latency, bench_settings=bench, progress=epochs > 0)
     paths = save_pruned(result, out)
     payload = {**result.report, "outputs": {**paths, "report": str(report_path(out))}}
     write_json(report_path(out), payload)
@@ -125,4 +139,28 @@ def _print(report: dict[str, Any]) -> None:
     console.print(summary)
     if "note" in report:
         console.print(f"note: {report['note']}")
+    _print_target(report)
     console.print(f"export check: max abs diff {report['export_check']['max_abs_diff']:.2e} (ONNX vs pruned PyTorch)")
+
+
+def _print_target(report: dict[str, Any]) -> None:
+    """Say whether the MAC or latency target was met; a target missed within --sparsity is a warning."""
+    fields = report["config"]["fields"]
+    if report.get("target_macs_met") is False:
+        err_console.print(f"[yellow]warning:[/yellow] target MACs {fields['target_macs']:,.0f} not met within "
+                          f"--sparsity {fields['ratio']}: reached {report['macs']['after']:,}")
+    if "target_latency" not in report:
+        return
+    t = report["target_latency"]
+    setting = f"{t['runtime']}, {t['threads']} thread{'s' if t['threads'] != 1 else ''}, batch 1"
+    if not t["met"]:
+        err_console.print(f"[yellow]warning:[/yellow] target latency {t['target_ms']:g} ms not met within "
+                          f"--sparsity {fields['ratio']}: reached {t['reached_ms']:.3f} ms "
+                          f"(original {t['original_ms']:.3f} ms; {setting})")
+    elif not report["steps"]:
+        console.print(f"target latency {t['target_ms']:g} ms: the original already meets it "
+                      f"({t['original_ms']:.3f} ms; {setting}), nothing pruned")
+    else:
+        timed = sum(s["timed"] for s in t["timings"]) - 1
+        console.print(f"target latency {t['target_ms']:g} ms met: {t['reached_ms']:.3f} ms with {t['ratio']:.2%} of "
+                      f"channels removed, original {t['original_ms']:.3f} ms ({setting}; {timed} candidates timed)")

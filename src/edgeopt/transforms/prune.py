@@ -81,10 +81,11 @@ class StructuredPrune:
     """Remove the ``ratio`` fraction of channels of every prunable layer (torch-pruning).
 
     ``target_macs`` (absolute multiply-accumulates, batch 1) instead prunes in small steps, at
-    most ``ratio``, until the model is at or below it. ``importance`` scores channel groups by
-    L1/L2 weight magnitude or first-order Taylor (needs labelled data). The classifier head
-    (the last Conv/Linear run) is kept whole when ``keep_head``; ``skip`` names more layers to
-    leave alone; ``round_to`` keeps channel counts multiples of it (SIMD-friendly).
+    most ``ratio``, until the model is at or below it; ``target_latency_ms`` until the measured
+    batch-1 p50 of its ONNX export is (see ``prune_latency``). ``importance`` scores channel
+    groups by L1/L2 weight magnitude or first-order Taylor (needs labelled data). The classifier
+    head (the last Conv/Linear run) is kept whole when ``keep_head``; ``skip`` names more layers
+    to leave alone; ``round_to`` keeps channel counts multiples of it (SIMD-friendly).
 
     Example:
         >>> StructuredPrune(ratio=0.5, importance="l2", epochs=3)  # doctest: +SKIP
@@ -92,6 +93,7 @@ class StructuredPrune:
 
     ratio: float = 0.5
     target_macs: float | None = None
+    target_latency_ms: float | None = None
     importance: Importance = "l1"
     skip: tuple[str, ...] = ()
     keep_head: bool = True
@@ -109,6 +111,10 @@ class StructuredPrune:
             raise ConfigError(f"importance must be l1, l2 or taylor, got {self.importance!r}")
         if self.target_macs is not None and not self.target_macs > 0:
             raise ConfigError(f"target MACs must be > 0, got {self.target_macs}")
+        if self.target_latency_ms is not None and not self.target_latency_ms > 0:
+            raise ConfigError(f"target latency must be > 0 ms, got {self.target_latency_ms}")
+        if self.target_macs is not None and self.target_latency_ms is not None:
+            raise ConfigError("give a MAC target or a latency target, not both")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
         _check_tuning(self.epochs, self.lr, self.batch_size, self.iterative_steps)
@@ -253,8 +259,12 @@ def teacher_logits_for(teacher: Model | Any, train: Dataset) -> np.ndarray:
 
 
 def prune_module(module: Any, config: PruneConfig, *, example: Any, train: Dataset | None = None,
-                 teacher_logits: np.ndarray | None = None, progress: bool = False) -> dict[str, Any]:
+                 teacher_logits: np.ndarray | None = None, progress: bool = False,
+                 timing: Any = None) -> dict[str, Any]:
     """Prune ``module`` in place (and fine-tune when ``train`` is given); return what was done.
+
+    ``timing`` (a ``prune_latency.LatencyTiming``; its defaults when None) says how candidates
+    are timed for ``target_latency_ms``.
 
     Raises:
         ConfigError: a named layer does not exist, or Taylor importance without labels.
@@ -278,21 +288,29 @@ def prune_module(module: Any, config: PruneConfig, *, example: Any, train: Datas
     else:
         from edgeopt.transforms.prune_structured import head_layer, prune_channels, resolve_layers
 
-        ignored = resolve_layers(module, config.skip, what="--skip")
+        resolve_layers(module, config.skip, what="--skip")
         head = head_layer(module, example) if config.keep_head else None
-        if head is not None:
-            ignored.append(dict(module.named_modules())[head])
+        kept = ([head] if head else []) + list(config.skip)
         shapes_before = {n: tuple(m.weight.shape) for n, m in module.named_modules()
                          if getattr(m, "weight", None) is not None and m.weight.dim() > 1}
-        stepwise = tune if config.target_macs is None else None
-        info["steps"] = prune_channels(
-            module, example, ratio=config.ratio, importance=config.importance, ignored=ignored,
-            steps=config.iterative_steps, round_to=config.round_to, target_macs=config.target_macs,
-            count=lambda m: count_macs_params(m, example)[0], data=train, after_step=stepwise)
-        if tune is not None and stepwise is None:
+
+        def channels(target: Any, ratio: float, **schedule: Any) -> list[dict[str, Any]]:
+            return prune_channels(target, example, ratio=ratio, importance=config.importance,
+                                  ignored=resolve_layers(target, tuple(kept), what="--skip"),
+                                  round_to=config.round_to, count=lambda m: count_macs_params(m, example)[0],
+                                  data=train, **schedule)
+
+        targeted = config.target_macs is not None or config.target_latency_ms is not None
+        if config.target_latency_ms is not None:
+            info["steps"], info["target_latency"] = _to_latency(module, config, example, channels, timing)
+            info["target_latency_met"] = info["target_latency"]["met"]
+        else:
+            info["steps"] = channels(module, config.ratio, steps=config.iterative_steps,
+                                     target_macs=config.target_macs, after_step=None if targeted else tune)
+        if tune is not None and targeted:
             tune(0)
         modules = dict(module.named_modules())
-        info["kept_whole"] = ([head] if head else []) + list(config.skip)
+        info["kept_whole"] = kept
         info["layers"] = [{"layer": n, "shape_before": list(s), "shape_after": list(modules[n].weight.shape)}
                           for n, s in shapes_before.items() if n in modules]
         if config.target_macs is not None and info["steps"][-1]["macs"] > config.target_macs:
@@ -300,6 +318,24 @@ def prune_module(module: Any, config: PruneConfig, *, example: Any, train: Datas
     if tune is not None:
         info["fine_tune"] = tune.history
     return info
+
+
+def _to_latency(module: Any, config: StructuredPrune, example: Any, channels: Any,
+                timing: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Prune ``module`` to the least ratio whose ONNX export meets the latency target (see prune_latency)."""
+    torch = require("torch", extra="torch")
+    from edgeopt.measure.complexity import count_macs_params
+    from edgeopt.transforms.prune_latency import LatencySearch, LatencyTiming
+
+    def one_shot(target: Any, ratio: float) -> list[dict[str, Any]]:
+        with torch.random.fork_rng(devices=[]):  # dropout in Taylor's gradients: the same channels every time
+            torch.manual_seed(config.seed)
+            return channels(target, ratio)
+
+    search = LatencySearch(module, example, target_ms=config.target_latency_ms, timing=timing or LatencyTiming(),
+                           prune=one_shot, count=lambda m: count_macs_params(m, example)[0])
+    ratio = search.run(ratio=config.ratio)
+    return (one_shot(module, ratio) if ratio > 0 else []), search.report()
 
 
 # -- the public API ------------------------------------------------------------------------------
@@ -318,7 +354,8 @@ def _sizes(onnx_model: Model, module: Any) -> dict[str, int]:
 
 
 def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eval_data: Dataset | None = None,
-          threads: int = 1, latency: bool = True, bench_settings: Any = None, progress: bool = False) -> PruneResult:
+          threads: int | None = None, device: Any = None, latency: bool = True, bench_settings: Any = None,
+          progress: bool = False) -> PruneResult:
     """Prune a PyTorch model, fine-tune it on ``data``, export it to ONNX and measure the effect.
 
     Args:
@@ -328,14 +365,18 @@ def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eva
             used for either is split 80/20 (stratified) so the result is judged on samples it was
             not tuned on; when ``data`` is not used for tuning, it is only judged on.
         eval_data: the data accuracy before/after is judged on (never used for tuning).
-        threads: ONNX Runtime threads for the interleaved latency measurement.
+        threads: intra-op threads for timing and evaluation; default: ``device``'s, else 1.
+        device: a device profile (name, .yaml or DeviceProfile) whose runtime and threads time
+            the models; default: ONNX Runtime.
         latency: time the original and pruned ONNX models interleaved (``measure.compare``).
-        bench_settings: ``BenchSettings`` for that timing.
+        bench_settings: ``BenchSettings`` for that timing and for ``target_latency_ms``'s.
 
     Returns:
         PruneResult with the pruned torch Model, its verified ONNX export and the report:
         MACs/params before and after, per-layer sparsity or shapes, sizes and gzip sizes,
-        latency before/after and accuracy before/after (when labels exist).
+        latency before/after and accuracy before/after (when labels exist); for a latency
+        target, ``target_latency`` (every timing, the original's and the reached latency) and
+        ``target_latency_met``.
 
     Raises:
         ModelError: the model is not PyTorch.
@@ -348,8 +389,11 @@ def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eva
     from edgeopt.measure.complexity import count_macs_params
     from edgeopt.measure.evaluate import evaluate
     from edgeopt.transforms.export import to_onnx
+    from edgeopt.transforms.prune_latency import LatencyTiming
 
     original = torch_module(model)
+    runtime = None if device is not None else "onnxruntime"
+    threads = threads if threads is not None or device is not None else 1
     tune_data = data
     uses_data = config.epochs > 0 or getattr(config, "importance", None) == "taylor"
     if data is not None and eval_data is None and data.labels is not None and uses_data:
@@ -359,20 +403,22 @@ def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eva
     example = _example(model, tune_data or eval_data)
     input_shape = tuple(example.shape)
     macs0, params0 = count_macs_params(original, example)
+    check_data = eval_data or tune_data
+    base_onnx, _ = to_onnx(Model.from_torch(original, source=model.source, input_shape=input_shape), data=check_data)
     module = copy.deepcopy(original).eval()
     teacher = None
     if tune_data is not None and config.epochs > 0 and config.distill:
         teacher = teacher_logits_for(original, tune_data)
-    info = prune_module(module, config, example=example, train=tune_data, teacher_logits=teacher, progress=progress)
+    timing = LatencyTiming(original=base_onnx, runtime=runtime, threads=threads, device=device,
+                           settings=bench_settings)
+    info = prune_module(module, config, example=example, train=tune_data, teacher_logits=teacher, progress=progress,
+                        timing=timing)
     module.eval()
     macs1, params1 = count_macs_params(module, example)
     pruned = Model.from_torch(module, source=f"{model.source} (pruned)", input_shape=input_shape)
-    base = Model.from_torch(original, source=model.source, input_shape=input_shape)
-    check_data = eval_data or tune_data
-    base_onnx, _ = to_onnx(base, data=check_data)
     pruned_onnx, check = to_onnx(pruned, data=check_data)
     report: dict[str, Any] = {
-        "model": model.source, "config": _config_dict(config), **info,
+        "model": model.source, **info, "config": _config_dict(config),
         "macs": {"before": macs0, "after": macs1, "reduction_pct": round(100.0 * (1 - macs1 / macs0), 2)
                  if macs0 else None},
         "params": {"before": params0, "after": params1,
@@ -386,13 +432,13 @@ def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eva
         report["note"] = ("unstructured zeros are still stored and multiplied by dense runtimes: the model "
                           "shrinks only when compressed (gzip sizes), and latency is as measured, not assumed")
     if eval_data is not None and eval_data.labels is not None:
-        before = evaluate(base_onnx, eval_data, threads=threads, keep_outputs=True)
-        after = evaluate(pruned_onnx, eval_data, threads=threads, reference=before.outputs)
+        before = evaluate(base_onnx, eval_data, threads=threads, device=device, keep_outputs=True)
+        after = evaluate(pruned_onnx, eval_data, threads=threads, device=device, reference=before.outputs)
         report["accuracy"] = {"before": before.accuracy, "after": after.accuracy,
                               "drop_pts": round(100.0 * (before.accuracy - after.accuracy), 3),
                               "agreement": after.agreement, "samples": after.n}
     if latency:
-        report["latency"] = _latency(base_onnx, pruned_onnx, threads=threads, settings=bench_settings)
+        report["latency"] = _latency(base_onnx, pruned_onnx, timing)
     return PruneResult(model=pruned, onnx=pruned_onnx, report=report)
 
 
@@ -402,14 +448,15 @@ def _config_dict(config: PruneConfig) -> dict[str, Any]:
     return config_to_dict(config)
 
 
-def _latency(base: Model, pruned: Model, *, threads: int, settings: Any) -> dict[str, Any]:
-    """Batch-1 ONNX Runtime latency of both models, interleaved in one run."""
+def _latency(base: Model, pruned: Model, timing: Any) -> dict[str, Any]:
+    """Batch-1 latency of both models, interleaved in one run (ONNX Runtime unless a device says otherwise)."""
     from edgeopt.measure.bench import BenchSettings, compare
 
-    cfg = settings or BenchSettings(min_runs=100, min_seconds=1.0)
-    before, after = compare([base, pruned], settings=cfg, batch=1, runtime="onnxruntime", threads=threads)
+    cfg = timing.settings or BenchSettings(min_runs=100, min_seconds=1.0)
+    before, after = compare([base, pruned], settings=cfg, batch=1, runtime=timing.runtime, threads=timing.threads,
+                            device=timing.device)
     p0, p1 = before.latency_ms["p50"], after.latency_ms["p50"]
-    return {"runtime": "onnxruntime", "threads": threads, "batch": 1, "interleaved": True,
+    return {"runtime": before.runtime, "threads": before.threads, "batch": 1, "interleaved": True,
             "before_ms": before.latency_ms, "after_ms": after.latency_ms,
             "speedup_p50": round(p0 / p1, 3) if p1 > 0 else None, "runs": [before.runs, after.runs]}
 
@@ -450,13 +497,16 @@ def save_pruned(result: PruneResult, out: Any) -> dict[str, str]:
 # -- recipe steps --------------------------------------------------------------------------------
 def _apply(model: Model, config: PruneConfig, ctx: TransformContext) -> Model:
     """Recipe step: torch Model in, pruned (and, with ctx.train, fine-tuned) torch Model out."""
+    from edgeopt.transforms.prune_latency import LatencyTiming
+
     original = torch_module(model)
     example = _example(model, ctx.train or ctx.calibration)
     module = copy.deepcopy(original).eval()
     teacher = None
     if ctx.train is not None and config.epochs > 0 and config.distill:
         teacher = teacher_logits_for(ctx.teacher if ctx.teacher is not None else original, ctx.train)
-    prune_module(module, config, example=example, train=ctx.train, teacher_logits=teacher, progress=ctx.progress)
+    prune_module(module, config, example=example, train=ctx.train, teacher_logits=teacher, progress=ctx.progress,
+                 timing=LatencyTiming(device=ctx.device))
     module.eval()
     return Model.from_torch(module, source=f"{model.source} (pruned)", input_shape=tuple(example.shape))
 

@@ -8,6 +8,9 @@ Sections (all by default; name some to run only those, results are merged into t
 - resnet18, mobilenet_v2: torchvision (weights=None, random init), 50% structured channel pruning
   with L1 importance; MACs, batch-1 ONNX Runtime latency of original and pruned timed
   interleaved in one run (measure.compare), and the export check (ONNX vs pruned PyTorch).
+- resnet18_latency_target: the same ResNet18, ``target_latency_ms`` = 50 % of its unpruned batch-1
+  ONNX Runtime 1-thread p50 (timed alone first), at most 50 % channels: every timing of the search
+  (interleaved with the original), the latency reached, MACs and the channel fraction it took.
 
 Run: ``.venv/bin/python benchmarks/prune.py [section ...]`` -> benchmarks/results/prune.json
 """
@@ -56,6 +59,37 @@ def _torchvision(name: str, ratio: float, threads: int) -> dict[str, Any]:
     return {k: v for k, v in result.report.items() if k != "layers"}
 
 
+def _latency_target(name: str, fraction: float, ceiling: float, threads: int) -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    from edgeopt.measure.bench import BenchSettings, benchmark
+    from edgeopt.model import Model
+    from edgeopt.transforms.export import to_onnx
+    from edgeopt.transforms.prune import StructuredPrune, prune
+
+    torch.manual_seed(0)
+    module = getattr(torchvision.models, name)(weights=None).eval()
+    model = Model.from_torch(module, source=f"torchvision.{name}(weights=None)", input_shape=(1, 3, 224, 224))
+    settings = BenchSettings(min_runs=40, min_seconds=3.0, max_seconds=40.0)
+    unpruned = benchmark(to_onnx(model)[0], settings=settings, runtime="onnxruntime", threads=threads)
+    target = round(fraction * unpruned.latency_ms["p50"], 3)
+    result = prune(model, StructuredPrune(ratio=ceiling, target_latency_ms=target), threads=threads,
+                   bench_settings=settings, progress=False)
+    report = {k: v for k, v in result.report.items() if k != "layers"}
+    search = report["target_latency"]
+    chosen = next(t for t in search["timings"] if t["ratio"] == search["ratio"])
+    report["summary"] = {
+        "target_ms": target, "target_fraction_of_unpruned": fraction, "unpruned_p50_ms": unpruned.latency_ms["p50"],
+        "met": search["met"], "reached_ms": search["reached_ms"],
+        "reached_p50_ms_raw": chosen["p50_ms"], "original_p50_ms_same_run": chosen["original_p50_ms"],
+        "timings_ratio_macs_ms": [[t["ratio"], t["macs"], round(t["latency_ms"], 2)] for t in search["timings"]],
+        "channel_fraction_removed": search["ratio"], "ceiling": ceiling,
+        "macs_before": report["macs"]["before"], "macs_after": report["macs"]["after"],
+        "final_interleaved_speedup_p50": report["latency"]["speedup_p50"]}
+    return report
+
+
 def main(sections: list[str]) -> None:
     import torch
 
@@ -73,6 +107,7 @@ def main(sections: list[str]) -> None:
                                                       threads),
         "resnet18": lambda: _torchvision("resnet18", 0.5, threads),
         "mobilenet_v2": lambda: _torchvision("mobilenet_v2", 0.5, threads),
+        "resnet18_latency_target": lambda: _latency_target("resnet18", 0.5, 0.5, threads),
     }
     unknown = [s for s in sections if s not in runs]
     if unknown:
@@ -96,6 +131,8 @@ def main(sections: list[str]) -> None:
                    "accuracy": report.get("accuracy"), "seconds": report["seconds"]}
         if "sparsity" in report:
             summary["sparsity_pct"] = {r["layer"]: r["sparsity_pct"] for r in report["sparsity"]}
+        if "summary" in report:
+            summary["target"] = report["summary"]
         print(json.dumps(summary, indent=1), flush=True)
 
 

@@ -7,6 +7,11 @@ modules that need them (they import torch lazily via pytest.importorskip).
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +101,44 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+# -- edgeopt serve subprocesses (test_serve_process.py, test_split_remote.py) ----------------------
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+        self.proc, self.port = proc, port
+        self.url = f"127.0.0.1:{port}"
+
+
+def start_server(*args: str, timeout: float = 60.0) -> Server:
+    """Start ``edgeopt serve ... --port 0`` and wait until it is ready; the port is read from stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeopt", "serve", *args, "--port", "0", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    if "listening on http://" not in line:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line!r} {proc.stderr.read()}")
+    port = int(line.split("http://127.0.0.1:")[1].split()[0])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return Server(proc, port)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("server never became ready")
+
+
+def stop(server: Server) -> tuple[int, str]:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = server.proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        _, err = server.proc.communicate()
+    return server.proc.returncode, err

@@ -90,19 +90,42 @@ def run(
     threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads per stage (default: the plan's).")] = None,
     reference: Annotated[str | None, typer.Option("--reference", help="Whole ONNX model to compare outputs with (default: the one split).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for a stage before calling it stuck.")] = 60.0,
+    stage_urls: Annotated[str | None, typer.Option("--stage-urls", help="Run the stages on OIP v2 servers instead: http://HOST:PORT[/v2/models/NAME] per stage, comma-separated, in order.")] = None,
+    in_flight: Annotated[int | None, typer.Option("--in-flight", help="With --stage-urls: items in flight in the streamed pass (default: stages + 1).")] = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Run the stages as processes linked by TCP: latency per item, throughput, max abs diff vs the whole model."""
+    """Run the stages as processes linked by TCP (or on OIP v2 servers): latency per item, throughput, max abs diff vs the whole model."""
     from edgeopt.cli.common import load_data_arg
-    from edgeopt.split.pipeline import run_pipeline
+    from edgeopt.errors import BadInput
 
+    if stage_urls is None:
+        if in_flight is not None:
+            raise BadInput("--in-flight applies to --stage-urls only; the local pipeline streams every item")
+    else:
+        for flag, given in (("--simulate-link", simulate_link), ("--simulate-devices", simulate_devices),
+                            ("--threads", threads is not None)):
+            if given:
+                raise BadInput(f"{flag} does not apply to --stage-urls: remote stages run on their own "
+                               "devices and links, with the servers' own settings")
     dataset = load_data_arg(data) if data else None
-    with console.status("running the pipeline..."):
-        result = run_pipeline(outdir, data=dataset, items=items, simulate_link=simulate_link,
-                              simulate_devices=simulate_devices, threads=threads, reference=reference,
-                              timeout_s=timeout)
-    table = Table(title=f"edgeopt split run: {outdir} ({result.stages} stages, {result.threads} thread(s) each"
-                        + (", simulated link" if simulate_link else "") + ")")
+    if stage_urls is not None:
+        from edgeopt.split.remote import run_remote
+
+        with console.status("running the stages on their OIP servers..."):
+            result = run_remote(outdir, stage_urls, data=dataset, items=items, in_flight=in_flight,
+                                reference=reference, timeout_s=timeout)
+        title = (f"edgeopt split run: {outdir} ({result.stages} stages on OIP servers, "
+                 f"{result.in_flight} in flight; predicted: the plan's devices and link)")
+    else:
+        from edgeopt.split.pipeline import run_pipeline
+
+        with console.status("running the pipeline..."):
+            result = run_pipeline(outdir, data=dataset, items=items, simulate_link=simulate_link,
+                                  simulate_devices=simulate_devices, threads=threads, reference=reference,
+                                  timeout_s=timeout)
+        title = (f"edgeopt split run: {outdir} ({result.stages} stages, {result.threads} thread(s) each"
+                 + (", simulated link" if simulate_link else "") + ")")
+    table = Table(title=title)
     for col in ("", "measured", "predicted", "measured/predicted"):
         table.add_column(col, justify="left" if not col else "right")
     lat, pred = result.latency_ms["p50"], result.predicted_latency_ms
@@ -113,4 +136,12 @@ def run(
     table.add_row("max abs diff vs whole model", "-" if result.max_abs_diff is None else f"{result.max_abs_diff:.3g}",
                   "-", "-")
     console.print(table)
+    if result.remote:
+        stages = Table(title="per stage (latency pass)")
+        for col in ("stage", "server", "round trip p50 ms", "server mean ms"):
+            stages.add_column(col, justify="left" if col in ("stage", "server") else "right")
+        for k, r in enumerate(result.remote):
+            stages.add_row(str(k), r["url"], f"{r['round_trip_ms']['p50']:.2f}",
+                           "-" if r["server_mean_ms"] is None else f"{r['server_mean_ms']:.2f}")
+        console.print(stages)
     emit_json(json_out, result.to_dict())

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from edgeopt.data import Dataset
 from edgeopt.errors import BadInput, EdgeoptError, ModelError, first_line
 from edgeopt.split import protocol
 from edgeopt.split.protocol import Frame, ProtocolError
+
+if TYPE_CHECKING:
+    from edgeopt.model import Model
 
 UPSTREAM_CLOSED = 3  # a stage's exit code when its input went away (it is not the culprit)
 
@@ -57,6 +60,8 @@ class PipelineResult:
     link: dict[str, float]
     threads: int
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    in_flight: int | None = None
+    remote: list[dict[str, Any]] | None = None
 
     @property
     def latency_error(self) -> float:
@@ -69,7 +74,8 @@ class PipelineResult:
                 "max_abs_diff": self.max_abs_diff, "predicted_latency_ms": self.predicted_latency_ms,
                 "predicted_throughput_ips": self.predicted_throughput_ips,
                 "latency_prediction_error": self.latency_error, "simulate_link": self.simulate_link,
-                "simulate_devices": self.simulate_devices, "link": self.link, "threads": self.threads}
+                "simulate_devices": self.simulate_devices, "link": self.link, "threads": self.threads,
+                **({"in_flight": self.in_flight, "remote": self.remote} if self.remote is not None else {})}
 
 
 # -- stage process ------------------------------------------------------------------------------
@@ -419,7 +425,6 @@ def run_pipeline(outdir: str | Path, *, data: Dataset | None = None, items: int 
         >>> r = run_pipeline("out/", simulate_link=True)  # doctest: +SKIP
         >>> r.latency_ms["mean"], r.predicted_latency_ms
     """
-    from edgeopt.measure.bench import example_feeds
     from edgeopt.model import load_model
 
     if items < 1:
@@ -429,15 +434,7 @@ def run_pipeline(outdir: str | Path, *, data: Dataset | None = None, items: int 
     n_threads = int(threads or plan.get("threads") or 1)
     if n_threads < 1:
         raise BadInput(f"--threads must be >= 1, got {n_threads}")
-    first = load_model(folder / plan["stages"][0]["path"])
-    if data is not None:
-        fitted = data.feeds_for(first)
-        if len(fitted) == 0:
-            raise BadInput(f"{data.source} is empty")
-        inputs = [{k: np.ascontiguousarray(v[i % len(fitted): i % len(fitted) + 1]) for k, v in fitted.inputs.items()}
-                  for i in range(items)]
-    else:
-        inputs = [example_feeds(first, batch=1, seed=i) for i in range(items)]
+    inputs = feeds_for_items(load_model(folder / plan["stages"][0]["path"]), data, items)
 
     stages = _Stages(plan, folder, threads=n_threads, host=host, simulate_link=simulate_link,
                      simulate_devices=simulate_devices, timeout_s=timeout_s)
@@ -466,17 +463,35 @@ def run_pipeline(outdir: str | Path, *, data: Dataset | None = None, items: int 
         if proc.exitcode not in (0, None):
             raise PipelineError(stages.diagnose(f"stage {k} exited with code {proc.exitcode} after the run"))
 
-    diff = _max_abs_diff(plan, folder, reference, inputs, [outputs, streamed])
-    ms = np.array(latencies)
+    diff = max_abs_diff_vs_whole(plan, folder, reference, inputs, [outputs, streamed])
     return PipelineResult(
         stages=len(plan["stages"]), devices=list(plan.get("devices", [])), items=items,
-        latency_ms={"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-                    "mean": float(ms.mean()), "min": float(ms.min())},
+        latency_ms=latency_summary(latencies),
         throughput_ips=throughput, max_abs_diff=diff,
         predicted_latency_ms=_predicted_latency(plan, simulate_link, simulate_devices),
         predicted_throughput_ips=_predicted_throughput(plan, simulate_link, simulate_devices),
         simulate_link=simulate_link, simulate_devices=simulate_devices,
         link={k: float(v) for k, v in plan["link"].items()}, threads=n_threads, latencies_ms=latencies)
+
+
+def feeds_for_items(first: Model, data: Dataset | None, items: int) -> list[dict[str, np.ndarray]]:
+    """``items`` batch-1 feeds for the first stage: rows of ``data`` (cycled), else random inputs."""
+    from edgeopt.measure.bench import example_feeds
+
+    if data is None:
+        return [example_feeds(first, batch=1, seed=i) for i in range(items)]
+    fitted = data.feeds_for(first)
+    if len(fitted) == 0:
+        raise BadInput(f"{data.source} is empty")
+    return [{k: np.ascontiguousarray(v[i % len(fitted): i % len(fitted) + 1]) for k, v in fitted.inputs.items()}
+            for i in range(items)]
+
+
+def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
+    """p50, p90, mean and min of per-item times in ms."""
+    ms = np.array(latencies_ms)
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "mean": float(ms.mean()), "min": float(ms.min())}
 
 
 def _stream(stages: _Stages, inputs: list[dict[str, np.ndarray]], *, first_seq: int
@@ -520,8 +535,10 @@ def _receive_end(stages: _Stages) -> Frame:
         raise PipelineError(stages.diagnose(f"the pipeline did not finish cleanly ({exc})")) from exc
 
 
-def _max_abs_diff(plan: dict[str, Any], folder: Path, reference: str | Path | None,
-                  inputs: list[dict[str, np.ndarray]], runs: list[dict[int, dict[str, np.ndarray]]]) -> float | None:
+def max_abs_diff_vs_whole(plan: dict[str, Any], folder: Path, reference: str | Path | None,
+                          inputs: list[dict[str, np.ndarray]],
+                          runs: list[dict[int, dict[str, np.ndarray]]]) -> float | None:
+    """Largest |pipeline - whole model| over every item of every run; inf on a missing or misshapen output."""
     from edgeopt.measure.sessions import open_session, resolve_settings
     from edgeopt.model import load_model
 

@@ -12,6 +12,10 @@ Three measurements, all on this host (127.0.0.1), stage processes at 1 intra-op 
 3. throughput: the unsplit model on one core vs two stages on two cores, in alternating rounds
    (in-process harness at 1 thread, the unsplit model as a 1-stage pipeline, the 2-stage pipeline).
 
+4. oip (only with --only oip): the same 2-stage split run by the local socket pipeline and by
+   `split run --stage-urls` against two `edgeopt serve` processes (one stage each, 1 thread,
+   --max-batch 1), interleaved in each round: latency p50, throughput, their ratios.
+
 The machine is shared with other jobs: absolute times move with their load; ratios within a
 round are the figures to trust. Writes benchmarks/results/split.json.
 
@@ -23,6 +27,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +39,7 @@ from edgeopt.measure.bench import BenchSettings, benchmark
 from edgeopt.model import Model, load_model
 from edgeopt.split import split_model
 from edgeopt.split.pipeline import run_pipeline
+from edgeopt.split.remote import run_remote
 
 ROOT = Path(__file__).resolve().parents[1]
 BANDWIDTHS_MBPS = (5.0, 20.0, 100.0, 1000.0)
@@ -152,18 +159,84 @@ def throughput(path: Path, folder: Path, items: int, rounds: int) -> dict[str, A
             "meets_1_5x": speedups[len(speedups) // 2] >= 1.5}
 
 
+def start_server(stage: Path) -> tuple[subprocess.Popen[str], str]:
+    """``edgeopt serve STAGE --port 0`` at 1 thread, batching off; returns the process and its URL once ready."""
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgeopt", "serve", str(stage), "--port", "0", "--threads", "1",
+                             "--max-batch", "1", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on " not in line:
+        proc.kill()
+        raise RuntimeError(f"edgeopt serve {stage} did not start: {line!r}")
+    url = line.split("listening on ")[1].split()[0]
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/v2/health/ready").status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"edgeopt serve {stage} never became ready")
+
+
+def oip(path: Path, folder: Path, items: int, rounds: int) -> dict[str, Any]:
+    out = folder / f"{path.stem}_oip"
+    plan = split_model(path, ["host-1t", "host-1t"], out_dir=out, link_mbps=1000, objective="throughput")
+    servers = []
+    try:
+        for stage in plan.stages:
+            servers.append(start_server(out / stage.path))
+        urls = ",".join(url for _, url in servers)
+        per_round = []
+        for r in range(rounds):
+            local = run_pipeline(out, items=items)
+            remote = run_remote(out, urls, items=items)
+            row = {"round": r,
+                   "local_latency_p50_ms": round(local.latency_ms["p50"], 3),
+                   "oip_latency_p50_ms": round(remote.latency_ms["p50"], 3),
+                   "latency_ratio_oip_over_local": round(remote.latency_ms["p50"] / local.latency_ms["p50"], 3),
+                   "local_throughput_ips": round(local.throughput_ips, 2),
+                   "oip_throughput_ips": round(remote.throughput_ips, 2),
+                   "throughput_ratio_oip_over_local": round(remote.throughput_ips / local.throughput_ips, 3),
+                   "oip_stage_round_trip_p50_ms": [round(s["round_trip_ms"]["p50"], 3) for s in remote.remote or []],
+                   "oip_stage_server_mean_ms": [None if s["server_mean_ms"] is None else round(s["server_mean_ms"], 3)
+                                                for s in remote.remote or []],
+                   "max_abs_diff": {"local": local.max_abs_diff, "oip": remote.max_abs_diff}}
+            per_round.append(row)
+            print(f"  {path.stem} round {r}: p50 local {row['local_latency_p50_ms']:.1f} ms, OIP "
+                  f"{row['oip_latency_p50_ms']:.1f} ms ({row['latency_ratio_oip_over_local']:.2f}x); throughput local "
+                  f"{row['local_throughput_ips']:.1f}/s, OIP {row['oip_throughput_ips']:.1f}/s "
+                  f"({row['throughput_ratio_oip_over_local']:.2f}x)")
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    def median(key: str) -> float:
+        values = sorted(row[key] for row in per_round)
+        return values[len(values) // 2]
+
+    return {"model": path.stem, "cut": plan.cuts, "cut_bytes": plan.stages[0].out_bytes,
+            "in_flight": len(plan.stages) + 1, "server": "edgeopt serve, 1 thread, --max-batch 1, 127.0.0.1",
+            "rounds": per_round, "median_latency_ratio": median("latency_ratio_oip_over_local"),
+            "median_throughput_ratio": median("throughput_ratio_oip_over_local")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default="mobilenet_v2,resnet18")
     parser.add_argument("--only", default="fidelity,cut_by_bandwidth,prediction,throughput",
-                        help="sections to run; a partial run writes split_<sections>.json instead of split.json")
+                        help="sections to run (oip too); a partial run writes split_<sections>.json instead of split.json")
     args = parser.parse_args()
     sections = args.only.split(",")
     started = time.time()
     load_before = os.getloadavg()
-    results: dict[str, Any] = {"fidelity": [], "cut_by_bandwidth": [], "prediction": [], "throughput": []}
+    results: dict[str, Any] = {"fidelity": [], "cut_by_bandwidth": [], "prediction": [], "throughput": [], "oip": []}
     with tempfile.TemporaryDirectory(prefix="edgeopt-split-bench-") as tmp:
         folder = Path(tmp)
         for name in args.models.split(","):
@@ -176,6 +249,8 @@ def main() -> None:
                 results["prediction"] += prediction(path, folder, args.items)
             if "throughput" in sections:
                 results["throughput"].append(throughput(path, folder, args.items, args.rounds))
+            if "oip" in sections:
+                results["oip"].append(oip(path, folder, args.items, args.rounds))
     by_model: dict[str, list[int]] = {}
     for row in results["prediction"]:
         by_model.setdefault(row["model"], []).append(row["cut_after_node"])
@@ -193,6 +268,8 @@ def main() -> None:
             "planned_cut_by_bandwidth": {c["model"]: {f"{p['link_mbps']:g}": p["cut_after_node"] for p in c["plans"]}
                                          for c in results["cut_by_bandwidth"]},
             "throughput_median_speedup": {t["model"]: t["median_speedup"] for t in results["throughput"]},
+            "oip_over_local_median": {o["model"]: {"latency": o["median_latency_ratio"],
+                                                   "throughput": o["median_throughput_ratio"]} for o in results["oip"]},
         },
         **results,
         "seconds": round(time.time() - started, 1),

@@ -138,3 +138,27 @@ def test_binary_tensors_round_trip_through_the_servers_codec(stages: Stages) -> 
     payload, out_headers = encode_response(model_name="stage_1", version="1", request=request,
                                            results={"logits": logits})
     assert np.array_equal(decode_infer(payload, out_headers["inference-header-content-length"])["logits"], logits)
+
+
+def test_run_split_api_takes_stage_urls(stages: Stages) -> None:
+    from edgeopt.split import run_split
+
+    result = run_split(stages.out, stage_urls=f"{stages.url(stages.first)},{stages.url(stages.second)}", items=3,
+                       in_flight=1)
+    assert result.items == 3 and result.in_flight == 1 and result.max_abs_diff is not None
+    assert result.max_abs_diff <= 1e-5 and len(result.remote or []) == 2
+
+
+@pytest.mark.parametrize(("served", "message"), [
+    ([{"name": "x", "datatype": "FP16", "shape": [-1, 16]}], "input 'x' is FP16, the stage's is FP32"),
+    ([{"name": "x", "datatype": "FP32", "shape": [-1, 8]}], "input 'x' has shape [-1, 8], the stage's is [-1, 16]"),
+    ([{"name": "x", "datatype": "FP32", "shape": [1, 16, 1]}], "has shape [1, 16, 1]"),
+    ([{"name": "x", "datatype": "FP32", "shape": ["b", 16]}], "has no integer shape"),
+    ([{"name": "y", "datatype": "FP32", "shape": [-1, 16]}], "inputs are ['y'], the stage's are ['x']"),
+    ([{"name": "x", "datatype": "FP32", "shape": [1, 16]}], None),  # a fixed size matches a dynamic one
+])
+def test_metadata_mismatch_says_what_differs(served: list[dict], message: str | None) -> None:
+    from edgeopt.split.remote import _mismatch
+
+    problem = _mismatch("input", [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}], served)
+    assert problem == message if message is None else message in (problem or "")

@@ -3,7 +3,8 @@
 ``split_model`` finds the single-tensor cut positions (graph.py), times the segments between
 them on this host (profile.py), picks the cuts for the devices and link (planner.py), and
 writes one ONNX sub-model per stage with a ``plan.json`` (partition.py). ``run_pipeline``
-(pipeline.py) runs the stages as processes connected by TCP and measures them.
+(pipeline.py) runs the stages as processes connected by TCP and measures them; ``run_remote``
+(remote.py) drives stages served by Open Inference Protocol v2 servers on other hosts instead.
 """
 
 from __future__ import annotations
@@ -117,8 +118,13 @@ def _link_mbps(value: float | None, profiles: list[DeviceProfile]) -> float:
     return float(min(known)) if known else 1000.0
 
 
-def run_split(out_dir: str | os.PathLike[str], **options: Any) -> PipelineResult:
-    """Run a split directory as a multi-process pipeline: see :func:`edgeopt.split.pipeline.run_pipeline`."""
+def run_split(out_dir: str | os.PathLike[str], *, stage_urls: str | None = None, **options: Any) -> PipelineResult:
+    """Run a split directory as a multi-process pipeline (:func:`edgeopt.split.pipeline.run_pipeline`),
+    or, given ``stage_urls``, on OIP v2 servers (:func:`edgeopt.split.remote.run_remote`)."""
+    if stage_urls is not None:
+        from edgeopt.split.remote import run_remote
+
+        return run_remote(out_dir, stage_urls, **options)
     from edgeopt.split.pipeline import run_pipeline
 
     return run_pipeline(out_dir, **options)

@@ -181,7 +181,9 @@ def _mismatch(kind: str, want: list[dict[str, Any]], got: Any) -> str | None:
         if other.get("datatype") != t["datatype"]:
             return f"{kind} {t['name']!r} is {other.get('datatype')}, the stage's is {t['datatype']}"
         shape = other.get("shape")
-        if (not isinstance(shape, list) or len(shape) != len(t["shape"])
+        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+            return f"its {kind} {t['name']!r} has no integer shape ({shape!r})"
+        if (len(shape) != len(t["shape"])
                 or any(a >= 0 and b >= 0 and a != b for a, b in zip(shape, t["shape"], strict=True))):
             return f"{kind} {t['name']!r} has shape {shape}, the stage's is {t['shape']}"
     return None

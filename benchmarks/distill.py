@@ -164,11 +164,13 @@ def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int
                               vocab=vocab, test=test, baseline=True, threads=threads, bench_seconds=3.0)
         r = result.report
         runs.append({"seed": seed, "student": r["student"]["accuracy"], "baseline": r["baseline"]["accuracy"],
+                     "before_training": r["student"]["accuracy_before_training"],
                      "retained": r["accuracy_retained"], "speedup_p50": r["ratios"]["speedup_p50"]})
         print("text", runs[-1], flush=True)
         report = report or r
     report["seeds"] = runs
-    report["summary"] = {k: _summary(runs, k) for k in ("student", "baseline", "retained", "speedup_p50")}
+    report["summary"] = {k: _summary(runs, k) for k in ("student", "baseline", "before_training", "retained",
+                                                       "speedup_p50")}
     report["teacher"]["train_seconds"] = round(teacher_seconds, 1)
     report["teacher"]["best_val_accuracy"] = tfit.best_val_accuracy
     report["task"] = sentiment_task.__doc__.split("\n")[0] + " ..."

@@ -115,6 +115,12 @@ def test_cli_distills_a_saved_teacher_folder(cli, tmp_path, jsonl):
     assert report["teacher"]["layers"] == 4 and report["student"]["layers"] == 2
     assert report["config"]["hidden_weight"] == 1.0 and report["config"]["max_len"] == 16
     assert report["ratios"]["params"] > 1.0 and report["student"]["accuracy"] is not None
+    # the halved teacher's accuracy before any training, on the same held-out split
+    from edgeopt.text_data import text_dataset as to_dataset
+    from edgeopt.training import accuracy_torch
+
+    held_out = to_dataset(examples, vocab, max_len=16).split(0.85, seed=0)[1]
+    assert report["student"]["accuracy_before_training"] == accuracy_torch(halve_bert(teacher), held_out)
     student = load_model(out)
     assert [i.name for i in student.inputs] == ["input_ids", "attention_mask"]
     assert WordVocab.load(out.with_suffix(".vocab.json")) == vocab

@@ -207,6 +207,8 @@ def _print_report(report: dict) -> None:
                   f"{t['latency_ms']['p50']:.3f}", fmt_pct(t["accuracy"]))
     table.add_row("student (distilled)", _fmt_count(s["params"]), _fmt_count(s.get("macs")), fmt_bytes(s["onnx_bytes"]),
                   f"{s['latency_ms']['p50']:.3f}", fmt_pct(s["accuracy"]))
+    if s.get("accuracy_before_training") is not None:
+        table.add_row("student before training", "", "", "", "", fmt_pct(s["accuracy_before_training"]))
     if b is not None:
         table.add_row("student (no teacher)", "", "", "", "", fmt_pct(b["accuracy"]))
     r = report["ratios"]

@@ -4,9 +4,11 @@ Supervised cross-entropy, optionally blended with knowledge distillation from a 
 logits (Hinton et al. 2015: KL at temperature T, scaled by T^2), early stopping on a
 validation split with the best weights restored. Deterministic for a given seed.
 
-Two options exist because distillation needs them to work at all on small data:
+Two options exist because distillation on small data needs them:
 - a linear learning-rate warm-up before the cosine decay: a transformer trained from scratch
-  with Adam diverges or stalls at chance without it (seen on the 4-layer BERT teacher);
+  with Adam learns slower and less reliably without it (the 4-layer BERT teacher of
+  benchmarks/distill.py: 94.9 % without, 97.6 % with, after 4 epochs; at lr 2e-3 without
+  warm-up it stayed at chance);
 - random-shift augmentation with the teacher run on the *same* shifted batch ("consistent
   teaching", Beyer et al. 2022): soft targets computed once on the unshifted images would
   contradict the view the student sees, so with augmentation the teacher is a callable.

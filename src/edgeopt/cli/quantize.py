@@ -56,7 +56,8 @@ def quantize(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output .onnx (a .report.json is written beside it).")],
     mode: Annotated[str, typer.Option("--mode", help="auto (measure variants, keep the fastest within budget), "
                                       "dynamic, static, fp16, bf16 (OpenVINO run hint) or int4.")] = "auto",
-    data: Annotated[str | None, typer.Option("--data", help="Calibration data (.npz, image folder, sklearn:digits).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Data (.npz, image folder, sklearn:digits): calibrates static and "
+                                                   "auto; the other modes only judge on it.")] = None,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out data to judge on (default: --mode auto holds "
                                                   "out half of --data; the other modes judge on all of --data, which "
                                                   "static also calibrates on).")] = None,

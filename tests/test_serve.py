@@ -287,6 +287,46 @@ def test_batcher_merges_splits_and_respects_max_batch() -> None:
     assert all(o["y"].shape == (1, 3) for o in outs)
 
 
+def test_next_batch_waits_in_the_runtime_thread_and_counts_towards_the_queue_limit() -> None:
+    """While batch 1 runs, batch 2 is already handed to the runtime thread, so it starts the moment
+    batch 1 ends (no trip through the event loop); it still counts as queued for back-pressure."""
+    gate = threading.Event()
+    started: list[float] = []
+
+    def run(feeds):
+        started.append(float(feeds["x"][0, 0]))
+        if len(started) == 1:
+            assert gate.wait(10)
+        return [feeds["x"] * 2]
+
+    async def main() -> tuple[list[int], list[dict]]:
+        b = Batcher("m", run, output_names=["y"], max_batch=1, max_delay=0.0, queue_size=2)
+        b.start()
+        depths = []
+        first = asyncio.ensure_future(b.submit(_request(1, 1.0)))
+        while not started:
+            await asyncio.sleep(0.005)  # batch 1 is in the runtime
+        second = asyncio.ensure_future(b.submit(_request(1, 2.0)))
+        await asyncio.sleep(0.05)
+        depths.append(b.depth())
+        assert b._handed == [1, 1]  # batch 2 is already handed to the runtime thread, behind batch 1
+        third = asyncio.ensure_future(b.submit(_request(1, 3.0)))
+        await asyncio.sleep(0.05)
+        depths.append(b.depth())  # and request 3 in the queue: the limit of 2 is reached
+        with pytest.raises(QueueFull, match="has 2 requests queued"):
+            await b.submit(_request(1, 4.0))
+        gate.set()
+        out = await asyncio.gather(first, second, third)
+        depths.append(b.depth())
+        await b.stop()
+        return depths, out
+
+    depths, outs = asyncio.run(main())
+    assert depths == [1, 2, 0]
+    assert started == [1.0, 2.0, 3.0]
+    assert [float(o["y"][0, 0]) for o in outs] == [2.0, 4.0, 6.0]
+
+
 def test_batcher_keeps_different_shapes_apart_and_skips_delay_when_alone() -> None:
     calls: list[tuple[int, int]] = []
 

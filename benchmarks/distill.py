@@ -8,7 +8,10 @@ sample of digits is 0.19 pt. Vision runs with and without random-shift augmentat
 sees the same shifted view, "consistent teaching"). Latency is batch 1, ONNX Runtime, teacher and
 student timed interleaved in one process (measure.compare); ratios are reported beside absolute times.
 
-    .venv/bin/python benchmarks/distill.py [--only vision|text] [--student mobilenet_v3_small] [--seeds 0,1,2]
+``text_scarce`` is DistilBERT's real setting on a harder task: few labels (300) and many unlabelled
+texts (4,000); the halved student trained on the labels alone vs distilled on the unlabelled texts.
+
+    .venv/bin/python benchmarks/distill.py [--only vision|text|text_scarce] [--student mobilenet_v3_small] [--seeds 0,1,2]
 
 Writes benchmarks/results/distill.json (atomically).
 """
@@ -35,7 +38,7 @@ from edgeopt.text_data import TextExamples, WordVocab, text_dataset  # noqa: E40
 from edgeopt.training import TrainConfig, accuracy_torch, fit  # noqa: E402
 from edgeopt.transforms.architectures import build_architecture  # noqa: E402
 from edgeopt.transforms.distill import Distill, distill  # noqa: E402
-from edgeopt.transforms.distill_text import DistillText, distill_text, make_bert_classifier  # noqa: E402
+from edgeopt.transforms.distill_text import DistillText, distill_text, halve_bert, make_bert_classifier  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "distill.json"
 DIGITS = ROOT / "examples" / "digits"
@@ -72,6 +75,21 @@ def sentiment_task(n: int, seed: int) -> TextExamples:
             texts.append(a)
             labels.append(int(pa > 0))
     return TextExamples(tuple(texts), np.asarray(labels, dtype=np.int64), f"sentiment-negation[{n}, seed {seed}]")
+
+
+def flipped_task(n: int, seed: int) -> TextExamples:
+    """As :func:`sentiment_task`, plus a sentence-level "it is false that" (40 %) that flips the label.
+    The flip needs more depth: the teacher's every other layer alone scores 88 %, not 99 %."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        parts = [_clause(rng) for _ in range(int(rng.integers(1, 3)))]
+        text, polarity = " but ".join(p[0] for p in parts), parts[-1][1]
+        if rng.random() < 0.4:
+            text, polarity = "it is false that " + text, -polarity
+        texts.append(text)
+        labels.append(int(polarity > 0))
+    return TextExamples(tuple(texts), np.asarray(labels, dtype=np.int64), f"flipped-sentiment[{n}, seed {seed}]")
 
 
 def _summary(runs: list[dict], key: str) -> dict:
@@ -182,9 +200,55 @@ def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int
     return report
 
 
+def text_scarce(*, threads: int, seeds: list[int], n_labels: int, pool_size: int) -> dict:
+    """DistilBERT's real setting: few labels, many unlabelled texts. The same halved student is
+    trained on ``n_labels`` labelled texts alone, or distilled (alpha 1) on ``pool_size`` unlabelled ones."""
+    torch = __import__("torch")
+    max_len = 40
+    train, test, pool = flipped_task(4000, seed=0), flipped_task(1000, seed=1), flipped_task(pool_size, seed=5)
+    vocab = WordVocab.build(train.texts)
+    teacher = make_bert_classifier(vocab_size=len(vocab), layers=4, hidden=64, heads=2, intermediate=256,
+                                   max_len=max_len, classes=2, seed=0)
+    fit_part, val = text_dataset(train, vocab, max_len=max_len).split(0.85, seed=0)
+    t0 = time.perf_counter()
+    fit(teacher, fit_part, config=TrainConfig(epochs=12, lr=3e-4, batch_size=32, optimizer="adamw", seed=0, warmup=0.1),
+        validation=val, description="teacher bert-4l (flipped task)")
+    teacher_seconds = time.perf_counter() - t0
+    test_data = text_dataset(test, vocab, max_len=max_len)
+    teacher_acc = accuracy_torch(teacher, test_data)
+    print(f"scarce-label teacher: test {teacher_acc:.4f}, {teacher_seconds:.0f}s", flush=True)
+    labelled = TextExamples(pool.texts[:n_labels], pool.labels[:n_labels], f"{n_labels} labelled")
+    unlabelled = TextExamples(pool.texts, None, f"{pool_size} unlabelled")
+    runs, report = [], None
+    for seed in seeds:
+        torch.manual_seed(seed)
+        labels_only = halve_bert(teacher)
+        part, held = text_dataset(labelled, vocab, max_len=max_len).split(0.85, seed=seed)
+        fit(labels_only, part, config=TrainConfig(epochs=15, lr=3e-4, batch_size=32, optimizer="adamw", seed=seed,
+                                                  warmup=0.1), validation=held, description="student, labels only")
+        result = distill_text(teacher, unlabelled, DistillText(epochs=6, alpha=1.0, lr=3e-4, batch_size=32,
+                                                               max_len=max_len, seed=seed, warmup=0.1),
+                              vocab=vocab, test=test, baseline=False, threads=threads, bench_seconds=3.0)
+        r = result.report
+        runs.append({"seed": seed, "before_training": r["student"]["accuracy_before_training"],
+                     "labels_only": accuracy_torch(labels_only, test_data), "distilled": r["student"]["accuracy"],
+                     "speedup_p50": r["ratios"]["speedup_p50"]})
+        runs[-1]["gain_pt"] = round(100 * (runs[-1]["distilled"] - runs[-1]["labels_only"]), 2)
+        print("scarce", runs[-1], flush=True)
+        report = report or r
+    return {"task": flipped_task.__doc__.split("\n")[0], "teacher_accuracy": teacher_acc,
+            "teacher_train_seconds": round(teacher_seconds, 1), "labelled": n_labels, "unlabelled": pool_size,
+            "test": len(test), "seeds": runs,
+            "summary": {k: _summary(runs, k) for k in ("before_training", "labels_only", "distilled", "gain_pt",
+                                                       "speedup_p50")},
+            "distilled_beats_labels_only_every_seed": all(x["gain_pt"] > 0 for x in runs),
+            "first_distill_report": report}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["vision", "text"])
+    parser.add_argument("--only", choices=["vision", "text", "text_scarce"])
+    parser.add_argument("--labels", type=int, default=300, help="text_scarce: labelled texts for the baseline")
     parser.add_argument("--student", default="mobilenet_v3_small")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for latency")
     parser.add_argument("--seeds", default="0,1,2", help="student seeds (distilled and baseline each)")
@@ -220,6 +284,8 @@ def main() -> None:
         save("text", text(teacher_epochs=args.text_teacher_epochs, student_epochs=args.text_student_epochs,
                           threads=args.threads, n_train=args.text_train, n_test=1000, hidden=args.text_hidden,
                           batch_size=args.text_batch, lr=args.text_lr, seeds=seeds))
+    if args.only in (None, "text_scarce"):
+        save("text_scarce", text_scarce(threads=args.threads, seeds=seeds, n_labels=args.labels, pool_size=4000))
     print(f"wrote {OUT}")
 
 

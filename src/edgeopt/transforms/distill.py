@@ -107,23 +107,23 @@ def build_student(spec: str, *, input_size: tuple[int, ...], classes: int, seed:
     return build_architecture(spec, input_size=input_size, classes=classes)
 
 
-def teacher_logits(teacher: Model, data: Dataset) -> np.ndarray:
-    """The teacher's logits for every sample: PyTorch in eval mode, ONNX through ONNX Runtime."""
-    from edgeopt.measure.evaluate import predict
-    from edgeopt.measure.sessions import resolve_settings
-    from edgeopt.training import predict_torch
-
-    if teacher.format == "torch":
-        out = predict_torch(teacher.module, data)
-    elif teacher.format == "onnx":
-        out = predict(teacher, data, settings=resolve_settings(teacher, runtime="onnxruntime"))
-    else:
-        raise BadInput(f"teacher {teacher.source} is {teacher.format}; give a PyTorch or ONNX teacher")
-    return np.asarray(out, dtype=np.float32).reshape(len(data), -1)
+def teacher_logits(run_teacher: Any, data: Dataset, *, batch_size: int = 256) -> np.ndarray:
+    """The logits of a :func:`teacher_function` for every sample of ``data``, in order (computed once,
+    for training without augmentation)."""
+    torch = require("torch", extra="torch")
+    chunks = []
+    with torch.no_grad():
+        for feeds, _ in data.batches(batch_size):
+            batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+            chunks.append(run_teacher(batch).float().numpy())
+    return np.concatenate(chunks).reshape(len(data), -1)
 
 
 def teacher_function(teacher: Model) -> Any:
-    """``batch tensors -> teacher logits`` for a teacher run during training (on augmented views)."""
+    """``batch tensors -> teacher logits``: PyTorch in eval mode, ONNX through one ONNX Runtime session.
+
+    Used for the teacher's logits computed once, and for a teacher run during training (on
+    augmented views, or for feature matching)."""
     torch = require("torch", extra="torch")
     from edgeopt.training import _forward
 
@@ -288,7 +288,8 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
     test = test if test is not None else validation
     input_size = tuple(next(iter(train.inputs.values())).shape[1:])
 
-    classes = teacher_logits(teacher, train.take(slice(0, 1))).shape[1]
+    run_teacher = teacher_function(teacher)
+    classes = teacher_logits(run_teacher, train.take(slice(0, 1))).shape[1]
     for part in (train, validation, test):
         if part.labels is not None and (part.labels.max(initial=0) >= classes or part.labels.min(initial=0) < 0):
             raise DataError(f"{part.source}: labels range {int(part.labels.min())}..{int(part.labels.max())} but "
@@ -304,8 +305,7 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
                             temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience, seed=cfg.seed,
                             augment_shift=cfg.augment_shift, warmup=cfg.warmup)
     online = cfg.augment_shift > 0 or cfg.feature_weight > 0
-    soft = None if online else teacher_logits(teacher, train)
-    run_teacher = teacher_function(teacher) if online else None
+    soft = None if online else teacher_logits(run_teacher, train)
     notes: list[str] = []
     views = None
     if cfg.augment_shift and validation.labels is not None:
@@ -320,7 +320,7 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
         params = [*student.parameters(), *proj_params]
     try:
         fitted = fit(student, train, config=train_cfg, validation=validation, teacher_logits=soft, params=params,
-                     extra_loss=extra, teacher=run_teacher, progress=progress,
+                     extra_loss=extra, teacher=run_teacher if online else None, progress=progress,
                      description=f"distilling into {cfg.student}")
     finally:
         for h in hooks:

@@ -107,12 +107,12 @@ def distill(
     json_out: JsonOpt = None,
 ) -> None:
     """Knowledge distillation: train a small student on a teacher's soft targets, and show the gain."""
-    from edgeopt.fileio import write_json
+    from edgeopt.fileio import report_path, write_json
 
     check_threads(threads)
     check_onnx_output(out)
     weights_path = out.with_suffix(".pt")
-    report_path = out.with_suffix(".report.json")
+    report_file = report_path(out)
     if data.lower().endswith(".jsonl"):
         report = _distill_text(teacher, student, data, out, weights_path, epochs=epochs, temperature=temperature,
                                alpha=alpha, feature_weight=feature_weight if feature_loss else 0.0,
@@ -126,13 +126,19 @@ def distill(
                                  alpha=alpha, feature_weight=feature_weight if feature_loss else 0.0,
                                  patience=patience, val_fraction=val_fraction, test_data=test_data, lr=lr,
                                  batch_size=batch_size, seed=seed, baseline=not no_baseline,
-                                 warmup=warmup, augment_shift=augment_shift, teacher_weights=teacher_weights, trust_pickle=trust_pickle, device=device,
+                                 warmup=warmup, augment_shift=augment_shift, teacher_weights=teacher_weights,
+                                 trust_pickle=trust_pickle, device=device,
                                  threads=threads, bench_seconds=bench_seconds)
-    report["outputs"] = {"onnx": str(out), "state_dict": str(weights_path), "report": str(report_path)}
-    write_json(report_path, report)
+    report["outputs"] = {"onnx": str(out), "state_dict": str(weights_path), "report": str(report_file)}
+    write_json(report_file, report)
     _print_report(report)
-    err_console.print(f"wrote {out}, {weights_path}, {report_path}")
+    err_console.print(f"wrote {out}, {weights_path}, {report_file}")
     emit_json(json_out, report)
+
+
+def _given(**options: object) -> dict[str, object]:
+    """The options the user gave; the others keep the config's (vision or text) default."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int,
@@ -150,7 +156,7 @@ def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_pa
     config = Distill(student=student, epochs=epochs, temperature=temperature, alpha=alpha,
                      feature_weight=feature_weight, batch_size=batch_size, patience=patience,
                      val_fraction=val_fraction, seed=seed, augment_shift=augment_shift,
-                     **({"lr": lr} if lr is not None else {}), **({"warmup": warmup} if warmup is not None else {}))
+                     **_given(lr=lr, warmup=warmup))
     t_model = load_model(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
     dataset = load_data_arg(data)
     test = load_data_arg(test_data) if test_data else None
@@ -184,7 +190,7 @@ def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path
     config = DistillText(epochs=epochs, temperature=temperature, alpha=alpha,
                          hidden_weight=feature_weight, batch_size=batch_size, patience=patience,
                          val_fraction=val_fraction, seed=seed, max_len=max_len,
-                         **({"lr": lr} if lr is not None else {}), **({"warmup": warmup} if warmup is not None else {}))
+                         **_given(lr=lr, warmup=warmup))
     texts = load_jsonl(data)
     test = load_jsonl(test_data) if test_data else None
     result = distill_text(module, texts, config, vocab=vocab, test=test, baseline=baseline, device=device,

@@ -67,7 +67,7 @@ def post_training_recipes(model: Model, device: DeviceProfile, *, runtimes: tupl
                 static_recipe("int8-qdq-u8s8-pertensor", format="qdq", per_channel=False),
                 static_recipe("int8-qdq-s8s8-perchannel", format="qdq", per_channel=True, activation_type="s8"),
                 static_recipe("int8-qdq-s8s8-perchannel-symmetric", format="qdq", per_channel=True, activation_type="s8",
-                        symmetric_activations=True),
+                              symmetric_activations=True),
                 static_recipe("int8-qoperator-u8s8-perchannel", format="qoperator", per_channel=True),
                 static_recipe("int8-qoperator-u8s8-pertensor", format="qoperator", per_channel=False),
                 Recipe("int8-dynamic", (DynamicInt8(),)),

@@ -42,6 +42,7 @@ from edgeopt.split.pipeline import (
     max_abs_diff_vs_whole,
 )
 
+_LATENCY = "edgeopt_request_latency_seconds"  # serve/metrics.py's request latency histogram
 _MODEL_PATH = re.compile(r"^/v2/models/([A-Za-z0-9][A-Za-z0-9_.-]*)(?:/versions/([A-Za-z0-9_.-]+))?/?$")
 
 
@@ -107,7 +108,6 @@ class _Client:
         self.httpx = httpx
         self.http = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=4 * in_flight + 8,
                                                                         max_keepalive_connections=4 * in_flight + 8))
-        self.timeout_s = timeout_s
 
     def close(self) -> None:
         self.http.close()
@@ -123,7 +123,7 @@ class _Client:
 
 
 def _transport_error(exc: Exception) -> str:
-    text = first_line(exc) or type(exc).__name__
+    text = first_line(exc)
     return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
 
 
@@ -266,6 +266,8 @@ class _RemoteStages:
 
 def _server_seconds(client: _Client, target: StageTarget) -> tuple[float, float] | None:
     """(sum, count) of edgeopt serve's request latency histogram for the model, or None elsewhere."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         response = client.http.get(target.url + "/metrics")
     except client.httpx.HTTPError:
@@ -273,11 +275,14 @@ def _server_seconds(client: _Client, target: StageTarget) -> tuple[float, float]
     if response.status_code != 200:
         return None
     values = {}
-    for line in response.text.splitlines():
-        for suffix in ("_sum", "_count"):
-            if line.startswith(f'edgeopt_request_latency_seconds{suffix}{{model="{target.model}"}}'):
-                values[suffix] = float(line.rsplit(" ", 1)[1])
-    return (values["_sum"], values["_count"]) if len(values) == 2 else None
+    try:
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name in (f"{_LATENCY}_sum", f"{_LATENCY}_count") and sample.labels == {"model": target.model}:
+                    values[sample.name] = sample.value
+    except ValueError:  # not Prometheus text: another kind of server
+        return None
+    return (values[f"{_LATENCY}_sum"], values[f"{_LATENCY}_count"]) if len(values) == 2 else None
 
 
 def run_remote(outdir: str | Path, stage_urls: str, *, data: Dataset | None = None, items: int = 32,
@@ -362,6 +367,7 @@ def run_remote(outdir: str | Path, stage_urls: str, *, data: Dataset | None = No
                        "server_mean_ms": server_ms, "runtime": params.get("runtime"),
                        "threads": params.get("threads")})
     threads = {r["threads"] for r in remote}
+    same_threads = threads.pop() if len(threads) == 1 else None
     return PipelineResult(
         stages=len(targets), devices=list(plan.get("devices", [])), items=items,
         latency_ms=latency_summary(latencies), throughput_ips=throughput,
@@ -369,5 +375,5 @@ def run_remote(outdir: str | Path, stage_urls: str, *, data: Dataset | None = No
         predicted_latency_ms=float(plan["predicted_latency_ms"]),
         predicted_throughput_ips=float(plan["predicted_throughput_ips"]),
         simulate_link=False, simulate_devices=False, link={k: float(v) for k, v in plan["link"].items()},
-        threads=threads.pop() if len(threads) == 1 and isinstance(next(iter(threads)), int) else 0,
+        threads=same_threads if isinstance(same_threads, int) else 0,
         latencies_ms=latencies, in_flight=n_flight, remote=remote)

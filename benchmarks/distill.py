@@ -24,7 +24,9 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -154,25 +156,40 @@ def vision(student: str, *, teacher_epochs: int, student_epochs: int, threads: i
     return report
 
 
-def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int, n_test: int, hidden: int,
-         batch_size: int, lr: float, seeds: list[int]) -> dict:
-    torch = __import__("torch")
-    train = sentiment_task(n_train, seed=0)
-    test = sentiment_task(n_test, seed=1)
+@dataclass
+class TextTeacher:
+    module: Any
+    vocab: WordVocab
+    best_val_accuracy: float | None
+    seconds: float
+    test_accuracy: float
+
+
+def text_teacher(train: TextExamples, test: TextExamples, *, max_len: int, epochs: int, lr: float, batch_size: int,
+                 hidden: int = 64, description: str = "teacher bert-4l") -> TextTeacher:
+    """A 4-layer BERT trained from scratch on ``train`` (10 % warm-up), judged on ``test``."""
     vocab = WordVocab.build(train.texts)
-    max_len = 32
-    torch.manual_seed(0)
     teacher = make_bert_classifier(vocab_size=len(vocab), layers=4, hidden=hidden, heads=max(2, hidden // 32),
                                    intermediate=4 * hidden, max_len=max_len, classes=2, seed=0)
-    data = text_dataset(train, vocab, max_len=max_len)
-    fit_part, val = data.split(0.85, seed=0)  # the same split distill_text makes (seed 0, 0.15 held out)
+    fit_part, val = text_dataset(train, vocab, max_len=max_len).split(0.85, seed=0)  # as distill_text splits
     t0 = time.perf_counter()
-    tfit = fit(teacher, fit_part, config=TrainConfig(epochs=teacher_epochs, lr=lr, batch_size=batch_size,
-                                                     optimizer="adamw", seed=0, warmup=0.1),
-               validation=val, description="teacher bert-4l")
-    teacher_seconds = time.perf_counter() - t0
+    result = fit(teacher, fit_part, config=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size,
+                                                       optimizer="adamw", seed=0, warmup=0.1),
+                 validation=val, description=description)
+    seconds = time.perf_counter() - t0
     test_acc = accuracy_torch(teacher, text_dataset(test, vocab, max_len=max_len))
-    print(f"text teacher: val {tfit.best_val_accuracy:.4f}, test {test_acc:.4f}, {teacher_seconds:.0f}s", flush=True)
+    print(f"{description}: val {result.best_val_accuracy:.4f}, test {test_acc:.4f}, {seconds:.0f}s", flush=True)
+    return TextTeacher(teacher, vocab, result.best_val_accuracy, seconds, test_acc)
+
+
+def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int, n_test: int, hidden: int,
+         batch_size: int, lr: float, seeds: list[int]) -> dict:
+    train = sentiment_task(n_train, seed=0)
+    test = sentiment_task(n_test, seed=1)
+    max_len = 32
+    t = text_teacher(train, test, max_len=max_len, epochs=teacher_epochs, lr=lr, batch_size=batch_size,
+                     hidden=hidden)
+    teacher, vocab = t.module, t.vocab
     runs = []
     report = None
     for seed in seeds:
@@ -189,8 +206,8 @@ def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int
     report["seeds"] = runs
     report["summary"] = {k: _summary(runs, k) for k in ("student", "baseline", "before_training", "retained",
                                                        "speedup_p50")}
-    report["teacher"]["train_seconds"] = round(teacher_seconds, 1)
-    report["teacher"]["best_val_accuracy"] = tfit.best_val_accuracy
+    report["teacher"]["train_seconds"] = round(t.seconds, 1)
+    report["teacher"]["best_val_accuracy"] = t.best_val_accuracy
     report["task"] = sentiment_task.__doc__.split("\n")[0] + " ..."
     report["done_when"] = {
         "student_keeps_ge_97pct_of_teacher_accuracy_every_seed": report["summary"]["retained"]["min"] >= 0.97,
@@ -206,17 +223,10 @@ def text_scarce(*, threads: int, seeds: list[int], n_labels: int, pool_size: int
     torch = __import__("torch")
     max_len = 40
     train, test, pool = flipped_task(4000, seed=0), flipped_task(1000, seed=1), flipped_task(pool_size, seed=5)
-    vocab = WordVocab.build(train.texts)
-    teacher = make_bert_classifier(vocab_size=len(vocab), layers=4, hidden=64, heads=2, intermediate=256,
-                                   max_len=max_len, classes=2, seed=0)
-    fit_part, val = text_dataset(train, vocab, max_len=max_len).split(0.85, seed=0)
-    t0 = time.perf_counter()
-    fit(teacher, fit_part, config=TrainConfig(epochs=12, lr=3e-4, batch_size=32, optimizer="adamw", seed=0, warmup=0.1),
-        validation=val, description="teacher bert-4l (flipped task)")
-    teacher_seconds = time.perf_counter() - t0
+    t = text_teacher(train, test, max_len=max_len, epochs=12, lr=3e-4, batch_size=32,
+                     description="teacher bert-4l (flipped task)")
+    teacher, vocab, teacher_acc = t.module, t.vocab, t.test_accuracy
     test_data = text_dataset(test, vocab, max_len=max_len)
-    teacher_acc = accuracy_torch(teacher, test_data)
-    print(f"scarce-label teacher: test {teacher_acc:.4f}, {teacher_seconds:.0f}s", flush=True)
     labelled = TextExamples(pool.texts[:n_labels], pool.labels[:n_labels], f"{n_labels} labelled")
     unlabelled = TextExamples(pool.texts, None, f"{pool_size} unlabelled")
     runs, report = [], None
@@ -237,7 +247,7 @@ def text_scarce(*, threads: int, seeds: list[int], n_labels: int, pool_size: int
         print("scarce", runs[-1], flush=True)
         report = report or r
     return {"task": flipped_task.__doc__.split("\n")[0], "teacher_accuracy": teacher_acc,
-            "teacher_train_seconds": round(teacher_seconds, 1), "labelled": n_labels, "unlabelled": pool_size,
+            "teacher_train_seconds": round(t.seconds, 1), "labelled": n_labels, "unlabelled": pool_size,
             "test": len(test), "seeds": runs,
             "summary": {k: _summary(runs, k) for k in ("before_training", "labels_only", "distilled", "gain_pt",
                                                        "speedup_p50")},

@@ -1,7 +1,8 @@
 """Every error a user can cause or fix, as one tree under EdgeoptError.
 
 The CLI prints ``str(error)`` as one line on stderr and exits with ``error.exit_code``;
-anything that is not an EdgeoptError is a bug (exit 1, with a traceback).
+anything that is not an EdgeoptError is a bug (exit 1, one line naming the exception and where it
+was raised; EDGEOPT_DEBUG=1 shows the traceback).
 
 EdgeoptError                    exit 2 unless noted
  +-- BadInput                   a flag, value or combination that cannot work

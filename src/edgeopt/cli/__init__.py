@@ -7,15 +7,19 @@ Errors a user can fix leave as one line and exit code 2 (3 for an unmet budget).
 from __future__ import annotations
 
 import importlib
+from typing import Annotated
 
 import typer
 
+from edgeopt.cli.group import EdgeoptGroup
+
 app = typer.Typer(
     name="edgeopt",
+    cls=EdgeoptGroup,
     help="Make models smaller and faster for edge devices, and prove it by measurement.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 # One module per command group; each registers its commands on `app` when imported.
@@ -27,8 +31,19 @@ def _register() -> None:
         importlib.import_module(f"{__name__}.{name}")
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from edgeopt._version import __version__
+
+        typer.echo(f"edgeopt {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """edgeopt: quantize, prune, distill, export, optimize, serve, split and adapt models for the edge."""
 
 
@@ -36,4 +51,4 @@ _register()
 
 
 def main() -> None:
-    app()
+    app(prog_name="edgeopt")

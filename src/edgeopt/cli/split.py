@@ -27,7 +27,7 @@ class _PlanByDefault(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-split_app = typer.Typer(cls=_PlanByDefault, no_args_is_help=True, add_completion=False,
+split_app = typer.Typer(cls=_PlanByDefault, no_args_is_help=True,
                         help="Cut a model across devices (split MODEL) and run the parts as a pipeline (split run OUTDIR).")
 app.add_typer(split_app, name="split")
 

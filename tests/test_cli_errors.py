@@ -54,7 +54,7 @@ def test_unknown_device(cli, digits_onnx: Path) -> None:
 
 
 def test_threads_zero(cli, digits_onnx: Path) -> None:
-    assert_clean_error(cli("bench", digits_onnx, "--threads", "0"), "--threads must be >= 1")
+    assert_clean_error(cli("bench", digits_onnx, "--threads", "0"), "--threads must be in [1, ")
 
 
 @pytest.mark.parametrize("command", ["quantize", "prune", "adapt", "distill"])

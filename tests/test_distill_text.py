@@ -147,7 +147,7 @@ def test_cli_text_errors_exit_2(cli, tmp_path, jsonl):
         (["--student", "mobilenet_v3_small", "--data", jsonl], "use --student half"),
         (["--student", "half", "--data", jsonl], "the vocabulary has 14 tokens but the teacher's embedding has 8"),
         (["--student", "half", "--data", jsonl, "--augment-shift", "2"], "--augment-shift shifts images"),
-        (["--student", "half", "--data", jsonl, "--warmup", "1"], "--warmup must be a fraction in [0, 1), got 1.0"),
+        (["--student", "half", "--data", jsonl, "--warmup", "1"], "--warmup must be in [0, 1), got 1.0"),
     ]
     for args, message in cases:
         out = tmp_path / "s.onnx"

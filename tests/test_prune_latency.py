@@ -103,8 +103,8 @@ def test_target_latency_round_trips_and_excludes_target_macs() -> None:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--structured", "--target-latency-ms", "0"], "target latency must be > 0 ms, got 0.0"),
-    (["--structured", "--target-latency-ms", "-3"], "target latency must be > 0 ms, got -3.0"),
+    (["--structured", "--target-latency-ms", "0"], "--target-latency-ms must be > 0, got 0.0"),
+    (["--structured", "--target-latency-ms", "-3"], "--target-latency-ms must be > 0, got -3.0"),
     (["--structured", "--target-latency-ms", "2", "--target-macs", "1e6"],
      "--target-macs and --target-latency-ms are alternatives: give one"),
     (["--target-latency-ms", "2"], "--target-latency-ms, --round-to and --importance apply to --structured"),

@@ -168,7 +168,7 @@ def test_throughput_objective_balances_equal_devices(res_onnx: Path) -> None:
 
 
 def test_link_rejects_bad_values() -> None:
-    with pytest.raises(BadInput, match="--link-mbps must be a positive number"):
+    with pytest.raises(BadInput, match="--link-mbps must be > 0, got -1.0"):
         Link(0)
     with pytest.raises(BadInput, match="--link-latency-ms must be >= 0"):
         Link(10, -1)
@@ -309,7 +309,7 @@ def test_cli_split_then_run(cli, res_onnx: Path, res_npz: Path, tmp_path: Path) 
     (["--devices", "rpi4,toaster", "--link-mbps", "10"], "unknown device profile 'toaster'"),
     (["--devices", "host,host", "--link-mbps", "10", "--cuts", "3"], "cut after node 3 (block_relu) needs 2 tensors"),
     (["--devices", "host,host", "--link-mbps", "10", "--cuts", "x"], "--cuts takes comma-separated node positions"),
-    (["--devices", "host,host", "--link-mbps", "-1"], "--link-mbps must be a positive number"),
+    (["--devices", "host,host", "--link-mbps", "-1"], "--link-mbps must be > 0, got -1.0"),
     (["--devices", "host,host", "--link-mbps", "10", "--objective", "fast"], "--objective must be one of"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(cli, res_onnx: Path, tmp_path: Path, args: list[str], message: str) -> None:

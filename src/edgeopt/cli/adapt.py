@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from edgeopt.cli import app
+from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
     JsonOpt,
     TrustPickleOpt,
@@ -28,19 +29,19 @@ def adapt(
     model: Annotated[str, typer.Argument(help="PyTorch model (file.py:factory with --weights, or .pt2) or an FP32 .onnx.")],
     data: Annotated[str, typer.Option("--data", help="Labelled local data (.npz with x and y).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Adapted ONNX; OUT.pt, a .report.json and OUT.ckpt.pt go beside it.")],
-    memory_mb: Annotated[float | None, typer.Option("--memory-mb", help="Peak training memory allowed (measured).")] = None,
+    memory_mb: Annotated[float | None, typer.Option("--memory-mb", callback=opt.positive, help="Peak training memory allowed (measured).")] = None,
     strategy: Annotated[str, typer.Option("--strategy", help="auto, last-layer, bias-last, sparse or full.")] = "auto",
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (early stopping on local validation).")] = 20,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size (activation memory scales with it).")] = 32,
+    epochs: Annotated[int, typer.Option("--epochs", callback=opt.at_least_one, help="Training epochs (early stopping on local validation).")] = 20,
+    lr: Annotated[float, typer.Option("--lr", callback=opt.positive, help="Learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", callback=opt.at_least_one, help="Training batch size (activation memory scales with it).")] = 32,
     original_data: Annotated[str | None, typer.Option("--original-data", help="Labelled original-domain data: held-out check and replay source.")] = None,
-    replay: Annotated[int, typer.Option("--replay", help="Original samples mixed into training (needs --original-data).")] = 0,
-    max_forget: Annotated[float | None, typer.Option("--max-forget", help="Roll back if original accuracy drops more than this (0.02 = 2 pt).")] = None,
-    distill: Annotated[float, typer.Option("--distill", help="Weight of distillation from the starting model (0..1).")] = 0.0,
+    replay: Annotated[int, typer.Option("--replay", callback=opt.count, help="Original samples mixed into training (needs --original-data).")] = 0,
+    max_forget: Annotated[float | None, typer.Option("--max-forget", callback=opt.fraction, help="Roll back if original accuracy drops more than this (0.02 = 2 pt).")] = None,
+    distill: Annotated[float, typer.Option("--distill", callback=opt.fraction, help="Weight of distillation from the starting model (0..1).")] = 0.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT's checkpoint with new local data.")] = False,
     deployed: Annotated[str | None, typer.Option("--deployed", help="The ONNX model now on the device; if quantized, the output is re-quantized alike.")] = None,
     quantized: Annotated[bool, typer.Option("--quantized", help="Re-quantize the output to static INT8.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for splits, replay choice and training.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", callback=opt.seed, help="Seed for splits, replay choice and training.")] = 0,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,

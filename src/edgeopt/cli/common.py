@@ -11,7 +11,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer._click.globals import get_current_context
 
+from edgeopt.cli import options as opt
 from edgeopt.errors import BadInput, EdgeoptError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,6 +28,7 @@ def user_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _reject_non_finite(kwargs)
             return func(*args, **kwargs)
         except EdgeoptError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
@@ -35,6 +38,24 @@ def user_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _reject_non_finite(kwargs: dict[str, Any]) -> None:
+    """The safety net under cli/options.py: no NaN or infinity reaches a command, named or not."""
+    import math
+
+    for name, value in kwargs.items():
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BadInput(f"{_flag(name)} must be a finite number, got {v}")
+
+
+def _flag(name: str) -> str:
+    ctx = get_current_context(silent=True)
+    for param in ctx.command.params if ctx is not None else ():
+        if param.name == name and param.opts:
+            return max(param.opts, key=len)
+    return "--" + name.replace("_", "-")
 
 
 def emit_json(target: str | None, payload: Any) -> None:
@@ -66,16 +87,16 @@ JsonOpt = Annotated[str | None, typer.Option("--json", help="Write results as JS
 WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="state_dict (.pt/.pth) for a file.py:factory model.")]
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled modules (runs code from the file).")]
 RuntimeOpt = Annotated[str | None, typer.Option("--runtime", help="onnxruntime, openvino, litert or torch; default: the model's stored runtime.")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Intra-op threads; default: the device profile's.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", callback=opt.threads, help="Intra-op threads; default: the device profile's.")]
 # For commands that time or evaluate with one thread unless told otherwise (they take no --device).
-ThreadsDefault1Opt = Annotated[int | None, typer.Option("--threads", help="Intra-op threads; default: 1.")]
+ThreadsDefault1Opt = Annotated[int | None, typer.Option("--threads", callback=opt.threads, help="Intra-op threads; default: 1.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device profile name or .yaml file (see edgeopt devices).")]
 InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="CxHxW for image folders, e.g. 3x224x224.")]
 MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean, comma-separated, e.g. 0.485,0.456,0.406.")]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std, comma-separated.")]
-SecondsOpt = Annotated[float, typer.Option("--seconds", help="Minimum timed seconds per model.")]
-RunsOpt = Annotated[int, typer.Option("--runs", help="Minimum timed runs per model.")]
-MaxDropOpt = Annotated[float, typer.Option("--max-drop", help="Allowed drop in absolute points (0.01 = 1 pt).")]
+SecondsOpt = Annotated[float, typer.Option("--seconds", callback=opt.seconds, help="Minimum timed seconds per model.")]
+RunsOpt = Annotated[int, typer.Option("--runs", callback=opt.at_least_one, help="Minimum timed runs per model.")]
+MaxDropOpt = Annotated[float, typer.Option("--max-drop", callback=opt.unit_interval_drop, help="Allowed drop in absolute points (0.01 = 1 pt).")]
 
 
 def check_threads(threads: int | None) -> None:

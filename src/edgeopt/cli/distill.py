@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from edgeopt.cli import app
+from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -38,7 +39,7 @@ def _fmt_count(n: float | None) -> str:
 @user_errors
 def zoo(
     input_size: Annotated[str, typer.Option("--input-size", help="CxHxW the networks are built for.")] = "3x224x224",
-    classes: Annotated[int, typer.Option("--classes", help="Outputs of each network's head.")] = 1000,
+    classes: Annotated[int, typer.Option("--classes", callback=opt.classes, help="Outputs of each network's head.")] = 1000,
     sort: Annotated[str, typer.Option("--sort", help="params, macs, latency or name.")] = "params",
     only: Annotated[str | None, typer.Option("--only", help="Comma-separated subset of architecture names.")] = None,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip ONNX export and timing (fast).")] = False,
@@ -84,22 +85,22 @@ def distill(
     student: Annotated[str, typer.Option("--student", help="Catalogue name (see edgeopt zoo), file.py:factory, or 'half' for a BERT teacher.")],
     data: Annotated[str, typer.Option("--data", help="Training data: .npz (x, y) or, for transformers, .jsonl (text, label).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Student .onnx; a .pt state_dict and .report.json go beside it.")],
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (student and no-teacher baseline).")] = 10,
-    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of the soft targets.")] = 4.0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the soft (teacher) loss; 1 - alpha goes to labels.")] = 0.7,
+    epochs: Annotated[int, typer.Option("--epochs", callback=opt.at_least_one, help="Training epochs (student and no-teacher baseline).")] = 10,
+    temperature: Annotated[float, typer.Option("--temperature", callback=opt.temperature, help="Softmax temperature of the soft targets.")] = 4.0,
+    alpha: Annotated[float, typer.Option("--alpha", callback=opt.fraction, help="Weight of the soft (teacher) loss; 1 - alpha goes to labels.")] = 0.7,
     feature_loss: Annotated[bool, typer.Option("--feature-loss", help="Also match features (vision) or hidden states (text).")] = False,
-    feature_weight: Annotated[float, typer.Option("--feature-weight", help="Weight of the feature / hidden-state loss.")] = 1.0,
-    patience: Annotated[int | None, typer.Option("--patience", help="Stop after P epochs without a better validation accuracy.")] = None,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held-out fraction for early stopping.")] = 0.15,
+    feature_weight: Annotated[float, typer.Option("--feature-weight", callback=opt.non_negative, help="Weight of the feature / hidden-state loss.")] = 1.0,
+    patience: Annotated[int | None, typer.Option("--patience", callback=opt.at_least_one, help="Stop after P epochs without a better validation accuracy.")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", callback=opt.open_fraction, help="Held-out fraction for early stopping.")] = 0.15,
     test_data: Annotated[str | None, typer.Option("--test-data", help="Data the report's accuracies use (default: the held-out split).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 2e-3 vision, 1e-4 text).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 64,
-    warmup: Annotated[float | None, typer.Option("--warmup", help="Fraction of the steps with a linear learning-rate warm-up (text default 0.1).")] = None,
-    augment_shift: Annotated[int, typer.Option("--augment-shift", help="Vision: shift images by up to N pixels each batch; the teacher sees the same view.")] = 0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for split, init and shuffling.")] = 0,
+    lr: Annotated[float | None, typer.Option("--lr", callback=opt.positive, help="Learning rate (default 2e-3 vision, 1e-4 text).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", callback=opt.at_least_one, help="Training batch size.")] = 64,
+    warmup: Annotated[float | None, typer.Option("--warmup", callback=opt.warmup, help="Fraction of the steps with a linear learning-rate warm-up (text default 0.1).")] = None,
+    augment_shift: Annotated[int, typer.Option("--augment-shift", callback=opt.count, help="Vision: shift images by up to N pixels each batch; the teacher sees the same view.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", callback=opt.seed, help="Seed for split, init and shuffling.")] = 0,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip training the student without the teacher.")] = False,
-    max_len: Annotated[int, typer.Option("--max-len", help="Text: tokens per example.")] = 64,
-    bench_seconds: Annotated[float, typer.Option("--bench-seconds", help="Minimum timed seconds per model (latency).")] = 2.0,
+    max_len: Annotated[int, typer.Option("--max-len", callback=opt.max_len, help="Text: tokens per example.")] = 64,
+    bench_seconds: Annotated[float, typer.Option("--bench-seconds", callback=opt.seconds, help="Minimum timed seconds per model (latency).")] = 2.0,
     teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="state_dict for a file.py:factory teacher.")] = None,
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = None,

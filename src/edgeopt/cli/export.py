@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from edgeopt.cli import app
+from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
     JsonOpt,
     RunsOpt,
@@ -42,9 +43,9 @@ def export(
                                                             "int8 calibration.")] = None,
     opset: Annotated[int | None, typer.Option("--opset", help="onnx: opset version (default: exporter's, 18+).")] = None,
     static_batch: Annotated[bool, typer.Option("--static-batch", help="onnx: fixed batch dimension.")] = False,
-    atol: Annotated[float, typer.Option("--atol", help="onnx: max abs diff allowed vs PyTorch.")] = 1e-4,
+    atol: Annotated[float, typer.Option("--atol", callback=opt.non_negative, help="onnx: max abs diff allowed vs PyTorch.")] = 1e-4,
     min_cosine: Annotated[float | None, typer.Option(
-        "--min-cosine", help="tflite: cosine floor vs the reference (default 0.999 float, 0.98 INT8).")] = None,
+        "--min-cosine", callback=opt.cosine, help="tflite: cosine floor vs the reference (default 0.999 float, 0.98 INT8).")] = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="tflite: time every variant in LiteRT.")] = True,
     threads: ThreadsDefault1Opt = None,
     seconds: SecondsOpt = 1.0,

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from edgeopt.cli import app
+from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
     DeviceOpt,
     InputSizeOpt,
@@ -37,7 +38,7 @@ def bench(
     data: Annotated[str | None, typer.Option("--data", help="Inputs to time with (default: random of the input shape).")] = None,
     runtime: RuntimeOpt = None,
     threads: ThreadsOpt = None,
-    batch: Annotated[int, typer.Option("--batch", help="Samples per run.")] = 1,
+    batch: Annotated[int, typer.Option("--batch", callback=opt.batch, help="Samples per run.")] = 1,
     runs: RunsOpt = 100,
     seconds: SecondsOpt = 2.0,
     device: DeviceOpt = None,

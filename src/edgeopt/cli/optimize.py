@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from edgeopt.cli import app
+from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -37,11 +38,11 @@ def optimize(
     objective: Annotated[str, typer.Option("--objective", help="latency, size or memory.")] = "latency",
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
-    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Minutes; stops cleanly, keeps the best so far.")] = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", callback=opt.positive, help="Minutes; stops cleanly, keeps the best so far.")] = None,
     executor: Annotated[str, typer.Option("--executor", help="local, or ray (build candidates on a Ray cluster).")] = "local",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="ray:// address; default: a local cluster.")] = None,
     recipes: Annotated[Path | None, typer.Option("--recipes", help="JSON list of recipes to try instead of the default space.")] = None,
-    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of --data held out for judging.")] = 0.5,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", callback=opt.open_fraction, help="Share of --data held out for judging.")] = 0.5,
     seconds: SecondsOpt = 1.0,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from edgeopt.cli import app
+from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -32,26 +33,26 @@ from edgeopt.fileio import report_path
 def prune(
     model: Annotated[str, typer.Argument(help="PyTorch model: path/to/file.py:factory (with --weights) or a .pt2.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output .onnx; .pt, .pt2 and .report.json go beside it.")],
-    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction in [0, 1): weights zeroed, or with "
+    sparsity: Annotated[float, typer.Option("--sparsity", callback=opt.unit_interval_drop, help="Fraction in [0, 1): weights zeroed, or with "
                                             "--structured, channels removed per layer.")],
     structured: Annotated[bool, typer.Option("--structured", help="Remove whole channels (smaller dense model).")] = False,
     importance: Annotated[str, typer.Option("--importance", help="--structured: l1, l2 or taylor.")] = "l1",
     scope: Annotated[str, typer.Option("--scope", help="Unstructured: layer (each layer to S) or global.")] = "layer",
     skip: Annotated[str | None, typer.Option("--skip", help="Comma-separated layer names to leave alone.")] = None,
-    target_macs: Annotated[float | None, typer.Option("--target-macs", help="--structured: prune in small steps "
+    target_macs: Annotated[float | None, typer.Option("--target-macs", callback=opt.positive, help="--structured: prune in small steps "
                                                       "(at most --sparsity) until MACs <= this.")] = None,
     target_latency_ms: Annotated[float | None, typer.Option(
-        "--target-latency-ms", help="--structured: remove the fewest channels (at most --sparsity) that bring the "
+        "--target-latency-ms", callback=opt.positive, help="--structured: remove the fewest channels (at most --sparsity) that bring the "
         "ONNX export's measured batch-1 p50 (--device, --threads) to <= this many ms.")] = None,
-    round_to: Annotated[int | None, typer.Option("--round-to", help="--structured: keep channel counts multiples of N.")] = None,
+    round_to: Annotated[int | None, typer.Option("--round-to", callback=opt.at_least_one, help="--structured: keep channel counts multiples of N.")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Fine-tuning data (.npz/folder/sklearn:digits).")] = None,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Data to judge accuracy on (default: 20% "
                                                   "held out of --data).")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs after each pruning step.")] = 0,
-    lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")] = 1e-3,
+    epochs: Annotated[int, typer.Option("--epochs", callback=opt.count, help="Fine-tuning epochs after each pruning step.")] = 0,
+    lr: Annotated[float, typer.Option("--lr", callback=opt.positive, help="Fine-tuning learning rate.")] = 1e-3,
     distill: Annotated[bool, typer.Option("--distill", help="Fine-tune with distillation from the unpruned model.")] = False,
-    steps: Annotated[int, typer.Option("--steps", help="Iterative prune-and-tune steps.")] = 1,
-    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads for timing; default: the "
+    steps: Annotated[int, typer.Option("--steps", callback=opt.at_least_one, help="Iterative prune-and-tune steps.")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", callback=opt.threads, help="Intra-op threads for timing; default: the "
                                                 "--device profile's, else 1.")] = None,
     device: DeviceOpt = None,
     seconds: SecondsOpt = 1.0,

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from edgeopt.cli import app
+from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -68,9 +69,9 @@ def quantize(
     calibration: Annotated[str, typer.Option("--calibration", help="static: minmax, entropy or percentile.")] = "minmax",
     activation_type: Annotated[str, typer.Option("--activation-type", help="static: u8 or s8.")] = "u8",
     weight_type: Annotated[str, typer.Option("--weight-type", help="s8 or u8.")] = "s8",
-    samples: Annotated[int, typer.Option("--samples", help="static: calibration samples used.")] = 128,
+    samples: Annotated[int, typer.Option("--samples", callback=opt.at_least_one, help="static: calibration samples used.")] = 128,
     exclude: Annotated[str | None, typer.Option("--exclude", help="static: comma-separated node names kept in float.")] = None,
-    block_size: Annotated[int, typer.Option("--block-size", help="int4: weights per scale.")] = 32,
+    block_size: Annotated[int, typer.Option("--block-size", callback=opt.at_least_one, help="int4: weights per scale.")] = 32,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     seconds: SecondsOpt = 1.0,
@@ -222,9 +223,9 @@ def analyze(
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per channel or per tensor.")] = True,
     calibration: Annotated[str, typer.Option("--calibration", help="minmax, entropy or percentile.")] = "minmax",
     all_but: Annotated[bool, typer.Option("--all-but/--only", help="Also quantize all but each layer (twice the time).")] = True,
-    max_eval: Annotated[int, typer.Option("--max-eval", help="Judge on at most this many samples.")] = 256,
+    max_eval: Annotated[int, typer.Option("--max-eval", callback=opt.at_least_one, help="Judge on at most this many samples.")] = 256,
     threads: ThreadsDefault1Opt = None,
-    top: Annotated[int, typer.Option("--top", help="Rows shown in the table (the JSON has all).")] = 20,
+    top: Annotated[int, typer.Option("--top", callback=opt.at_least_one, help="Rows shown in the table (the JSON has all).")] = 20,
     json_out: JsonOpt = None,
 ) -> None:
     """Per-layer INT8 sensitivity: each layer quantized alone (and all but it), ranked by what it costs."""

@@ -15,6 +15,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from edgeopt.cli import app
+from edgeopt.cli import options as opt
 from edgeopt.cli.common import JsonOpt, console, emit_json, fmt_bytes, user_errors
 
 
@@ -38,11 +39,11 @@ def plan(
     model: Annotated[str, typer.Argument(help="ONNX model to split.")],
     devices: Annotated[str, typer.Option("--devices", help="Device profiles in pipeline order, e.g. rpi4,gateway-x86.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory: stage_k.onnx and plan.json.")],
-    link_mbps: Annotated[float | None, typer.Option("--link-mbps", help="Link bandwidth between stages in Mbit/s (default: the profiles' link_mbps).")] = None,
-    link_latency_ms: Annotated[float, typer.Option("--link-latency-ms", help="One-way link latency in ms.")] = 0.0,
+    link_mbps: Annotated[float | None, typer.Option("--link-mbps", callback=opt.positive, help="Link bandwidth between stages in Mbit/s (default: the profiles' link_mbps).")] = None,
+    link_latency_ms: Annotated[float, typer.Option("--link-latency-ms", callback=opt.non_negative, help="One-way link latency in ms.")] = 0.0,
     objective: Annotated[str, typer.Option("--objective", help="latency (one item end to end) or throughput (pipeline bottleneck).")] = "latency",
     cuts: Annotated[str | None, typer.Option("--cuts", help="Cut after these node positions instead of planning, e.g. 28 or 17,34.")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="Intra-op threads per stage (profiling and split run).")] = 1,
+    threads: Annotated[int, typer.Option("--threads", callback=opt.threads, help="Intra-op threads per stage (profiling and split run).")] = 1,
     json_out: JsonOpt = None,
 ) -> None:
     """Pick cut points by device speed and link bandwidth; write stage_k.onnx and plan.json."""
@@ -84,14 +85,14 @@ def _read_plan(out: Path) -> Any:
 def run(
     outdir: Annotated[Path, typer.Argument(help="Directory written by edgeopt split.")],
     data: Annotated[str | None, typer.Option("--data", help="Inputs for the whole model (default: random of its input shape).")] = None,
-    items: Annotated[int, typer.Option("--items", help="Items per pass (latency pass, then streamed pass).")] = 32,
+    items: Annotated[int, typer.Option("--items", callback=opt.at_least_one, help="Items per pass (latency pass, then streamed pass).")] = 32,
     simulate_link: Annotated[bool, typer.Option("--simulate-link", help="Apply the plan's link bandwidth and latency between stages.")] = False,
     simulate_devices: Annotated[bool, typer.Option("--simulate-devices", help="Slow each stage to its device's relative_speed.")] = False,
-    threads: Annotated[int | None, typer.Option("--threads", help="Intra-op threads per stage (default: the plan's).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", callback=opt.threads, help="Intra-op threads per stage (default: the plan's).")] = None,
     reference: Annotated[str | None, typer.Option("--reference", help="Whole ONNX model to compare outputs with (default: the one split).")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for a stage before calling it stuck.")] = 60.0,
+    timeout: Annotated[float, typer.Option("--timeout", callback=opt.timeout, help="Seconds to wait for a stage before calling it stuck.")] = 60.0,
     stage_urls: Annotated[str | None, typer.Option("--stage-urls", help="Run the stages on OIP v2 servers instead: http://HOST:PORT[/v2/models/NAME] per stage, comma-separated, in order.")] = None,
-    in_flight: Annotated[int | None, typer.Option("--in-flight", help="With --stage-urls: items in flight in the streamed pass (default: stages + 1).")] = None,
+    in_flight: Annotated[int | None, typer.Option("--in-flight", callback=opt.at_least_one, help="With --stage-urls: items in flight in the streamed pass (default: stages + 1).")] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Run the stages as processes linked by TCP (or on OIP v2 servers): latency per item, throughput, max abs diff vs the whole model."""

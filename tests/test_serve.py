@@ -250,7 +250,10 @@ def test_full_queue_answers_503_runtime_error_500_and_server_keeps_serving(model
         assert results == [200, 200]
         nan = json.dumps({"inputs": [tensor(np.full((1, 1, 16, 16), np.nan, np.float32))]})  # NaN literals
         bad = c.post("/v2/models/tiny/infer", content=nan.encode())
-        assert bad.status_code == 500 and bad.json()["error"] == "model 'tiny' failed: kernel exploded on NaN"
+        # the client learns that the model failed, not the runtime's own words (node names, paths)
+        assert bad.status_code == 500
+        assert bad.json()["error"] == "model 'tiny' failed on this input; the server log has the details"
+        assert "exploded" not in bad.text
         ok = c.post("/v2/models/tiny/infer", json=body)
         assert ok.status_code == 200 and ok.json()["outputs"][0]["shape"] == [1, 10]
         assert 'edgeopt_requests_total{code="503",model="tiny"} 1.0' in c.get("/metrics").text
@@ -385,7 +388,7 @@ def test_load_served_rejects_bad_input(models_dir: Path) -> None:
         load_served([f"a b={models_dir / 'tiny.onnx'}"])
     with pytest.raises(BadInput, match="not found"):
         load_served([str(models_dir / "missing.onnx")])
-    with pytest.raises(BadInput, match="--max-batch must be >= 1"):
+    with pytest.raises(BadInput, match="--max-batch must be an integer in 1..4096, got 0"):
         ServeConfig(max_batch=0)
 
 
@@ -394,7 +397,7 @@ def test_cli_bad_model_path_is_one_line_exit_2(cli, tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "missing.onnx" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = cli("serve", str(tmp_path / "missing.onnx"), "--queue-size", "0")
-    assert result.exit_code == 2 and "--queue-size must be >= 1" in result.stderr
+    assert result.exit_code == 2 and "--queue-size must be an integer in 1..1000000, got 0" in result.stderr
 
 
 def test_listening_socket_is_tcp_so_responses_are_not_delayed_by_nagle() -> None:
@@ -452,7 +455,7 @@ def test_batcher_survives_a_session_returning_the_wrong_number_of_outputs() -> N
         return message, float(ok["y"][0, 0])
 
     message, value = asyncio.run(main())
-    assert message.startswith("model 'm' failed:")
+    assert message == "model 'm' failed on this input; the server log has the details"
     assert value == 7.0
 
 

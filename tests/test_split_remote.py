@@ -88,7 +88,8 @@ def test_stages_on_two_servers_reproduce_the_whole_model(cli, stages: Stages) ->
 def test_swapped_urls_name_the_stage(cli, stages: Stages) -> None:
     swapped = f"{stages.url(stages.second)},{stages.url(stages.first)}"
     result = cli("split", "run", stages.out, "--stage-urls", swapped, "--items", "2")
-    _one_line_error(result, "stage 0 (", "does not serve model 'stage_0'", "served: stage_1")
+    # the server's 404 names the missing model but no longer lists the ones it serves (issue 20)
+    _one_line_error(result, "stage 0 (", "does not serve model 'stage_0'", "unknown model 'stage_0'")
     explicit = f"{stages.url(stages.second, 'stage_1')},{stages.url(stages.first, 'stage_0')}"
     result = cli("split", "run", stages.out, "--stage-urls", explicit, "--items", "2")
     _one_line_error(result, "stage 0 (", "does not serve this stage: inputs are ['d_r'], the stage's are ['input']")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from contextlib import asynccontextmanager
@@ -43,33 +44,60 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Batching and limits shared by every served model.
+    """Batching, limits and deadlines shared by every served model.
 
     Args:
         max_batch: most samples merged into one runtime call (1: no merging).
         max_delay_ms: longest a request waits for others to join its batch.
         max_request_mb: largest request body accepted (413 above).
         queue_size: most requests waiting per model (503 above).
+        header_timeout_s: a request's head must arrive within this (408 after; idle sockets closed).
+        body_timeout_s: a request's body must arrive within this after its head (408 after).
+        max_connections: most open connections; above it the longest idle one is closed.
+        max_header_kb: largest request line + headers (431 above).
+        token: if set, every endpoint but /v2/health/* needs ``Authorization: Bearer <token>``.
     """
 
     max_batch: int = 8
     max_delay_ms: float = 5.0
     max_request_mb: float = 16.0
     queue_size: int = 256
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1024
+    max_header_kb: int = 64
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise BadInput(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.max_delay_ms < 0:
-            raise BadInput(f"--max-delay-ms must be >= 0, got {self.max_delay_ms}")
-        if self.max_request_mb <= 0:
-            raise BadInput(f"--max-request-mb must be > 0, got {self.max_request_mb}")
-        if self.queue_size < 1:
-            raise BadInput(f"--queue-size must be >= 1, got {self.queue_size}")
+        _check_int("--max-batch", self.max_batch, 1, 4096)
+        _check_number("--max-delay-ms", self.max_delay_ms, 0.0, 10_000.0, low_open=False)
+        _check_number("--max-request-mb", self.max_request_mb, 0.0, 4096.0, low_open=True)
+        _check_int("--queue-size", self.queue_size, 1, 1_000_000)
+        _check_number("--header-timeout", self.header_timeout_s, 0.0, 3600.0, low_open=True)
+        _check_number("--body-timeout", self.body_timeout_s, 0.0, 3600.0, low_open=True)
+        _check_int("--max-connections", self.max_connections, 2, 1_000_000)
+        _check_int("--max-header-kb", self.max_header_kb, 1, 1024)
+        if self.token is not None and (not self.token or not self.token.isascii() or not self.token.isprintable()
+                                       or " " in self.token):
+            raise BadInput("--token must be printable ASCII without spaces")
 
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * 1024 * 1024)
+
+
+def _check_int(flag: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadInput(f"{flag} must be an integer in {low}..{high}, got {value}")
+
+
+def _check_number(flag: str, value: Any, low: float, high: float, *, low_open: bool) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low:g} and <= {high:g}" if low_open else f"in {low:g}..{high:g}"
+        raise BadInput(f"{flag} must be a finite number {bound}, got {value}")
 
 
 @dataclass
@@ -159,28 +187,51 @@ _INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
 
 class _InferFastPath:
-    """Send ``POST .../infer`` straight to its handler as plain ASGI, past routing and middleware.
+    """Check the bearer token, then send ``POST .../infer`` straight to its handler as plain ASGI.
 
     The handler already turns every failure into a JSON error; skipping the request/response
-    objects and layers it does not need saves a measurable share of the per-request CPU.
+    objects and layers it does not need saves a measurable share of the per-request CPU. The
+    token guards every path but ``/v2/health/*`` (probes carry no credentials).
     """
 
-    def __init__(self, app: Any, handler: Any) -> None:
+    def __init__(self, app: Any, handler: Any, token: str | None = None) -> None:
         self.app = app
         self.handler = handler
+        self.expected = ("Bearer " + token).encode("latin-1") if token else None
+
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        import hmac
+
+        assert self.expected is not None
+        for key, value in headers:
+            if key == b"authorization":
+                scheme, _, credential = value.strip().partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(b"Bearer " + credential.strip(),
+                                                                           self.expected)
+        return False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = _INFER_PATH.match(scope["path"])
-            if match:
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-                status, body, extra = await self.handler(match.group(1), match.group(2), headers, receive)
-                raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
-                raw.append((b"content-length", str(len(body)).encode()))
-                await send({"type": "http.response.start", "status": status, "headers": raw})
-                await send({"type": "http.response.body", "body": body})
+        if scope["type"] == "http":
+            if (self.expected is not None and not scope["path"].startswith("/v2/health/")
+                    and not self._authorized(scope["headers"])):
+                await _send(send, 401, b'{"error":"this server needs an Authorization: Bearer token"}',
+                            {"content-type": "application/json", "www-authenticate": "Bearer"})
                 return
+            if scope["method"] == "POST":
+                match = _INFER_PATH.match(scope["path"])
+                if match:
+                    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                    status, body, extra = await self.handler(match.group(1), match.group(2), headers, receive)
+                    await _send(send, status, body, extra)
+                    return
         await self.app(scope, receive, send)
+
+
+async def _send(send: Any, status: int, body: bytes, headers: dict[str, str]) -> None:
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _path(request: Any) -> tuple[str, str | None]:
@@ -251,9 +302,9 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
     def lookup(name: str, version: str | None) -> ServedModel:
         served = by_name.get(name)
         if served is None:
-            raise ProtocolError(404, f"unknown model {name!r}; served: {', '.join(by_name)}")
+            raise ProtocolError(404, f"unknown model {name[:100]!r}")  # the list of models is not for strangers
         if version is not None and version != VERSION:
-            raise ProtocolError(404, f"model {name!r} has no version {version!r}; versions: {VERSION}")
+            raise ProtocolError(404, f"model {name!r} has no version {version[:100]!r}; versions: {VERSION}")
         return served
 
     async def server_metadata(request: Request) -> JSONResponse:
@@ -335,10 +386,10 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         except QueueFull as exc:
             answer = error_body(503, str(exc))
         except ModelRunError as exc:
-            answer = error_body(500, str(exc))
-        except Exception as exc:  # never let one request take the server down
+            answer = error_body(exc.status, str(exc))
+        except Exception:  # never let one request take the server down; details only in the log
             log.exception("unexpected error", extra={"model": label})
-            answer = error_body(500, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+            answer = error_body(500, "internal error; the server log has the details")
         status = answer[0]
         seconds = time.perf_counter() - start
         metrics.observe_request(label, status, seconds)
@@ -371,7 +422,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
                    (prefix + "/infer", infer, "POST")]
     for path, handler, method in routes:
         app.add_route(path, handler, methods=[method])
-    app.add_middleware(_InferFastPath, handler=infer_core)
+    app.add_middleware(_InferFastPath, handler=infer_core, token=cfg.token)
     app.state.metrics = metrics
     app.state.models = by_name
     return app

@@ -32,7 +32,24 @@ class QueueFull(Exception):
 
 
 class ModelRunError(Exception):
-    """The runtime failed on a batch; the message is one line for the client."""
+    """The runtime failed on a request; the message is one line for the client.
+
+    It never carries the runtime's own text (node names, file paths, library versions): that
+    goes to the server log. ``status`` is 400 when the runtime called the input invalid (e.g. a
+    token id beyond the vocabulary), else 500.
+    """
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _run_error(name: str, exc: BaseException) -> ModelRunError:
+    log.error("model run failed", extra={"model": name, "error": _one_line(exc), "error_type": type(exc).__name__})
+    if type(exc).__name__ in ("InvalidArgument", "InvalidArgumentError"):  # ONNX Runtime / TFLite wording
+        return ModelRunError(f"model {name!r} rejected the input values (for example an index out of range); "
+                             "the server log has the details", status=400)
+    return ModelRunError(f"model {name!r} failed on this input; the server log has the details")
 
 
 @dataclass
@@ -151,7 +168,7 @@ class Batcher:
         except Exception as exc:  # the worker must outlive anything one batch does
             log.exception("batch failed", extra={"model": self.name})
             for p in batch:
-                _resolve_error(p, ModelRunError(f"model {self.name!r} failed: {_one_line(exc)}"))
+                _resolve_error(p, _run_error(self.name, exc))
         finally:
             self._handed.pop(0)
             for _ in batch:
@@ -204,7 +221,7 @@ class Batcher:
                 for p in live:
                     await self._execute([p])
                 return
-            _resolve_error(live[0], ModelRunError(f"model {self.name!r} failed: {_one_line(exc)}"))
+            _resolve_error(live[0], _run_error(self.name, exc))
             return
         if len(live) == 1:
             _resolve(live[0], dict(zip(self._output_names, outputs, strict=True)))

@@ -18,6 +18,7 @@ from typing import Any
 from edgeopt.deps import require
 from edgeopt.errors import BadInput
 from edgeopt.serve.app import ServeConfig, ServedModel, create_app
+from edgeopt.serve.connections import guarded_protocol
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -75,6 +76,28 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_fd_limit(max_connections: int) -> None:
+    """BadInput unless the process may open ``max_connections`` sockets plus room for models and logs."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and max_connections + 64 > soft:
+        raise BadInput(f"--max-connections {max_connections} needs {max_connections + 64} file descriptors; "
+                       f"this process may open {soft} (raise it with ulimit -n, or lower --max-connections)")
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def run_server(models: list[ServedModel], *, config: ServeConfig | None = None, host: str = "127.0.0.1",
           port: int = 8000, log_level: str = "info", graceful_seconds: float = 30.0,
           on_listening: Any = None) -> None:
@@ -97,16 +120,25 @@ def run_server(models: list[ServedModel], *, config: ServeConfig | None = None, 
     uvicorn = require("uvicorn", extra="serve")
     cfg = config or ServeConfig()
     configure_logging(log_level)
+    check_fd_limit(cfg.max_connections)
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
     app = create_app(models, cfg)
-    # Bodies in flight are bounded too: at most this many connections are served at once (503 above).
-    limit = max(64, 2 * cfg.queue_size * max(1, len(models)))
+    # Bodies in flight are bounded: at most this many requests are handled at once (503 above,
+    # except /v2/health/*), so memory stays below about max_in_flight x --max-request-mb.
+    max_in_flight = max(64, 2 * cfg.queue_size * max(1, len(models)))
+    http = guarded_protocol(header_timeout=cfg.header_timeout_s, body_timeout=cfg.body_timeout_s,
+                            max_header_bytes=cfg.max_header_kb * 1024, max_connections=cfg.max_connections,
+                            max_in_flight=max_in_flight)
     server = uvicorn.Server(uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="on", limit_concurrency=limit,
+        app, http=http, ws="none", log_config=None, access_log=False, lifespan="on",
         timeout_graceful_shutdown=graceful_seconds, timeout_keep_alive=30, log_level=log_level))
     if on_listening is not None:
         on_listening(host, bound_port)
+    if not is_loopback(host) and cfg.token is None:
+        logging.getLogger("edgeopt.serve").warning("no token", extra={
+            "event": "no_token", "host": host,
+            "hint": "anyone who can reach this address can run the models; set EDGEOPT_SERVE_TOKEN"})
     logging.getLogger("edgeopt.serve").info("listening", extra={
         "event": "listening", "host": host, "port": bound_port, "models": [m.name for m in models],
         "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms, "queue_size": cfg.queue_size})

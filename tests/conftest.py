@@ -74,6 +74,122 @@ def make_onnx_cnn(path: Path, *, channels: int = 8, classes: int = 10, size: int
     return path
 
 
+def make_onnx_transformer(path: Path, *, hidden: int = 32, heads: int = 4, layers: int = 2, ffn: int = 64,
+                          vocab: int = 100, max_len: int = 32, outlier: float = 12.0, seed: int = 0,
+                          damage: float = 0.0) -> Path:
+    """A tiny BERT-style encoder (random weights) as ONNX: ``input_ids``/``attention_mask`` (int64,
+    dynamic batch and sequence) -> embeddings + LayerNorm -> ``layers`` x (self-attention with the
+    padding mask, Add+LayerNorm, MatMul-Gelu(Erf)-MatMul, Add+LayerNorm) -> ``last_hidden_state``
+    (batch, seq, hidden).
+
+    Like real sentence encoders, the first token carries an ``outlier`` in one hidden dimension,
+    so the argmax over the hidden state is the same for every input: top-1 agreement says
+    nothing there. ``damage`` adds that much Gaussian noise (relative) to every weight of the
+    layers, for a variant that keeps the argmax but not the outputs.
+    """
+    rng = np.random.default_rng(seed)
+    noise = np.random.default_rng(seed + 1000)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, value: np.ndarray, *, damaged: bool = False) -> str:
+        value = value.astype(np.float32) if value.dtype.kind == "f" else value
+        if damaged and damage:
+            value = (value + damage * value.std() * noise.standard_normal(value.shape)).astype(np.float32)
+        inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(op: str, inputs: list[str], out: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def dense(x: str, name: str, n_in: int, n_out: int) -> str:
+        w = const(f"{name}.w", rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), damaged=True)
+        b = const(f"{name}.b", 0.1 * rng.standard_normal(n_out), damaged=True)
+        return node("Add", [node("MatMul", [x, w], f"{name}.mm"), b], f"{name}.out")
+
+    def layer_norm(x: str, name: str) -> str:
+        g = const(f"{name}.g", np.ones(hidden))
+        b = const(f"{name}.beta", np.zeros(hidden))
+        return node("LayerNormalization", [x, g, b], f"{name}.out", axis=-1, epsilon=1e-12)
+
+    dh = hidden // heads
+    const("shape_heads", np.array([0, 0, heads, dh], dtype=np.int64))
+    const("shape_merge", np.array([0, 0, hidden], dtype=np.int64))
+    const("scale", np.array(np.sqrt(dh)))
+    const("one", np.array(1.0))
+    const("neg", np.array(-10000.0))
+    const("half", np.array(0.5))
+    const("sqrt2", np.array(np.sqrt(2.0)))
+    const("axes12", np.array([1, 2], dtype=np.int64))
+    const("zero_i", np.array([0], dtype=np.int64))
+    const("one_i", np.array([1], dtype=np.int64))
+    const("minus1", np.array([-1], dtype=np.int64))
+    word = node("Gather", [const("word_emb", rng.standard_normal((vocab, hidden))), "input_ids"], "word")
+    seq = node("Shape", ["input_ids"], "ids_shape", start=1, end=2)
+    positions = node("Range", [node("Squeeze", ["zero_i"], "zero_s"), node("Squeeze", [seq], "seq_s"),
+                               node("Squeeze", ["one_i"], "one_s")], "positions")
+    pos = node("Gather", [const("pos_emb", 0.5 * rng.standard_normal((max_len, hidden))), positions], "pos")
+    x = layer_norm(node("Add", [word, pos], "emb"), "emb_ln")
+    mask_f = node("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
+    mask_bias = node("Mul", [node("Sub", ["one", node("Unsqueeze", [mask_f, "axes12"], "mask_4d")], "mask_inv"),
+                             "neg"], "mask_bias")
+    for i in range(layers):
+        def heads_of(t: str, name: str) -> str:
+            return node("Transpose", [node("Reshape", [t, "shape_heads"], f"{name}.r")], f"{name}.t",
+                        perm=[0, 2, 1, 3])
+
+        q = heads_of(dense(x, f"l{i}.q", hidden, hidden), f"l{i}.qh")
+        k = node("Transpose", [node("Reshape", [dense(x, f"l{i}.k", hidden, hidden), "shape_heads"], f"l{i}.kr")],
+                 f"l{i}.kt", perm=[0, 2, 3, 1])
+        v = heads_of(dense(x, f"l{i}.v", hidden, hidden), f"l{i}.vh")
+        scores = node("Add", [node("Div", [node("MatMul", [q, k], f"l{i}.qk"), "scale"], f"l{i}.scaled"), mask_bias],
+                      f"l{i}.masked")
+        probs = node("Softmax", [scores], f"l{i}.probs", axis=-1)
+        ctx = node("Reshape", [node("Transpose", [node("MatMul", [probs, v], f"l{i}.ctx"), ], f"l{i}.ctxt",
+                                    perm=[0, 2, 1, 3]), "shape_merge"], f"l{i}.ctxm")
+        x = layer_norm(node("Add", [dense(ctx, f"l{i}.o", hidden, hidden), x], f"l{i}.res1"), f"l{i}.ln1")
+        h = dense(x, f"l{i}.ffn1", hidden, ffn)
+        erf = node("Erf", [node("Div", [h, "sqrt2"], f"l{i}.gdiv")], f"l{i}.erf")
+        gelu = node("Mul", [node("Mul", [h, node("Add", [erf, "one"], f"l{i}.gadd")], f"l{i}.gmul"), "half"],
+                    f"l{i}.gelu")
+        x = layer_norm(node("Add", [dense(gelu, f"l{i}.ffn2", ffn, hidden), x], f"l{i}.res2"), f"l{i}.ln2")
+    first = node("Unsqueeze", [node("Cast", [node("Equal", [positions, "zero_s"], "is_first")], "first_f",
+                                    to=TensorProto.FLOAT), "minus1"], "first_col")
+    spike = np.zeros(hidden)
+    spike[0] = outlier
+    x = node("Add", [x, node("Mul", [first, const("spike", spike)], "spike_at_first")], "with_spike")
+    nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
+    graph = helper.make_graph(
+        nodes, "tiny_bert",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_token_npz(path: Path, *, n: int = 60, seq: int = 16, vocab: int = 100, seed: int = 0) -> Path:
+    """Token ids with padding (attention_mask 0 after each sample's length), no labels."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(n, seq)).astype(np.int64)
+    lengths = rng.integers(seq // 3, seq + 1, size=n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    np.savez(path, input_ids=ids * mask, attention_mask=mask)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer(tmp_path_factory) -> tuple[Path, Path]:
+    """(a tiny 2-layer BERT-style encoder .onnx, 60 padded token sequences .npz)."""
+    root = tmp_path_factory.mktemp("tiny_transformer")
+    return make_onnx_transformer(root / "encoder.onnx"), make_token_npz(root / "tokens.npz")
+
+
 @pytest.fixture
 def tiny_onnx(tmp_path: Path) -> Path:
     return make_onnx_cnn(tmp_path / "tiny.onnx")

@@ -82,6 +82,10 @@ def fmt_pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def fmt_cos(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 # Options shared by commands (typer reads these Annotated aliases).
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write results as JSON to this file ('-' for stdout).")]
 WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="state_dict (.pt/.pth) for a file.py:factory model.")]
@@ -97,6 +101,11 @@ StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std, comm
 SecondsOpt = Annotated[float, typer.Option("--seconds", callback=opt.seconds, help="Minimum timed seconds per model.")]
 RunsOpt = Annotated[int, typer.Option("--runs", callback=opt.at_least_one, help="Minimum timed runs per model.")]
 MaxDropOpt = Annotated[float, typer.Option("--max-drop", callback=opt.unit_interval_drop, help="Allowed drop in absolute points (0.01 = 1 pt).")]
+MetricOpt = Annotated[str, typer.Option("--metric", help="What the budget judges: auto (class scores: accuracy, or "
+                                        "agreement where the original is confident; other outputs: cosine), "
+                                        "accuracy, agreement or cosine.")]
+MinCosineOpt = Annotated[float, typer.Option("--min-cosine", callback=opt.cosine, help="Never choose a variant whose "
+                                             "mean cosine to the original is below this, whatever the metric.")]
 
 
 def check_threads(threads: int | None) -> None:

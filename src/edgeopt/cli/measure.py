@@ -117,8 +117,19 @@ def eval_(
     table.add_row("top-1 accuracy", fmt_pct(result.accuracy))
     table.add_row("top-5 accuracy", fmt_pct(result.top5))
     if ref is not None:
-        table.add_row("agreement vs reference", fmt_pct(result.agreement))
-        table.add_row("cosine vs reference", f"{result.cosine:.6f}")
+        classes = result.kind == "classes"
+        table.add_row("output judged as", "class scores" if classes else "embeddings / other outputs")
+        table.add_row("agreement vs reference", fmt_pct(result.agreement) + ("" if classes else " (not meaningful)"))
+        if classes:
+            table.add_row(f"agreement where reference is clear (n={result.n_confident})",
+                          fmt_pct(result.confident_agreement))
+            table.add_row("KL divergence of probabilities", "-" if result.kl is None else f"{result.kl:.5f}")
+        table.add_row("cosine vs reference (mean)", f"{result.cosine:.6f}")
+        table.add_row("cosine vs reference (5th pct / min)", f"{result.cosine_p5:.6f} / {result.min_cosine:.6f}")
+        if result.embedding_cosine is not None:
+            table.add_row("pooled embedding cosine (mean)", f"{result.embedding_cosine:.6f}")
+        if result.nn_agreement is not None:
+            table.add_row("nearest-neighbour agreement (pooled)", fmt_pct(result.nn_agreement))
     console.print(table)
     payload = {k: v for k, v in result.to_dict().items() if k != "min_cosine" or ref is not None}
     emit_json(json_out, payload)

@@ -14,6 +14,8 @@ from edgeopt.cli.common import (
     DeviceOpt,
     JsonOpt,
     MaxDropOpt,
+    MetricOpt,
+    MinCosineOpt,
     SecondsOpt,
     ThreadsOpt,
     TrustPickleOpt,
@@ -22,6 +24,7 @@ from edgeopt.cli.common import (
     emit_json,
     err_console,
     fmt_bytes,
+    fmt_cos,
     fmt_pct,
     user_errors,
 )
@@ -34,7 +37,8 @@ def optimize(
     data: Annotated[str, typer.Option("--data", help="Labelled data (.npz, image folder, sklearn:digits).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")],
     max_drop: MaxDropOpt = 0.01,
-    metric: Annotated[str, typer.Option("--metric", help="accuracy (needs labels), or agreement / cosine with the original.")] = "accuracy",
+    metric: MetricOpt = "auto",
+    min_cosine: MinCosineOpt = 0.99,
     objective: Annotated[str, typer.Option("--objective", help="latency, size or memory.")] = "latency",
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
@@ -68,7 +72,8 @@ def optimize(
         if not isinstance(raw, list):
             raise BadInput(f"{recipes} must hold a JSON list of recipes")
         plan = [Recipe.from_dict(r) for r in raw]
-    result = run_optimize(model, data, out_dir=out, max_drop=max_drop, metric=metric, objective=objective,
+    result = run_optimize(model, data, out_dir=out, max_drop=max_drop, metric=metric, min_cosine=min_cosine,
+                          objective=objective,
                           device=device, threads=threads, time_budget_min=time_budget, executor=executor,
                           ray_address=ray_address, recipes=plan, eval_fraction=eval_fraction,
                           bench=BenchSettings(min_seconds=seconds, min_runs=100, max_seconds=max(20.0, seconds)),
@@ -76,7 +81,7 @@ def optimize(
     payload = result.to_dict()
     table = Table(title=f"edgeopt optimize: {model} on {result.device.name} (objective {objective})")
     for col in ("candidate", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy",
-                "agreement", "drop pt", "why"):
+                "agreement", "cosine", "drop pt", "why"):
         table.add_column(col, justify="left" if col in ("candidate", "status", "runtime", "why") else "right",
                          overflow="fold")
     styles = {"chosen": "bold green", "failed": "red", "baseline": "dim"}
@@ -85,7 +90,7 @@ def optimize(
                       f"{r.latency_ms['p50']:.3f}" if r.latency_ms else "-",
                       f"{r.speedup:.2f}x" if r.speedup else "-", fmt_bytes(r.size_bytes) if r.size_bytes else "-",
                       f"{r.size_ratio:.2f}x" if r.size_ratio else "-", fmt_pct(r.accuracy), fmt_pct(r.agreement),
-                      "-" if r.drop is None else f"{100 * r.drop:.2f}", r.reason, style=styles.get(r.status))
+                      fmt_cos(r.cosine), "-" if r.drop is None else f"{100 * r.drop:.2f}", r.reason, style=styles.get(r.status))
     console.print(table)
     console.print("* Pareto front. Latency: batch 1, interleaved with the original; accuracy on held-out data.")
     from edgeopt.report.writer import headline

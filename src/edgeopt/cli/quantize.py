@@ -14,6 +14,8 @@ from edgeopt.cli.common import (
     DeviceOpt,
     JsonOpt,
     MaxDropOpt,
+    MetricOpt,
+    MinCosineOpt,
     SecondsOpt,
     ThreadsDefault1Opt,
     ThreadsOpt,
@@ -24,6 +26,7 @@ from edgeopt.cli.common import (
     console,
     emit_json,
     fmt_bytes,
+    fmt_cos,
     fmt_pct,
     user_errors,
 )
@@ -63,6 +66,8 @@ def quantize(
                                                   "out half of --data; the other modes judge on all of --data, which "
                                                   "static also calibrates on).")] = None,
     max_drop: MaxDropOpt = 0.01,
+    metric: MetricOpt = "auto",
+    min_cosine: MinCosineOpt = 0.99,
     runtime: Annotated[str | None, typer.Option("--runtime", help="auto: only try this runtime (onnxruntime or openvino).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="static: qdq or qoperator.")] = "qdq",
     per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = None,
@@ -90,6 +95,9 @@ def quantize(
         raise BadInput(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if max_drop < 0 or max_drop >= 1:
         raise BadInput(f"--max-drop must be in [0, 1) (0.01 = 1 point), got {max_drop}")
+    from edgeopt.search.budget import Budget
+
+    Budget(metric=metric, max_drop=max_drop, min_cosine=min_cosine)  # type: ignore[arg-type]  # validates the flags
     if mode in ("auto", "static") and data is None:
         raise BadInput(f"--mode {mode} needs calibration data: pass --data CAL.npz"
                        + (" (or use --mode dynamic, which needs none)" if mode == "static" else ""))
@@ -114,8 +122,8 @@ def quantize(
     bench = BenchSettings(warmup=10, min_runs=100, min_seconds=seconds, max_seconds=max(20.0, seconds))
     report = report_path(out)
     if mode == "auto":
-        _auto(original, dataset, held, out=out, report=report, max_drop=max_drop, runtime=runtime, device=device,
-              threads=threads, bench=bench, json_out=json_out)
+        _auto(original, dataset, held, out=out, report=report, max_drop=max_drop, metric=metric,
+              min_cosine=min_cosine, runtime=runtime, device=device, threads=threads, bench=bench, json_out=json_out)
         return
     from edgeopt.transforms.quantize import quantize as run_quantize
 
@@ -150,8 +158,7 @@ def _measure_one(original: Any, result: Any, *, mode: str, cfg: Any, judge: Any,
     if judge is not None:
         base = evaluate(original, judge, threads=threads, device=device)
         ev = evaluate(result, judge, reference=original, threads=threads, device=device)
-        payload["evaluation"] = {"data": judge.source, "n": ev.n, "fp32_accuracy": base.accuracy,
-                                 "accuracy": ev.accuracy, "agreement": ev.agreement, "cosine": ev.cosine,
+        payload["evaluation"] = {"data": judge.source, "fp32_accuracy": base.accuracy, **ev.to_dict(),
                                  "drop": None if base.accuracy is None or ev.accuracy is None
                                  else round(base.accuracy - ev.accuracy, 6)}
     payload["notes"] = ["figures measured on this machine; latency batch 1, interleaved with the FP32 model"]
@@ -171,23 +178,30 @@ def _print_one(p: dict[str, Any]) -> None:
                   fmt_pct(ev.get("accuracy")), fmt_pct(ev.get("agreement")),
                   "-" if ev.get("cosine") is None else f"{ev['cosine']:.5f}")
     console.print(table)
+    if ev.get("nn_agreement") is not None:
+        console.print(f"pooled embeddings: mean cosine {ev['embedding_cosine']:.5f}, nearest-neighbour agreement "
+                      f"{fmt_pct(ev['nn_agreement'])} over {ev['n']} samples")
 
 
-def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, max_drop: float, runtime: str | None,
-          device: str | None, threads: int | None, bench: Any, json_out: str | None) -> None:
+def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, max_drop: float, metric: str,
+          min_cosine: float, runtime: str | None, device: str | None, threads: int | None, bench: Any,
+          json_out: str | None) -> None:
     from edgeopt.errors import BudgetNotMet
     from edgeopt.fileio import write_json
     from edgeopt.search.auto_quantize import auto_quantize
 
     with console.status("building and measuring quantization variants..."):
-        result = auto_quantize(original, dataset, eval_data=held, max_drop=max_drop, device=device, threads=threads,
+        result = auto_quantize(original, dataset, eval_data=held, max_drop=max_drop, metric=metric,
+                               min_cosine=min_cosine, device=device, threads=threads,
                                runtimes=(runtime,) if runtime else None, bench=bench)
     payload = {"mode": "auto", "source": original.source, **result.to_dict(),
                "output": str(out) if result.model is not None else None}
     payload["notes"].append("figures measured on this machine; latency batch 1, every variant interleaved with FP32")
     table = Table(title=f"edgeopt quantize --mode auto: {original.source}")
-    for col in ("variant", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy", "agreement",
-                "drop pt", "why"):
+    nn = any(r.nn_agreement is not None for r in result.results)
+    cols = ("variant", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy", "agreement",
+            "cosine", *(("NN agr.",) if nn else ()), "drop pt", "why")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("variant", "status", "runtime", "why") else "right",
                          overflow="fold")
     styles = {"chosen": "bold green", "failed": "red", "baseline": "dim"}
@@ -195,6 +209,7 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
         table.add_row(r.name, r.status, r.runtime or "-", f"{r.latency_ms['p50']:.3f}" if r.latency_ms else "-",
                       f"{r.speedup:.2f}x" if r.speedup else "-", fmt_bytes(r.size_bytes) if r.size_bytes else "-",
                       f"{r.size_ratio:.2f}x" if r.size_ratio else "-", fmt_pct(r.accuracy), fmt_pct(r.agreement),
+                      fmt_cos(r.cosine), *((fmt_pct(r.nn_agreement),) if nn else ()),
                       "-" if r.drop is None else f"{100 * r.drop:.2f}", r.reason, style=styles.get(r.status))
     console.print(table)
     if result.model is None or result.chosen is None:
@@ -208,7 +223,9 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
     write_json(report, payload)
     c = result.chosen
     console.print(f"chosen: {c.name} on {c.runtime}: {c.speedup:.2f}x faster, {c.size_ratio:.2f}x smaller, "
-                  f"drop {100 * (c.drop or 0):.2f} pt", style="bold")
+                  f"{result.budget.metric} drop {100 * (c.drop or 0):.2f} pt, mean cosine {fmt_cos(c.cosine)}"
+                  + (f", NN agreement {fmt_pct(c.nn_agreement)}" if c.nn_agreement is not None else ""),
+                  style="bold")
     console.print(f"wrote {out} and {report}")
     emit_json(json_out, payload)
 

@@ -1,7 +1,8 @@
 """Accuracy and fidelity: top-1/top-5 against labels, agreement and cosine against a reference.
 
 Agreement (same top-1 as the reference) and cosine of the outputs tell how faithful an
-optimized model is even when the data has no labels.
+optimized model is even when the data has no labels; which of them means something depends
+on the output (class scores or not), see :mod:`edgeopt.measure.judge`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ import numpy as np
 from edgeopt.data import Dataset
 from edgeopt.devices import DeviceProfile
 from edgeopt.errors import DataError
+from edgeopt.measure.judge import fidelity_of, output_kind, token_mask
 from edgeopt.measure.sessions import RunSettings, open_session, resolve_settings
 from edgeopt.model import Model
 
 
 @dataclass
 class EvalResult:
-    """``n`` samples; accuracy/top5 need labels; agreement/cosine need a reference."""
+    """``n`` samples; accuracy/top5 need labels; the fidelity figures need a reference.
+
+    ``kind`` is the reference's output kind (``classes`` or ``other``, see
+    :mod:`edgeopt.measure.judge`); class scores add ``confident_agreement`` (over ``n_confident``
+    samples where the reference is clear) and ``kl``; other outputs add ``nn_agreement`` and
+    ``embedding_cosine`` of the pooled embeddings.
+    """
 
     n: int
     accuracy: float | None
@@ -28,11 +36,24 @@ class EvalResult:
     agreement: float | None = None
     cosine: float | None = None
     min_cosine: float | None = None
+    cosine_p5: float | None = None
+    kind: str | None = None
+    confident_agreement: float | None = None
+    n_confident: int | None = None
+    kl: float | None = None
+    nn_agreement: float | None = None
+    embedding_cosine: float | None = None
     outputs: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "accuracy": self.accuracy, "top5": self.top5,
-                "agreement": self.agreement, "cosine": self.cosine, "min_cosine": self.min_cosine}
+        out = {"n": self.n, "accuracy": self.accuracy, "top5": self.top5,
+               "agreement": self.agreement, "cosine": self.cosine, "min_cosine": self.min_cosine}
+        if self.kind is not None:
+            out.update(cosine_p5=self.cosine_p5, output_kind=self.kind)
+            extra = (("confident_agreement", "n_confident", "kl") if self.kind == "classes"
+                     else ("nn_agreement", "embedding_cosine"))
+            out.update({k: getattr(self, k) for k in extra})
+        return out
 
 
 def predict(model: Model, data: Dataset, *, settings: RunSettings | None = None,
@@ -68,7 +89,10 @@ def accuracy_of(outputs: np.ndarray, labels: np.ndarray, *, k: int = 1) -> float
 
 
 def fidelity(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
-    """(agreement, mean cosine, min cosine) of ``outputs`` against ``reference`` outputs."""
+    """(agreement, mean cosine, min cosine) of ``outputs`` against ``reference`` outputs.
+
+    The plain figures, whatever the output; :func:`edgeopt.measure.judge.fidelity_of` judges by kind.
+    """
     a = outputs.reshape(len(outputs), -1).astype(np.float64)
     b = reference.reshape(len(reference), -1).astype(np.float64)
     if a.shape != b.shape:
@@ -105,5 +129,11 @@ def evaluate(model: Model, data: Dataset, *, reference: Model | np.ndarray | Non
     result = EvalResult(n=len(data), accuracy=accuracy, top5=top5, outputs=outputs if keep_outputs else None)
     if reference is not None:
         ref_out = reference if isinstance(reference, np.ndarray) else predict(reference, data)
-        result.agreement, result.cosine, result.min_cosine = fidelity(outputs, ref_out)
+        name = model.outputs[0].name if model.outputs else None
+        fid = fidelity_of(outputs, ref_out, kind=output_kind(ref_out, name=name),
+                          mask=token_mask(ref_out, data.feeds_for(model).inputs))
+        result.agreement, result.cosine, result.min_cosine = fid.agreement, fid.cosine, fid.min_cosine
+        result.cosine_p5, result.kind = fid.cosine_p5, fid.kind
+        result.confident_agreement, result.n_confident, result.kl = fid.confident_agreement, fid.n_confident, fid.kl
+        result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
     return result

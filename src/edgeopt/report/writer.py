@@ -30,6 +30,23 @@ def _drop(r: dict[str, Any]) -> str:
     return "-" if r.get("drop") is None else f"{100 * r['drop']:.2f}"
 
 
+def _cos(r: dict[str, Any]) -> str:
+    return "-" if r.get("cosine") is None else f"{r['cosine']:.4f}"
+
+
+def _nn(r: dict[str, Any]) -> str:
+    return _pct(r.get("nn_agreement"))
+
+
+def _metric_value(r: dict[str, Any], metric: str) -> float | None:
+    """The figure the budget judged, for the headline."""
+    if metric == "cosine":
+        return r.get("cosine")
+    if metric == "agreement":
+        return r.get("confident_agreement") if r.get("confident_agreement") is not None else r.get("agreement")
+    return r.get("accuracy") if r.get("accuracy") is not None else r.get("agreement")
+
+
 def _ms(r: dict[str, Any]) -> str:
     return f"{r['latency_ms']['p50']:.3f}" if r.get("latency_ms") else "-"
 
@@ -42,12 +59,13 @@ def headline(payload: dict[str, Any]) -> str:
     if chosen is None:
         return (f"No candidate met the budget ({budget['metric']} drop <= {100 * budget['max_drop']:.2f} pt, "
                 f"{payload['objective']} better than the original); the original stays the best choice.")
-    metric = chosen.get("accuracy") if chosen.get("accuracy") is not None else chosen.get("agreement")
-    base_metric = base.get("accuracy") if base.get("accuracy") is not None else base.get("agreement")
+    metric = _metric_value(chosen, budget["metric"])
+    base_metric = _metric_value(base, budget["metric"])
     return (f"Chosen: {chosen['name']} - {_x(chosen.get('speedup'))} faster and {_x(chosen.get('size_ratio'))} "
             f"smaller than the original ({_ms(chosen)} ms vs {_ms(base)} ms p50, {_size(chosen['size_bytes'])} vs "
             f"{_size(base['size_bytes'])}), {budget['metric']} {_pct(metric)} vs {_pct(base_metric)} "
-            f"(drop {100 * (chosen.get('drop') or 0):.2f} pt, budget {100 * budget['max_drop']:.2f} pt).")
+            f"(drop {100 * (chosen.get('drop') or 0):.2f} pt, budget {100 * budget['max_drop']:.2f} pt), "
+            f"mean cosine to the original {_cos(chosen)}.")
 
 
 def _rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,15 +77,16 @@ def render_markdown(payload: dict[str, Any]) -> str:
     lines = ["# edgeopt optimize report", "", f"**{headline(payload)}**", "",
              f"- Device profile: `{dev['name']}` ({dev['runtime']}, {dev['effective_threads']} thread(s))",
              f"- Objective: {payload['objective']}; budget: {payload['budget']['metric']} drop <= "
-             f"{100 * payload['budget']['max_drop']:.2f} pt",
+             f"{100 * payload['budget']['max_drop']:.2f} pt, mean cosine >= {payload['budget'].get('min_cosine', '-')}",
              f"- Pareto front: {', '.join(payload['pareto'])}", f"- Search time: {payload['seconds']} s", ""]
     lines += [f"- {n}" for n in payload["notes"]]
-    lines += ["", "| candidate | status | runtime | p50 ms | speed-up | size | smaller | accuracy | agreement | drop pt | why |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "| candidate | status | runtime | p50 ms | speed-up | size | smaller | accuracy | agreement | cosine "
+              "| NN agr. | drop pt | why |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in _rows(payload):
         lines.append(f"| {r['name']} | {r['status']}{' (Pareto)' if r.get('pareto') else ''} | {r.get('runtime') or '-'} | "
                      f"{_ms(r)} | {_x(r.get('speedup'))} | {_size(r.get('size_bytes'))} | {_x(r.get('size_ratio'))} | "
-                     f"{_pct(r.get('accuracy'))} | {_pct(r.get('agreement'))} | "
+                     f"{_pct(r.get('accuracy'))} | {_pct(r.get('agreement'))} | {_cos(r)} | {_nn(r)} | "
                      f"{_drop(r)} | {r.get('reason', '')} |")
     lines += ["", "Latency: batch 1, every candidate timed interleaved with the original in one process "
               "(ratios are what to trust on a shared machine). Accuracy on held-out data no candidate was built with.", ""]
@@ -109,7 +128,7 @@ def render_html(payload: dict[str, Any]) -> str:
         parts.append("<ul class='meta'>" + "".join(f"<li>{esc(n)}</li>" for n in payload["notes"]) + "</ul>")
     parts.append("<table><tr><th class='l'>candidate</th><th class='l'>status</th><th class='l'>runtime</th><th>p50 ms</th>"
                  "<th>p99 ms</th><th>speed-up</th><th>size</th><th>smaller</th><th>accuracy</th><th>agreement</th>"
-                 "<th>drop pt</th><th class='l'>why</th></tr>")
+                 "<th>cosine</th><th>NN agr.</th><th>drop pt</th><th class='l'>why</th></tr>")
     for r in rows:
         p99 = f"{r['latency_ms']['p99']:.3f}" if r.get("latency_ms") else "-"
         drop = _drop(r)
@@ -117,7 +136,7 @@ def render_html(payload: dict[str, Any]) -> str:
                      f"<td class='l'>{esc(r['status'])}</td><td class='l'>{esc(str(r.get('runtime') or '-'))}</td>"
                      f"<td>{_ms(r)}</td><td>{p99}</td><td>{_x(r.get('speedup'))}</td><td>{_size(r.get('size_bytes'))}</td>"
                      f"<td>{_x(r.get('size_ratio'))}</td><td>{_pct(r.get('accuracy'))}</td><td>{_pct(r.get('agreement'))}</td>"
-                     f"<td>{drop}</td><td class='l'>{esc(r.get('reason', ''))}</td></tr>")
+                     f"<td>{_cos(r)}</td><td>{_nn(r)}</td><td>{drop}</td><td class='l'>{esc(r.get('reason', ''))}</td></tr>")
     parts.append("</table><p class='meta'>&#9733; = on the Pareto front (no other candidate is at once more accurate, "
                  "faster and smaller). Latency: batch 1, all candidates timed interleaved with the original in one "
                  "process. Accuracy on held-out data that no candidate was built with.</p>")

@@ -19,7 +19,7 @@ from edgeopt.devices import DeviceProfile, get_device
 from edgeopt.errors import BadInput, DataError
 from edgeopt.measure.bench import BenchSettings
 from edgeopt.model import Model, load_model
-from edgeopt.search.budget import Budget
+from edgeopt.search.budget import DEFAULT_MIN_COSINE, Budget, judge_note
 from edgeopt.search.engine import (
     CandidateResult,
     baseline_result,
@@ -59,7 +59,8 @@ class AutoQuantizeResult:
         return {
             "chosen": self.chosen.name if self.chosen else None,
             "chosen_recipe": self.chosen.recipe if self.chosen else None,
-            "budget": {"metric": self.budget.metric, "max_drop": self.budget.max_drop},
+            "budget": {"metric": self.budget.metric, "max_drop": self.budget.max_drop,
+                       "min_cosine": self.budget.min_cosine},
             "baseline": self.baseline.to_dict(),
             "variants": [r.to_dict() for r in self.results],
             "notes": list(self.notes),
@@ -85,7 +86,8 @@ def _split(data: Dataset, eval_data: Dataset | None, seed: int) -> tuple[Dataset
 
 def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str] | Dataset, *,
                   eval_data: str | os.PathLike[str] | Dataset | None = None, max_drop: float = 0.01,
-                  metric: str = "accuracy", device: str | DeviceProfile | None = None, threads: int | None = None,
+                  metric: str = "auto", min_cosine: float = DEFAULT_MIN_COSINE,
+                  device: str | DeviceProfile | None = None, threads: int | None = None,
                   runtimes: tuple[str, ...] | list[str] | None = None, bench: BenchSettings | None = None,
                   seed: int = 0, mixed: bool = True) -> AutoQuantizeResult:
     """Build the relevant quantization variants, measure them against FP32, return the fastest within budget.
@@ -94,7 +96,10 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
         model: an FP32 ONNX model (file or Model).
         data: calibration data; also the source of the held-out judging half when ``eval_data`` is None.
         eval_data: separate data to judge accuracy/agreement on.
-        max_drop: allowed drop in absolute points of ``metric`` (0.01 = 1 pt); agreement when unlabelled.
+        max_drop: allowed drop in absolute points of ``metric`` (0.01 = 1 pt).
+        metric: ``auto`` follows the output (accuracy/agreement for class scores, cosine for
+            embeddings and other outputs), or ``accuracy``, ``agreement``, ``cosine``.
+        min_cosine: no variant whose mean cosine to FP32 is below this is chosen, whatever the metric.
         device: device profile; ``threads`` overrides its thread count (timing and evaluation).
         runtimes: runtimes whose variants are tried (default: onnxruntime, and openvino when installed).
         bench: timing settings for the interleaved comparison.
@@ -111,7 +116,7 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
         >>> r = auto_quantize("digits_cnn.onnx", "train.npz", threads=1)  # doctest: +SKIP
         >>> r.chosen.name, r.chosen.speedup
     """
-    budget = Budget(metric=metric, max_drop=max_drop)  # type: ignore[arg-type]
+    budget = Budget(metric=metric, max_drop=max_drop, min_cosine=min_cosine)  # type: ignore[arg-type]
     chosen_runtimes = tuple(runtimes) if runtimes else RUNTIMES
     unknown = [r for r in chosen_runtimes if r not in RUNTIMES]
     if unknown:
@@ -122,12 +127,12 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
     dataset = load_data(data).feeds_for(original)
     held = load_data(eval_data).feeds_for(original) if eval_data is not None else None
     calibration, evaluation, notes = _split(dataset, held, seed)
-    if evaluation.labels is None and budget.metric == "accuracy":
-        budget = Budget(metric="agreement", max_drop=max_drop)
-        notes.append("the judging data has no labels: the budget applies to agreement with the FP32 model")
     baseline = original.with_metadata(runtime="onnxruntime")
     ctx = TransformContext(calibration=calibration, device=profile, seed=seed, progress=False)
     base, base_out, base_metric = baseline_result(baseline, evaluation, budget, device=profile, threads=threads)
+    asked = budget.metric
+    budget = budget.for_outputs(base_out, evaluation.labels, name=original.outputs[0].name if original.outputs else None)
+    notes.append(judge_note(asked, budget, base_out, evaluation.labels is not None))
     base.name = "fp32-onnxruntime"
 
     def run(recipes: list[Recipe]) -> list[CandidateResult]:

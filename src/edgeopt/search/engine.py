@@ -19,7 +19,8 @@ from edgeopt.data import Dataset
 from edgeopt.devices import DeviceProfile
 from edgeopt.errors import EdgeoptError
 from edgeopt.measure.bench import BenchResult, BenchSettings, compare, speedup_interval
-from edgeopt.measure.evaluate import accuracy_of, fidelity, predict
+from edgeopt.measure.evaluate import accuracy_of, predict
+from edgeopt.measure.judge import Fidelity, fidelity_of, output_kind, token_mask
 from edgeopt.measure.sessions import resolve_settings
 from edgeopt.model import Model
 from edgeopt.search.budget import Budget, check_objective
@@ -59,6 +60,11 @@ class CandidateResult:
     accuracy: float | None = None
     agreement: float | None = None
     cosine: float | None = None
+    cosine_p5: float | None = None  # 5th percentile over samples of the per-sample cosine
+    confident_agreement: float | None = None  # where the original's top-1 is clear (class scores)
+    kl: float | None = None  # mean KL(original || candidate) of the class probabilities
+    nn_agreement: float | None = None  # nearest-neighbour agreement of pooled embeddings
+    embedding_cosine: float | None = None  # mean cosine of pooled embeddings
     drop: float | None = None
     meets_budget: bool = False
     pareto: bool = False
@@ -100,37 +106,58 @@ def build_one(baseline: Model, recipe: Recipe, ctx: TransformContext) -> Candida
     return Candidate(recipe, model, build_seconds=time.perf_counter() - start)
 
 
-def _metric(budget: Budget, outputs: np.ndarray, labels: np.ndarray | None, reference: np.ndarray) -> float:
-    if budget.metric == "accuracy" and labels is not None:
-        return accuracy_of(outputs, labels)
-    agreement, cosine, _ = fidelity(outputs, reference)
-    return cosine if budget.metric == "cosine" else agreement
+def _judge(budget: Budget, outputs: np.ndarray, data: Dataset, reference: np.ndarray,
+           name: str | None) -> tuple[Budget, Fidelity, float]:
+    """The budget resolved for the original's output kind, the fidelity of ``outputs``, and the metric value."""
+    budget = budget.for_outputs(reference, data.labels, name=name)
+    fid = fidelity_of(outputs, reference, kind=output_kind(reference, name=name),
+                      mask=token_mask(reference, data.inputs))
+    if budget.metric == "accuracy" and data.labels is not None:
+        return budget, fid, accuracy_of(outputs, data.labels)
+    return budget, fid, fid.value(budget.metric)
+
+
+def _output_name(model: Model) -> str | None:
+    return model.outputs[0].name if model.outputs else None
 
 
 def evaluate_candidate(result: CandidateResult, model: Model, *, eval_data: Dataset, budget: Budget,
                        baseline_outputs: np.ndarray, baseline_metric: float, device: Any = None,
                        threads: int | None = None) -> None:
-    """Fill accuracy/agreement/cosine/drop/meets_budget of ``result`` (in place)."""
+    """Fill the accuracy/fidelity figures, drop and meets_budget of ``result`` (in place).
+
+    ``meets_budget`` needs both the metric drop within the budget and the mean cosine to the
+    original at or above the budget's floor.
+    """
     settings = resolve_settings(model, device=device, threads=threads)
     outputs = predict(model, eval_data, settings=settings)
-    result.agreement, result.cosine, _ = fidelity(outputs, baseline_outputs)
+    judged, fid, value = _judge(budget, outputs, eval_data, baseline_outputs, _output_name(model))
+    result.agreement, result.cosine, result.cosine_p5 = fid.agreement, fid.cosine, fid.cosine_p5
+    result.confident_agreement, result.kl = fid.confident_agreement, fid.kl
+    result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
     if eval_data.labels is not None:
         result.accuracy = accuracy_of(outputs, eval_data.labels)
-    value = _metric(budget, outputs, eval_data.labels, baseline_outputs)
-    result.drop = budget.drop(baseline_metric, value)
-    result.meets_budget = budget.allows(baseline_metric, value)
+    result.drop = judged.drop(baseline_metric, value)
+    result.meets_budget = judged.allows(baseline_metric, value, cosine=fid.cosine)
     result.runtime, result.threads = settings.runtime, settings.threads
 
 
 def baseline_result(baseline: Model, eval_data: Dataset, budget: Budget, *, device: Any = None,
                     threads: int | None = None) -> tuple[CandidateResult, np.ndarray, float]:
-    """The baseline's result, its outputs on ``eval_data`` and its budget metric."""
+    """The baseline's result, its outputs on ``eval_data`` and its budget metric.
+
+    ``budget.for_outputs(outputs, eval_data.labels)`` gives the metric actually judged (``auto``
+    resolved for the output kind).
+    """
     settings = resolve_settings(baseline, device=device, threads=threads)
     outputs = predict(baseline, eval_data, settings=settings)
-    metric = _metric(budget, outputs, eval_data.labels, outputs)
+    _, fid, metric = _judge(budget, outputs, eval_data, outputs, _output_name(baseline))
     result = CandidateResult(name="original", recipe=Recipe("original").to_dict(), size_bytes=baseline.size_bytes,
                              accuracy=accuracy_of(outputs, eval_data.labels) if eval_data.labels is not None else None,
-                             agreement=1.0, cosine=1.0, drop=0.0, meets_budget=True, status="baseline",
+                             agreement=1.0, cosine=1.0, cosine_p5=1.0, drop=0.0, meets_budget=True, status="baseline",
+                             confident_agreement=1.0 if fid.confident_agreement is not None else None,
+                             kl=0.0 if fid.kl is not None else None, nn_agreement=fid.nn_agreement,
+                             embedding_cosine=fid.embedding_cosine,
                              reason="the original model", runtime=settings.runtime, threads=settings.threads,
                              model=baseline, size_ratio=1.0, speedup=1.0)
     return result, outputs, metric
@@ -193,6 +220,13 @@ def _objective_value(r: CandidateResult, objective: str) -> float:
     return float(r.latency_ms.get("p50", float("inf")))
 
 
+def _quality_lost(r: CandidateResult) -> float:
+    """What ``r`` lost on the judged metric (its drop), else on accuracy or agreement; lower is better."""
+    if r.drop is not None:
+        return r.drop
+    return -(r.accuracy if r.accuracy is not None else r.agreement or 0.0)
+
+
 def choose(baseline: CandidateResult, results: list[CandidateResult], *, objective: str = "latency",
            budget: Budget | None = None) -> CandidateResult | None:
     """Pick the best candidate for ``objective`` within the budget; set status and reason on every result.
@@ -215,7 +249,10 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
             continue
         speed = r.speedup or 0.0
         smaller = (r.size_ratio or 0.0) >= 1 + MIN_GAIN
-        if not r.meets_budget:
+        if budget is not None and r.cosine is not None and not budget.cosine_ok(r.cosine):
+            r.status, r.reason = "rejected", (f"mean cosine to the original {r.cosine:.4f} is below the floor "
+                                              f"{budget.min_cosine:g} (--min-cosine), whatever its {metric}")
+        elif not r.meets_budget:
             r.status = "rejected"
             r.reason = (f"{metric} drop {100 * (r.drop or 0):.2f} pt exceeds the budget"
                         + (f" of {100 * max_drop:.2f} pt" if max_drop is not None else ""))
@@ -239,8 +276,7 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
     best_value = min(_objective_value(r, objective) for r in qualified)
     tied = [r for r in qualified if _objective_value(r, objective) <= best_value * (1 + TIE) + 1e-12]
     order = {id(r): i for i, r in enumerate(results)}
-    chosen = sorted(tied, key=lambda r: (-(r.accuracy if r.accuracy is not None else r.agreement or 0.0),
-                                         r.size_bytes, order[id(r)]))[0]
+    chosen = sorted(tied, key=lambda r: (_quality_lost(r), r.size_bytes, order[id(r)]))[0]
     for r in qualified:
         if r is chosen:
             r.status = "chosen"
@@ -262,8 +298,7 @@ def pareto_front(results: list[CandidateResult]) -> list[CandidateResult]:
     pool = [r for r in results if r.status != "failed" and r.latency_ms]
 
     def score(r: CandidateResult) -> tuple[float, float, float]:
-        quality = r.accuracy if r.accuracy is not None else (r.agreement or 0.0)
-        return (-quality, r.latency_ms["p50"], float(r.size_bytes))
+        return (_quality_lost(r), r.latency_ms["p50"], float(r.size_bytes))
 
     front = []
     for r in pool:

@@ -21,7 +21,7 @@ from edgeopt.errors import BadInput, BudgetNotMet, DataError
 from edgeopt.fileio import check_writable_dir
 from edgeopt.measure.bench import BenchSettings
 from edgeopt.model import Model, load_model
-from edgeopt.search.budget import Budget, check_objective
+from edgeopt.search.budget import DEFAULT_MIN_COSINE, Budget, check_objective, judge_note
 from edgeopt.search.cache import CandidateCache, candidate_key, data_fingerprint
 from edgeopt.search.engine import (
     Candidate,
@@ -61,7 +61,8 @@ class OptimizeResult:
             "chosen": self.chosen.name if self.chosen else None,
             "chosen_recipe": self.chosen.recipe if self.chosen else None,
             "model": str(self.out_dir / "model.onnx") if self.chosen else None,
-            "budget": {"metric": self.budget.metric, "max_drop": self.budget.max_drop},
+            "budget": {"metric": self.budget.metric, "max_drop": self.budget.max_drop,
+                       "min_cosine": self.budget.min_cosine},
             "objective": self.objective,
             "device": self.device.to_dict(),
             "baseline": self.baseline.to_dict(),
@@ -124,7 +125,8 @@ def _progress(enabled: bool) -> Any:
 
 
 def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str] | Dataset, *,
-             out_dir: str | os.PathLike[str], max_drop: float = 0.01, metric: str = "accuracy",
+             out_dir: str | os.PathLike[str], max_drop: float = 0.01, metric: str = "auto",
+             min_cosine: float = DEFAULT_MIN_COSINE,
              objective: str = "latency", device: str | DeviceProfile | None = None, threads: int | None = None,
              time_budget_min: float | None = None, executor: str = "local", ray_address: str | None = None,
              recipes: list[Recipe] | None = None, eval_fraction: float = 0.5, seed: int = 0,
@@ -137,6 +139,9 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         data: labelled data (``.npz`` etc.); half judges candidates and is never used to build them.
         out_dir: where ``model.onnx``, ``report.{json,md,html}`` and ``candidates/`` go.
         max_drop: the budget in absolute points of ``metric`` (0.01 = 1 point).
+        metric: ``auto`` follows the output (accuracy/agreement for class scores, cosine for
+            embeddings and other outputs), or ``accuracy``, ``agreement``, ``cosine``.
+        min_cosine: no candidate whose mean cosine to the original is below this is chosen.
         objective: ``latency``, ``size`` or ``memory``.
         time_budget_min: stop building candidates when this many minutes have passed; keep the best so far.
         executor: ``local`` or ``ray`` (candidates built in parallel on a Ray cluster; timing stays local).
@@ -159,15 +164,12 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         raise BadInput(f"--time-budget must be > 0 minutes, got {time_budget_min}")
     if not 0.05 <= eval_fraction <= 0.95:
         raise BadInput(f"eval fraction must be in [0.05, 0.95], got {eval_fraction}")
-    budget = Budget(metric=metric, max_drop=max_drop)  # type: ignore[arg-type]
+    budget = Budget(metric=metric, max_drop=max_drop, min_cosine=min_cosine)  # type: ignore[arg-type]
     profile = get_device(device)
     out = check_writable_dir(out_dir)
     original = load_model(model, weights=weights, trust_pickle=trust_pickle)
     dataset = load_data(data)
     notes: list[str] = []
-    if dataset.labels is None and budget.metric == "accuracy":
-        budget = Budget(metric="agreement", max_drop=max_drop)
-        notes.append("the data has no labels: the budget applies to agreement with the original model")
     split = split_data(dataset, eval_fraction=eval_fraction, seed=seed)
     baseline_model = _onnx_baseline(original, split)
     split = _Split(tune=split.tune.feeds_for(baseline_model), evaluation=split.evaluation.feeds_for(baseline_model),
@@ -181,13 +183,18 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
 
     cache = CandidateCache(out)
     fp = data_fingerprint(split.tune, split.evaluation)
-    settings_key = {"metric": budget.metric, "eval_fraction": eval_fraction, "seed": seed,
+    settings_key = {"metric": budget.metric, "min_cosine": budget.min_cosine, "eval_fraction": eval_fraction,
+                    "seed": seed,
                     "device": profile.name, "threads": threads}
     ctx = TransformContext(calibration=split.tune, train=split.train, validation=split.validation,
                            teacher=original if original.format == "torch" else baseline_model,
                            device=profile, seed=seed, progress=False)
     base, base_out, base_metric = baseline_result(baseline_model, split.evaluation, budget, device=profile,
                                                   threads=threads)
+    asked = budget.metric
+    budget = budget.for_outputs(base_out, split.evaluation.labels,
+                                name=baseline_model.outputs[0].name if baseline_model.outputs else None)
+    notes.append(judge_note(asked, budget, base_out, split.evaluation.labels is not None))
     deadline = start + time_budget_min * 60 if time_budget_min else None
     reserve = (len(plan) + 1) * bench.min_seconds + 5.0
     results: list[CandidateResult] = []

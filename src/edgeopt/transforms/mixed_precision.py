@@ -57,9 +57,9 @@ def mixed_precision(model: Model, base: StaticInt8, *, calibration: Dataset, eva
         cfg = replace(base, exclude_nodes=tuple(r.node for r in ranking[:k]), only_nodes=())
         out = quantize(model, cfg, data=calibration)
         acc, agreement, cosine, _ = scorer.score(out)
-        value = acc if labels and acc is not None else agreement
+        value = acc if labels and acc is not None else (cosine if budget.metric == "cosine" else agreement)
         baseline = scorer.base_accuracy if labels and scorer.base_accuracy is not None else 1.0
-        ok = budget.allows(baseline, value)
+        ok = budget.allows(baseline, value, cosine=cosine)
         steps.append({"float_nodes": list(cfg.exclude_nodes), "accuracy": acc, "agreement": agreement,
                       "cosine": cosine, "drop": budget.drop(baseline, value), "meets_budget": ok})
         if ok:

@@ -1,0 +1,193 @@
+"""The judge follows the output: how faithful a model's outputs are to a reference's.
+
+Top-1 agreement only means something for class scores. On anything else (embeddings, hidden
+states, detection or regression heads) the argmax is whatever hidden dimension happens to be
+largest, often one outlier feature, so any model "agrees" with any other; an INT8 sentence
+encoder with cosine 0.58 to the original scored 100 % agreement. So:
+
+- **class scores** (a 2-D ``(N, classes)`` output not named like an embedding) are judged by
+  accuracy when labels exist, else by top-1 agreement counted only where the reference's own
+  decision is clear (its top-1 probability beats the runner-up by :data:`CONFIDENT_MARGIN`):
+  near-ties flip under any change and say nothing about the model. Plain agreement, the mean
+  KL divergence and the cosine of the probabilities are reported beside it.
+- **every other output** is judged by the cosine of each sample's output to the reference's
+  (mean, and the 5th percentile over samples). Padding tokens are left out when the data has
+  an ``attention_mask``. For sequence outputs ``(N, tokens, hidden)`` and embeddings, the
+  nearest-neighbour agreement of the (mask-)mean-pooled embeddings is what retrieval users
+  see: does each sample's nearest other sample stay the same?
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from edgeopt.errors import DataError
+
+OutputKind = Literal["classes", "other"]
+# The reference's top-1 probability must beat its runner-up by this much for the sample to count
+# in confident agreement (0.1 = ten points of probability).
+CONFIDENT_MARGIN = 0.1
+# Output names that say "this is a vector, not class scores" even when the output is 2-D.
+EMBEDDING_WORDS = ("embed", "hidden", "pool", "feature", "vector", "encod", "state", "token")
+MASK_NAMES = ("attention_mask", "input_mask", "mask")
+
+
+def output_kind(outputs: np.ndarray, *, name: str | None = None) -> OutputKind:
+    """``classes`` for a 2-D ``(N, C>=2)`` output not named like an embedding, else ``other``.
+
+    Example:
+        >>> output_kind(np.zeros((4, 10)))
+        'classes'
+        >>> output_kind(np.zeros((4, 7, 384)))
+        'other'
+        >>> output_kind(np.zeros((4, 384)), name="sentence_embedding")
+        'other'
+    """
+    if outputs.ndim != 2 or outputs.shape[1] < 2:
+        return "other"
+    if name and any(w in name.lower() for w in EMBEDDING_WORDS):
+        return "other"
+    return "classes"
+
+
+@dataclass
+class Fidelity:
+    """Fidelity of outputs to a reference's; fields a kind does not use are None.
+
+    ``cosine``/``cosine_p5``/``min_cosine``: per-sample cosine of the raw outputs (mean, 5th
+    percentile, minimum). ``confident_agreement`` over the ``n_confident`` samples where the
+    reference is clear; ``kl``/``prob_cosine``: of the softmax probabilities (class scores).
+    ``nn_agreement``/``embedding_cosine``: of the pooled embeddings (other outputs, N >= 3).
+    """
+
+    kind: OutputKind
+    n: int
+    agreement: float
+    cosine: float
+    cosine_p5: float
+    min_cosine: float
+    confident_agreement: float | None = None
+    n_confident: int | None = None
+    kl: float | None = None
+    prob_cosine: float | None = None
+    nn_agreement: float | None = None
+    embedding_cosine: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def value(self, metric: str) -> float:
+        """The figure a budget on ``metric`` (agreement or cosine) judges."""
+        if metric == "cosine":
+            return self.cosine
+        if self.confident_agreement is not None:
+            return self.confident_agreement
+        return self.agreement
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return x.reshape(len(x), -1).astype(np.float64)
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    cos = np.sum(a * b, axis=1) / np.maximum(denom, 1e-30)
+    return np.where(both_zero, 1.0, np.where(denom > 0, cos, 0.0))
+
+
+def probabilities(scores: np.ndarray) -> np.ndarray:
+    """Rows that already are probabilities are kept; anything else goes through a softmax."""
+    x = scores.astype(np.float64)
+    if np.all(x >= 0) and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
+        return x
+    z = np.exp(x - x.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def token_mask(outputs: np.ndarray, inputs: dict[str, np.ndarray] | None) -> np.ndarray | None:
+    """The (N, tokens) attention mask that fits ``outputs`` of shape (N, tokens, ...), if the data has one."""
+    if inputs is None or outputs.ndim < 3:
+        return None
+    for name in MASK_NAMES:
+        mask = inputs.get(name)
+        if mask is not None and mask.shape[:2] == outputs.shape[:2]:
+            return mask.astype(bool)
+    return None
+
+
+def pooled(outputs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Sentence embeddings: the mean over tokens (real tokens only when ``mask`` is given) of (N, T, H);
+    2-D outputs are already one vector a sample."""
+    x = outputs.astype(np.float64)
+    if x.ndim == 2:
+        return x
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    if mask is None:
+        return x.mean(axis=1)
+    m = mask.astype(np.float64)[:, :, None]
+    return (x * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
+
+
+def nn_agreement(embeddings: np.ndarray, reference: np.ndarray) -> float:
+    """Share of samples whose nearest other sample (by cosine) is the same under both embeddings."""
+    def nearest(e: np.ndarray) -> np.ndarray:
+        unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+        sim = unit @ unit.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argmax(sim, axis=1)
+
+    return float(np.mean(nearest(embeddings) == nearest(reference)))
+
+
+def fidelity_of(outputs: np.ndarray, reference: np.ndarray, *, kind: OutputKind | None = None,
+                mask: np.ndarray | None = None) -> Fidelity:
+    """How faithful ``outputs`` are to ``reference`` (same shape), judged as the output kind asks.
+
+    Args:
+        outputs, reference: (N, ...) outputs of the model under test and of the reference.
+        kind: ``classes`` or ``other``; default :func:`output_kind` of ``reference``.
+        mask: (N, tokens) attention mask for sequence outputs: padding is left out of cosine and pooling.
+
+    Raises:
+        DataError: outputs and reference of different shapes.
+
+    Example:
+        >>> ref = np.random.default_rng(0).standard_normal((8, 5, 16))
+        >>> f = fidelity_of(ref * 1.01, ref)
+        >>> f.kind, round(f.cosine, 6), f.nn_agreement
+        ('other', 1.0, 1.0)
+    """
+    if outputs.shape != reference.shape:
+        raise DataError(f"outputs have shape {outputs.shape[1:]} but the reference's are {reference.shape[1:]}; "
+                        "compare models with the same outputs")
+    if len(outputs) == 0:
+        raise DataError("no outputs to compare")
+    kind = kind or output_kind(reference)
+    a, b = outputs, reference
+    if mask is not None and a.ndim >= 3 and mask.shape == a.shape[:2]:
+        keep = mask.astype(a.dtype).reshape(mask.shape + (1,) * (a.ndim - 2))
+        a, b = a * keep, b * keep
+    ra, rb = _rows(a), _rows(b)
+    cos = _row_cosine(ra, rb)
+    agreement = float(np.mean(np.argmax(ra, axis=1) == np.argmax(rb, axis=1)))
+    f = Fidelity(kind=kind, n=len(outputs), agreement=agreement, cosine=float(np.mean(cos)),
+                 cosine_p5=float(np.percentile(cos, 5)), min_cosine=float(np.min(cos)))
+    if kind == "classes":
+        p, q = probabilities(_rows(outputs)), probabilities(_rows(reference))
+        top2 = np.sort(q, axis=1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) >= CONFIDENT_MARGIN
+        same = np.argmax(p, axis=1) == np.argmax(q, axis=1)
+        f.n_confident = int(clear.sum())
+        f.confident_agreement = float(np.mean(same[clear])) if clear.any() else None
+        f.kl = float(np.mean(np.sum(q * (np.log(np.maximum(q, 1e-30)) - np.log(np.maximum(p, 1e-30))), axis=1)))
+        f.prob_cosine = float(np.mean(_row_cosine(p, q)))
+    else:
+        ea, eb = pooled(outputs, mask), pooled(reference, mask)
+        f.embedding_cosine = float(np.mean(_row_cosine(ea, eb)))
+        if len(outputs) >= 3:
+            f.nn_agreement = nn_agreement(ea, eb)
+    return f

@@ -39,6 +39,13 @@ _LAZY: dict[str, str] = {
     "list_devices": "edgeopt.devices",
     "load_data": "edgeopt.data",
     "load_model": "edgeopt.model",
+    # the search: optimize, budgets, recipes (issues 7, 16)
+    "Budget": "edgeopt.search.budget",
+    "CandidateResult": "edgeopt.search.engine",
+    "OptimizeResult": "edgeopt.search.optimize",
+    "Recipe": "edgeopt.search.recipe",
+    "apply_recipe": "edgeopt.search.recipe",
+    "optimize": "edgeopt.search.optimize",
     # onnxruntime quantization (issue 4)
     "AutoQuantizeResult": "edgeopt.search.auto_quantize",
     "Bf16": "edgeopt.transforms.quantize",
@@ -59,6 +66,7 @@ _LAZY: dict[str, str] = {
     "ExportCheck": "edgeopt.transforms.export",
     "LiteRtRuntime": "edgeopt.runtimes.litert",
     "OnnxExport": "edgeopt.transforms.export",
+    "export": "edgeopt.transforms.export",
     "TfliteCheck": "edgeopt.transforms.tflite",
     "TfliteExport": "edgeopt.transforms.tflite",
     "export_tflite": "edgeopt.transforms.tflite",

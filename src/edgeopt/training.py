@@ -196,9 +196,10 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
         best_state = copy.deepcopy(module.state_dict())
     since_best = 0
     start = time.perf_counter()
-    progress_ctx = _progress(progress, description, cfg.epochs * steps)
-    with progress_ctx as bar:
-        task = bar.add_task(description, total=cfg.epochs * steps) if bar else None
+    from edgeopt.progress import progress_bar
+
+    with progress_bar(enabled=progress and steps > 0, eta=True) as bar:
+        task = bar.add_task(description, total=cfg.epochs * steps)
         for epoch in range(cfg.epochs):
             module.train()
             perm = torch.randperm(n, generator=gen)
@@ -223,8 +224,7 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(idx)
-                if bar:
-                    bar.advance(task)
+                bar.advance(task)
             result.epochs_run = epoch + 1
             entry = {"epoch": epoch + 1, "loss": total / n}
             if validation is not None and validation.labels is not None:
@@ -283,22 +283,3 @@ class _Shift:
             h, w = x.shape[2], x.shape[3]
             out[key] = self.torch.stack([padded[i, :, y:y + h, z:z + w] for i, (y, z) in enumerate(zip(dy, dx, strict=True))])
         return out
-
-
-class _NoBar:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _progress(enabled: bool, description: str, total: int) -> Any:
-    if not enabled or total == 0:
-        return _NoBar()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from edgeopt.cli.common import err_console
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=True)

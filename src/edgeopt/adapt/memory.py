@@ -93,8 +93,10 @@ def measure_training_memory(module: Any, data: Dataset, strategy: Strategy, *, b
     subset = data.take(slice(0, n))
     weights = sum(t.numel() * t.element_size() for t in [*trial.parameters(), *trial.buffers()])
     config = TrainConfig(epochs=1, lr=lr, batch_size=batch_size)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof, \
-            frozen_norm_statistics(trial):
+    from edgeopt.progress import native_stderr_silenced
+
+    with native_stderr_silenced(), frozen_norm_statistics(trial), \
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fit(trial, subset, config=config, validation=subset, params=params, progress=False)
     peak = _peak_live_bytes(prof)
     return MemoryMeasurement(strategy=strategy.name, trainable_params=count_params(params),

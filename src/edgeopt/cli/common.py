@@ -15,11 +15,11 @@ from typer._click.globals import get_current_context
 
 from edgeopt.cli import options as opt
 from edgeopt.errors import BadInput, EdgeoptError
+from edgeopt.progress import err_console as err_console
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def user_errors(func: F) -> F:

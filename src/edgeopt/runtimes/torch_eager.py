@@ -25,7 +25,7 @@ class TorchSession:
         torch = self._torch
         if self._threads is not None:
             torch.set_num_threads(self._threads)
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in self.input_names]
+        args = [torch.from_numpy(np.ascontiguousarray(a)) for a in self._ordered(feeds)]
         with torch.inference_mode():
             out = self._module(*args)
         if isinstance(out, dict):
@@ -33,6 +33,27 @@ class TorchSession:
         if isinstance(out, list | tuple):
             return [o.detach().numpy() for o in out]
         return [out.detach().numpy()]
+
+    def _ordered(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Feeds in ``forward``'s order: by name when the names match, else by position (data keyed ``x``)."""
+        if all(name in feeds for name in self.input_names):
+            return [feeds[name] for name in self.input_names]
+        if len(feeds) == len(self.input_names):
+            return list(feeds.values())
+        raise BadInput(f"the model's forward takes {self.input_names}; the data has arrays {sorted(feeds)}")
+
+
+def forward_inputs(module: Any) -> list[str]:
+    """Names of ``forward``'s positional parameters, for a module whose inputs nothing declared."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ["input"]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+    return names or ["input"]
 
 
 class TorchEager:
@@ -48,5 +69,5 @@ class TorchEager:
             raise BadInput(f"the torch runtime takes no options, got {sorted(options)}")
         if model.format != "torch":
             raise ModelError(f"the torch runtime runs PyTorch models; {model.source} is {model.format}")
-        names = [t.name for t in model.inputs] or ["input"]
+        names = [t.name for t in model.inputs] or forward_inputs(model.module)
         return TorchSession(model.module, names, threads)

@@ -115,15 +115,6 @@ def _onnx_baseline(model: Model, split: _Split) -> Model:
     return exported
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from edgeopt.cli.common import err_console
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True, disable=not enabled)
-
-
 def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str] | Dataset, *,
              out_dir: str | os.PathLike[str], max_drop: float = 0.01, metric: str = "auto",
              min_cosine: float = DEFAULT_MIN_COSINE,
@@ -219,7 +210,9 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         return r
 
     skipped: list[str] = []
-    with _progress(progress) as bar:
+    from edgeopt.progress import progress_bar
+
+    with progress_bar(enabled=progress) as bar:
         task = bar.add_task("candidates", total=len(pending))
         if executor == "ray" and pending:
             from edgeopt.search.ray_executor import build_with_ray
@@ -254,9 +247,9 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         notes.append("latency reused from the finished interleaved timing of an earlier run")
     else:
         if progress:
-            from edgeopt.cli.common import err_console
+            from edgeopt.progress import note
 
-            err_console.print(f"timing {1 + sum(r.model is not None for r in results)} models interleaved...")
+            note(f"timing {1 + sum(r.model is not None for r in results)} models interleaved...")
         time_candidates(base, results, bench=bench, device=profile, threads=threads, data=split.evaluation)
         cache.store_timing(timing_name, _timing_payload(base, results))
     pareto_front([base, *results])

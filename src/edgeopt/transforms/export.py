@@ -7,6 +7,7 @@ inputs through PyTorch and ONNX Runtime and fails beyond tolerance.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -115,3 +116,36 @@ def _apply(model: Model, config: OnnxExport, ctx: TransformContext) -> Model:
     if model.format == "onnx":
         return model
     return to_onnx(model, config, data=ctx.calibration or ctx.train)[0]
+
+
+EXPORT_TARGETS = ("onnx", "tflite")
+
+
+def export(model: Model, *, to: str = "onnx", quantize: str = "none", data: Dataset | None = None
+           ) -> tuple[Model, Any]:
+    """Export ``model`` to a deployable format, verified against the source (the API of ``edgeopt export``).
+
+    Args:
+        model: a PyTorch Model (``file.py:factory``, ``.pt2``); for ``tflite`` also a float ONNX or ``.tflite``.
+        to: ``onnx`` or ``tflite``.
+        quantize: ``none`` for ONNX (quantize ONNX with :func:`edgeopt.quantize`); for TFLite
+            ``none | dynamic | int8 | fp16``.
+        data: inputs for tracing, verification and INT8 calibration; random inputs of the model's
+            input shape otherwise.
+
+    Returns:
+        The exported Model (in memory; ``model.save(path)`` writes it) and its verification check.
+
+    Example:
+        >>> onnx_model, check = export(load_model("net.py:build", weights="w.pt"), to="onnx")  # doctest: +SKIP
+        >>> check.max_abs_diff < 1e-4  # doctest: +SKIP
+    """
+    if to == "onnx":
+        if quantize != "none":
+            raise BadInput("export to ONNX writes FP32; quantize the ONNX model with edgeopt.quantize")
+        return to_onnx(model, OnnxExport(), data=data)
+    if to == "tflite":
+        from edgeopt.transforms.tflite import TfliteExport, to_tflite
+
+        return to_tflite(model, TfliteExport(quantize=quantize), data=data)
+    raise BadInput(f"export target must be one of {', '.join(EXPORT_TARGETS)}, got {to!r}")

@@ -70,3 +70,21 @@ def test_headless_chromium_renders_the_plots(tmp_path: Path) -> None:
     orange = np.all(np.abs(pixels - [245, 158, 11]) < 40, axis=-1).sum()
     blue = np.all(np.abs(pixels - [37, 99, 235]) < 40, axis=-1).sum()
     assert orange > 300 and blue > 30, (orange, blue)
+
+
+def test_scatter_numbers_do_not_overlap_when_candidates_coincide() -> None:
+    """INT8 variants often sit on one spot; their labels must still be readable."""
+    pytest.importorskip("matplotlib")
+    from edgeopt.report import plots
+
+    plt = plots._plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    fig.canvas.draw()
+    plots._place_numbers(fig, ax, [(0.5, 0.5, str(i)) for i in range(1, 7)])
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    plt.close(fig)
+    assert len(boxes) == 6
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

@@ -43,9 +43,40 @@ def _quality(row: dict[str, Any]) -> float | None:
     return None if value is None else 100.0 * value
 
 
+# Offsets (points) tried in turn for a point's number until it overlaps no label placed before it.
+_LABEL_OFFSETS = [(6, 5), (6, -12), (-13, 5), (-13, -12), (0, 13), (0, -20), (14, 0), (-22, 0), (12, 16),
+                  (12, -24), (-24, 16), (-24, -24)]
+
+
+def _place_numbers(fig: Any, ax: Any, points: list[tuple[float, float, str]]) -> None:
+    """Number the labelled points, moving each number until it overlaps no earlier one.
+
+    Names would collide (INT8 variants sit on top of each other); numbers are short, and the key
+    under the plot gives each number its name.
+    """
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for x, y, text in points:
+        label = None
+        for dx, dy in _LABEL_OFFSETS:
+            if label is not None:
+                label.remove()
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8,
+                                fontweight="bold", zorder=4)
+            box = label.get_window_extent(renderer).expanded(1.15, 1.2)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(label.get_window_extent(renderer))
+
+
 def pareto_scatter(rows: list[dict[str, Any]], *, metric_label: str, budget_floor: float | None) -> str:
-    """Latency vs accuracy; marker area ~ size; the Pareto front joined by a line; the budget floor dashed."""
+    """Latency vs accuracy; marker area ~ size; the Pareto front joined by a line; the budget floor dashed.
+
+    The baseline, the chosen model and the Pareto front are numbered, with a key of names below.
+    """
     plt = _plt()
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     measured = [r for r in rows if r.get("latency_ms") and _quality(r) is not None]
     biggest = max((r["size_bytes"] for r in measured), default=1) or 1
@@ -53,9 +84,6 @@ def pareto_scatter(rows: list[dict[str, Any]], *, metric_label: str, budget_floo
         ax.scatter(r["latency_ms"]["p50"], _quality(r), s=40 + 400 * r["size_bytes"] / biggest,
                    color=COLORS.get(r["status"], "#9ca3af"), alpha=0.75, edgecolors="black", linewidths=0.6,
                    zorder=3)
-        if r.get("pareto") or r["status"] in ("baseline", "chosen"):
-            ax.annotate(r["name"], (r["latency_ms"]["p50"], _quality(r)), fontsize=7, xytext=(5, 4),
-                        textcoords="offset points")
     front = sorted((r for r in measured if r.get("pareto")), key=lambda r: r["latency_ms"]["p50"])
     if len(front) > 1:
         ax.plot([r["latency_ms"]["p50"] for r in front], [_quality(r) for r in front], color="#2563eb",
@@ -67,11 +95,24 @@ def pareto_scatter(rows: list[dict[str, Any]], *, metric_label: str, budget_floo
     latencies = [r["latency_ms"]["p50"] for r in measured]
     if latencies and max(latencies) / max(min(latencies), 1e-9) > 20:
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_locator(LogLocator(base=10, subs="auto"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("latency p50 (ms, batch 1) - lower is better")
     ax.set_ylabel(f"{metric_label} (%) - higher is better")
-    ax.set_title("Candidates: accuracy vs latency (marker area ~ model size; labels on the Pareto front)")
+    ax.set_title("Candidates: accuracy vs latency (marker area ~ model size)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    labelled = [r for r in measured if r.get("pareto") or r["status"] in ("baseline", "chosen")]
+    labelled.sort(key=lambda r: (r["status"] != "baseline", r["status"] != "chosen", r["latency_ms"]["p50"]))
+    fig.canvas.draw()
+    _place_numbers(fig, ax, [(r["latency_ms"]["p50"], _quality(r), str(i)) for i, r in enumerate(labelled, 1)])
+    key = [f"{i}  {r['name']} ({r['status']}{', Pareto' if r.get('pareto') else ''})"
+           for i, r in enumerate(labelled, 1)]
+    if key:
+        ax.text(0.0, -0.16, "\n".join(key), transform=ax.transAxes, va="top", ha="left", fontsize=7.5,
+                family="monospace")
     return _svg(fig)
 
 

@@ -307,7 +307,7 @@ def test_cli_adapt_improves_local_keeps_bn_stats_and_writes_outputs(cli, base, l
     res = cli("adapt", spec, "--weights", weights, "--data", local_npz, "-o", out, "--strategy", "last-layer",
               "--epochs", "15", "--lr", "0.01", "--original-data", original, "--replay", "30", "--json", "-")
     assert res.exit_code == 0, res.stderr
-    r = json.loads(res.stdout[res.stdout.index("{\n"):])
+    r = json.loads(res.stdout)
     assert not r["rolled_back"], r["rollback_reason"]
     assert r["accuracy_after"]["local"] >= r["accuracy_before"]["local"] + 0.2
     assert r["strategy"]["name"] == "last-layer" and r["trainable_params"] == 51 and r["total_params"] == TOTAL
@@ -370,7 +370,7 @@ def test_kill_mid_run_then_resume_gives_valid_model(cli, base, local_npz, tmp_pa
     assert info["complete"] is False and info["epoch"] >= 1
     res = cli(*cmd[3:], "--epochs", "3", "--resume", "--json", "-")
     assert res.exit_code == 0, res.stderr
-    report = json.loads(res.stdout[res.stdout.index("{\n"):])
+    report = json.loads(res.stdout)
     assert report["resumed"] is True and len(report["runs"]) == 2
     model = load_model(out)
     from edgeopt.data import load_data

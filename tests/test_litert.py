@@ -101,8 +101,8 @@ def test_cli_bench_tflite_and_onnx_in_one_table(cli, pair) -> None:
     result = cli("bench", pair["tflite"], pair["int8"], pair["onnx"], "--threads", "1", "--runs", "10",
                  "--seconds", "0", "--json", "-")
     assert result.exit_code == 0, result.stderr
-    assert "(interleaved)" in result.stdout and "vs first" in result.stdout
-    payload = json.loads(result.stdout[result.stdout.index("[\n"):])
+    assert "(interleaved)" in result.stderr and "vs first" in result.stderr
+    payload = json.loads(result.stdout)
     assert [(r["format"], r["runtime"]) for r in payload] == [
         ("tflite", "litert"), ("tflite", "litert"), ("onnx", "onnxruntime")]
     assert all(r["runs"] >= 10 and r["latency_ms"]["p50"] > 0 and r["threads"] == 1 for r in payload)
@@ -114,7 +114,7 @@ def test_cli_eval_tflite_with_reference(cli, pair) -> None:
     result = cli("eval", pair["tflite"], "--data", pair["data"], "--reference", pair["onnx"], "--threads", "1",
                  "--json", "-")
     assert result.exit_code == 0, result.stderr
-    payload = json.loads(result.stdout[result.stdout.index("{\n"):])
+    payload = json.loads(result.stdout)
     assert payload["accuracy"] == 1.0  # labels are the ONNX model's own predictions
     assert payload["agreement"] == 1.0 and payload["cosine"] > 0.99999
 

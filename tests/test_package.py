@@ -69,7 +69,7 @@ def test_devices_lists_host_first(cli) -> None:
 
     result = cli("devices", "--json", "-")
     assert result.exit_code == 0
-    payload = json.loads(result.stdout[result.stdout.index("[\n"):])
+    payload = json.loads(result.stdout)
     assert payload[0]["name"] == "host"
     assert payload[0]["effective_threads"] >= 1
     assert {p["name"] for p in payload} >= {"host", "host-1t", "rpi4"}

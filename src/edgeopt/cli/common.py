@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -23,13 +25,20 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def user_errors(func: F) -> F:
-    """Turn an EdgeoptError into one line on stderr and its exit code, never a traceback."""
+    """Turn an EdgeoptError into one line on stderr and its exit code, never a traceback.
+
+    With ``--json -`` the command's stdout is the JSON document alone: everything else it prints
+    (tables, notes, progress, third-party chatter) goes to stderr (see ``json_stdout``).
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             _reject_non_finite(kwargs)
-            return func(*args, **kwargs)
+            if kwargs.get("json_out") is not None:
+                check_json_target(kwargs["json_out"])
+            with json_stdout(kwargs.get("json_out") == "-"):
+                return func(*args, **kwargs)
         except EdgeoptError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
@@ -58,14 +67,71 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _JsonSlot:
+    """The one JSON document a ``--json -`` command prints, held until its other output is done."""
+
+    active = False
+    payloads: list[Any] = []
+
+
+@contextlib.contextmanager
+def json_stdout(active: bool) -> Iterator[None]:
+    """While the command runs, send stdout to stderr (Python-level and, for a real terminal or
+    pipe, file descriptor 1 too, which covers C libraries and child processes); then write the
+    document ``emit_json('-', ...)`` handed over, if any, to the real stdout."""
+    if not active:
+        yield
+        return
+    real_stdout = sys.stdout
+    saved_fd = None
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        if real_stdout.fileno() == 1:
+            real_stdout.flush()
+            saved_fd = os.dup(1)
+            os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _JsonSlot.active, _JsonSlot.payloads = True, []
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        sys.stdout = real_stdout
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+        payloads, _JsonSlot.active, _JsonSlot.payloads = _JsonSlot.payloads, False, []
+        if payloads:
+            from edgeopt.fileio import _json_default
+
+            real_stdout.write(json.dumps(payloads[-1], indent=2, default=_json_default) + "\n")
+            real_stdout.flush()
+
+
+def check_json_target(target: str) -> None:
+    """``--json FILE`` goes into an existing folder and is not a folder; checked before any work."""
+    if target == "-":
+        return
+    path = Path(target)
+    if path.is_dir():
+        raise BadInput(f"--json {target} is a directory; give a file name, or - for stdout")
+    if not path.parent.is_dir():
+        raise BadInput(f"--json {target}: folder {path.parent} does not exist")
+
+
 def emit_json(target: str | None, payload: Any) -> None:
-    """Write ``payload`` to ``target`` (a path, atomically) or to stdout for ``-``."""
+    """Write ``payload`` to ``target`` (a path, atomically) or, for ``-``, as stdout's only content."""
     if target is None:
         return
     from edgeopt.fileio import _json_default, write_json
 
     if target == "-":
-        sys.stdout.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
+        if _JsonSlot.active:
+            if _JsonSlot.payloads:
+                raise RuntimeError("a command emitted two JSON documents for --json -")
+            _JsonSlot.payloads.append(payload)
+        else:
+            sys.stdout.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
     else:
         write_json(Path(target), payload)
 

@@ -75,7 +75,7 @@ def make_onnx_cnn(path: Path, *, channels: int = 8, classes: int = 10, size: int
 
 
 def make_onnx_transformer(path: Path, *, hidden: int = 32, heads: int = 4, layers: int = 2, ffn: int = 64,
-                          vocab: int = 100, max_len: int = 32, outlier: float = 12.0, seed: int = 0,
+                          vocab: int = 100, max_len: int = 128, outlier: float = 12.0, seed: int = 0,
                           damage: float = 0.0) -> Path:
     """A tiny BERT-style encoder (random weights) as ONNX: ``input_ids``/``attention_mask`` (int64,
     dynamic batch and sequence) -> embeddings + LayerNorm -> ``layers`` x (self-attention with the

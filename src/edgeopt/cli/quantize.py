@@ -33,6 +33,8 @@ from edgeopt.cli.common import (
 from edgeopt.fileio import report_path
 
 MODES = ("auto", "dynamic", "static", "fp16", "bf16", "int4")
+# Without data, dynamic non-batch dimensions (a transformer's sequence length) are timed at this size.
+DEFAULT_DYNAMIC_DIM = 128
 
 
 def _config(mode: str, *, fmt: str, per_channel: bool | None, calibration: str, activation_type: str,
@@ -119,7 +121,12 @@ def quantize(
         dataset.feeds_for(original)
     if held is not None:
         held.feeds_for(original)
-    bench = BenchSettings(warmup=10, min_runs=100, min_seconds=seconds, max_seconds=max(20.0, seconds))
+    dynamic_dim = None
+    if dataset is None and held is None and any(
+            s.fixed_shape(1) is None for s in original.inputs):
+        dynamic_dim = DEFAULT_DYNAMIC_DIM  # no data: time at a stated length, judge nothing
+    bench = BenchSettings(warmup=10, min_runs=100, min_seconds=seconds, max_seconds=max(20.0, seconds),
+                          dynamic_dim=dynamic_dim)
     report = report_path(out)
     if mode == "auto":
         _auto(original, dataset, held, out=out, report=report, max_drop=max_drop, metric=metric,
@@ -162,6 +169,16 @@ def _measure_one(original: Any, result: Any, *, mode: str, cfg: Any, judge: Any,
                                  "drop": None if base.accuracy is None or ev.accuracy is None
                                  else round(base.accuracy - ev.accuracy, 6)}
     payload["notes"] = ["figures measured on this machine; latency batch 1, interleaved with the FP32 model"]
+    if judge is None:
+        payload["notes"].append("no --data: size and latency only; accuracy and fidelity were not measured "
+                                "(pass --data to judge the result against the original)")
+    if bench.dynamic_dim is not None:
+        dims = {s.name: [d if isinstance(d, int) and d > 0 else (1 if i == 0 else bench.dynamic_dim)
+                         for i, d in enumerate(s.shape)] for s in original.inputs}
+        payload["timed_shapes"] = dims
+        payload["notes"].append(f"no --data and dynamic input dimensions: timed on inputs of 1s with every dynamic "
+                                f"non-batch dimension (e.g. the sequence length) set to {bench.dynamic_dim}: "
+                                + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in dims.items()))
     return payload
 
 
@@ -178,6 +195,8 @@ def _print_one(p: dict[str, Any]) -> None:
                   fmt_pct(ev.get("accuracy")), fmt_pct(ev.get("agreement")),
                   "-" if ev.get("cosine") is None else f"{ev['cosine']:.5f}")
     console.print(table)
+    for note in p.get("notes", [])[1:]:
+        console.print(note, style="yellow")
     if ev.get("nn_agreement") is not None:
         console.print(f"pooled embeddings: mean cosine {ev['embedding_cosine']:.5f}, nearest-neighbour agreement "
                       f"{fmt_pct(ev['nn_agreement'])} over {ev['n']} samples")

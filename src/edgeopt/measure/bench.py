@@ -29,13 +29,18 @@ from edgeopt.model import Model
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """How long to time: at least ``min_runs`` runs and ``min_seconds`` per model, at most ``max_seconds``."""
+    """How long to time: at least ``min_runs`` runs and ``min_seconds`` per model, at most ``max_seconds``.
+
+    ``dynamic_dim``: without data, the size given to dynamic non-batch dimensions (e.g. a
+    transformer's sequence length) of the random inputs; None refuses such models (pass data).
+    """
 
     warmup: int = 10
     min_runs: int = 100
     min_seconds: float = 2.0
     max_seconds: float = 60.0
     round_seconds: float = 0.05
+    dynamic_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.min_runs < 1:
@@ -98,8 +103,10 @@ def _reset_peak_rss() -> bool:
 
 
 def example_feeds(model: Model, *, batch: int = 1, data: Dataset | None = None,
-                  seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for timing: the first ``batch`` samples of ``data``, else random data of the input's shape."""
+                  seed: int = 0, dynamic_dim: int | None = None) -> dict[str, np.ndarray]:
+    """Inputs for timing: the first ``batch`` samples of ``data``, else random data of the input's shape
+    (dynamic non-batch dimensions set to ``dynamic_dim`` when given; integer inputs such as token ids
+    and masks get 1s, a valid id and a full mask)."""
     if batch < 1:
         raise BadInput(f"--batch must be >= 1, got {batch}")
     for spec in model.inputs:
@@ -118,6 +125,9 @@ def example_feeds(model: Model, *, batch: int = 1, data: Dataset | None = None,
     feeds: dict[str, np.ndarray] = {}
     for spec in model.inputs:
         shape = spec.fixed_shape(batch)
+        if shape is None and dynamic_dim is not None and spec.shape:
+            shape = tuple(batch if i == 0 and not isinstance(d, int) else (d if isinstance(d, int) and d > 0
+                          else dynamic_dim) for i, d in enumerate(spec.shape))
         if shape is None:
             raise BadInput(f"input '{spec.name}' has dynamic dimensions {list(spec.shape)}; pass --data "
                            "so edgeopt knows the real shape")
@@ -125,6 +135,8 @@ def example_feeds(model: Model, *, batch: int = 1, data: Dataset | None = None,
         if dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":
+            feeds[spec.name] = np.ones(shape, dtype=dtype)
+        elif dynamic_dim is not None:
             feeds[spec.name] = np.ones(shape, dtype=dtype)
         else:
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
@@ -169,7 +181,7 @@ def compare(models: list[Model], *, settings: BenchSettings | None = None, batch
     for i, model in enumerate(models):
         rs = run_settings[i] if run_settings is not None else resolve_settings(
             model, runtime=runtime, threads=threads, device=device)
-        feeds = example_feeds(model, batch=batch, data=data)
+        feeds = example_feeds(model, batch=batch, data=data, dynamic_dim=cfg.dynamic_dim)
         gc.collect()
         base_mb = _rss_mb("VmRSS")
         exact = _reset_peak_rss()

@@ -158,6 +158,10 @@ def test_slow_head_and_slow_body_get_408_and_headers_are_capped(tiny_model: Path
             s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{\"in")
             closed, reply = closed_by_server(s, within=5.0)
         assert closed and reply.startswith(b"HTTP/1.1 408") and b"body not received within 1 s" in reply
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:  # answered 413 at once:
+            s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n{")
+            closed, reply = closed_by_server(s, within=5.0)  # the deadline then hangs up, no second reply
+        assert closed and reply.startswith(b"HTTP/1.1 413") and b"408" not in reply
 
         # four connections stream an unterminated header (the review's 4 x 420 MB): each is cut off
         # after 64 KiB (+ one read), and the server's memory stays flat

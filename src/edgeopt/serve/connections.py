@@ -104,6 +104,10 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
 
         def _body_timed_out(self) -> None:
             self._timer = None
+            if self.cycle is None or self.cycle.response_complete:  # answered early (e.g. 413): just hang up
+                if not self.transport.is_closing():
+                    self.transport.close()
+                return
             self._refuse(408, "Request Timeout", f"request body not received within {body_timeout:g} s",
                          in_body=True)
 

@@ -68,3 +68,278 @@ def test_threads_cap_names_the_limit(cli) -> None:
 
     err = assert_one_line(cli("bench", M, "--threads", str(MAX_THREADS + 1)), "--threads")
     assert f"[1, {MAX_THREADS}]" in err
+
+
+# -- code execution: nothing runs from a data file unless the user said so -------------------------
+torch = pytest.importorskip("torch")
+
+MARKER_NAME = "PWNED"
+
+
+class _Payload:
+    """Pickles to ``os.system("touch MARKER")``: unpickling it is running code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pickled(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+class _TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def genuine_pt2(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
+    """A .pt2 written by torch.export.save (dynamic batch) and labelled data that fits it."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("pt2")
+    torch.manual_seed(0)
+    net = _TinyNet().eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(net, (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: batch},))
+    path = folder / "genuine.pt2"
+    torch.export.save(program, str(path))
+    rng = np.random.default_rng(0)
+    data = folder / "d.npz"
+    np.savez(data, x=rng.standard_normal((40, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, 40))
+    return path, data, net
+
+
+def craft_pt2(src: Path, dst: Path, *, replace: dict[str, bytes] | None = None, edit=None, weights_edit=None) -> Path:
+    """Rewrite a genuine archive: swap member files, or edit models/model.json / the weights config."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        prefix = zin.namelist()[0].split("/")[0] + "/"
+        for info in zin.infolist():
+            name, data = info.filename[len(prefix):], zin.read(info)
+            if replace and name in replace:
+                data = replace[name]
+            if edit is not None and name == "models/model.json":
+                doc = json.loads(data)
+                edit(doc)
+                data = json.dumps(doc).encode()
+            if weights_edit is not None and name == "data/weights/model_weights_config.json":
+                doc = json.loads(data)
+                weights_edit(doc)
+                data = json.dumps(doc).encode()
+            zout.writestr(prefix + name, data)
+    return dst
+
+
+def _first(doc, key: str):
+    """The first dict in a JSON tree that has ``key``."""
+    if isinstance(doc, dict):
+        if key in doc:
+            return doc
+        children = list(doc.values())
+    elif isinstance(doc, list):
+        children = doc
+    else:
+        return None
+    for child in children:
+        found = _first(child, key)
+        if found is not None:
+            return found
+    return None
+
+
+def _guards(marker: Path):
+    def edit(doc) -> None:
+        doc["guards_code"] = [f"__import__('os').system('touch {marker}') == 0 and L['x'].size()[0] >= 1"]
+    return edit
+
+
+def _sympy(marker: Path):
+    def edit(doc) -> None:
+        _first(doc, "expr_str")["expr_str"] = f"__import__('os').system('touch {marker}')"
+    return edit
+
+
+def _os_system_node(marker: Path):
+    def edit(doc) -> None:
+        nodes = doc["graph_module"]["graph"]["nodes"]
+        nodes.insert(0, {"target": "torch.os.system", "name": "pwn", "metadata": {},
+                         "inputs": [{"name": "command", "arg": {"as_string": f"touch {marker}"}, "kind": 1}],
+                         "outputs": [{"as_int": 0}], "is_hop_single_tensor_return": None})
+    return edit
+
+
+def _pickled_weight(marker: Path):
+    def edit(doc) -> None:
+        doc["config"]["conv.weight"]["use_pickle"] = True
+    return edit
+
+
+@pytest.mark.parametrize("attack", ["guards", "sympy", "os_system_node", "pickled_weight"])
+def test_crafted_pt2_is_refused_and_runs_nothing(cli, genuine_pt2, tmp_path: Path, attack: str) -> None:
+    src, data, _ = genuine_pt2
+    marker = tmp_path / MARKER_NAME
+    evil = tmp_path / "evil.pt2"
+    if attack == "pickled_weight":
+        craft_pt2(src, evil, weights_edit=_pickled_weight(marker),
+                  replace={"data/weights/weight_0": _pickled(_Payload(marker))})
+    else:
+        edit = {"guards": _guards, "sympy": _sympy, "os_system_node": _os_system_node}[attack](marker)
+        craft_pt2(src, evil, edit=edit)
+    for args in (("bench", evil, "--runs", "3", "--seconds", "0"), ("eval", evil, "--data", data)):
+        assert_one_line(cli(*args), "--trust-pickle", evil.name)
+        assert not marker.exists(), f"{attack}: the crafted archive ran code"
+
+
+def test_pt2_with_pickled_sample_inputs_loads_without_unpickling(cli, genuine_pt2, tmp_path: Path) -> None:
+    """The issue's case: torch.export.load unpickles the sample inputs with weights_only=False."""
+    src, data, _ = genuine_pt2
+    marker = tmp_path / MARKER_NAME
+    evil = craft_pt2(src, tmp_path / "samples.pt2",
+                     replace={"data/sample_inputs/model.pt": _pickled(_Payload(marker))})
+    result = cli("eval", evil, "--data", data)
+    assert result.exit_code == 0, result.output
+    assert not marker.exists()
+
+
+def test_genuine_pt2_runs_in_bench_eval_and_export(cli, genuine_pt2, tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    src, data, net = genuine_pt2
+    x = np.load(data)["x"]
+    y = np.load(data)["y"]
+    with torch.no_grad():
+        expected = float(np.mean(net(torch.from_numpy(x)).argmax(1).numpy() == y))
+    for trust in ((), ("--trust-pickle",)):
+        result = cli("eval", src, "--data", data, "--json", tmp_path / "e.json", *trust)
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == pytest.approx(expected)
+    bench = cli("bench", src, "--runs", "3", "--seconds", "0", "--batch", "4", "--json", tmp_path / "b.json")
+    assert bench.exit_code == 0, bench.output
+    assert json.loads((tmp_path / "b.json").read_text())["batch"] == 4
+    out = tmp_path / "g.onnx"
+    exported = cli("export", src, "--to", "onnx", "-o", out, "--data", data)
+    assert exported.exit_code == 0, exported.output
+    again = cli("eval", out, "--data", data, "--json", tmp_path / "o.json")
+    assert again.exit_code == 0 and json.loads((tmp_path / "o.json").read_text())["accuracy"] == pytest.approx(expected)
+
+
+def test_pt2_module_trains_and_evals(genuine_pt2) -> None:
+    from edgeopt.model import load_model
+
+    module = load_model(genuine_pt2[0]).module
+    assert module.train() is module and module.training
+    assert module.eval() is module and not module.training
+
+
+def test_full_pickle_needs_the_flag_and_then_works(cli, genuine_pt2, tmp_path: Path) -> None:
+    import json
+
+    _, data, net = genuine_pt2
+    marker = tmp_path / MARKER_NAME
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(_pickled(_Payload(marker)))
+    assert_one_line(cli("eval", evil, "--data", data), "--trust-pickle")
+    assert not marker.exists()
+    full = tmp_path / "full.pt"
+    torch.save(net, full)
+    result = cli("eval", full, "--trust-pickle", "--data", data, "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert 0.0 <= json.loads((tmp_path / "r.json").read_text())["accuracy"] <= 1.0
+
+
+# -- split run and recipes never import Python named by a data file ---------------------------------
+def _evil_py(folder: Path, marker: Path, name: str = "evil.py") -> Path:
+    path = folder / name
+    path.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n\n"
+                    "def build():\n    raise RuntimeError('payload ran')\n")
+    return path
+
+
+def _split_dir(tmp_path: Path, digits_onnx: Path, plan: dict) -> Path:
+    import json
+    import shutil
+
+    out = tmp_path / "split"
+    out.mkdir()
+    shutil.copy(digits_onnx, out / "stage_0.onnx")
+    base = {"stages": [{"path": "stage_0.onnx", "host_ms": 1.0, "transfer_ms": 0.0, "wire_ms": 0.0}],
+            "link": {"mbps": 100.0, "latency_ms": 0.0}, "threads": 1, "model": {"path": str(digits_onnx)},
+            "predicted_latency_ms": 1.0, "predicted_throughput_ips": 1000.0}
+    for key, value in plan.items():
+        base[key] = value
+    (out / "plan.json").write_text(json.dumps(base))
+    return out
+
+
+@pytest.mark.parametrize("where", ["stage", "model"])
+def test_split_run_never_imports_python_named_by_the_plan(cli, tmp_path: Path, digits_onnx: Path, where: str) -> None:
+    marker = tmp_path / MARKER_NAME
+    if where == "stage":
+        out = _split_dir(tmp_path, digits_onnx, {"stages": [{"path": "stage_0.py:build", "host_ms": 1.0,
+                                                              "transfer_ms": 0.0, "wire_ms": 0.0}]})
+        _evil_py(out, marker, "stage_0.py")
+        (out / "stage_0.py:build").write_text("")  # so the old existence check passes
+    else:
+        out = _split_dir(tmp_path, digits_onnx, {"model": {"path": str(_evil_py(tmp_path, marker)) + ":build"}})
+    err = assert_one_line(cli("split", "run", out, "--items", "2", "--timeout", "30"), "plan.json")
+    assert ".onnx" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("threads", [0, 99999999999, "8"])
+def test_split_plan_threads_are_checked(cli, tmp_path: Path, digits_onnx: Path, threads) -> None:
+    out = _split_dir(tmp_path, digits_onnx, {"threads": threads})
+    assert_one_line(cli("split", "run", out, "--items", "2"), "threads")
+
+
+def _recipe_with_student(student: str) -> dict:
+    return {"name": "evil", "steps": [{"type": "Distill", "version": 1, "fields": {"student": student, "epochs": 1}}],
+            "runtime": "onnxruntime", "needs": ["train"]}
+
+
+def test_recipe_naming_python_needs_trust_code(cli, tmp_path: Path, digits_onnx: Path, digits_test_npz: Path) -> None:
+    import json
+
+    marker = tmp_path / MARKER_NAME
+    evil = _evil_py(tmp_path, marker)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(_recipe_with_student(f"{evil}:build")))
+    out = tmp_path / "o.onnx"
+    assert_one_line(cli("apply", digits_onnx, recipe, "-o", out, "--data", digits_test_npz), "--trust-code")
+    assert not marker.exists() and not out.exists()
+    recipes = tmp_path / "recipes.json"
+    recipes.write_text(json.dumps([_recipe_with_student(f"{evil}:build")]))
+    assert_one_line(cli("optimize", digits_onnx, "--data", digits_test_npz, "-o", tmp_path / "opt",
+                        "--recipes", recipes), "--trust-code")
+    assert not marker.exists()
+    # With the flag the file is imported (the user vouched for it); its factory then fails cleanly.
+    trusted = cli("apply", digits_onnx, recipe, "-o", out, "--data", digits_test_npz, "--trust-code")
+    assert marker.exists() and trusted.exit_code == 2 and not out.exists()
+
+
+def test_deeply_nested_recipes_json_is_one_line(cli, tmp_path: Path, digits_onnx: Path, digits_test_npz: Path) -> None:
+    recipes = tmp_path / "nested.json"
+    recipes.write_text("[" * 100_000 + "]" * 100_000)
+    assert_one_line(cli("optimize", digits_onnx, "--data", digits_test_npz, "-o", tmp_path / "opt",
+                        "--recipes", recipes), "nested")
+    assert_one_line(cli("apply", digits_onnx, recipes, "-o", tmp_path / "o.onnx"), "nested")

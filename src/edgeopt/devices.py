@@ -17,6 +17,9 @@ from typing import Any
 from edgeopt.errors import DeviceError, first_line
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+# More intra-op threads than this only oversubscribes the CPU; far larger counts overflow the
+# runtimes' C++ ints or stall for minutes creating threads.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

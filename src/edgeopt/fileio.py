@@ -42,6 +42,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """Parse a JSON file a user gave (a recipe, a plan); any failure is one BadInput line naming ``what``."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{what} {p} not found") from None
+    except IsADirectoryError:
+        raise BadInput(f"{what} {p} is a directory, not a JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read {what} {p}: {exc}") from None
+    except ValueError as exc:
+        raise BadInput(f"{what} {p} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadInput(f"{what} {p} is nested too deeply to be a {what}") from None
+
+
 def write_json(path: str | os.PathLike[str], payload: Any) -> None:
     """Write ``payload`` as indented JSON, atomically."""
     text = json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n"

@@ -236,7 +236,7 @@ def load_model(spec: str | os.PathLike[str] | Model, *, weights: str | os.PathLi
     if suffix == ".tflite":
         return Model.from_tflite(path.read_bytes(), source=str(path), path=path)
     if suffix == ".pt2":
-        return _load_pt2(path, input_shape)
+        return _load_pt2(path, input_shape, trust_pickle=trust_pickle)
     if suffix in (".pt", ".pth"):
         if not trust_pickle:
             raise ModelError(
@@ -409,21 +409,15 @@ def apply_state_dict(module: Any, state: Mapping[str, Any], *, source: str) -> N
     module.load_state_dict(state, strict=True)
 
 
-def _load_pt2(path: Path, input_shape: tuple[int, ...] | None) -> Model:
-    torch = require("torch", extra="torch")
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise ModelError(f"{path} is not a valid torch.export archive: {type(exc).__name__}: "
-                         f"{first_line(exc)}") from exc
-    module = program.module()
-    shape = input_shape
-    example = getattr(program, "example_inputs", None)
-    if shape is None and example:
-        args = example[0] if isinstance(example, tuple) else example
-        if args and hasattr(args[0], "shape"):
-            shape = tuple(args[0].shape)
-    return Model.from_torch(module, source=str(path), input_shape=shape, path=path)
+def _load_pt2(path: Path, input_shape: tuple[int, ...] | None, *, trust_pickle: bool = False) -> Model:
+    from edgeopt.pt2 import input_specs, load_exported_program, program_module
+
+    program = load_exported_program(path, trust_pickle=trust_pickle)
+    module = program_module(program)
+    if input_shape is not None:
+        return Model.from_torch(module, source=str(path), input_shape=input_shape, path=path)
+    return Model(format="torch", source=str(path), inputs=input_specs(program), outputs=[], path=path,
+                 module=module)
 
 
 def _load_pickled_module(path: Path, input_shape: tuple[int, ...] | None) -> Model:

@@ -156,6 +156,7 @@ def fmt_cos(value: float | None) -> str:
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write results as JSON to this file ('-' for stdout).")]
 WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="state_dict (.pt/.pth) for a file.py:factory model.")]
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled modules (runs code from the file).")]
+TrustCodeOpt = Annotated[bool, typer.Option("--trust-code", help="Allow a recipe to name Python files (e.g. a distillation student file.py:factory); importing them runs their code.")]
 RuntimeOpt = Annotated[str | None, typer.Option("--runtime", help="onnxruntime, openvino, litert or torch; default: the model's stored runtime.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", callback=opt.threads, help="Intra-op threads; default: the device profile's.")]
 # For commands that time or evaluate with one thread unless told otherwise (they take no --device).

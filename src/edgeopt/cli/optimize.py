@@ -18,6 +18,7 @@ from edgeopt.cli.common import (
     MinCosineOpt,
     SecondsOpt,
     ThreadsOpt,
+    TrustCodeOpt,
     TrustPickleOpt,
     WeightsOpt,
     console,
@@ -50,12 +51,12 @@ def optimize(
     seconds: SecondsOpt = 1.0,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Search quantization/pruning/runtime recipes within --max-drop; keep the Pareto front; pick the best."""
-    import json
-
     from edgeopt.errors import BadInput
+    from edgeopt.fileio import read_json
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.search.optimize import budget_error
     from edgeopt.search.optimize import optimize as run_optimize
@@ -65,13 +66,10 @@ def optimize(
         raise BadInput(f"--max-drop must be >= 0 (0.01 = 1 point), got {max_drop}")
     plan = None
     if recipes is not None:
-        try:
-            raw = json.loads(recipes.read_text())
-        except (OSError, ValueError) as exc:
-            raise BadInput(f"cannot read recipes {recipes}: {exc}") from exc
+        raw = read_json(recipes, "recipes")
         if not isinstance(raw, list):
             raise BadInput(f"{recipes} must hold a JSON list of recipes")
-        plan = [Recipe.from_dict(r) for r in raw]
+        plan = [Recipe.from_dict(r, trust_code=trust_code) for r in raw]
     result = run_optimize(model, data, out_dir=out, max_drop=max_drop, metric=metric, min_cosine=min_cosine,
                           objective=objective,
                           device=device, threads=threads, time_budget_min=time_budget, executor=executor,
@@ -115,26 +113,23 @@ def apply(
     data: Annotated[str | None, typer.Option("--data", help="Calibration / fine-tuning data, when the recipe needs it.")] = None,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Replay a saved recipe on a model (e.g. the one optimize chose), without searching again."""
-    import json
-
     from edgeopt.data import load_data
     from edgeopt.errors import BadInput
+    from edgeopt.fileio import read_json
     from edgeopt.model import load_model
     from edgeopt.search.optimize import fine_tuning_split
     from edgeopt.search.recipe import Recipe, apply_recipe
     from edgeopt.transforms.config import TransformContext
 
-    try:
-        payload = json.loads(recipe.read_text())
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"cannot read recipe {recipe}: {exc}") from exc
+    payload = read_json(recipe, "recipe")
     if isinstance(payload, dict) and "chosen_recipe" in payload:
         payload = payload["chosen_recipe"]
     if not isinstance(payload, dict):
         raise BadInput(f"{recipe} does not hold a recipe object (or optimize's report.json)")
-    plan = Recipe.from_dict(payload)
+    plan = Recipe.from_dict(payload, trust_code=trust_code)
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
     dataset = load_data(data) if data else None
     if plan.needs and dataset is None:

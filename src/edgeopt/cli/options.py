@@ -21,9 +21,8 @@ from typing import Any
 
 import typer
 
-# More intra-op threads than this only oversubscribes the CPU (and large values overflow the
-# runtimes' C++ ints or hang for minutes creating threads).
-MAX_THREADS = 4 * (os.cpu_count() or 1)
+from edgeopt.devices import MAX_THREADS
+
 MAX_SECONDS = 24 * 3600.0
 # numpy / torch seeds are unsigned 32-bit.
 MAX_SEED = 2**32 - 1

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from edgeopt.devices import DeviceProfile, get_device
+from edgeopt.devices import MAX_THREADS, DeviceProfile, get_device
 from edgeopt.errors import BadInput
 from edgeopt.model import METADATA_PREFIX, Model
 from edgeopt.runtimes import Session, runtime_for
@@ -31,6 +31,8 @@ def resolve_settings(model: Model, *, runtime: str | None = None, threads: int |
     profile = get_device(device)
     if threads is not None and threads < 1:
         raise BadInput(f"--threads must be >= 1, got {threads}")
+    if threads is not None and threads > MAX_THREADS:
+        raise BadInput(f"--threads must be <= {MAX_THREADS} (4 x the CPUs here), got {threads}")
     rt = runtime_for(model, runtime, device_runtime=profile.runtime)
     merged: dict[str, Any] = {}
     if runtime is None or runtime == model.runtime_hint():
@@ -49,8 +51,17 @@ def resolve_settings(model: Model, *, runtime: str | None = None, threads: int |
     n_threads = threads
     if n_threads is None:
         stored_threads = model.metadata.get(METADATA_PREFIX + "threads")
-        n_threads = int(stored_threads) if stored_threads else profile.effective_threads()
+        n_threads = _stored_threads(model, stored_threads) if stored_threads else profile.effective_threads()
     return RunSettings(runtime=rt.name, threads=n_threads, options=merged)
+
+
+def _stored_threads(model: Model, text: str) -> int:
+    """``edgeopt.threads`` from a model file's metadata: a data file, so checked like a flag."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise BadInput(f"{model.source}: metadata edgeopt.threads is {text[:20]!r}, not a thread count") from None
+    return max(1, min(n, MAX_THREADS))
 
 
 def open_session(model: Model, settings: RunSettings) -> Session:

@@ -32,14 +32,36 @@ class Recipe:
                 "needs": list(self.needs)}
 
     @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> Recipe:
+    def from_dict(cls, payload: dict[str, Any], *, trust_code: bool = False) -> Recipe:
+        """Read a serialized recipe.
+
+        A step that names a Python file (a distillation student ``evil.py:build``) would import
+        and run it; such a recipe is refused unless ``trust_code`` (``--trust-code``) is given.
+
+        Raises:
+            ConfigError: a malformed recipe, or one naming a Python file without ``trust_code``.
+        """
+        if not isinstance(payload, dict):
+            raise ConfigError(f"a recipe must be a JSON object, got {type(payload).__name__}")
+        steps = payload.get("steps", [])
+        if not isinstance(steps, list):
+            raise ConfigError("a recipe's steps must be a list")
         try:
-            return cls(name=str(payload["name"]), steps=tuple(config_from_dict(s) for s in payload.get("steps", [])),
-                       runtime=str(payload.get("runtime", "onnxruntime")),
-                       runtime_options=dict(payload.get("runtime_options", {})),
-                       needs=tuple(payload.get("needs", ())))
+            recipe = cls(name=str(payload["name"]), steps=tuple(config_from_dict(s) for s in steps),
+                         runtime=str(payload.get("runtime", "onnxruntime")),
+                         runtime_options=dict(payload.get("runtime_options", {})),
+                         needs=tuple(payload.get("needs", ())))
         except KeyError as exc:
             raise ConfigError(f"recipe is missing {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"recipe {payload.get('name')!r} is malformed: {exc}") from exc
+        if not trust_code:
+            for step in recipe.steps:
+                for name, value in _code_fields(step):
+                    raise ConfigError(f"recipe {recipe.name!r} step {type(step).__name__} names Python code "
+                                      f"({name}={value!r}); applying it would run that file. Pass --trust-code "
+                                      "if you trust the recipe")
+        return recipe
 
     def key(self) -> str:
         """A stable hash of what the recipe does (not its display name)."""
@@ -50,6 +72,18 @@ class Recipe:
         steps = " -> ".join(type(s).__name__ for s in self.steps) or "none"
         opts = f" {self.runtime_options}" if self.runtime_options else ""
         return f"{steps} @ {self.runtime}{opts}"
+
+
+def _code_fields(config: Any) -> list[tuple[str, str]]:
+    """The fields of ``config`` that name a Python file (``file.py`` or ``file.py:factory``)."""
+    import dataclasses
+
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, str) and (".py:" in value or value.rstrip().endswith(".py")):
+            found.append((f.name, value))
+    return found
 
 
 def apply_recipe(model: Model, recipe: Recipe, ctx: TransformContext | None = None) -> Model:

@@ -72,12 +72,14 @@ def to_onnx(model: Model, config: OnnxExport | None = None, *, data: Dataset | N
     cfg = config or OnnxExport()
     module = model.module.eval()
     # A dynamic batch needs a traced batch > 1 (torch.export specializes size-1 dims); a static one is 1.
-    feeds = example_inputs(model, data, batch=2 if cfg.dynamic_batch else 1)
+    # A .pt2 exported with a fixed batch keeps it (its graph cannot take another).
+    dynamic = cfg.dynamic_batch and not any(s.shape and isinstance(s.shape[0], int) for s in model.inputs)
+    feeds = example_inputs(model, data, batch=2 if dynamic else 1)
     names = list(feeds)
     input_names = list(cfg.input_names) if len(cfg.input_names) == len(names) else names
     args = tuple(torch.from_numpy(v) for v in feeds.values())
     dynamic_shapes = None
-    if cfg.dynamic_batch:
+    if dynamic:
         batch_dim = torch.export.Dim("batch", min=1, max=65536)
         dynamic_shapes = tuple({0: batch_dim} for _ in args)
     try:

@@ -92,13 +92,26 @@ def test_serve_config_refuses_non_finite_and_out_of_range_values(kwargs: dict, m
 
 @pytest.mark.parametrize("flags", [["--max-request-mb", "nan"], ["--max-request-mb", "inf"],
                                    ["--max-delay-ms", "nan"], ["--max-delay-ms", "inf"],
-                                   ["--header-timeout", "-1"], ["--max-connections", "999999"]])
+                                   ["--header-timeout", "-1"], ["--max-connections", "1000001"]])
 def test_cli_bad_serve_numbers_are_one_line_exit_2_before_loading(cli, tmp_path: Path, flags: list[str]) -> None:
     tiny = make_onnx_cnn(tmp_path / "tiny.onnx")
     result = cli("serve", str(tiny), "--port", "0", *flags)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and flags[0] in lines[0] and "Traceback" not in result.stderr
+
+
+def test_max_connections_must_fit_the_file_descriptor_limit() -> None:
+    import resource
+
+    from edgeopt.serve.server import check_fd_limit
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1_000_000:
+        pytest.skip("no finite file descriptor limit below the flag's maximum")
+    check_fd_limit(max(2, soft - 64))
+    with pytest.raises(BadInput, match=f"needs {soft + 1} file descriptors; this process may open {soft}"):
+        check_fd_limit(soft - 63)
 
 
 def test_cli_warns_when_listening_beyond_loopback_without_a_token(cli, tmp_path: Path) -> None:

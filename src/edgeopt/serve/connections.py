@@ -44,6 +44,9 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
         ...                         max_connections=1024, max_in_flight=512)  # doctest: +SKIP
         >>> uvicorn.Config(app, http=http)  # doctest: +SKIP
     """
+    from edgeopt.deps import require
+
+    require("httptools", extra="serve")
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     async def busy(scope: dict[str, Any], receive: Any, send: Any) -> None:

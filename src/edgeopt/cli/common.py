@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from typer._click.globals import get_current_context
 
 from edgeopt.cli import options as opt
+from edgeopt.cli.tables import FittingConsole
 from edgeopt.errors import BadInput, EdgeoptError
 from edgeopt.progress import err_console as err_console
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+# Tables fit the terminal (cli/tables.py); piped output gets 160 columns unless COLUMNS says otherwise.
+console = FittingConsole(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 
 
 def user_errors(func: F) -> F:

@@ -147,6 +147,6 @@ def devices(json_out: JsonOpt = None) -> None:
         table.add_column(col)
     for p in profiles:
         table.add_row(p.name, p.runtime, str(p.threads or f"all ({p.effective_threads()})"),
-                      str(p.memory_mb or "-"), ",".join(p.precisions), f"{p.relative_speed:g}", p.description)
+                      str(p.memory_mb or "-"), ", ".join(p.precisions), f"{p.relative_speed:g}", p.description)
     console.print(table)
     emit_json(json_out, [p.to_dict() for p in profiles])

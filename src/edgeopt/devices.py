@@ -1,9 +1,11 @@
 """Device profiles: what a target device runs and how fast it is relative to this host.
 
-Latency is always measured on this host, with the profile's runtime and thread count, so
-candidates compare fairly; ``relative_speed`` scales host timings for planning (``split``)
-where the real device is not at hand. Profiles are YAML files: the bundled ones in
-``edgeopt/device_profiles/`` or a path the user gives.
+A profile without ``ssh`` is measured on this host, with the profile's runtime and thread
+count, so candidates compare fairly; ``relative_speed`` scales host timings for planning
+(``split``) where the real device is not at hand. A profile with ``ssh`` names a real device:
+bench, eval, quantize --mode auto and optimize run the same harness there over SSH
+(runtimes/remote.py). Profiles are YAML files: the bundled ones in ``edgeopt/device_profiles/``,
+the user's (``edgeopt devices add``, in :func:`user_profile_dir`), or a path the user gives.
 """
 
 from __future__ import annotations
@@ -35,9 +37,19 @@ class DeviceProfile:
     relative_speed: float = 1.0
     link_mbps: float | None = None
     runtime_options: dict[str, Any] = field(default_factory=dict)
+    # A remote device: "user@host[:port]"; key file, Python and working folder on the device.
+    ssh: str | None = None
+    ssh_key: str | None = None
+    python: str = "python3"
+    workdir: str = ".cache/edgeopt"
+    known_hosts: str | None = None  # a known_hosts file other than OpenSSH's default
+    accept_new_host_key: bool = False  # trust on first use (StrictHostKeyChecking=accept-new)
 
     def effective_threads(self) -> int:
-        """Threads to use on this host: the profile's, capped by the cores this host has."""
+        """Threads to use: the profile's, capped by this host's cores; on a remote device the
+        profile's, or 0 for "every core the device lets the runner use" (decided there)."""
+        if self.ssh:
+            return self.threads or 0
         cores = os.cpu_count() or 1
         return max(1, min(self.threads or cores, cores))
 
@@ -71,7 +83,99 @@ def _profile_from_mapping(raw: Any, source: str) -> DeviceProfile:
         raise DeviceError(f"device profile {source}: relative_speed must be > 0, got {speed!r}")
     values["relative_speed"] = float(speed)
     values["runtime_options"] = dict(values.get("runtime_options") or {})
+    if values.get("ssh") is not None:
+        parse_ssh(str(values["ssh"]), source=source)
+        if values.get("runtime", "onnxruntime") != "onnxruntime":
+            raise DeviceError(f"device profile {source}: a remote (ssh) device runs onnxruntime; "
+                              f"runtime {values['runtime']!r} is not supported there yet")
+    for key in ("ssh", "ssh_key", "python", "workdir", "known_hosts"):
+        if key in values and values[key] is not None and not isinstance(values[key], str):
+            raise DeviceError(f"device profile {source}: {key} must be a string, got {values[key]!r}")
     return DeviceProfile(**values)
+
+
+def parse_ssh(spec: str, *, source: str = "--ssh") -> tuple[str | None, str, int]:
+    """``user@host[:port]`` -> (user or None, host, port); IPv6 as ``user@[::1]:2222``."""
+    user, sep, rest = spec.rpartition("@")
+    user_part = user if sep else None
+    host, port = rest, 22
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail:
+            if not tail.startswith(":"):
+                raise DeviceError(f"{source}: cannot read {spec!r}; expected user@host[:port]")
+            port = _port(tail[1:], spec, source)
+    elif rest.count(":") == 1:
+        host, _, port_text = rest.partition(":")
+        port = _port(port_text, spec, source)
+    if not host or host.startswith("-") or (user_part or "").startswith("-") or any(c in host for c in " /\\'\"$`;") or (user_part is not None and not user_part) \
+            or (user_part and any(c in user_part for c in " /\\'\"$`;:@")):
+        raise DeviceError(f"{source}: cannot read {spec!r}; expected user@host[:port]")
+    return user_part, host, port
+
+
+def _port(text: str, spec: str, source: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise DeviceError(f"{source}: port in {spec!r} must be 1-65535")
+    return int(text)
+
+
+def user_profile_dir() -> Path:
+    """Where ``edgeopt devices add`` writes profiles: $EDGEOPT_DEVICES_DIR, else
+    $XDG_CONFIG_HOME/edgeopt/devices (~/.config/edgeopt/devices)."""
+    explicit = os.environ.get("EDGEOPT_DEVICES_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "edgeopt" / "devices"
+
+
+def _user_profiles() -> list[DeviceProfile]:
+    folder = user_profile_dir()
+    if not folder.is_dir():
+        return []
+    return [_read_yaml(f, str(f)) for f in sorted(folder.glob("*.yaml"))]
+
+
+def add_device(name: str, *, ssh: str, ssh_key: str | None = None, python: str | None = None,
+               workdir: str | None = None, threads: int | None = None, memory_mb: int | None = None,
+               known_hosts: str | None = None, accept_new_host_key: bool = False,
+               description: str | None = None, replace: bool = False) -> Path:
+    """Write a remote device profile to :func:`user_profile_dir`; its path. No password is ever stored:
+    the device authenticates a key (``ssh_key``, or whatever OpenSSH offers: agent, ~/.ssh/config)."""
+    import yaml
+
+    from edgeopt.fileio import atomic_path
+
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise DeviceError(f"device name {name!r}: use letters, digits, '-', '_' or '.'")
+    builtin = {p.name for p in list_devices(include_user=False)}
+    if name in builtin:
+        raise DeviceError(f"device name {name!r} is a bundled profile; choose another name")
+    parse_ssh(ssh)
+    key_path = None
+    if ssh_key is not None:
+        key = Path(ssh_key).expanduser()
+        if not key.is_file():
+            raise DeviceError(f"--key {ssh_key}: no such file (give the private key that the device accepts)")
+        key_path = str(key.resolve())
+    if known_hosts is not None:
+        known_hosts = str(Path(known_hosts).expanduser().resolve())
+    raw: dict[str, Any] = {
+        "name": name, "description": description or f"remote device {ssh} (measured on the device over SSH)",
+        "runtime": "onnxruntime", "threads": threads, "memory_mb": memory_mb, "ssh": ssh,
+        "ssh_key": key_path, "python": python or "python3", "workdir": workdir or ".cache/edgeopt",
+        "known_hosts": known_hosts, "accept_new_host_key": bool(accept_new_host_key),
+    }
+    _profile_from_mapping(raw, f"--ssh {ssh}")  # the same checks a profile gets when it is read
+    folder = user_profile_dir()
+    target = folder / f"{name}.yaml"
+    if target.exists() and not replace:
+        raise DeviceError(f"device {name!r} already exists ({target}); pass --replace to overwrite it")
+    text = yaml.safe_dump({k: v for k, v in raw.items() if v is not None}, sort_keys=False)
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+    return target
 
 
 def _read_yaml(path: Path | Any, source: str) -> DeviceProfile:
@@ -84,15 +188,19 @@ def _read_yaml(path: Path | Any, source: str) -> DeviceProfile:
     return _profile_from_mapping(raw, source)
 
 
-def list_devices() -> list[DeviceProfile]:
-    """The bundled profiles, ``host`` first."""
+def list_devices(*, include_user: bool = True) -> list[DeviceProfile]:
+    """The bundled profiles, ``host`` first, then the user's (``edgeopt devices add``)."""
     folder = resources.files("edgeopt") / "device_profiles"
     profiles = [_read_yaml(f, f.name) for f in folder.iterdir() if f.name.endswith(".yaml")]
-    return sorted(profiles, key=lambda p: (p.name != "host", p.name))
+    bundled = sorted(profiles, key=lambda p: (p.name != "host", p.name))
+    if not include_user:
+        return bundled
+    names = {p.name for p in bundled}
+    return bundled + [p for p in _user_profiles() if p.name not in names]
 
 
 def get_device(name: str | os.PathLike[str] | DeviceProfile | None = None) -> DeviceProfile:
-    """A bundled profile by name, or a profile YAML file by path; ``None`` means ``host``.
+    """A bundled or user profile by name, or a profile YAML file by path; ``None`` means ``host``.
 
     Raises:
         DeviceError: unknown name (the message lists the known ones) or a malformed file.
@@ -108,5 +216,5 @@ def get_device(name: str | os.PathLike[str] | DeviceProfile | None = None) -> De
     profiles = {p.name: p for p in list_devices()}
     if key not in profiles:
         raise DeviceError(f"unknown device profile {key!r}; known: {', '.join(profiles)} "
-                          "(or give a profile .yaml file; see edgeopt devices)")
+                          "(or give a profile .yaml file, or add one: edgeopt devices add NAME --ssh user@host)")
     return profiles[key]

@@ -12,9 +12,8 @@ through that is 1.07x faster by luck on a loaded machine; the interval's lower b
 
 from __future__ import annotations
 
-import gc
+import functools
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 from edgeopt.data import Dataset
 from edgeopt.devices import DeviceProfile
 from edgeopt.errors import BadInput, DataError
+from edgeopt.measure import harness
 from edgeopt.measure.sessions import RunSettings, open_session, resolve_settings
 from edgeopt.model import Model
 
@@ -68,6 +68,7 @@ class BenchResult:
     times_ms: list[float] = field(default_factory=list, repr=False)
     round_p50_ms: list[float] = field(default_factory=list, repr=False)  # one median per interleaved round
     runtime_details: dict[str, Any] = field(default_factory=dict)  # what the runtime compiled, e.g. precision
+    measured_on: dict[str, Any] = field(default_factory=dict)  # device name, CPU, runtime version
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,30 +77,8 @@ class BenchResult:
             "latency_ms": self.latency_ms, "throughput_ips": self.throughput_ips,
             "peak_rss_mb": self.peak_rss_mb, "model_memory_mb": self.model_memory_mb,
             "runs": self.runs, "runtime_options": self.options, "runtime_details": self.runtime_details,
+            "measured_on": self.measured_on,
         }
-
-
-def _rss_mb(field_name: str) -> float:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark (Linux), so peak RSS is this model's, not the process's past."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def example_feeds(model: Model, *, batch: int = 1, data: Dataset | None = None,
@@ -143,24 +122,14 @@ def example_feeds(model: Model, *, batch: int = 1, data: Dataset | None = None,
     return feeds
 
 
-@dataclass
-class _Entry:
-    model: Model
-    settings: RunSettings
-    session: Any
-    feeds: dict[str, np.ndarray]
-    batch: int
-    peak_mb: float
-    model_mb: float
-    times: list[float] = field(default_factory=list)
-    rounds: list[float] = field(default_factory=list)
-
-
 def compare(models: list[Model], *, settings: BenchSettings | None = None, batch: int = 1,
             data: Dataset | None = None, runtime: str | None = None, threads: int | None = None,
             device: str | DeviceProfile | None = None,
             run_settings: list[RunSettings] | None = None) -> list[BenchResult]:
     """Time several models interleaved in one process; results are in the order given.
+
+    With a remote device profile (``edgeopt devices add NAME --ssh ...``) the same harness
+    (measure/harness.py) runs on the device over SSH and the figures are the device's.
 
     Args:
         models: the models to time; the first is usually the baseline.
@@ -177,52 +146,72 @@ def compare(models: list[Model], *, settings: BenchSettings | None = None, batch
     cfg = settings or BenchSettings()
     if run_settings is not None and len(run_settings) != len(models):
         raise BadInput("run_settings must have one entry per model")
-    entries: list[_Entry] = []
-    for i, model in enumerate(models):
-        rs = run_settings[i] if run_settings is not None else resolve_settings(
-            model, runtime=runtime, threads=threads, device=device)
-        feeds = example_feeds(model, batch=batch, data=data, dynamic_dim=cfg.dynamic_dim)
-        gc.collect()
-        base_mb = _rss_mb("VmRSS")
-        exact = _reset_peak_rss()
-        session = open_session(model, rs)
-        for _ in range(max(1, cfg.warmup)):
-            session.run(feeds)
-        peak = _rss_mb("VmHWM") if exact else _rss_mb("VmRSS")
-        entries.append(_Entry(model, rs, session, feeds, batch, peak_mb=peak, model_mb=max(0.0, peak - base_mb)))
+    all_settings = run_settings if run_settings is not None else [
+        resolve_settings(m, runtime=runtime, threads=threads, device=device) for m in models]
+    feeds = [example_feeds(m, batch=batch, data=data, dynamic_dim=cfg.dynamic_dim) for m in models]
+    targets = {rs.remote.name if rs.remote else None for rs in all_settings}
+    if len(targets) > 1:
+        raise BadInput("models timed together must run on one device; time each device separately")
+    remote = all_settings[0].remote if all_settings else None
+    if remote is not None:
+        from edgeopt.runtimes.remote import remote_device
 
-    start = time.perf_counter()
-    while True:
-        for entry in entries:
-            round_start = time.perf_counter()
-            first = len(entry.times)
-            while True:
-                t0 = time.perf_counter()
-                entry.session.run(entry.feeds)
-                entry.times.append(time.perf_counter() - t0)
-                if time.perf_counter() - round_start >= cfg.round_seconds:
-                    break
-            entry.rounds.append(float(np.median(entry.times[first:])) * 1000.0)
-        elapsed = time.perf_counter() - start
-        done = all(len(e.times) >= cfg.min_runs for e in entries) and elapsed >= cfg.min_seconds * len(entries)
-        if done or elapsed >= cfg.max_seconds * len(entries):
-            break
-
+        measured = remote_device(remote).bench(models, feeds, all_settings, cfg)
+        where = measured["measured_on"]
+        raw = measured["results"]
+    else:
+        where = measured_here(all_settings[0].runtime if all_settings else "onnxruntime", device)
+        raw = _time_here(models, feeds, all_settings, cfg)
     results = []
-    for entry in entries:
-        ms = np.array(entry.times) * 1000.0
+    for model, rs, entry in zip(models, all_settings, raw, strict=True):
+        ms = np.asarray(entry["times_ms"], dtype=float)
         mean = float(ms.mean())
         results.append(BenchResult(
-            model=entry.model.source, format=entry.model.format, runtime=entry.settings.runtime,
-            threads=entry.settings.threads, batch=entry.batch, size_bytes=entry.model.size_bytes,
+            model=model.source, format=model.format, runtime=rs.runtime,
+            threads=int(entry.get("threads") or rs.threads), batch=batch, size_bytes=model.size_bytes,
             latency_ms={"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
                         "p99": float(np.percentile(ms, 99)), "mean": mean},
-            throughput_ips=entry.batch * 1000.0 / mean if mean > 0 else float("inf"),
-            peak_rss_mb=round(entry.peak_mb, 1), model_memory_mb=round(entry.model_mb, 1),
-            runs=len(entry.times), options=dict(entry.settings.options), times_ms=ms.tolist(),
-            round_p50_ms=list(entry.rounds),
-            runtime_details=dict(getattr(entry.session, "details", None) or {})))
+            throughput_ips=batch * 1000.0 / mean if mean > 0 else float("inf"),
+            peak_rss_mb=round(entry["peak_rss_mb"], 1), model_memory_mb=round(entry["model_memory_mb"], 1),
+            runs=len(ms), options=dict(rs.options), times_ms=ms.tolist(),
+            round_p50_ms=list(entry["round_p50_ms"]), runtime_details=dict(entry.get("details") or {}),
+            measured_on=dict(where)))
     return results
+
+
+def _time_here(models: list[Model], feeds: list[dict[str, np.ndarray]], all_settings: list[RunSettings],
+               cfg: BenchSettings) -> list[dict[str, Any]]:
+    """Load and warm every model on this host, then time them interleaved (harness.interleaved)."""
+    loaded = []
+    for model, rs, f in zip(models, all_settings, feeds, strict=True):
+        session, peak, model_mb = harness.open_warm(lambda m=model, r=rs: open_session(m, r),
+                                                    lambda s, f=f: s.run(f), cfg.warmup)
+        loaded.append((session, f, peak, model_mb))
+    times, rounds = harness.interleaved([lambda s=s, f=f: s.run(f) for s, f, _, _ in loaded],
+                                        min_runs=cfg.min_runs, min_seconds=cfg.min_seconds,
+                                        max_seconds=cfg.max_seconds, round_seconds=cfg.round_seconds)
+    return [{"times_ms": [t * 1000.0 for t in own], "round_p50_ms": med, "peak_rss_mb": peak,
+             "model_memory_mb": model_mb, "details": dict(getattr(session, "details", None) or {})}
+            for own, med, (session, _, peak, model_mb) in zip(times, rounds, loaded, strict=True)]
+
+
+def measured_here(runtime: str, device: str | DeviceProfile | None = None) -> dict[str, Any]:
+    """Where a host figure was measured: profile name, CPU, usable cores and the runtime's version."""
+    from edgeopt.devices import get_device
+
+    return where_from_info(get_device(device).name, _host_info(), runtime, remote=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _host_info() -> dict[str, Any]:
+    return harness.device_info()
+
+
+def where_from_info(name: str, info: dict[str, Any], runtime: str, *, remote: bool) -> dict[str, Any]:
+    rt = (info.get("runtimes") or {}).get(runtime) or {}
+    return {"device": name, "remote": remote, "hostname": info.get("hostname"), "cpu": info.get("cpu"),
+            "machine": info.get("machine"), "usable_cores": info.get("usable_cores"), "isa": info.get("isa"),
+            "runtime": runtime, "runtime_version": rt.get("version"), "python": info.get("python")}
 
 
 def speedup_interval(baseline: BenchResult, candidate: BenchResult, *, confidence: float = 0.9,

@@ -15,6 +15,7 @@ import numpy as np
 from edgeopt.data import Dataset
 from edgeopt.devices import DeviceProfile
 from edgeopt.errors import DataError
+from edgeopt.measure import harness
 from edgeopt.measure.judge import fidelity_of, output_kind, token_mask
 from edgeopt.measure.sessions import RunSettings, open_session, resolve_settings
 from edgeopt.model import Model
@@ -58,26 +59,23 @@ class EvalResult:
 
 def predict(model: Model, data: Dataset, *, settings: RunSettings | None = None,
             batch_size: int = 64, session: Any = None) -> np.ndarray:
-    """The model's first output for every sample, stacked (N, ...).
+    """The model's first output for every sample, stacked (N, ...); on the device when ``settings``
+    name a remote one.
 
     ``session``: one already opened for ``model`` (callers that predict batch after batch, such
     as an ONNX teacher during distillation, open it once).
     """
     fitted = data.feeds_for(model)
-    if session is None:
-        session = open_session(model, settings or resolve_settings(model))
+    rs = settings or resolve_settings(model)
     fixed = [s.shape[0] for s in model.inputs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0]
     step = fixed[0] if fixed else batch_size
-    chunks: list[np.ndarray] = []
-    for feeds, _ in fitted.batches(step):
-        n = len(next(iter(feeds.values())))
-        if fixed and n < step:
-            pad = step - n
-            feeds = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feeds.items()}
-            chunks.append(np.asarray(session.run(feeds)[0])[:n])
-        else:
-            chunks.append(np.asarray(session.run(feeds)[0]))
-    return np.concatenate(chunks, axis=0)
+    if session is None and rs.remote is not None:
+        from edgeopt.runtimes.remote import remote_device
+
+        return remote_device(rs.remote).predict(model, fitted.inputs, step=step, fixed=bool(fixed), settings=rs)
+    if session is None:
+        session = open_session(model, rs)
+    return harness.predict_arrays(session.run, fitted.inputs, step=step, fixed=bool(fixed))
 
 
 def accuracy_of(outputs: np.ndarray, labels: np.ndarray, *, k: int = 1) -> float:
@@ -128,7 +126,8 @@ def evaluate(model: Model, data: Dataset, *, reference: Model | np.ndarray | Non
         top5 = accuracy_of(outputs, data.labels, k=5) if n_classes > 5 else None
     result = EvalResult(n=len(data), accuracy=accuracy, top5=top5, outputs=outputs if keep_outputs else None)
     if reference is not None:
-        ref_out = reference if isinstance(reference, np.ndarray) else predict(reference, data)
+        ref_out = reference if isinstance(reference, np.ndarray) else predict(
+            reference, data, settings=resolve_settings(reference, device=rs.remote) if rs.remote else None)
         name = model.outputs[0].name if model.outputs else None
         fid = fidelity_of(outputs, ref_out, kind=output_kind(ref_out, name=name),
                           mask=token_mask(ref_out, data.feeds_for(model).inputs))

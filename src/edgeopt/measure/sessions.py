@@ -14,14 +14,22 @@ from edgeopt.runtimes import Session, runtime_for
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Where and how a model runs: runtime name, intra-op threads, runtime options."""
+    """Where and how a model runs: runtime name, intra-op threads, runtime options, and the remote
+    device profile (SSH) when it runs on a device rather than here.
+
+    ``threads`` 0 on a remote device means "every core the device lets the runner use".
+    """
 
     runtime: str
     threads: int
     options: dict[str, Any]
+    remote: DeviceProfile | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "threads": self.threads, "options": dict(self.options)}
+        out = {"runtime": self.runtime, "threads": self.threads, "options": dict(self.options)}
+        if self.remote is not None:
+            out["device"] = self.remote.name
+        return out
 
 
 def resolve_settings(model: Model, *, runtime: str | None = None, threads: int | None = None,
@@ -52,7 +60,8 @@ def resolve_settings(model: Model, *, runtime: str | None = None, threads: int |
     if n_threads is None:
         stored_threads = model.metadata.get(METADATA_PREFIX + "threads")
         n_threads = _stored_threads(model, stored_threads) if stored_threads else profile.effective_threads()
-    return RunSettings(runtime=rt.name, threads=n_threads, options=merged)
+    return RunSettings(runtime=rt.name, threads=n_threads, options=merged,
+                       remote=profile if profile.ssh else None)
 
 
 def _stored_threads(model: Model, text: str) -> int:
@@ -65,5 +74,6 @@ def _stored_threads(model: Model, text: str) -> int:
 
 
 def open_session(model: Model, settings: RunSettings) -> Session:
+    """A session on this host (a remote device's runs go through bench.compare and evaluate.predict)."""
     return runtime_for(model, settings.runtime).load(model, threads=settings.threads,
                                                      options=dict(settings.options))

@@ -8,12 +8,11 @@ import numpy as np
 
 from edgeopt.deps import available, require
 from edgeopt.errors import BadInput, ModelError, UnsupportedOperation, first_line
+from edgeopt.measure.harness import ORT_OPT_LEVELS, ort_session_options
 
 if TYPE_CHECKING:
     from edgeopt.model import Model
 
-_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
 class OrtSession:
@@ -39,18 +38,12 @@ class OnnxRuntime:
              options: dict[str, Any] | None = None) -> OrtSession:
         ort = require("onnxruntime", extra="core")
         opts = dict(options or {})
-        so = ort.SessionOptions()
-        if threads is not None:
-            if threads < 1:
-                raise BadInput(f"threads must be >= 1, got {threads}")
-            so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if threads is not None and threads < 1:
+            raise BadInput(f"threads must be >= 1, got {threads}")
         level = str(opts.pop("graph_optimization", "all"))
-        if level not in _OPT_LEVELS:
-            raise BadInput(f"graph_optimization must be one of {list(_OPT_LEVELS)}, got {level!r}")
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level])
-        so.log_severity_level = 3
+        if level not in ORT_OPT_LEVELS:
+            raise BadInput(f"graph_optimization must be one of {list(ORT_OPT_LEVELS)}, got {level!r}")
+        so = ort_session_options(ort, threads, level)  # the same options a remote device's runner uses
         if opts:
             raise BadInput(f"unknown onnxruntime option(s) {sorted(opts)}; known: graph_optimization")
         if model.format != "onnx":

@@ -27,7 +27,11 @@ from typer.exceptions import Abort
 EXAMPLES: dict[str, str] = {
     "bench": "edgeopt bench examples/digits/digits_cnn.onnx --threads 1 --json -",
     "eval": "edgeopt eval int8.onnx --data examples/digits/test.npz --reference examples/digits/digits_cnn.onnx",
-    "devices": "edgeopt devices --json devices.json",
+    "devices": "edgeopt devices list --json devices.json",
+    "devices list": "edgeopt devices list --json devices.json",
+    "devices add": ("edgeopt devices add pi --ssh pi@raspberrypi.local --key ~/.ssh/id_ed25519 "
+                    "--python /home/pi/venv/bin/python"),
+    "devices check": "edgeopt devices check pi --json pi.json",
     "quantize": "edgeopt quantize examples/digits/digits_cnn.onnx --data examples/digits/test.npz -o int8.onnx",
     "analyze": "edgeopt analyze examples/digits/digits_cnn.onnx --data examples/digits/test.npz --top 5",
     "prune": ("edgeopt prune examples/digits/digits_cnn.py:DigitsCNN --weights examples/digits/digits_cnn.pt "

@@ -91,7 +91,9 @@ def optimize(
                       fmt_cos(r.cosine), "-" if r.drop is None else f"{100 * r.drop:.2f}", r.reason, style=styles.get(r.status))
     console.print(table)
     console.print("* Pareto front. Latency: batch 1, interleaved with the original; accuracy on held-out data.")
-    from edgeopt.report.writer import headline
+    from edgeopt.report.writer import headline, measured_on_text
+
+    console.print(measured_on_text(payload["measured_on"]), style="dim")
 
     console.print(headline(payload), style="bold")
     console.print(f"reports: {out / 'report.html'}, {out / 'report.md'}, {out / 'report.json'}")

@@ -215,7 +215,13 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
                                runtimes=(runtime,) if runtime else None, bench=bench)
     payload = {"mode": "auto", "source": original.source, **result.to_dict(),
                "output": str(out) if result.model is not None else None}
-    payload["notes"].append("figures measured on this machine; latency batch 1, every variant interleaved with FP32")
+    from edgeopt.devices import get_device
+    from edgeopt.report.writer import measured_on_text
+    from edgeopt.search.optimize import measured_on
+
+    payload["measured_on"] = measured_on(get_device(device), result.baseline.runtime or "onnxruntime")
+    payload["notes"].append(f"{measured_on_text(payload['measured_on'])}; latency batch 1, every variant "
+                            "interleaved with FP32")
     table = Table(title=f"edgeopt quantize --mode auto: {original.source}")
     nn = any(r.nn_agreement is not None for r in result.results)
     cols = ("variant", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy", "agreement",

@@ -45,6 +45,7 @@ class EvalResult:
     nn_agreement: float | None = None
     embedding_cosine: float | None = None
     outputs: np.ndarray | None = field(default=None, repr=False)
+    measured_on: dict[str, Any] = field(default_factory=dict, repr=False)  # device name, CPU, runtime version
 
     def to_dict(self) -> dict[str, Any]:
         out = {"n": self.n, "accuracy": self.accuracy, "top5": self.top5,
@@ -135,4 +136,12 @@ def evaluate(model: Model, data: Dataset, *, reference: Model | np.ndarray | Non
         result.cosine_p5, result.kind = fid.cosine_p5, fid.kind
         result.confident_agreement, result.n_confident, result.kl = fid.confident_agreement, fid.n_confident, fid.kl
         result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
+    if rs.remote is not None:
+        from edgeopt.runtimes.remote import remote_device
+
+        result.measured_on = remote_device(rs.remote).measured_on(rs.runtime)
+    else:
+        from edgeopt.measure.bench import measured_here
+
+        result.measured_on = measured_here(rs.runtime, device)
     return result

@@ -68,6 +68,19 @@ def headline(payload: dict[str, Any]) -> str:
             f"mean cosine to the original {_cos(chosen)}.")
 
 
+def _threads(dev: dict[str, Any]) -> str:
+    return str(dev["effective_threads"] or "all the device's")
+
+
+def measured_on_text(where: dict[str, Any] | None) -> str:
+    """``Measured on pi (pi@10.0.0.7:22): Cortex-A72, 4 usable core(s), onnxruntime 1.20.1``."""
+    if not where:
+        return "Measured on this machine"
+    via = f" ({where['ssh']}, over SSH)" if where.get("ssh") else " (this machine)"
+    return (f"Measured on {where.get('device')}{via}: {where.get('cpu')}, {where.get('usable_cores')} usable "
+            f"core(s), {where.get('runtime')} {where.get('runtime_version') or '?'}")
+
+
 def _rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return [payload["baseline"], *payload["candidates"]]
 
@@ -75,7 +88,8 @@ def _rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
 def render_markdown(payload: dict[str, Any]) -> str:
     dev = payload["device"]
     lines = ["# edgeopt optimize report", "", f"**{headline(payload)}**", "",
-             f"- Device profile: `{dev['name']}` ({dev['runtime']}, {dev['effective_threads']} thread(s))",
+             f"- Device profile: `{dev['name']}` ({dev['runtime']}, {_threads(dev)} thread(s))",
+             f"- {measured_on_text(payload.get('measured_on'))}",
              f"- Objective: {payload['objective']}; budget: {payload['budget']['metric']} drop <= "
              f"{100 * payload['budget']['max_drop']:.2f} pt, mean cosine >= {payload['budget'].get('min_cosine', '-')}",
              f"- Pareto front: {', '.join(payload['pareto'])}", f"- Search time: {payload['seconds']} s", ""]
@@ -121,7 +135,7 @@ def render_html(payload: dict[str, Any]) -> str:
              f"<style>{_CSS}</style></head><body>", "<h1>edgeopt optimize report</h1>",
              f"<div class='headline{'' if chosen else ' none'}'>{esc(headline(payload))}</div>",
              f"<p class='meta'>Device profile <b>{esc(dev['name'])}</b> ({esc(dev['runtime'])}, "
-             f"{dev['effective_threads']} thread(s)) &middot; objective <b>{esc(payload['objective'])}</b> &middot; "
+             f"{_threads(dev)} thread(s)) &middot; {esc(measured_on_text(payload.get('measured_on')))} &middot; objective <b>{esc(payload['objective'])}</b> &middot; "
              f"budget: {esc(payload['budget']['metric'])} drop &le; {100 * payload['budget']['max_drop']:.2f} pt &middot; "
              f"search {payload['seconds']} s</p>"]
     if payload["notes"]:

@@ -55,6 +55,7 @@ class OptimizeResult:
     seconds: float = 0.0
     reused: int = 0
     sensitivity: list[dict[str, Any]] | None = None
+    measured_on: dict[str, Any] = field(default_factory=dict)  # where latency and accuracy were measured
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +73,7 @@ class OptimizeResult:
             "seconds": round(self.seconds, 1),
             "reused_candidates": self.reused,
             "sensitivity": self.sensitivity,
+            "measured_on": self.measured_on,
         }
 
 
@@ -177,6 +179,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
     settings_key = {"metric": budget.metric, "min_cosine": budget.min_cosine, "eval_fraction": eval_fraction,
                     "seed": seed,
                     "device": profile.name, "threads": threads}
+    if profile.ssh:  # the same name may later point at another board: its figures are not this one's
+        settings_key["ssh"] = profile.ssh
     ctx = TransformContext(calibration=split.tune, train=split.train, validation=split.validation,
                            teacher=original if original.format == "torch" else baseline_model,
                            device=profile, seed=seed, progress=False)
@@ -255,7 +259,11 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
     pareto_front([base, *results])
     chosen = choose(base, results, objective=objective, budget=budget)
     outcome = OptimizeResult(chosen=chosen, baseline=base, results=results, out_dir=out, budget=budget,
-                             objective=objective, device=profile, notes=notes, reused=reused)
+                             objective=objective, device=profile, notes=notes, reused=reused,
+                             measured_on=measured_on(profile, base.runtime or "onnxruntime"))
+    if profile.ssh:
+        notes.append(f"latency and accuracy measured on the device {profile.name} ({profile.ssh}) over SSH; "
+                     "candidates built on this host")
     target = out / "model.onnx"
     if chosen is not None and chosen.model is not None:
         chosen.model.save(target)
@@ -267,6 +275,20 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
 
         write_optimize_reports(outcome)
     return outcome
+
+
+def measured_on(profile: DeviceProfile, runtime: str) -> dict[str, Any]:
+    """Where the figures come from: the remote device's facts, or this host's."""
+    if profile.ssh:
+        from edgeopt.runtimes.remote import remote_device
+
+        device = remote_device(profile)
+        if device.info is None:  # every figure came from the cache: ask the device what it is now
+            device.probe()
+        return device.measured_on(runtime)
+    from edgeopt.measure.bench import measured_here
+
+    return measured_here(runtime, profile)
 
 
 _TIMED_FIELDS = ("latency_ms", "speedup", "speedup_interval", "size_bytes", "size_ratio", "model_memory_mb",

@@ -59,6 +59,8 @@ def post_training_recipes(model: Model, device: DeviceProfile, *, runtimes: tupl
 
     precisions = set(device.precisions)
     allowed = set(runtimes) if runtimes else {"onnxruntime", "openvino"}
+    if device.ssh:  # a remote device's runner runs ONNX Runtime only
+        allowed &= {"onnxruntime"}
     recipes: list[Recipe] = []
     if "onnxruntime" in allowed:
         if "int8" in precisions:

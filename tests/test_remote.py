@@ -147,7 +147,7 @@ def test_devices_add_writes_a_profile_without_secrets(cli, devices_dir, tmp_path
     assert saved["ssh"] == "pi@127.0.0.1:2222" and saved["ssh_key"] == str(key.resolve())
     assert saved["python"] == "/home/pi/venv/bin/python" and saved["threads"] == 4
     assert "BEGIN OPENSSH PRIVATE KEY" not in (devices_dir / "pi.yaml").read_text()
-    listed = json.loads(_json_tail(cli("devices", "--json", "-").stdout))
+    listed = json.loads(cli("devices", "--json", "-").stdout)
     assert [p["ssh"] for p in listed if p["name"] == "pi"] == ["pi@127.0.0.1:2222"]
     again = cli("devices", "add", "pi", "--ssh", "pi@127.0.0.1")
     assert again.exit_code == 2 and "already exists" in again.stderr and "--replace" in again.stderr
@@ -158,18 +158,12 @@ def test_devices_add_writes_a_profile_without_secrets(cli, devices_dir, tmp_path
         assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def _json_tail(stdout: str) -> str:
-    """The JSON document --json - printed (after the table)."""
-    start = min(i for i in (stdout.find("\n["), stdout.find("\n{")) if i >= 0)
-    return stdout[start:].strip()
-
-
 # ----------------------------------------------------------------------------- against the real sshd
 
 def test_devices_check_reports_the_device(cli, board) -> None:
     result = cli("devices", "check", board, "--json", "-")
     assert result.exit_code == 0, result.output
-    report = json.loads(_json_tail(result.stdout))
+    report = json.loads(result.stdout)
     info = report["info"]
     assert report["ready"] is True and report["missing"] == []
     assert info["python_executable"] == sys.executable or Path(info["python_executable"]).resolve() == \
@@ -178,7 +172,7 @@ def test_devices_check_reports_the_device(cli, board) -> None:
 
     assert info["runtimes"]["onnxruntime"]["version"] == onnxruntime.__version__
     assert info["usable_cores"] == len(os.sched_getaffinity(0)) and info["memory_mb"] > 0
-    assert "ready: edgeopt bench MODEL --device board" in result.stdout
+    assert "ready: edgeopt bench MODEL --device board" in result.output
 
 
 def test_eval_on_the_device_equals_a_local_run(cli, board, tmp_path) -> None:
@@ -200,11 +194,11 @@ def test_eval_on_the_device_equals_a_local_run(cli, board, tmp_path) -> None:
     result = cli("eval", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "--device", board,
                  "--threads", "1", "--json", "-")
     assert result.exit_code == 0, result.output
-    payload = json.loads(_json_tail(result.stdout))
+    payload = json.loads(result.stdout)
     assert payload["accuracy"] == pytest.approx(local.accuracy)
     assert payload["measured_on"]["device"] == board
     assert payload["measured_on"]["ssh"].startswith(getpass.getuser() + "@127.0.0.1:")
-    assert "measured on board" in result.stdout
+    assert "measured on board" in result.output
 
 
 def test_bench_on_the_device_matches_local_ratios_and_copies_once(board, tmp_path) -> None:

@@ -29,7 +29,7 @@ from edgeopt.search.engine import (
     time_candidates,
 )
 from edgeopt.search.recipe import Recipe
-from edgeopt.search.space import post_training_recipes, static_recipe
+from edgeopt.search.space import post_training_recipes, static_recipe, transformer_recipes
 from edgeopt.transforms.config import TransformContext
 from edgeopt.transforms.quantize import (
     StaticInt8,
@@ -37,6 +37,7 @@ from edgeopt.transforms.quantize import (
     prepared,
     weight_nodes,
 )
+from edgeopt.transforms.transformer import is_transformer
 
 RUNTIMES = ("onnxruntime", "openvino")
 # Per-layer analysis costs one quantize-and-evaluate per layer; beyond this many layers auto leaves
@@ -140,9 +141,22 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
                            baseline_outputs=base_out, baseline_metric=base_metric, device=profile, threads=threads)
                 for recipe in recipes]
 
-    results = run(plain_recipes(original, runtimes=chosen_runtimes, device=profile))
+    transformer = is_transformer(original)
+    if transformer:
+        notes.append("transformer graph (self-attention + LayerNorm): tried the transformer space, which keeps "
+                     "Softmax, LayerNorm, GELU and the residual stream in float (dynamic INT8, SmoothQuant, fused "
+                     "attention, MatMul-only static INT8, INT4 weight-only, NNCF transformer mode)")
+        results = run(transformer_recipes(original, profile, runtimes=chosen_runtimes))
+    else:
+        results = run(plain_recipes(original, runtimes=chosen_runtimes, device=profile))
     int8_ok = any(r.meets_budget and r.model is not None and r.name.startswith("int8-") for r in results)
-    if mixed and not int8_ok and "onnxruntime" in chosen_runtimes:
+    if mixed and not int8_ok and transformer:
+        notes.append("no INT8 variant met the budget; percentile/entropy calibration were not tried on this "
+                     "transformer (ONNX Runtime's histogram calibrators fail on attention-mask tensors: 'Too many "
+                     "bins for data range'; the loss here comes from activation outliers, which SmoothQuant and "
+                     "dynamic INT8 address); mixed precision for transformers: run edgeopt analyze and quantize "
+                     "--mode static --exclude NODES")
+    elif mixed and not int8_ok and "onnxruntime" in chosen_runtimes:
         notes.append("no plain INT8 variant met the budget: tried other calibration methods and mixed precision")
         results += run([static_recipe("int8-qdq-u8s8-perchannel-percentile", calibration="percentile"),
                         static_recipe("int8-qdq-u8s8-perchannel-entropy", calibration="entropy")])

@@ -23,7 +23,8 @@ T = TypeVar("T")
 TRANSFORM_MODULES = (
     "edgeopt.transforms.quantize", "edgeopt.transforms.mixed_precision", "edgeopt.transforms.export",
     "edgeopt.transforms.nncf_quantize", "edgeopt.transforms.prune", "edgeopt.transforms.distill",
-    "edgeopt.transforms.tflite",
+    "edgeopt.transforms.tflite", "edgeopt.transforms.transformer",
+    "edgeopt.transforms.smooth_quant",
 )
 
 

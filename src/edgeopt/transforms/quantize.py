@@ -108,6 +108,8 @@ class StaticInt8:
         samples: at most this many calibration samples are used.
         exclude_nodes: node names kept in float (mixed precision; see ``edgeopt analyze``).
         only_nodes: when given, quantize only these nodes (per-layer sensitivity).
+        op_types: quantize only these ONNX op types (e.g. ``("MatMul",)`` for transformers, so
+            Softmax, LayerNorm, GELU and residual Adds stay float); default ONNX Runtime's list.
     """
 
     format: Literal["qdq", "qoperator"] = "qdq"
@@ -120,6 +122,7 @@ class StaticInt8:
     samples: int = 128
     exclude_nodes: tuple[str, ...] = ()
     only_nodes: tuple[str, ...] = ()
+    op_types: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("StaticInt8", "format", self.format, FORMATS)
@@ -133,6 +136,8 @@ class StaticInt8:
             raise ConfigError(f"StaticInt8 samples must be an integer >= 1, got {self.samples!r}")
         _check_names("StaticInt8", "exclude_nodes", self.exclude_nodes)
         _check_names("StaticInt8", "only_nodes", self.only_nodes)
+        if self.op_types is not None:
+            _check_names("StaticInt8", "op_types", self.op_types)
         if self.activation_type == "s8" and self.weight_type == "u8":
             raise ConfigError("StaticInt8: S8 activations with U8 weights is not supported by ONNX Runtime; "
                               "use activation_type u8 or weight_type s8")
@@ -195,7 +200,37 @@ class Bf16:
     """
 
 
-QuantizeConfig = DynamicInt8 | StaticInt8 | Fp16 | Int4WeightOnly | Bf16
+@register_config
+@dataclass(frozen=True)
+class Int8WeightOnly:
+    """INT8 MatMul weights in blocks along K (ONNX Runtime MatMulNBits, bits=8), INT8 embeddings per row.
+
+    For transformers. With ``accuracy_level`` 4 ONNX Runtime also quantizes each MatMul's input at
+    run time, one scale per block of ``block_size`` values of a row: much finer than the single
+    scale of dynamic INT8, so the few outlier channels of a transformer's activations cost little.
+    Embedding tables (Gather on a constant) are stored INT8 with one scale per row, which keeps the
+    file near a quarter of FP32.
+
+    Args:
+        block_size: weights (and activations) per scale along K (a power of two >= 16).
+        accuracy_level: MatMulNBits compute: 4 = INT8 (fast on CPUs with VNNI), 0/1 = FP32.
+        embeddings: also store embedding tables INT8 per row.
+    """
+
+    block_size: int = 128
+    accuracy_level: int = 4
+    embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ConfigError(f"Int8WeightOnly block_size must be a power of two >= 16, got {b!r}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"Int8WeightOnly accuracy_level must be 0..4, got {self.accuracy_level!r}")
+        _check_bool("Int8WeightOnly", "embeddings", self.embeddings)
+
+
+QuantizeConfig = DynamicInt8 | StaticInt8 | Fp16 | Int4WeightOnly | Int8WeightOnly | Bf16
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -278,6 +313,8 @@ def quantize(model: Model, config: QuantizeConfig | None = None, *, data: Datase
         out = _fp16(model, cfg)
     elif isinstance(cfg, Int4WeightOnly):
         out = _int4(model, cfg)
+    elif isinstance(cfg, Int8WeightOnly):
+        out = _int8_weight_only(model, cfg)
     elif isinstance(cfg, Bf16):
         if not available("openvino"):
             raise MissingDependency("openvino", "openvino")
@@ -308,6 +345,11 @@ def _apply_fp16(model: Model, config: Fp16, ctx: TransformContext) -> Model:
 
 @register_transform(Int4WeightOnly)
 def _apply_int4(model: Model, config: Int4WeightOnly, ctx: TransformContext) -> Model:
+    return quantize(model, config)
+
+
+@register_transform(Int8WeightOnly)
+def _apply_int8_weight_only(model: Model, config: Int8WeightOnly, ctx: TransformContext) -> Model:
     return quantize(model, config)
 
 
@@ -454,6 +496,7 @@ def _static(model: Model, cfg: StaticInt8, data: Dataset) -> Model:
                     weight_type=qtype[cfg.weight_type], calibrate_method=method,
                     nodes_to_exclude=float_region(proto, cfg.exclude_nodes),
                     nodes_to_quantize=list(cfg.only_nodes) or None,
+                    op_types_to_quantize=list(cfg.op_types) if cfg.op_types else None,
                     extra_options=extra, calibration_cache_path=str(cache))
             out = onnx.load(str(dst))
         except (MemoryError, KeyboardInterrupt):
@@ -545,3 +588,67 @@ def _int4(model: Model, cfg: Int4WeightOnly) -> Model:
                                    "(INT4 weight-only is for MatMul-heavy models such as transformers; "
                                    "use --mode static for CNNs)")
     return Model.from_onnx(out, source=f"{model.source} [int4 weight-only]")
+
+
+def _int8_weight_only(model: Model, cfg: Int8WeightOnly) -> Model:
+    nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", extra="core")
+    onnx = require("onnx", extra="core")
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.onnx)
+    try:
+        with _quiet():
+            algo = nbits.DefaultWeightOnlyQuantConfig(block_size=cfg.block_size, is_symmetric=True,
+                                                      accuracy_level=cfg.accuracy_level,
+                                                      op_types_to_quantize=("MatMul",), bits=8)
+            quantizer = nbits.MatMulNBitsQuantizer(proto, bits=8, block_size=cfg.block_size, is_symmetric=True,
+                                                   accuracy_level=cfg.accuracy_level,
+                                                   op_types_to_quantize=("MatMul",), algo_config=algo)
+            quantizer.process()
+        out = quantizer.model.model
+    except Exception as exc:  # noqa: BLE001
+        raise _unsupported(model, "quantize to INT8 weight-only", exc) from exc
+    if not any(n.op_type == "MatMulNBits" for n in out.graph.node):
+        raise UnsupportedOperation(f"{model.source} has no MatMul with a constant 2-D weight to quantize "
+                                   "(INT8 weight-only is for MatMul-heavy models such as transformers)")
+    if cfg.embeddings:
+        _embeddings_int8_per_row(out)
+    return Model.from_onnx(out, source=f"{model.source} [int8 weight-only]")
+
+
+def _embeddings_int8_per_row(proto: Any) -> int:
+    """Replace each Gather from a float 2-D table (an embedding) with an INT8 table and a per-row scale:
+    Gather(int8) -> Cast -> Mul(Gather(scale)). Standard operators only. Returns how many were replaced."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    users: dict[str, int] = {}
+    for node in proto.graph.node:
+        for x in node.input:
+            users[x] = users.get(x, 0) + 1
+    nodes, done = [], 0
+    for original in proto.graph.node:
+        node = type(original)()
+        node.CopyFrom(original)
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or axis != 0 or len(table.dims) != 2 or users.get(table.name, 0) != 1 \
+                or table.data_type != TensorProto.FLOAT or table.dims[0] * table.dims[1] < 1024:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(table)
+        scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
+        q = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+        tag = f"{table.name}_int8"
+        table.CopyFrom(numpy_helper.from_array(q, tag))
+        proto.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32)[:, None], f"{tag}_scale"))
+        out = node.output[0]
+        nodes += [helper.make_node("Gather", [tag, node.input[1]], [f"{tag}_rows"], name=f"{tag}_gather", axis=0),
+                  helper.make_node("Cast", [f"{tag}_rows"], [f"{tag}_float"], name=f"{tag}_cast",
+                                   to=TensorProto.FLOAT),
+                  helper.make_node("Gather", [f"{tag}_scale", node.input[1]], [f"{tag}_scales"],
+                                   name=f"{tag}_gather_scale", axis=0),
+                  helper.make_node("Mul", [f"{tag}_float", f"{tag}_scales"], [out], name=f"{tag}_dequant")]
+        done += 1
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return done

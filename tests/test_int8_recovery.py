@@ -1,0 +1,155 @@
+"""INT8 recovery steps on small models: one-pass per-layer error, float regions, bias correction,
+per-layer times, and the mixed-precision search that uses them."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt.data import Dataset, load_data
+from edgeopt.measure.evaluate import predict
+from edgeopt.measure.layer_times import layer_times, node_times
+from edgeopt.model import Model, load_model
+from edgeopt.transforms.layer_error import fake_quant_weight, layer_errors
+from edgeopt.transforms.quantize import (
+    StaticInt8,
+    calibration_ranges,
+    float_region,
+    prepared,
+    quantize,
+    weight_nodes,
+)
+from tests.test_analyze import fragile_mlp
+
+pytest.importorskip("onnxruntime.quantization")
+
+
+def _model(nodes: list, inits: dict[str, np.ndarray], in_shape: list, out_shape: list, name: str = "m") -> Model:
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return Model.from_onnx(proto, source=name)
+
+
+def deep_mlp(layers: int, width: int = 16, seed: int = 0) -> Model:
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], {}, "input"
+    for i in range(layers):
+        inits[f"w{i}"] = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        out = "out" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [out if i == layers - 1 else f"m{i}"], name=f"fc{i}"))
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [out], name=f"relu{i}"))
+        x = out
+    return _model(nodes, inits, ["batch", width], ["batch", width], name=f"mlp{layers}")
+
+
+def test_one_pass_ranks_the_fragile_layer_first_like_the_exhaustive_analysis() -> None:
+    model, data = fragile_mlp()
+    calib, held = data.split(0.5, seed=0)
+    rows = layer_errors(model, calib, held, config=StaticInt8(per_channel=False))
+    assert [r.node for r in rows] == ["fc2", "fc1"]
+    fc2, fc1 = rows
+    assert fc2.sqnr_db < 3 and fc1.sqnr_db > 30
+    assert fc2.cosine < 0.9 < 0.999 < fc1.cosine
+    assert fc2.params == 320 and fc2.op_type == "MatMul"
+
+
+def test_one_pass_error_matches_a_numpy_reference() -> None:
+    """fc1 reads the graph input: its twin is x rounded to u8 with the calibrated range times the
+    per-tensor INT8 weights; the SQNR from the graph must equal that computed by hand."""
+    model, data = fragile_mlp()
+    calib, held = data.split(0.5, seed=0)
+    cfg = StaticInt8(per_channel=False)
+    fc1 = next(r for r in layer_errors(model, calib, held, config=cfg) if r.node == "fc1")
+    rng_ = calibration_ranges(model, cfg, calib).data["input"].range_value
+    lo, hi = min(float(np.min(rng_[0])), 0.0), max(float(np.max(rng_[1])), 0.0)
+    scale = (hi - lo) / 255
+    zp = np.clip(np.round(-lo / scale), 0, 255)
+    x = held.inputs["x"].astype(np.float64)
+    xq = (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+    w = numpy_helper.to_array(next(i for i in model.onnx.graph.initializer if i.name == "w1"))
+    y, yq = x @ w, xq @ fake_quant_weight(w, axis=None, cfg=cfg)
+    expected = 10 * np.log10(np.sum(y ** 2) / np.sum((y - yq) ** 2))
+    assert fc1.sqnr_db == pytest.approx(expected, abs=0.05)
+
+
+def test_one_pass_scales_to_a_hundred_layers() -> None:
+    model = deep_mlp(120)
+    x = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+    start = time.perf_counter()
+    rows = layer_errors(model, Dataset({"input": x[:32]}, None, "cal"), Dataset({"input": x[32:]}, None, "held"))
+    assert len(rows) == 120
+    assert time.perf_counter() - start < 30
+    assert all(np.isfinite(r.sqnr_db) and 15 < r.sqnr_db < 60 for r in rows)
+    assert rows == sorted(rows, key=lambda r: r.sqnr_db)
+
+
+def conv_clip_conv() -> tuple[Model, Dataset]:
+    """conv1 -> Clip(0, 6) -> conv2 -> Clip(0, 6): conv1's raw output spans about +-40, its clipped
+    output [0, 6]."""
+    rng = np.random.default_rng(0)
+    inits = {"w1": (rng.standard_normal((4, 1, 3, 3)) * 6).astype(np.float32),
+             "w2": (rng.standard_normal((4, 4, 1, 1)) * 0.5).astype(np.float32),
+             "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="clip1"),
+             helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Clip", ["c2", "lo", "hi"], ["out"], name="clip2")]
+    model = _model(nodes, inits, ["batch", 1, 8, 8], ["batch", 4, 8, 8], name="conv_clip")
+    x = rng.standard_normal((64, 1, 8, 8)).astype(np.float32)
+    return model, Dataset({"input": x}, None, "conv-data")
+
+
+def test_float_region_never_crosses_a_clip_upstream_but_takes_the_one_after() -> None:
+    model, data = conv_clip_conv()
+    proto = prepared(model)
+    assert float_region(proto, ("conv2",)) == ["clip2", "conv2"]
+    # keeping conv2 float must not put the quantization point on conv1's raw (+-40) output
+    cal, held = data.split(0.5, seed=0)
+    ref = predict(model, held)
+    mixed = predict(quantize(model, StaticInt8(exclude_nodes=("conv2",)), data=cal), held)
+    full = predict(quantize(model, StaticInt8(), data=cal), held)
+    err = lambda out: float(np.mean((out - ref) ** 2) / np.mean(ref ** 2))  # noqa: E731
+    assert err(mixed) <= err(full) * 1.05
+
+
+def biased_gemm() -> tuple[Model, Dataset]:
+    """A Gemm whose channel 0 weights are all 0.3 of an INT8 step: per-tensor rounding sends them to
+    0, and with positive inputs that channel's output mean shifts by a lot."""
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-1, 1, (32, 4)).astype(np.float32)
+    w[:, 0] = 0.3 / 127.5 * np.abs(w).max()
+    model = _model([helper.make_node("Gemm", ["input", "w", "b"], ["out"], name="fc")],
+                   {"w": w, "b": np.zeros(4, np.float32)}, ["batch", 32], ["batch", 4], name="biased")
+    return model, Dataset({"input": rng.uniform(0, 1, (128, 32)).astype(np.float32)}, None, "pos")
+
+
+def test_bias_correction_removes_the_mean_shift_of_rounding() -> None:
+    model, data = biased_gemm()
+    cal, held = data.split(0.5, seed=0)
+    ref = predict(model, held)
+    plain = predict(quantize(model, StaticInt8(per_channel=False), data=cal), held)
+    fixed_model = quantize(model, StaticInt8(per_channel=False, bias_correction=True), data=cal)
+    fixed = predict(fixed_model, held)
+    shift_plain = abs(float(np.mean(plain[:, 0] - ref[:, 0])))
+    shift_fixed = abs(float(np.mean(fixed[:, 0] - ref[:, 0])))
+    assert shift_plain > 0.03  # 32 weights x 0.3 step x mean input 0.5, all lost
+    assert shift_fixed < 0.2 * shift_plain
+    assert "bias-corrected" in fixed_model.source
+
+
+def test_layer_times_map_fp32_and_int8_nodes_to_layers(digits_onnx, digits_train_npz) -> None:
+    model = load_model(digits_onnx)
+    data = load_data(digits_train_npz)
+    names = [n for n, _, _ in weight_nodes(prepared(model))]
+    int8 = quantize(model, StaticInt8(samples=32), data=data)
+    for m in (model, int8):
+        per_layer = layer_times(node_times(m, data, runs=5), prepared(model), names)
+        assert set(per_layer) == set(names)
+        assert all(ms > 0 for ms in per_layer.values()), per_layer

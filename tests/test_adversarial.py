@@ -70,6 +70,99 @@ def test_threads_cap_names_the_limit(cli) -> None:
     assert f"[1, {MAX_THREADS}]" in err
 
 
+# -- data loss: no output is ever one of the inputs --------------------------------------------------
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, digits_onnx: Path, digits_test_npz: Path, digits_factory) -> Path:
+    """Copies of a model, data, a recipe, weights and the factory file, as a user would have them."""
+    import json
+    import shutil
+
+    shutil.copy(digits_onnx, tmp_path / "m.onnx")
+    shutil.copy(digits_onnx, tmp_path / "t.onnx")
+    shutil.copy(digits_test_npz, tmp_path / "d.npz")
+    (tmp_path / "f.tflite").write_bytes(b"TFL3 not really a flatbuffer")
+    (tmp_path / "recipe.json").write_text(json.dumps({"name": "fp16", "steps": [
+        {"type": "Fp16", "version": 1, "fields": {}}], "runtime": "onnxruntime"}))
+    w = tmp_path / "w"
+    w.mkdir()
+    shutil.copy(digits_factory[1], w / "p.pt")
+    shutil.copy(Path(digits_factory[0].rpartition(":")[0]), tmp_path / "f.py")
+    return tmp_path
+
+
+OUTPUT_IS_INPUT = {
+    "quantize -o input": (["quantize", "m.onnx", "-o", "m.onnx", "--mode", "dynamic"], "m.onnx"),
+    "apply -o input model": (["apply", "m.onnx", "recipe.json", "-o", "m.onnx"], "m.onnx"),
+    "apply -o recipe": (["apply", "m.onnx", "recipe.json", "-o", "recipe.json"], "recipe.json"),
+    "distill -o teacher": (["distill", "--teacher", "t.onnx", "--student", "squeezenet1_1", "--data", "d.npz",
+                            "-o", "t.onnx"], "t.onnx"),
+    "export tflite -o input": (["export", "f.tflite", "--to", "tflite", "-o", "f.tflite"], "f.tflite"),
+    "bench --json model": (["bench", "m.onnx", "--json", "m.onnx"], "m.onnx"),
+    "eval --json data": (["eval", "m.onnx", "--data", "d.npz", "--json", "d.npz"], "d.npz"),
+    "prune side .pt is --weights": (["prune", "f.py:DigitsCNN", "--weights", "w/p.pt", "-o", "w/p.onnx",
+                                     "--sparsity", "0.5"], "w/p.pt"),
+    "adapt side .pt is --weights": (["adapt", "f.py:DigitsCNN", "--weights", "w/p.pt", "--data", "d.npz",
+                                     "-o", "w/p.onnx"], "w/p.pt"),
+    "quantize --json is -o": (["quantize", "m.onnx", "-o", "q.onnx", "--mode", "dynamic", "--json", "m.onnx"],
+                              "m.onnx"),
+    "eval --json is the reference": (["eval", "m.onnx", "--data", "d.npz", "--reference", "t.onnx",
+                                      "--json", "t.onnx"], "t.onnx"),
+    "optimize -o dir holding the model": (["optimize", "opt/model.onnx", "--data", "d.npz", "-o", "opt"],
+                                          "opt/model.onnx"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_IS_INPUT))
+def test_output_equal_to_input_is_refused_and_input_unchanged(cli, workdir: Path, monkeypatch, case: str) -> None:
+    import shutil
+
+    monkeypatch.chdir(workdir)
+    args, victim = OUTPUT_IS_INPUT[case]
+    if victim.startswith("opt/"):
+        (workdir / "opt").mkdir()
+        shutil.copy(workdir / "m.onnx", workdir / victim)
+    before = _sha(workdir / victim)
+    assert_one_line(cli(*args), "input file")
+    assert _sha(workdir / victim) == before
+
+
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_output_linked_to_the_input_is_refused(cli, workdir: Path, link: str) -> None:
+    model = workdir / "m.onnx"
+    alias = workdir / "alias.onnx"
+    if link == "hard":
+        alias.hardlink_to(model)
+    else:
+        alias.symlink_to(model)
+    before = _sha(model)
+    assert_one_line(cli("quantize", model, "-o", alias, "--mode", "dynamic"), "input file")
+    assert _sha(model) == before
+
+
+def test_json_into_a_missing_folder_creates_nothing(cli, workdir: Path) -> None:
+    target = workdir / "nonexistent" / "dir" / "x.json"
+    assert_one_line(cli("bench", workdir / "m.onnx", "--json", target), "does not exist")
+    assert not (workdir / "nonexistent").exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "eval", "export", "apply"])
+def test_output_naming_a_folder_fails_before_any_work(cli, workdir: Path, command: str) -> None:
+    folder = workdir / "folder.onnx"
+    folder.mkdir()
+    m, d = workdir / "m.onnx", workdir / "d.npz"
+    args = {"bench": ["bench", m, "--json", folder], "eval": ["eval", m, "--data", d, "--json", folder],
+            "export": ["export", "f.py:DigitsCNN", "--to", "onnx", "-o", folder],
+            "apply": ["apply", m, workdir / "recipe.json", "-o", folder]}[command]
+    assert_one_line(cli(*args), "is a directory")
+    assert list(folder.iterdir()) == []
+
+
 # -- code execution: nothing runs from a data file unless the user said so -------------------------
 torch = pytest.importorskip("torch")
 

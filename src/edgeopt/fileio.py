@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,56 @@ def check_writable_dir(path: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise BadInput(f"output directory {out} is not writable ({exc.strerror or exc}); choose another -o") from exc
     return out
+
+
+def input_paths(specs: Iterable[Any]) -> list[Path]:
+    """The files behind command inputs (``m.onnx``, ``f.py:factory``, ``NAME=PATH``), those that exist."""
+    found = []
+    for spec in specs:
+        if spec is None:
+            continue
+        for item in spec if isinstance(spec, (list, tuple)) else (spec,):
+            text = str(item)
+            if ".py:" in text:
+                text = text.rpartition(":")[0]
+            candidates = [text] + ([text.partition("=")[2]] if "=" in text else [])
+            found.extend(Path(c) for c in candidates if c and os.path.exists(c))
+    return found
+
+
+def check_outputs(outputs: Mapping[str, str | os.PathLike[str] | None], inputs: Iterable[Path], *,
+                  missing_parent_ok: bool = False) -> None:
+    """Prove every output file can be written and replaces no input, before any work starts.
+
+    Args:
+        outputs: ``{what: path}``, e.g. ``{"-o": "int8.onnx", "report": "int8.report.json"}``;
+            None entries are skipped.
+        inputs: files the command reads (see :func:`input_paths`); an output that is the same
+            file (same path, symlink or hard link) is refused, so a run never destroys its input.
+        missing_parent_ok: a folder that does not exist yet is fine (``-o`` creates it; ``--json``
+            does not, so there it is an error).
+
+    Raises:
+        BadInput: an output that is a folder, the same file as an input, or in a folder that
+            does not exist or cannot be written.
+    """
+    sources = [p for p in inputs if p.exists()]
+    for what, given in outputs.items():
+        if given is None or str(given) == "-":
+            continue
+        path = Path(given)
+        if path.is_dir():
+            raise BadInput(f"{what} {path} is a directory; give a file name")
+        for source in sources:
+            if path.exists() and (os.path.samefile(path, source) or path.resolve() == source.resolve()):
+                raise BadInput(f"{what} {path} is the input file {source}; writing it would destroy the input: "
+                               "choose another output name")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.exists():
+            if not missing_parent_ok:
+                raise BadInput(f"{what} {path}: folder {parent} does not exist; create it first")
+        elif not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise BadInput(f"{what} {path}: {parent} is not writable (not a writable folder)")
 
 
 def report_path(out: str | os.PathLike[str]) -> Path:

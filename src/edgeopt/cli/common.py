@@ -38,6 +38,7 @@ def user_errors(func: F) -> F:
             _reject_non_finite(kwargs)
             if kwargs.get("json_out") is not None:
                 check_json_target(kwargs["json_out"])
+            check_command_outputs(func.__name__, kwargs)
             with json_stdout(kwargs.get("json_out") == "-"):
                 return func(*args, **kwargs)
         except EdgeoptError as exc:
@@ -118,6 +119,57 @@ def check_json_target(target: str) -> None:
         raise BadInput(f"--json {target} is a directory; give a file name, or - for stdout")
     if not path.parent.is_dir():
         raise BadInput(f"--json {target}: folder {path.parent} does not exist")
+
+
+# Parameters that name files a command reads; no output may be one of them.
+INPUT_PARAMS = ("model", "models", "data", "eval_data", "test_data", "reference", "weights", "teacher",
+                "teacher_weights", "recipe", "recipes", "original_data", "deployed", "outdir")
+
+
+def output_files(command: str, out: Path, kwargs: dict[str, Any]) -> dict[str, Path]:
+    """Every file ``command`` writes for ``-o out``: the output itself and the side files beside it."""
+    from edgeopt.fileio import report_path
+
+    if command == "optimize":
+        return {"-o": out / "model.onnx", "report": out / "report.json", "Markdown report": out / "report.md",
+                "HTML report": out / "report.html"}
+    if command == "plan":  # split MODEL -o OUTDIR
+        files = {"plan": out / "plan.json"}
+        if out.is_dir():
+            files.update({f"stage {p.name}": p for p in sorted(out.glob("stage_*.onnx"))})
+        return files
+    files = {"-o": out}
+    if command in ("quantize", "prune", "adapt", "distill", "export"):
+        files["report"] = report_path(out)
+    if command in ("prune", "adapt", "distill"):
+        files["state_dict"] = out.with_suffix(".pt")
+    if command == "prune":
+        files["torch.export archive"] = out.with_suffix(".pt2")
+    if command == "adapt":
+        files["checkpoint"] = out.with_name(out.name + ".ckpt.pt")
+    if command == "distill":
+        files["vocabulary"] = out.with_suffix(".vocab.json")
+    modes = [m.strip() for m in str(kwargs.get("quantize") or "").split(",") if m.strip()]
+    if command == "export" and len(modes) > 1:
+        files.update({f"{m} variant": out.with_name(f"{out.stem}_{m}{out.suffix}") for m in modes})
+    return files
+
+
+def check_command_outputs(command: str, kwargs: dict[str, Any]) -> None:
+    """Before any work: no output (``-o``, its side files, ``--json``) is an input, a folder, or unwritable."""
+    from edgeopt.fileio import check_outputs, input_paths
+
+    inputs = input_paths(kwargs.get(name) for name in INPUT_PARAMS)
+    json_out = kwargs.get("json_out")
+    if json_out is not None:
+        check_outputs({"--json": json_out}, inputs)
+    out = kwargs.get("out")
+    if out is not None:
+        files = output_files(command, Path(out), kwargs)
+        check_outputs({("-o" if what == "-o" else f"-o {out}: its {what}"): path for what, path in files.items()},
+                      inputs, missing_parent_ok=True)
+        if json_out not in (None, "-") and any(Path(json_out).resolve() == p.resolve() for p in files.values()):
+            raise BadInput(f"--json {json_out} is one of the files -o {out} writes; choose another name")
 
 
 def emit_json(target: str | None, payload: Any) -> None:

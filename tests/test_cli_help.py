@@ -66,7 +66,7 @@ def test_split_run_help_shows_the_url_pattern(cli, monkeypatch) -> None:
 def test_metavars_read_as_words(cli, monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     out = cli("bench", "--help").stdout
-    assert re.search(r"--threads\s+INT\s", out)
+    assert re.search(r"--threads\s+N\s", out) and re.search(r"--runs\s+INT\s", out)
     assert re.search(r"--trust-pickle\s+Allow", out)  # a flag: no type beside it
     assert "Usage: edgeopt bench [OPTIONS] MODELS..." in out
 

@@ -19,12 +19,15 @@ from edgeopt.cli.common import (
     emit_json,
     err_console,
     fmt_pct,
+    image_folder_flags,
+    load_data_arg,
     user_errors,
 )
 
 
 @app.command()
 @user_errors
+@image_folder_flags
 def adapt(
     model: Annotated[str, typer.Argument(help="PyTorch model (file.py:factory with --weights, or .pt2) or an FP32 .onnx.")],
     data: Annotated[str, typer.Option("--data", help="Labelled local data (.npz with x and y).")],
@@ -49,15 +52,14 @@ def adapt(
     """Adapt MODEL to local data: strategy chosen by measured memory, rollback if worse, atomic checkpoints."""
     from edgeopt.adapt import AdaptConfig
     from edgeopt.adapt import adapt as run_adapt
-    from edgeopt.data import load_data
     from edgeopt.model import load_model
 
     check_onnx_output(out)
     config = AdaptConfig(strategy=strategy, memory_mb=memory_mb, epochs=epochs, lr=lr, batch_size=batch_size,
                          replay=replay, max_forget=max_forget, distill=distill, quantize=quantized, seed=seed)
     source = load_model(model, weights=weights, trust_pickle=trust_pickle)
-    local = load_data(data)
-    original = load_data(original_data) if original_data else None
+    local = load_data_arg(data)
+    original = load_data_arg(original_data) if original_data else None
     reference = load_model(deployed) if deployed else None
     result = run_adapt(source, local, config=config, original=original, out=out, resume=resume, deployed=reference,
                        progress=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
+import inspect
 import json
 import os
 import sys
@@ -211,14 +213,15 @@ WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="state_dict (
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled modules (runs code from the file).")]
 TrustCodeOpt = Annotated[bool, typer.Option("--trust-code", help="Allow a recipe to name Python files (e.g. a distillation student file.py:factory); importing them runs their code.")]
 RuntimeOpt = Annotated[str | None, typer.Option("--runtime", help="onnxruntime, openvino, litert or torch; default: the model's stored runtime.")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", callback=opt.threads, help="Intra-op threads; default: the device profile's.")]
-# For commands that time or evaluate with one thread unless told otherwise (they take no --device).
-ThreadsDefault1Opt = Annotated[int | None, typer.Option("--threads", callback=opt.threads, help="Intra-op threads; default: 1.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", callback=opt.threads, metavar="N",
+                                              help="Intra-op threads; default: the --device profile's "
+                                                   "(without --device: the host profile, all cores).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="Device profile name or .yaml file (see edgeopt devices).")]
-InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="CxHxW for image folders, e.g. 3x224x224.")]
-MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean, comma-separated, e.g. 0.485,0.456,0.406.")]
-StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std, comma-separated.")]
+InputSizeOpt = Annotated[str | None, typer.Option("--input-size", metavar="CxHxW", help="Image folders: the size images are resized to, e.g. 3x224x224.")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", metavar="M,M,M", help="Image folders: per-channel mean, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[str | None, typer.Option("--std", metavar="S,S,S", help="Image folders: per-channel std, e.g. 0.229,0.224,0.225.")]
 SecondsOpt = Annotated[float, typer.Option("--seconds", callback=opt.seconds, help="Minimum timed seconds per model.")]
+SECONDS = 2.0  # every command's --seconds default: DESIGN's "at least 100 runs and 2 s" (BenchSettings)
 RunsOpt = Annotated[int, typer.Option("--runs", callback=opt.at_least_one, help="Minimum timed runs per model.")]
 MaxDropOpt = Annotated[float, typer.Option("--max-drop", callback=opt.unit_interval_drop, help="Allowed drop in absolute points (0.01 = 1 pt).")]
 MetricOpt = Annotated[str, typer.Option("--metric", help="What the budget judges: auto (class scores: accuracy, or "
@@ -226,6 +229,15 @@ MetricOpt = Annotated[str, typer.Option("--metric", help="What the budget judges
                                         "accuracy, agreement or cosine.")]
 MinCosineOpt = Annotated[float, typer.Option("--min-cosine", callback=opt.cosine, help="Never choose a variant whose "
                                              "mean cosine to the original is below this, whatever the metric.")]
+
+
+def resolve_threads(threads: int | None, device: Any = None) -> int:
+    """``--threads`` as every command reads it: the given number, else the --device profile's (host: all cores)."""
+    if threads is not None:
+        return threads
+    from edgeopt.devices import get_device
+
+    return get_device(device).effective_threads()
 
 
 def check_threads(threads: int | None) -> None:
@@ -259,8 +271,39 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
         raise BadInput(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
+_IMAGE_FLAGS: contextvars.ContextVar[tuple[str | None, str | None, str | None]] = contextvars.ContextVar(
+    "image_flags", default=(None, None, None))
+
+
 def load_data_arg(spec: str, input_size: str | None = None, mean: str | None = None, std: str | None = None) -> Any:
+    """Load ``--data``-style input; an image folder uses the command's --input-size/--mean/--std."""
     from edgeopt.data import load_data, parse_size
 
+    given = _IMAGE_FLAGS.get()
+    input_size, mean, std = input_size or given[0], mean or given[1], std or given[2]
     return load_data(spec, input_size=parse_size(input_size) if input_size else None,
                      mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"))
+
+
+def image_folder_flags(func: F) -> F:
+    """Give a command whose data flags accept image folders --input-size, --mean and --std, declared
+    here once; every ``load_data_arg`` inside the command then reads them."""
+    signature = inspect.signature(func, eval_str=True)
+    extra = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=kind)
+             for name, kind in (("input_size", InputSizeOpt), ("mean", MeanOpt), ("std", StdOpt))]
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.name == "json_out"), len(params))
+    params[at:at] = extra
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, input_size: str | None = None, mean: str | None = None, std: str | None = None,
+                **kwargs: Any) -> Any:
+        token = _IMAGE_FLAGS.set((input_size, mean, std))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _IMAGE_FLAGS.reset(token)
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper  # type: ignore[return-value]

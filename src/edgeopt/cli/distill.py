@@ -11,6 +11,7 @@ from rich.table import Table
 from edgeopt.cli import app
 from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
+    SECONDS,
     DeviceOpt,
     JsonOpt,
     ThreadsOpt,
@@ -22,6 +23,7 @@ from edgeopt.cli.common import (
     err_console,
     fmt_bytes,
     fmt_pct,
+    image_folder_flags,
     user_errors,
 )
 
@@ -80,6 +82,7 @@ def zoo(
 
 @app.command()
 @user_errors
+@image_folder_flags
 def distill(
     teacher: Annotated[str, typer.Option("--teacher", help="Teacher: model.onnx, file.py:factory, or (text) a local Hugging Face folder.")],
     student: Annotated[str, typer.Option("--student", help="Catalogue name (see edgeopt zoo), file.py:factory, or 'half' for a BERT teacher.")],
@@ -100,7 +103,7 @@ def distill(
     seed: Annotated[int, typer.Option("--seed", callback=opt.seed, help="Seed for split, init and shuffling.")] = 0,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip training the student without the teacher.")] = False,
     max_len: Annotated[int, typer.Option("--max-len", callback=opt.max_len, help="Text: tokens per example.")] = 64,
-    bench_seconds: Annotated[float, typer.Option("--bench-seconds", callback=opt.seconds, help="Minimum timed seconds per model (latency).")] = 2.0,
+    bench_seconds: Annotated[float, typer.Option("--seconds", "--bench-seconds", callback=opt.seconds, help="Minimum timed seconds per model (latency).")] = SECONDS,
     teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="state_dict for a file.py:factory teacher.")] = None,
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = None,

@@ -11,10 +11,11 @@ from rich.table import Table
 from edgeopt.cli import app
 from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
+    SECONDS,
     JsonOpt,
     RunsOpt,
     SecondsOpt,
-    ThreadsDefault1Opt,
+    ThreadsOpt,
     TrustPickleOpt,
     WeightsOpt,
     check_output_dir,
@@ -22,7 +23,9 @@ from edgeopt.cli.common import (
     console,
     emit_json,
     fmt_bytes,
+    image_folder_flags,
     load_data_arg,
+    resolve_threads,
     user_errors,
 )
 
@@ -31,6 +34,7 @@ TARGETS = ("onnx", "tflite")
 
 @app.command()
 @user_errors
+@image_folder_flags
 def export(
     model: Annotated[str, typer.Argument(help="file.py:factory (+ --weights), .pt2, .onnx (tflite only), "
                                               ".keras/.h5 (tflite only), float .tflite (to quantize).")],
@@ -47,8 +51,8 @@ def export(
     min_cosine: Annotated[float | None, typer.Option(
         "--min-cosine", callback=opt.cosine, help="tflite: cosine floor vs the reference (default 0.999 float, 0.98 INT8).")] = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="tflite: time every variant in LiteRT.")] = True,
-    threads: ThreadsDefault1Opt = None,
-    seconds: SecondsOpt = 1.0,
+    threads: ThreadsOpt = None,
+    seconds: SecondsOpt = SECONDS,
     runs: RunsOpt = 50,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -149,7 +153,7 @@ def _export_tflite(spec: str, out: Path, dataset: Any, *, modes: list[str], min_
     if settings is not None:
         with console.status(f"timing {len(variants)} variant(s) in LiteRT, interleaved..."):
             timings = compare([m for m, _ in variants], settings=settings, runtime="litert",
-                              threads=threads if threads is not None else 1)
+                              threads=resolve_threads(threads))
     several = len(variants) > 1
     saved = [m.save(_variant_path(out, mode, several)) for (m, _), mode in zip(variants, modes, strict=True)]
     base_size = saved[0].size_bytes

@@ -13,13 +13,11 @@ from typer.core import TyperGroup
 from edgeopt.cli import app
 from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
-    InputSizeOpt,
+    SECONDS,
     JsonOpt,
-    MeanOpt,
     RunsOpt,
     RuntimeOpt,
     SecondsOpt,
-    StdOpt,
     ThreadsOpt,
     TrustPickleOpt,
     WeightsOpt,
@@ -28,6 +26,7 @@ from edgeopt.cli.common import (
     emit_json,
     fmt_bytes,
     fmt_pct,
+    image_folder_flags,
     load_data_arg,
     user_errors,
 )
@@ -49,6 +48,7 @@ def device_list(spec: str | None) -> list[str | None]:
 
 @app.command()
 @user_errors
+@image_folder_flags
 def bench(
     models: Annotated[list[str], typer.Argument(help="One or more models; several are timed interleaved.")],
     data: Annotated[str | None, typer.Option("--data", help="Inputs to time with (default: random of the input shape).")] = None,
@@ -56,13 +56,10 @@ def bench(
     threads: ThreadsOpt = None,
     batch: Annotated[int, typer.Option("--batch", callback=opt.batch, help="Samples per run.")] = 1,
     runs: RunsOpt = 100,
-    seconds: SecondsOpt = 2.0,
+    seconds: SecondsOpt = SECONDS,
     device: FleetOpt = None,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Latency (p50/p90/p99/mean), throughput, peak memory and size; several models interleaved."""
@@ -73,7 +70,7 @@ def bench(
     settings = BenchSettings(min_runs=runs, min_seconds=seconds)
     targets = device_list(device)
     loaded = [load_model(m, weights=weights, trust_pickle=trust_pickle) for m in models]
-    dataset = load_data_arg(data, input_size, mean, std) if data else None
+    dataset = load_data_arg(data) if data else None
     per_device = {}
     for target in targets:
         label = f" on {target}" if target else ""
@@ -158,6 +155,7 @@ def where_line(where: dict[str, Any]) -> str:
 
 @app.command("eval")
 @user_errors
+@image_folder_flags
 def eval_(
     model: Annotated[str, typer.Argument(help="Model to evaluate.")],
     data: Annotated[str, typer.Option("--data", help=".npz, image folder, or sklearn:digits.")],
@@ -167,9 +165,6 @@ def eval_(
     device: FleetOpt = None,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Accuracy (top-1, top-5) on labelled data; agreement and cosine against --reference."""
@@ -179,7 +174,7 @@ def eval_(
 
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
     ref = load_model(reference) if reference else None
-    dataset = load_data_arg(data, input_size, mean, std)
+    dataset = load_data_arg(data)
     if dataset.labels is None and ref is None:
         raise DataError(f"{dataset.source} has no labels (y) and no --reference was given: nothing to measure")
     per_device = {}

@@ -11,6 +11,7 @@ from rich.table import Table
 from edgeopt.cli import app
 from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
+    SECONDS,
     DeviceOpt,
     JsonOpt,
     MaxDropOpt,
@@ -27,12 +28,15 @@ from edgeopt.cli.common import (
     fmt_bytes,
     fmt_cos,
     fmt_pct,
+    image_folder_flags,
+    load_data_arg,
     user_errors,
 )
 
 
 @app.command()
 @user_errors
+@image_folder_flags
 def optimize(
     model: Annotated[str, typer.Argument(help="ONNX model, or PyTorch file.py:factory with --weights.")],
     data: Annotated[str, typer.Option("--data", help="Labelled data (.npz, image folder, sklearn:digits).")],
@@ -48,7 +52,7 @@ def optimize(
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="ray:// address; default: a local cluster.")] = None,
     recipes: Annotated[Path | None, typer.Option("--recipes", help="JSON list of recipes to try instead of the default space.")] = None,
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", callback=opt.open_fraction, help="Share of --data held out for judging.")] = 0.5,
-    seconds: SecondsOpt = 1.0,
+    seconds: SecondsOpt = SECONDS,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
@@ -70,7 +74,7 @@ def optimize(
         if not isinstance(raw, list):
             raise BadInput(f"{recipes} must hold a JSON list of recipes")
         plan = [Recipe.from_dict(r, trust_code=trust_code) for r in raw]
-    result = run_optimize(model, data, out_dir=out, max_drop=max_drop, metric=metric, min_cosine=min_cosine,
+    result = run_optimize(model, load_data_arg(data), out_dir=out, max_drop=max_drop, metric=metric, min_cosine=min_cosine,
                           objective=objective,
                           device=device, threads=threads, time_budget_min=time_budget, executor=executor,
                           ray_address=ray_address, recipes=plan, eval_fraction=eval_fraction,
@@ -108,6 +112,7 @@ def optimize(
 
 @app.command()
 @user_errors
+@image_folder_flags
 def apply(
     model: Annotated[str, typer.Argument(help="The original model (ONNX, or PyTorch file.py:factory).")],
     recipe: Annotated[Path, typer.Argument(help="A recipe JSON: optimize's chosen_recipe, or one of report.json's candidates.")],
@@ -118,7 +123,6 @@ def apply(
     trust_code: TrustCodeOpt = False,
 ) -> None:
     """Replay a saved recipe on a model (e.g. the one optimize chose), without searching again."""
-    from edgeopt.data import load_data
     from edgeopt.errors import BadInput
     from edgeopt.fileio import read_json
     from edgeopt.model import load_model
@@ -133,7 +137,7 @@ def apply(
         raise BadInput(f"{recipe} does not hold a recipe object (or optimize's report.json)")
     plan = Recipe.from_dict(payload, trust_code=trust_code)
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
-    dataset = load_data(data) if data else None
+    dataset = load_data_arg(data) if data else None
     if plan.needs and dataset is None:
         raise BadInput(f"recipe {plan.name} needs {', '.join(plan.needs)} data: pass --data")
     train, validation = fine_tuning_split(dataset, seed=0) if dataset is not None else (None, None)

@@ -11,9 +11,11 @@ from rich.table import Table
 from edgeopt.cli import app
 from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
+    SECONDS,
     DeviceOpt,
     JsonOpt,
     SecondsOpt,
+    ThreadsOpt,
     TrustPickleOpt,
     WeightsOpt,
     check_onnx_output,
@@ -23,6 +25,9 @@ from edgeopt.cli.common import (
     err_console,
     fmt_bytes,
     fmt_pct,
+    image_folder_flags,
+    load_data_arg,
+    resolve_threads,
     user_errors,
 )
 from edgeopt.fileio import report_path
@@ -30,6 +35,7 @@ from edgeopt.fileio import report_path
 
 @app.command()
 @user_errors
+@image_folder_flags
 def prune(
     model: Annotated[str, typer.Argument(help="PyTorch model: path/to/file.py:factory (with --weights) or a .pt2.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output .onnx; .pt, .pt2 and .report.json go beside it.")],
@@ -52,10 +58,9 @@ def prune(
     lr: Annotated[float, typer.Option("--lr", callback=opt.positive, help="Fine-tuning learning rate.")] = 1e-3,
     distill: Annotated[bool, typer.Option("--distill", help="Fine-tune with distillation from the unpruned model.")] = False,
     steps: Annotated[int, typer.Option("--steps", callback=opt.at_least_one, help="Iterative prune-and-tune steps.")] = 1,
-    threads: Annotated[int | None, typer.Option("--threads", callback=opt.threads, help="Intra-op threads for timing; default: the "
-                                                "--device profile's, else 1.")] = None,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = None,
-    seconds: SecondsOpt = 1.0,
+    seconds: SecondsOpt = SECONDS,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the before/after latency measurement "
                                              "(a --target-latency-ms search still times).")] = False,
     weights: WeightsOpt = None,
@@ -63,7 +68,6 @@ def prune(
     json_out: JsonOpt = None,
 ) -> None:
     """Prune a PyTorch model; report MACs, params, sparsity, gzip sizes, latency and accuracy before/after."""
-    from edgeopt.data import load_data
     from edgeopt.devices import get_device
     from edgeopt.errors import BadInput
     from edgeopt.fileio import write_json
@@ -95,11 +99,11 @@ def prune(
         get_device(device)
     loaded = load_model(model, weights=weights, trust_pickle=trust_pickle)
     torch_module(loaded)
-    tune = load_data(data) if data else None
-    held = load_data(eval_data) if eval_data else None
+    tune = load_data_arg(data) if data else None
+    held = load_data_arg(eval_data) if eval_data else None
     bench = BenchSettings(warmup=10, min_runs=100, min_seconds=seconds, max_seconds=max(20.0, seconds))
     with console.status("pruning..." if epochs == 0 else "pruning and fine-tuning..."):
-        result = run_prune(loaded, cfg, data=tune, eval_data=held, threads=threads, device=device,
+        result = run_prune(loaded, cfg, data=tune, eval_data=held, threads=resolve_threads(threads, device), device=device,
                            latency=not no_latency, bench_settings=bench, progress=epochs > 0)
     paths = save_pruned(result, out)
     payload = {**result.report, "outputs": {**paths, "report": str(report_path(out))}}

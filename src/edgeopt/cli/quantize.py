@@ -11,13 +11,13 @@ from rich.table import Table
 from edgeopt.cli import app
 from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
+    SECONDS,
     DeviceOpt,
     JsonOpt,
     MaxDropOpt,
     MetricOpt,
     MinCosineOpt,
     SecondsOpt,
-    ThreadsDefault1Opt,
     ThreadsOpt,
     TrustPickleOpt,
     WeightsOpt,
@@ -28,6 +28,9 @@ from edgeopt.cli.common import (
     fmt_bytes,
     fmt_cos,
     fmt_pct,
+    image_folder_flags,
+    load_data_arg,
+    resolve_threads,
     user_errors,
 )
 from edgeopt.fileio import report_path
@@ -57,6 +60,7 @@ def _config(mode: str, *, fmt: str, per_channel: bool | None, calibration: str, 
 
 @app.command()
 @user_errors
+@image_folder_flags
 def quantize(
     model: Annotated[str, typer.Argument(help="FP32 ONNX model (export PyTorch models first).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output .onnx (a .report.json is written beside it).")],
@@ -81,13 +85,12 @@ def quantize(
     block_size: Annotated[int, typer.Option("--block-size", callback=opt.at_least_one, help="int4: weights per scale.")] = 32,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
-    seconds: SecondsOpt = 1.0,
+    seconds: SecondsOpt = SECONDS,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Quantize a model and prove the result: size, latency interleaved with FP32, accuracy and agreement."""
-    from edgeopt.data import load_data
     from edgeopt.errors import BadInput
     from edgeopt.fileio import write_json
     from edgeopt.measure.bench import BenchSettings
@@ -115,8 +118,8 @@ def quantize(
     from edgeopt.transforms.quantize import check_quantizable
 
     check_quantizable(original)
-    dataset = load_data(data) if data else None
-    held = load_data(eval_data) if eval_data else None
+    dataset = load_data_arg(data) if data else None
+    held = load_data_arg(eval_data) if eval_data else None
     if dataset is not None:
         dataset.feeds_for(original)
     if held is not None:
@@ -257,6 +260,7 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
 
 @app.command()
 @user_errors
+@image_folder_flags
 def analyze(
     model: Annotated[str, typer.Argument(help="FP32 ONNX model.")],
     data: Annotated[str, typer.Option("--data", help="Calibration data; half of it judges unless --eval-data is given.")],
@@ -266,12 +270,11 @@ def analyze(
     calibration: Annotated[str, typer.Option("--calibration", help="minmax, entropy or percentile.")] = "minmax",
     all_but: Annotated[bool, typer.Option("--all-but/--only", help="Also quantize all but each layer (twice the time).")] = True,
     max_eval: Annotated[int, typer.Option("--max-eval", callback=opt.at_least_one, help="Judge on at most this many samples.")] = 256,
-    threads: ThreadsDefault1Opt = None,
+    threads: ThreadsOpt = None,
     top: Annotated[int, typer.Option("--top", callback=opt.at_least_one, help="Rows shown in the table (the JSON has all).")] = 20,
     json_out: JsonOpt = None,
 ) -> None:
     """Per-layer INT8 sensitivity: each layer quantized alone (and all but it), ranked by what it costs."""
-    from edgeopt.data import load_data
     from edgeopt.errors import BadInput
     from edgeopt.model import load_model
     from edgeopt.transforms.quantize import StaticInt8
@@ -281,10 +284,10 @@ def analyze(
         raise BadInput(f"--max-eval must be >= 1, got {max_eval}")
     cfg = StaticInt8(format=fmt, per_channel=per_channel, calibration=calibration)  # type: ignore[arg-type]
     loaded = load_model(model)
-    dataset = load_data(data)
-    held = load_data(eval_data) if eval_data else None
+    dataset = load_data_arg(data)
+    held = load_data_arg(eval_data) if eval_data else None
     with console.status("quantizing one layer at a time...") as status:
-        rows = run_analyze(loaded, dataset, config=cfg, eval_data=held, threads=threads or 1, all_but=all_but,
+        rows = run_analyze(loaded, dataset, config=cfg, eval_data=held, threads=resolve_threads(threads), all_but=all_but,
                            max_eval=max_eval, on_layer=lambda n: status.update(f"analyzing {n}..."))
     labelled = (held or dataset).labels is not None
     table = Table(title=f"edgeopt analyze: {loaded.source} (most sensitive first)")

@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 
 from edgeopt.cli import app
 from edgeopt.cli import options as opt
-from edgeopt.cli.common import JsonOpt, console, emit_json, fmt_bytes, user_errors
+from edgeopt.cli.common import JsonOpt, console, emit_json, fmt_bytes, image_folder_flags, user_errors
 
 
 class _PlanByDefault(TyperGroup):
@@ -82,6 +82,7 @@ def _read_plan(out: Path) -> Any:
 
 @split_app.command("run")
 @user_errors
+@image_folder_flags
 def run(
     outdir: Annotated[Path, typer.Argument(help="Directory written by edgeopt split.")],
     data: Annotated[str | None, typer.Option("--data", help="Inputs for the whole model (default: random of its input shape).")] = None,

@@ -176,6 +176,18 @@ def test_slow_head_and_slow_body_get_408_and_headers_are_capped(tiny_model: Path
             closed, reply = closed_by_server(s, within=5.0)  # the deadline then hangs up, no second reply
         assert closed and reply.startswith(b"HTTP/1.1 413") and b"408" not in reply
 
+        # no false alarm: a 60 KiB header passes, and a 300 KB body pipelined with the next request's
+        # head in the same reads is not counted as header bytes
+        big_header = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 60_000 + b"\r\nConnection: close\r\n\r\n"
+        assert exchange(server.port, big_header).startswith(b"HTTP/1.1 200")
+        x = np.ones((300, 1, 16, 16), np.float32)
+        header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+        first = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: {len(header)}"
+                 f"\r\nContent-Length: {len(header) + x.nbytes}\r\n\r\n").encode() + header + x.tobytes()
+        replies = exchange(server.port, first + READY)
+        assert replies.count(b"HTTP/1.1 200") == 2 and b"431" not in replies
+
         # four connections stream an unterminated header (the review's 4 x 420 MB): each is cut off
         # after 64 KiB (+ one read), and the server's memory stays flat
         before = rss_mb(server.proc.pid)

@@ -29,7 +29,7 @@ demo: $(STAMP_DEMO)
 
 test: $(STAMP_ALL)
 	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(STAMP_ALL)
 	$(VENV)/bin/ruff check src tests benchmarks examples

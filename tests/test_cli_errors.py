@@ -77,11 +77,24 @@ def test_eval_without_labels_or_reference(cli, tmp_path: Path, digits_onnx: Path
     assert_clean_error(cli("eval", digits_onnx, "--data", p), "no labels")
 
 
-def test_no_partial_json_on_error(cli, tmp_path: Path) -> None:
+def test_no_partial_json_when_the_disk_fills_mid_write(cli, tmp_path: Path, monkeypatch) -> None:
+    """The write itself fails halfway: the old file stays whole, no temp file is left, one line, exit 2."""
+    import errno
+
     out = tmp_path / "out.json"
-    cli("bench", tmp_path / "missing.onnx", "--json", out)
-    assert not out.exists()
-    assert not list(tmp_path.glob(".out.json*"))
+    out.write_text('{"previous": "run"}\n')
+    real_write = Path.write_text
+
+    def half_then_full(self: Path, text: str, *args, **kwargs) -> int:
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    result = cli("devices", "--json", out)
+    monkeypatch.undo()
+    assert_clean_error(result, f"cannot write {out}: No space left on device")
+    assert out.read_text() == '{"previous": "run"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
 @pytest.mark.slow

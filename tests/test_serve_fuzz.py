@@ -88,7 +88,8 @@ def fuzz_client(tmp_path_factory):
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+# derandomize: the same 200 cases on every run and machine (a failure reproduces; CI cannot flip)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(case=malformed_body())
 def test_malformed_requests_get_4xx(fuzz_client, case: tuple[bytes, dict[str, str]]) -> None:

@@ -36,9 +36,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, BadInput):  # a full disk, a vanished folder
+            raise BadInput(f"cannot write {target}: {exc.strerror or exc}") from exc
         raise
 
 

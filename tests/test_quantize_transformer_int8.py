@@ -91,3 +91,16 @@ def test_auto_searches_the_transformer_space_and_judges_by_cosine(encoder) -> No
         assert x.drop == pytest.approx(1 - x.cosine)
         assert x.meets_budget == Budget().allows(1.0, x.cosine, cosine=x.cosine)
     assert np.isfinite(r.baseline.latency_ms["p50"])
+
+
+def test_nncf_int8_weight_compression_runs_in_openvino(encoder) -> None:
+    pytest.importorskip("nncf")
+    pytest.importorskip("openvino")
+    from edgeopt.transforms.nncf_quantize import NncfWeightsInt8, nncf_compress_weights
+
+    model, data = encoder
+    q = nncf_compress_weights(model, NncfWeightsInt8())
+    assert q.metadata["edgeopt.runtime"] == "openvino"
+    assert sum(n.op_type == "DequantizeLinear" for n in q.onnx.graph.node) >= 12
+    r = evaluate(q, data, reference=model, threads=1)
+    assert r.cosine > 0.99 and model.size_bytes / q.size_bytes > 2.5

@@ -108,7 +108,7 @@ def transformer_recipes(model: Model, device: DeviceProfile, *, runtimes: tuple[
     SmoothQuant at a few strengths; after ONNX Runtime's transformer fusions; static INT8 of the
     MatMul inputs only, U8 and S8 activations; INT8 block-wise weights with block-wise run-time
     activation quantization (MatMulNBits) and INT8 embeddings; INT4 weight-only; NNCF's
-    transformer mode (SmoothQuant inside) for OpenVINO.
+    transformer mode (SmoothQuant inside) and NNCF's INT8 weight compression for OpenVINO.
     """
     from edgeopt.transforms.quantize import DynamicInt8, Int4WeightOnly, Int8WeightOnly
     from edgeopt.transforms.smooth_quant import SmoothQuant
@@ -135,10 +135,12 @@ def transformer_recipes(model: Model, device: DeviceProfile, *, runtimes: tuple[
             recipes.append(Recipe("int4-weight-only", (Int4WeightOnly(),)))
     if "openvino" in allowed and "int8" in precisions and _module_exists("edgeopt.runtimes.openvino") \
             and available("openvino") and available("nncf"):
-        from edgeopt.transforms.nncf_quantize import NncfInt8
+        from edgeopt.transforms.nncf_quantize import NncfInt8, NncfWeightsInt8
 
+        recipes.append(Recipe("openvino-f32", (), runtime="openvino", runtime_options={"precision": "f32"}))
         recipes.append(Recipe("openvino-nncf-int8-transformer", (NncfInt8(model_type="transformer", subset_size=64),),
                               runtime="openvino", needs=("calibration",)))
+        recipes.append(Recipe("openvino-nncf-int8-weights", (NncfWeightsInt8(),), runtime="openvino"))
     return recipes
 
 

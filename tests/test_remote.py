@@ -334,3 +334,52 @@ exec {sys.executable} "$@"
     assert again.exit_code == 0, again.output
     assert json.loads(out.read_text())["measured_on"]["device"] == "dies"
     assert not any((work / "tmp").iterdir())
+
+
+def _huge_buffer_model(path: Path, floats: int) -> Path:
+    """A tiny file whose run needs ``floats`` float32s at once (ConstantOfShape, then a sum)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Mul", ["s", "n"], ["big_shape"]),
+             helper.make_node("ConstantOfShape", ["big_shape"], ["big"],
+                              value=numpy_helper.from_array(np.ones(1, np.float32))),
+             helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "huge", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                              initializer=[numpy_helper.from_array(np.array([floats], np.int64), "n")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_a_device_out_of_memory_is_one_line(cli, sshd, devices_dir, tmp_path) -> None:
+    """The device's Python may use 700 MB of address space; the model needs 1.2 GB at run time."""
+    small = tmp_path / "small-python"
+    small.write_text(f"#!/bin/sh\nulimit -v 700000\nexec {sys.executable} \"$@\"\n")
+    small.chmod(0o755)
+    add(sshd, "tiny", tmp_path / "w", python=str(small))
+    model = _huge_buffer_model(tmp_path / "huge.onnx", 300_000_000)
+    out = tmp_path / "bench.json"
+    _one_line_exit_2(cli("bench", str(model), "--device", "tiny", "--runs", "1", "--seconds", "0", "--json", str(out)),
+                     "tiny ran out of memory")
+    assert not out.exists() and not any((tmp_path / "w" / "tmp").iterdir())
+
+
+@pytest.mark.slow
+def test_split_measures_a_remote_device_speed(cli, board, tmp_path) -> None:
+    """split plans with the device's measured speed (whole model timed there), not the profile's guess."""
+    model = make_onnx_cnn(tmp_path / "m.onnx", channels=16, size=32)
+    out = tmp_path / "parts"
+    result = cli("split", str(model), "--devices", f"{board},host", "--link-mbps", "1000", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "plan.json").read_text())
+    speed = plan["measured_speeds"][board]
+    assert speed["measured_on"]["device"] == board and speed["device_whole_model_ms"] > 0
+    assert speed["relative_speed"] == pytest.approx(speed["host_whole_model_ms"] / speed["device_whole_model_ms"])
+    assert 0.2 < speed["relative_speed"] < 5  # the same machine behind the ssh
+    assert plan["stages"][0]["device"] == board
+    assert plan["stages"][0]["relative_speed"] == pytest.approx(speed["relative_speed"])

@@ -83,6 +83,8 @@ def split_model(model: str | os.PathLike[str] | Model, devices: list[str | Devic
         if len(chosen) != len(profiles) - 1:
             raise BadInput(f"{len(profiles)} devices need {len(profiles) - 1} cut(s); --cuts gave {len(chosen)}")
         profile = profile_segments(graph, chosen, threads=threads, settings=settings)
+        profiles, measured = measure_remote_speeds(graph.proto, profiles, profile.details["whole_model_ms"],
+                                                   threads=threads, settings=settings)
         plan = fixed_plan(profile, profiles, link, objective=objective, **common)
     else:
         candidates = graph.valid()
@@ -91,6 +93,8 @@ def split_model(model: str | os.PathLike[str] | Model, devices: list[str | Devic
                            f"only {len(candidates)} single-tensor cut position(s)")
         profile = profile_segments(graph, candidates if len(profiles) > 1 else [], threads=threads,
                                    settings=settings)
+        profiles, measured = measure_remote_speeds(graph.proto, profiles, profile.details["whole_model_ms"],
+                                                   threads=threads, settings=settings)
         plan = plan_cuts(profile, profiles, link, objective=objective, **common)
 
     bounds = [None, *(graph.cuts[c] for c in plan.cuts), None]
@@ -105,6 +109,8 @@ def split_model(model: str | os.PathLike[str] | Model, devices: list[str | Devic
         "valid_cuts": [c.index for c in graph.valid()],
         "profile": profile.to_dict(),
     }
+    if measured:
+        payload["measured_speeds"] = measured
     write_json(folder / "plan.json", payload)
     return plan
 
@@ -131,3 +137,31 @@ def run_split(out_dir: str | os.PathLike[str], *, stage_urls: str | None = None,
 
 
 __all__ = ["run_split", "split_model"]
+
+
+def measure_remote_speeds(proto: Any, profiles: list[DeviceProfile], host_whole_ms: float, *, threads: int,
+                          settings: BenchSettings | None = None) -> tuple[list[DeviceProfile], dict[str, Any]]:
+    """A remote (SSH) device's ``relative_speed`` is measured, not assumed: the whole model is timed on
+    the device with the same harness, and its speed is the host's whole-model time over the device's.
+
+    Returns the profiles (remote ones with the measured speed) and, per remote device, what was measured.
+    """
+    from dataclasses import replace
+
+    from edgeopt.measure.bench import BenchSettings, compare
+    from edgeopt.model import Model
+
+    measured: dict[str, Any] = {}
+    out = []
+    for p in profiles:
+        if p.ssh:
+            if p.name not in measured:
+                cfg = settings or BenchSettings(warmup=3, min_runs=30, min_seconds=0.2, max_seconds=5.0)
+                r = compare([Model.from_onnx(proto, source="whole model")], settings=cfg, runtime="onnxruntime",
+                            threads=threads, device=p)[0]
+                measured[p.name] = {"device_whole_model_ms": r.latency_ms["p50"], "host_whole_model_ms": host_whole_ms,
+                                    "relative_speed": host_whole_ms / r.latency_ms["p50"],
+                                    "profile_relative_speed": p.relative_speed, "measured_on": r.measured_on}
+            p = replace(p, relative_speed=measured[p.name]["relative_speed"])
+        out.append(p)
+    return out, measured

@@ -128,7 +128,8 @@ def test_cli_bench_with_openvino(cli, digits_onnx: Path, tmp_path: Path) -> None
     assert "openvino" in result.stdout
     payload = json.loads(out.read_text())
     assert payload["runtime"] == "openvino" and payload["threads"] == 1
-    assert payload["runs"] >= 20 and 0 < payload["latency_ms"]["p50"] < 1000
+    lat = payload["latency_ms"]
+    assert payload["runs"] >= 20 and 0 < lat["p50"] <= lat["p90"] <= lat["p99"]  # (< 1000 ms always held)
     # the precision OpenVINO really compiled is in the report (BF16 by default on AVX-512 BF16 CPUs)
     assert payload["runtime_details"]["inference_precision"] == ("bf16" if _cpu_has_bf16() else "f32")
     assert payload["runtime_details"]["num_threads"] == 1

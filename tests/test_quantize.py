@@ -209,7 +209,8 @@ def test_cli_static_writes_model_and_report(cli, tmp_path, digits_onnx, digits_t
     assert report["config"]["fields"]["per_channel"] is False
     assert report["size_ratio"] >= 3.5
     assert report["evaluation"]["agreement"] >= 0.99
-    assert report["fp32"]["latency_ms"]["p50"] > 0 and report["speedup"] > 0
+    fp32_p50, int8_p50 = report["fp32"]["latency_ms"]["p50"], report["quantized"]["latency_ms"]["p50"]
+    assert report["speedup"] == pytest.approx(fp32_p50 / int8_p50, abs=1e-3)  # the ratio of the two timings
     assert json.loads((tmp_path / "r.json").read_text())["size_ratio"] == report["size_ratio"]
 
 

@@ -104,11 +104,13 @@ def test_sigterm_finishes_the_in_flight_request_then_exits_cleanly(tmp_path: Pat
                                    "data": x.ravel().tolist()}]}).encode()
     head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
             "Content-Type: application/json\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
         s.sendall(head + body[:100])  # the request is in flight: half its body is still to come
-        time.sleep(0.3)
+        # Events, not sleeps: the server has read what we sent (its socket's receive queue is empty)...
+        _wait_for(lambda: _unread_bytes(server.port, s.getsockname()[1]) == 0, "the server to read the request")
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        # ...and has begun shutting down (it closed its listening socket) while our request is unfinished.
+        _wait_for(lambda: not _accepts(server.port), "the server to stop accepting connections")
         assert server.proc.poll() is None, "the server exited with a request in flight"
         s.sendall(body[100:])
         chunks = []
@@ -122,6 +124,31 @@ def test_sigterm_finishes_the_in_flight_request_then_exits_cleanly(tmp_path: Pat
     assert code == 0
     events = [json.loads(line).get("event") for line in err.splitlines() if line.startswith("{")]
     assert "infer" in events and events.index("infer") < events.index("stopped")
+
+
+def _unread_bytes(server_port: int, client_port: int) -> int | None:
+    """Bytes waiting in the server side's receive queue of our connection (Linux /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return int(queues.split(":")[1], 16)
+    return None
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def test_cli_busy_port_is_one_line_exit_2(cli, tmp_path: Path) -> None:

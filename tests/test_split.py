@@ -18,11 +18,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt.devices import DeviceProfile
-from edgeopt.errors import BadInput, DeviceError, ModelError
+from edgeopt.errors import BadInput, DeviceError, ModelError, PipelineError
 from edgeopt.measure.bench import BenchSettings
 from edgeopt.split import split_model
 from edgeopt.split.graph import GraphCuts
-from edgeopt.split.pipeline import PipelineError, run_pipeline
+from edgeopt.split.pipeline import run_pipeline
 from edgeopt.split.planner import Link, plan_cuts
 from edgeopt.split.profile import SegmentProfile
 

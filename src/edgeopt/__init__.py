@@ -99,7 +99,7 @@ _LAZY: dict[str, str] = {
     "run_server": "edgeopt.serve.server",
     # split (issue 9)
     "Link": "edgeopt.split.planner",
-    "PipelineError": "edgeopt.split.pipeline",
+    "PipelineError": "edgeopt.errors",
     "run_split": "edgeopt.split",
     "split_model": "edgeopt.split",
     # adapt: on-device training (issue 10)

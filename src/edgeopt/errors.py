@@ -13,6 +13,7 @@ EdgeoptError                    exit 2 unless noted
  +-- MissingDependency          an optional extra is not installed (names the pip command)
  +-- UnsupportedOperation       the model uses something a converter or runtime cannot handle
  +-- BudgetNotMet               exit 3: no candidate met the accuracy or speed budget
+ +-- PipelineError              a split stage failed (could not load, bad tensor, died) or stopped answering
 """
 
 from __future__ import annotations
@@ -73,3 +74,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when empty), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class PipelineError(EdgeoptError):
+    """A stage failed (could not load, got a bad tensor, died) or stopped answering."""

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from edgeopt.devices import DeviceProfile
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.model import Model
-    from edgeopt.split.pipeline import PipelineResult
     from edgeopt.split.planner import Objective, Plan
+    from edgeopt.split.results import PipelineResult
 
 
 def split_model(model: str | os.PathLike[str] | Model, devices: list[str | DeviceProfile], *,

@@ -1,4 +1,4 @@
-"""Run split stages as a pipeline: one process per stage, TCP sockets between them.
+"""Run split stages as a pipeline (the driver): one process per stage, TCP sockets between them.
 
 The driver (this process) feeds stage 0 and collects from the last stage; stage k sends to
 stage k+1 over its own TCP connection, so stage 0 computes item n+1 while stage 1 computes item
@@ -14,240 +14,36 @@ stage. Every stage process is terminated when the run ends, whatever happened.
 from __future__ import annotations
 
 import contextlib
-import heapq
-import math
-import queue
 import select
 import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgeopt.data import Dataset
-from edgeopt.errors import BadInput, EdgeoptError, ModelError, first_line
+from edgeopt.errors import BadInput, PipelineError
 from edgeopt.split import protocol
 from edgeopt.split.protocol import Frame, ProtocolError
 
 if TYPE_CHECKING:
-    from edgeopt.model import Model
+    pass
+from edgeopt.split.plan_file import load_plan
+from edgeopt.split.results import (
+    PipelineResult,
+    feeds_for_items,
+    latency_summary,
+    max_abs_diff_vs_whole,
+    predicted_latency,
+    predicted_throughput,
+)
+from edgeopt.split.stage import UPSTREAM_CLOSED, stage_main
 
-UPSTREAM_CLOSED = 3  # a stage's exit code when its input went away (it is not the culprit)
-
-
-class PipelineError(EdgeoptError):
-    """A stage failed (could not load, got a bad tensor, died) or stopped answering."""
-
-
-@dataclass
-class PipelineResult:
-    """Measured end-to-end latency per item (one in flight), throughput (streamed), fidelity."""
-
-    stages: int
-    devices: list[str]
-    items: int
-    latency_ms: dict[str, float]
-    throughput_ips: float
-    max_abs_diff: float | None
-    predicted_latency_ms: float
-    predicted_throughput_ips: float
-    simulate_link: bool
-    simulate_devices: bool
-    link: dict[str, float]
-    threads: int
-    latencies_ms: list[float] = field(default_factory=list, repr=False)
-    in_flight: int | None = None
-    remote: list[dict[str, Any]] | None = None
-
-    @property
-    def latency_error(self) -> float:
-        """(predicted - measured) / measured for the median item (the profile's statistic too)."""
-        return (self.predicted_latency_ms - self.latency_ms["p50"]) / self.latency_ms["p50"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stages": self.stages, "devices": self.devices, "items": self.items,
-                "latency_ms": self.latency_ms, "throughput_ips": self.throughput_ips,
-                "max_abs_diff": self.max_abs_diff, "predicted_latency_ms": self.predicted_latency_ms,
-                "predicted_throughput_ips": self.predicted_throughput_ips,
-                "latency_prediction_error": self.latency_error, "simulate_link": self.simulate_link,
-                "simulate_devices": self.simulate_devices, "link": self.link, "threads": self.threads,
-                **({"in_flight": self.in_flight, "remote": self.remote} if self.remote is not None else {})}
+__all__ = ["run_pipeline"]
 
 
-# -- stage process ------------------------------------------------------------------------------
-class _LinkSender:
-    """Sends frames downstream from its own threads, optionally as a link of ``mbps`` and ``latency_ms``."""
-
-    def __init__(self, sock: socket.socket, link: dict[str, float] | None) -> None:
-        self.sock = sock
-        self.link = link
-        self.error: str | None = None
-        self._queue: queue.Queue[Frame | None] = queue.Queue(maxsize=2)
-        self._delayed: list[tuple[float, int, list[Any] | None]] = []
-        self._cond = threading.Condition()
-        self._count = 0
-        self._wire = threading.Thread(target=self._wire_loop, daemon=True)
-        self._wire.start()
-        self._deliver: threading.Thread | None = None
-        if link and link.get("latency_ms", 0) > 0:
-            self._deliver = threading.Thread(target=self._deliver_loop, daemon=True)
-            self._deliver.start()
-
-    def put(self, frame: Frame) -> None:
-        if self.error:
-            raise ProtocolError(self.error)
-        self._queue.put(frame)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._wire.join()
-        if self._deliver is not None:
-            self._deliver.join()
-
-    def _sendall(self, parts: list[Any]) -> None:
-        try:
-            for part in parts:
-                self.sock.sendall(part)
-        except OSError as exc:
-            self.error = f"cannot send downstream: {exc}"
-
-    def _wire_loop(self) -> None:
-        free = time.perf_counter()
-        while True:
-            frame = self._queue.get()
-            if frame is None:
-                self._schedule(time.perf_counter(), None)
-                return
-            parts = protocol.encode(frame)
-            if not self.link or frame.kind != "data":
-                self._schedule(time.perf_counter(), parts)
-                continue
-            wire = sum(len(p) for p in parts) * 8 / (self.link["mbps"] * 1e6)
-            free = max(time.perf_counter(), free) + wire
-            _sleep_until(free)
-            self._schedule(free + self.link.get("latency_ms", 0.0) / 1000.0, parts)
-
-    def _schedule(self, when: float, parts: list[Any] | None) -> None:
-        if self._deliver is None:
-            if parts is not None and not self.error:
-                self._sendall(parts)
-            return
-        with self._cond:
-            self._count += 1
-            heapq.heappush(self._delayed, (when, self._count, parts))
-            self._cond.notify()
-
-    def _deliver_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._delayed:
-                    self._cond.wait()
-                when, _, parts = heapq.heappop(self._delayed)
-            _sleep_until(when)
-            if parts is None:
-                return
-            if not self.error:
-                self._sendall(parts)
-
-
-def _sleep_until(when: float) -> None:
-    delay = when - time.perf_counter()
-    if delay > 0:
-        time.sleep(delay)
-
-
-def _check_feeds(tensors: dict[str, np.ndarray], specs: list[Any]) -> dict[str, np.ndarray]:
-    names = [s.name for s in specs]
-    if sorted(tensors) != sorted(names):
-        raise BadInput(f"it expects tensor(s) {names} but got {sorted(tensors)}")
-    for spec in specs:
-        array = tensors[spec.name]
-        want = _ORT_TYPES.get(spec.type)
-        if want is not None and array.dtype != np.dtype(want):
-            raise BadInput(f"tensor {spec.name!r} has dtype {array.dtype}, expected {want}")
-        shape = list(spec.shape)
-        if len(shape) != array.ndim or any(isinstance(d, int) and d != a for d, a in zip(shape, array.shape,
-                                                                                          strict=True)):
-            raise BadInput(f"tensor {spec.name!r} has shape {list(array.shape)}, expected {shape}")
-    return tensors
-
-
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
-              "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}
-
-
-def stage_main(index: int, model_path: str, threads: int, host: str, control: Any,
-               link: dict[str, float] | None, slowdown: float) -> None:
-    """Entry point of one stage process: load, connect, then receive -> run -> send until ``end``."""
-    try:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
-        specs = session.get_inputs()
-        out_names = [o.name for o in session.get_outputs()]
-        listener = socket.create_server((host, 0))
-        listener.settimeout(60)
-        control.send(("ready", listener.getsockname()[1]))
-        _, down_host, down_port = control.recv()
-        down = socket.create_connection((down_host, down_port), timeout=60)
-        up, _ = listener.accept()
-        listener.close()
-        for sock in (up, down):
-            sock.settimeout(None)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except Exception as exc:  # report anything that stops the stage from starting
-        with contextlib.suppress(OSError):
-            control.send(("error", f"stage {index} ({Path(model_path).name}) cannot start: {first_line(exc)}"))
-        sys.exit(1)
-    sender = _LinkSender(down, link)
-    code = 0
-    try:
-        while True:
-            try:
-                frame = protocol.recv(up)
-            except ProtocolError as exc:
-                closed = "connection closed" in str(exc)
-                code = UPSTREAM_CLOSED if closed else 1
-                what = "its input connection closed before the end of the stream" if closed else str(exc)
-                sender.put(Frame("error", message=f"stage {index}: {what}"))
-                break
-            if frame.kind != "data":
-                sender.put(frame)
-                code = 0 if frame.kind == "end" else UPSTREAM_CLOSED
-                break
-            try:
-                feeds = _check_feeds(frame.tensors, specs)
-            except BadInput as exc:
-                raise BadInput(f"rejected item {frame.seq}: {exc}") from None
-            start = time.perf_counter()
-            try:
-                outputs = session.run(out_names, feeds)
-            except Exception as exc:  # ORT's own error types
-                raise RuntimeError(f"failed on item {frame.seq}: {first_line(exc)}") from None
-            if slowdown > 1.0:
-                time.sleep((time.perf_counter() - start) * (slowdown - 1.0))
-            sender.put(Frame("data", seq=frame.seq, tensors=dict(zip(out_names, outputs, strict=True))))
-    except Exception as exc:  # a bad tensor or a runtime failure: tell downstream, then exit
-        code = 1
-        with contextlib.suppress(Exception):
-            sender.put(Frame("error", message=f"stage {index}: {first_line(exc)}"))
-    finally:
-        sender.close()
-        with contextlib.suppress(OSError):
-            down.shutdown(socket.SHUT_WR)
-    sys.exit(code)
-
-
-# -- driver -------------------------------------------------------------------------------------
 class _Stages:
     """Stage processes plus the driver's sockets; ``close`` leaves no process behind."""
 
@@ -369,49 +165,6 @@ class _Stages:
                 proc.join()
 
 
-def load_plan(outdir: str | Path) -> dict[str, Any]:
-    """Read OUTDIR/plan.json and check every stage file is there.
-
-    Raises:
-        BadInput: not a split directory, or a malformed plan.
-    """
-    from edgeopt.devices import MAX_THREADS
-    from edgeopt.fileio import read_json
-
-    folder = Path(outdir)
-    path = folder / "plan.json"
-    if not path.is_file():
-        raise BadInput(f"{folder} has no plan.json: make one with edgeopt split MODEL --devices A,B -o {folder}")
-    plan = read_json(path, "split plan")
-    try:
-        stages = plan["stages"]
-        if not isinstance(stages, list) or not stages:
-            raise ValueError("no stages")
-        for stage in stages:
-            _check_stage_path(stage["path"])
-            if not (folder / stage["path"]).is_file():
-                raise BadInput(f"{folder / stage['path']} is missing; re-run edgeopt split")
-        if not math.isfinite(float(plan["link"]["mbps"])):
-            raise ValueError("link mbps is not finite")
-        threads = plan.get("threads")
-        if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
-            raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
-        source = (plan.get("model") or {}).get("path")
-        if source is not None and not (isinstance(source, str) and source.lower().endswith(".onnx")
-                                       and ".py:" not in source):
-            raise ValueError(f"model.path must name the .onnx model that was split, got {str(source)[:80]!r}")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BadInput(f"{path} is not a valid split plan ({first_line(exc)})") from exc
-    return plan
-
-
-def _check_stage_path(name: object) -> None:
-    """A stage is an .onnx file inside the split directory, named plainly (no folders, no factory)."""
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") \
-            or not name.lower().endswith(".onnx") or ":" in name:
-        raise ValueError(f"stage path {str(name)[:80]!r} must be an .onnx file name inside the split directory")
-
-
 def run_pipeline(outdir: str | Path, *, data: Dataset | None = None, items: int = 32, warmup: int = 2,
                  simulate_link: bool = False, simulate_devices: bool = False, threads: int | None = None,
                  reference: str | Path | None = None, host: str = "127.0.0.1",
@@ -487,30 +240,10 @@ def run_pipeline(outdir: str | Path, *, data: Dataset | None = None, items: int 
         stages=len(plan["stages"]), devices=list(plan.get("devices", [])), items=items,
         latency_ms=latency_summary(latencies),
         throughput_ips=throughput, max_abs_diff=diff,
-        predicted_latency_ms=_predicted_latency(plan, simulate_link, simulate_devices),
-        predicted_throughput_ips=_predicted_throughput(plan, simulate_link, simulate_devices),
+        predicted_latency_ms=predicted_latency(plan, simulate_link, simulate_devices),
+        predicted_throughput_ips=predicted_throughput(plan, simulate_link, simulate_devices),
         simulate_link=simulate_link, simulate_devices=simulate_devices,
         link={k: float(v) for k, v in plan["link"].items()}, threads=n_threads, latencies_ms=latencies)
-
-
-def feeds_for_items(first: Model, data: Dataset | None, items: int) -> list[dict[str, np.ndarray]]:
-    """``items`` batch-1 feeds for the first stage: rows of ``data`` (cycled), else random inputs."""
-    from edgeopt.measure.bench import example_feeds
-
-    if data is None:
-        return [example_feeds(first, batch=1, seed=i) for i in range(items)]
-    fitted = data.feeds_for(first)
-    if len(fitted) == 0:
-        raise BadInput(f"{data.source} is empty")
-    return [{k: np.ascontiguousarray(v[i % len(fitted): i % len(fitted) + 1]) for k, v in fitted.inputs.items()}
-            for i in range(items)]
-
-
-def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
-    """p50, p90, mean and min of per-item times in ms."""
-    ms = np.array(latencies_ms)
-    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "mean": float(ms.mean()), "min": float(ms.min())}
 
 
 def _stream(stages: _Stages, inputs: list[dict[str, np.ndarray]], *, first_seq: int
@@ -552,52 +285,3 @@ def _receive_end(stages: _Stages) -> Frame:
         return protocol.recv(stages.sink)
     except (ProtocolError, OSError) as exc:
         raise PipelineError(stages.diagnose(f"the pipeline did not finish cleanly ({exc})")) from exc
-
-
-def max_abs_diff_vs_whole(plan: dict[str, Any], folder: Path, reference: str | Path | None,
-                          inputs: list[dict[str, np.ndarray]],
-                          runs: list[dict[int, dict[str, np.ndarray]]]) -> float | None:
-    """Largest |pipeline - whole model| over every item of every run; inf on a missing or misshapen output."""
-    from edgeopt.measure.sessions import open_session, resolve_settings
-    from edgeopt.model import load_model
-
-    source = reference if reference is not None else plan.get("model", {}).get("path")
-    if source is None or not Path(source).is_file():
-        return None
-    whole = load_model(source)
-    if whole.format != "onnx":
-        raise ModelError(f"reference {source} must be the ONNX model that was split")
-    session = open_session(whole, resolve_settings(whole, runtime="onnxruntime", threads=1))
-    worst = 0.0
-    for i, feeds in enumerate(inputs):
-        expected = dict(zip(session.output_names, session.run(feeds), strict=True))
-        for run in runs:
-            for name, value in run[i].items():
-                if name not in expected or expected[name].shape != value.shape:
-                    return float("inf")
-                worst = max(worst, float(np.max(np.abs(expected[name].astype(np.float64) - value))))
-    return worst
-
-
-def _run_ms(stage: dict[str, Any], simulate_devices: bool) -> float:
-    """What a stage's compute should take in this run: host time, slowed to the device when simulated."""
-    speed = float(stage.get("relative_speed", 1.0))
-    return float(stage["host_ms"]) * (1.0 / speed if simulate_devices and speed < 1.0 else 1.0)
-
-
-def _predicted_latency(plan: dict[str, Any], simulate_link: bool, simulate_devices: bool) -> float:
-    total = 0.0
-    for stage in plan["stages"]:
-        total += _run_ms(stage, simulate_devices)
-        if simulate_link:
-            total += stage["transfer_ms"]
-    return total
-
-
-def _predicted_throughput(plan: dict[str, Any], simulate_link: bool, simulate_devices: bool) -> float:
-    worst = 0.0
-    for stage in plan["stages"]:
-        worst = max(worst, _run_ms(stage, simulate_devices))
-        if simulate_link:
-            worst = max(worst, stage["wire_ms"])
-    return 1000.0 / worst if worst > 0 else float("inf")

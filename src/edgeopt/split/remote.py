@@ -29,18 +29,12 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import BadInput, first_line
+from edgeopt.errors import BadInput, PipelineError, first_line
 from edgeopt.model import TensorSpec
 from edgeopt.serve.app import parse_model_arg
 from edgeopt.serve.protocol import DATATYPES, HEADER_LENGTH, datatype_of, tensor_metadata
-from edgeopt.split.pipeline import (
-    PipelineError,
-    PipelineResult,
-    feeds_for_items,
-    latency_summary,
-    load_plan,
-    max_abs_diff_vs_whole,
-)
+from edgeopt.split.plan_file import load_plan
+from edgeopt.split.results import PipelineResult, feeds_for_items, latency_summary, max_abs_diff_vs_whole
 
 _LATENCY = "edgeopt_request_latency_seconds"  # serve/metrics.py's request latency histogram
 _MODEL_PATH = re.compile(r"^/v2/models/([A-Za-z0-9][A-Za-z0-9_.-]*)(?:/versions/([A-Za-z0-9_.-]+))?/?$")

@@ -56,7 +56,9 @@ def test_config_validates_and_round_trips():
     assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
     for bad, message in [({"alpha": 1.5}, "--alpha must be in"), ({"epochs": 0}, "--epochs must be >= 1"),
                          ({"temperature": 0}, "--temperature must be > 0"), ({"val_fraction": 1.0}, "--val-fraction"),
-                         ({"augment_shift": -1}, "--augment-shift must be >= 0"), ({"warmup": -0.1}, "--warmup")]:
+                         ({"augment_shift": -1}, "--augment-shift must be >= 0"), ({"warmup": -0.1}, "--warmup"),
+                         ({"epochs": "forever"}, "--epochs must be a positive integer or 'auto'"),
+                         ({"time_budget": 0}, "--time-budget must be > 0")]:
         with pytest.raises(BadInput, match=message):
             Distill(**bad)
 
@@ -65,7 +67,8 @@ def test_config_validates_and_round_trips():
 def test_distill_from_onnx_teacher_learns_and_reports(digits_onnx, small_train, student_py, digits_test_npz):
     teacher = load_model(digits_onnx)
     test = load_data(digits_test_npz).take(slice(0, 200))
-    result = distill(teacher, load_data(small_train), Distill(student=f"{student_py}:tiny", epochs=4, lr=1e-2),
+    result = distill(teacher, load_data(small_train), Distill(student=f"{student_py}:tiny", epochs=4, lr=1e-2,
+                                                              temperature=4.0, alpha=0.7, assistant="none"),
                      test=test, bench_seconds=0.2, progress=False)
     r = result.report
     assert r["teacher"]["accuracy"] > 0.97  # the bundled digits CNN
@@ -92,7 +95,8 @@ def test_feature_matching_with_a_torch_teacher(digits_factory, small_train):
     spec, weights = digits_factory
     teacher = load_model(spec, weights=weights)
     data = load_data(small_train)
-    result = distill(teacher, data, Distill(student="squeezenet1_1", epochs=1, feature_weight=1.0),
+    result = distill(teacher, data, Distill(student="squeezenet1_1", epochs=1, feature_weight=1.0, temperature=2.0,
+                                            alpha=0.5),
                      baseline=False, bench_seconds=0.1, progress=False)
     r = result.report
     assert r["config"]["feature_weight"] == 1.0 and r["baseline"] is None
@@ -120,7 +124,8 @@ def test_augmented_distillation_runs_an_onnx_teacher_on_each_shifted_batch(digit
     monkeypatch.setattr(distill_module, "teacher_function", counting)
     test = load_data(small_train).take(slice(300, 400))
     result = distill(load_model(digits_onnx), load_data(small_train).take(slice(0, 300)),
-                     Distill(student=f"{student_py}:tiny", epochs=3, lr=1e-2, augment_shift=2, warmup=0.1),
+                     Distill(student=f"{student_py}:tiny", epochs=3, lr=1e-2, augment_shift=2, warmup=0.1,
+                             temperature=4.0, alpha=0.7, assistant="none"),
                      test=test, bench_seconds=0.1, progress=False)
     r = result.report
     n = r["data"]["train"]
@@ -132,14 +137,17 @@ def test_augmented_distillation_runs_an_onnx_teacher_on_each_shifted_batch(digit
     # the bundled teacher never saw shifted digits: the report says its soft targets there are poor
     views = r["teacher"]["validation_accuracy_on_views"]
     assert views["plain"] > 0.95 and views["shifted"] < views["plain"] - 0.05
-    assert r["notes"] == [f"the teacher is {100 * views['shifted']:.1f}% accurate on images shifted by up to 2 px "
+    # so its soft targets lose to the labels, and the labels-only student ships, with a note
+    assert r["chosen"] == "labels-only"
+    assert any(n.startswith("distillation did not beat training on labels alone") for n in r["notes"])
+    assert r["notes"][0] == (f"the teacher is {100 * views['shifted']:.1f}% accurate on images shifted by up to 2 px "
                           f"({100 * views['plain']:.1f}% unshifted): its soft targets on the shifted views are poor; "
-                          "train the teacher with the same shifts or lower --augment-shift"]
+                          "train the teacher with the same shifts or lower --augment-shift")
 
 
 def test_report_notes_a_student_that_did_not_learn_and_is_not_smaller(digits_onnx, small_train, student_py):
     result = distill(load_model(digits_onnx), load_data(small_train), Distill(student=f"{student_py}:big", epochs=1,
-                                                                              lr=1e-9),
+                                                                              lr=1e-9, temperature=4, alpha=0.7),
                      baseline=False, bench_seconds=0.05, progress=False)
     r = result.report
     assert r["student"]["best_epoch"] == 0 and r["student"]["params"] == 414_010
@@ -166,9 +174,14 @@ def test_recipe_step_returns_the_student_onnx(digits_onnx, small_train, student_
     data = load_data(small_train)
     train, val = data.split(0.8, seed=0)
     teacher = load_model(digits_onnx)
-    out = apply_config(teacher, Distill(student=f"{student_py}:tiny", epochs=1),
-                       TransformContext(train=train, validation=val, progress=False))
+    config = Distill(student=f"{student_py}:tiny", epochs=1, temperature=2.0, alpha=0.5, assistant="none")
+    out = apply_config(teacher, config, TransformContext(train=train, validation=val, progress=False))
     assert out.format == "onnx" and out.size_bytes < teacher.size_bytes / 10
+    # the same rule as edgeopt distill: the labels-only student was a candidate
+    assert out.metadata["edgeopt.distill_chosen"] in ("labels-only", "T=2 alpha=0.5")
+    # the INT8 variant of the recipe reuses the trained student instead of training it again
+    again = apply_config(teacher, config, TransformContext(train=train, validation=val, progress=False))
+    assert again is out
     assert out.outputs[0].shape[-1] == 10
 
 
@@ -177,7 +190,7 @@ def test_recipe_step_returns_the_student_onnx(digits_onnx, small_train, student_
 def test_cli_distill_writes_onnx_state_dict_and_report(cli, tmp_path, digits_onnx, small_train, student_py):
     out = tmp_path / "out" / "student.onnx"
     result = cli("distill", "--teacher", digits_onnx, "--student", f"{student_py}:tiny", "--data", small_train,
-                 "-o", out, "--epochs", "2", "--lr", "0.01", "--temperature", "3", "--alpha", "0.8",
+                 "-o", out, "--epochs", "2", "--lr", "0.01", "--temperature", "3", "--alpha", "0.8", "--assistant", "none",
                  "--bench-seconds", "0.1", "--threads", "1", "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(out.with_suffix(".report.json").read_text())
@@ -188,7 +201,9 @@ def test_cli_distill_writes_onnx_state_dict_and_report(cli, tmp_path, digits_onn
     assert student.metadata["edgeopt.distilled_from"] == str(digits_onnx)
     state = torch.load(out.with_suffix(".pt"), weights_only=True)
     assert sum(v.numel() for v in state.values()) == report["student"]["params"]
-    assert "student (no teacher)" in result.stdout and "teacher / student" in result.stdout
+    assert "teacher / student" in result.stdout and "(shipped)" in result.stdout
+    other = "student (no teacher)" if report["student"]["distilled"] else "student (best distilled)"
+    assert other in result.stdout  # the candidate not shipped is shown beside the one that is
 
 
 @pytest.mark.parametrize("student, message", [
@@ -209,7 +224,8 @@ def test_cli_unlabelled_data_exit_2(cli, tmp_path, digits_onnx, student_py):
     data = tmp_path / "nolabels.npz"
     np.savez(data, x=np.zeros((30, 1, 32, 32), np.float32))
     out = tmp_path / "s.onnx"
-    result = cli("distill", "--teacher", digits_onnx, "--student", f"{student_py}:tiny", "--data", data, "-o", out)
+    result = cli("distill", "--teacher", digits_onnx, "--student", f"{student_py}:tiny", "--data", data, "-o", out,
+                 "--alpha", "0.7")
     assert result.exit_code == 2
     assert "has no labels (y) but alpha 0.7 < 1 asks for the hard-label loss; pass --alpha 1" in result.stderr
     assert not out.exists()

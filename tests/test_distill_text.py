@@ -109,7 +109,8 @@ def test_cli_distills_a_saved_teacher_folder(cli, tmp_path, jsonl):
     (folder / "vocab.json").write_text(json.dumps(vocab.to_dict()))
     out = tmp_path / "student.onnx"
     result = cli("distill", "--teacher", folder, "--student", "half", "--data", jsonl, "-o", out, "--epochs", "1",
-                 "--max-len", "16", "--feature-loss", "--no-baseline", "--bench-seconds", "0.1", "--threads", "1")
+                 "--max-len", "16", "--feature-loss", "--no-baseline", "--bench-seconds", "0.1", "--threads", "1",
+                 "--temperature", "2", "--alpha", "0.7")
     assert result.exit_code == 0, result.stderr
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["teacher"]["layers"] == 4 and report["student"]["layers"] == 2
@@ -119,7 +120,9 @@ def test_cli_distills_a_saved_teacher_folder(cli, tmp_path, jsonl):
     from edgeopt.text_data import text_dataset as to_dataset
     from edgeopt.training import accuracy_torch
 
-    held_out = to_dataset(examples, vocab, max_len=16).split(0.85, seed=0)[1]
+    # (the test split is held out first, with seed + 1; the validation split chose the epoch)
+    held_out = to_dataset(examples, vocab, max_len=16).split(0.85, seed=1)[1]
+    assert report["data"]["test"] == len(held_out) and report["candidates"][0]["name"] == "T=2 alpha=0.7"
     assert report["student"]["accuracy_before_training"] == accuracy_torch(halve_bert(teacher), held_out)
     student = load_model(out)
     assert [i.name for i in student.inputs] == ["input_ids", "attention_mask"]
@@ -143,7 +146,10 @@ def test_cli_text_errors_exit_2(cli, tmp_path, jsonl):
     unlabelled = tmp_path / "u.jsonl"
     unlabelled.write_text('{"text": "good"}\n{"text": "bad"}\n')
     cases = [
-        (["--student", "half", "--data", unlabelled], "has no labels but alpha 0.7 < 1 asks for the hard-label loss"),
+        (["--student", "half", "--data", unlabelled, "--alpha", "0.7"],
+         "has no labels but alpha 0.7 < 1 asks for the hard-label loss"),
+        (["--student", "half", "--data", unlabelled, "--epochs", "auto"],
+         "has no labels: --epochs auto watches the validation accuracy"),
         (["--student", "mobilenet_v3_small", "--data", jsonl], "use --student half"),
         (["--student", "half", "--data", jsonl], "the vocabulary has 14 tokens but the teacher's embedding has 8"),
         (["--student", "half", "--data", jsonl, "--augment-shift", "2"], "--augment-shift shifts images"),
@@ -151,7 +157,7 @@ def test_cli_text_errors_exit_2(cli, tmp_path, jsonl):
     ]
     for args, message in cases:
         out = tmp_path / "s.onnx"
-        result = cli("distill", "--teacher", folder, *args, "-o", out, "--epochs", "1")
+        result = cli("distill", "--teacher", folder, "--epochs", "1", *args, "-o", out)
         assert result.exit_code == 2, (args, result.stderr)
         assert message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

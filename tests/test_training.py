@@ -95,3 +95,32 @@ def test_bad_combinations_are_config_errors():
     for bad, message in [({"warmup": 1.0}, "warm-up must be a fraction"), ({"augment_shift": -1}, "augment shift")]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig(**bad)
+
+
+def test_plateau_schedule_stops_when_validation_stalls_and_halves_the_rate():
+    """--epochs auto: up to 100 epochs, but it stops ``patience`` epochs after the best one."""
+    data, val = _images(96, seed=0), _images(64, seed=1)
+    net = _net()
+    cfg = TrainConfig(epochs=100, lr=1e-2, batch_size=32, patience=3, schedule="plateau")
+    result = fit(net, data, config=cfg, validation=val, progress=False)
+    assert result.stopped == "patience" and result.epochs_run < 100
+    assert result.epochs_run == result.best_epoch + 3  # the squares task is learnt in a few epochs
+    assert result.best_val_accuracy == 1.0 and accuracy_torch(net, val) == 1.0  # best weights restored
+    assert not result.best_is_last
+    # the multiplier halves after patience // 2 = 1 stale epoch, then after each further one
+    scale = [1.0]
+    factor = _lr_factor(cfg, steps_per_epoch=3, plateau_scale=scale)
+    assert factor(0) == 1.0
+    scale[0] = 0.25
+    assert factor(7) == 0.25
+
+
+def test_time_budget_stops_training_and_says_so():
+    data, val = _images(96, seed=0), _images(32, seed=1)
+    result = fit(_net(), data, config=TrainConfig(epochs=100, patience=50, schedule="plateau", max_seconds=1e-6),
+                 validation=val, progress=False)
+    assert result.stopped == "time" and result.epochs_run == 1
+    with pytest.raises(ConfigError, match="plateau schedule needs a patience"):
+        TrainConfig(schedule="plateau")
+    with pytest.raises(ConfigError, match="needs labelled validation data"):
+        fit(_net(), data, config=TrainConfig(patience=2, schedule="plateau"), progress=False)

@@ -12,6 +12,11 @@ Two options exist because distillation on small data needs them:
 - random-shift augmentation with the teacher run on the *same* shifted batch ("consistent
   teaching", Beyer et al. 2022): soft targets computed once on the unshifted images would
   contradict the view the student sees, so with augmentation the teacher is a callable.
+
+``schedule="plateau"`` is for training "until the validation curve plateaus" (``--epochs auto``):
+a cosine decay needs the number of epochs up front, so instead the rate is halved after
+``patience // 2`` epochs without a better validation accuracy and training stops after
+``patience`` (or when ``max_seconds`` is spent); :attr:`FitResult.stopped` says which.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ class TrainConfig:
     distillation, 0.0 ignores the teacher. ``patience`` stops after that many epochs without a
     better validation accuracy (None: run all epochs). ``warmup`` is the fraction of all steps
     over which the learning rate ramps up linearly; ``augment_shift`` moves each image by up to
-    that many pixels (edge-padded) in every batch.
+    that many pixels (edge-padded) in every batch. ``schedule`` is ``cosine`` (over ``epochs``) or
+    ``plateau`` (halve the rate when validation stalls; needs ``patience`` and validation data).
     """
 
     epochs: int = 5
@@ -52,6 +58,7 @@ class TrainConfig:
     max_seconds: float | None = None
     warmup: float = 0.0
     augment_shift: int = 0
+    schedule: str = "cosine"
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -70,15 +77,32 @@ class TrainConfig:
             raise ConfigError(f"warm-up must be a fraction of the steps in [0, 1), got {self.warmup}")
         if self.augment_shift < 0:
             raise ConfigError(f"augment shift must be >= 0 pixels, got {self.augment_shift}")
+        if self.schedule not in ("cosine", "plateau"):
+            raise ConfigError(f"schedule must be cosine or plateau, got {self.schedule!r}")
+        if self.schedule == "plateau" and not self.patience:
+            raise ConfigError("the plateau schedule needs a patience (epochs without a better validation accuracy)")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"max_seconds must be > 0, got {self.max_seconds}")
 
 
 @dataclass
 class FitResult:
+    """What training did. ``stopped``: ``epochs`` (all run), ``patience`` (validation plateaued)
+    or ``time`` (``max_seconds`` spent)."""
+
     epochs_run: int
     best_epoch: int
     best_val_accuracy: float | None
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    stopped: str = "epochs"
+
+    @property
+    def best_is_last(self) -> bool:
+        """The best validation epoch was the last one run: the curve was still rising."""
+        return self.best_val_accuracy is not None and self.best_epoch > 0 and self.best_epoch == self.epochs_run
 
 
 def _forward(module: Any, inputs: dict[str, Any]) -> Any:
@@ -186,12 +210,16 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(train)
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps))
+    plateau_scale = [1.0]  # the plateau schedule's multiplier, halved in the epoch loop
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps, plateau_scale))
     shift = _Shift(torch, tensors, cfg.augment_shift, seed=cfg.seed + 1) if cfg.augment_shift else None
 
     result = FitResult(epochs_run=0, best_epoch=0, best_val_accuracy=None)
     best_state = None
-    if validation is not None and validation.labels is not None:
+    validated = validation is not None and validation.labels is not None
+    if cfg.schedule == "plateau" and not validated:
+        raise ConfigError("the plateau schedule needs labelled validation data")
+    if validated:
         result.best_val_accuracy = accuracy_torch(module, validation, batch_size=cfg.batch_size)
         best_state = copy.deepcopy(module.state_dict())
     since_best = 0
@@ -240,8 +268,12 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
             if on_epoch_end is not None:
                 on_epoch_end(result)
             if cfg.patience is not None and since_best >= cfg.patience:
+                result.stopped = "patience"
                 break
+            if cfg.schedule == "plateau" and since_best and since_best % max(1, cfg.patience // 2) == 0:
+                plateau_scale[0] *= 0.5
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
+                result.stopped = "time" if epoch + 1 < cfg.epochs else "epochs"
                 break
     if best_state is not None:
         module.load_state_dict(best_state)
@@ -250,14 +282,21 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
     return result
 
 
-def _lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+def _lr_factor(cfg: TrainConfig, steps_per_epoch: int, plateau_scale: list[float] | None = None
+               ) -> Callable[[int], float]:
     """Per-step LR multiplier: linear warm-up over ``cfg.warmup`` of all steps, times a cosine
-    decay that steps once per epoch (the schedule this loop always had)."""
-    warm = int(cfg.warmup * cfg.epochs * steps_per_epoch)
+    decay that steps once per epoch (the schedule this loop always had), or for ``plateau`` the
+    multiplier the epoch loop halves when validation stalls (warm-up over the first epoch's
+    ``cfg.warmup``: the number of epochs is not known)."""
     epochs = max(1, cfg.epochs)
+    plateau = cfg.schedule == "plateau"
+    warm = int(cfg.warmup * (1 if plateau else cfg.epochs) * steps_per_epoch)
+    scale = plateau_scale if plateau_scale is not None else [1.0]
 
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warm) if warm else 1.0
+        if plateau:
+            return ramp * scale[0]
         return ramp * 0.5 * (1.0 + np.cos(np.pi * (step // steps_per_epoch) / epochs))
 
     return factor

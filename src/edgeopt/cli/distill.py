@@ -80,6 +80,21 @@ def zoo(
     emit_json(json_out, [e.to_dict() for e in entries])
 
 
+def _epochs_option(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
+    """``--epochs``: a count >= 1 or ``auto``, checked where click parses it (one line, exit 2)."""
+    from edgeopt.errors import BadInput
+    from edgeopt.search.distill_choice import parse_epochs
+
+    if ctx.resilient_parsing or value is None:
+        return value
+    try:
+        parse_epochs(value)
+    except BadInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return value
+
+
 @app.command()
 @user_errors
 @image_folder_flags
@@ -88,20 +103,22 @@ def distill(
     student: Annotated[str, typer.Option("--student", help="Catalogue name (see edgeopt zoo), file.py:factory, or 'half' for a BERT teacher.")],
     data: Annotated[str, typer.Option("--data", help="Training data: .npz (x, y) or, for transformers, .jsonl (text, label).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Student .onnx; a .pt state_dict and .report.json go beside it.")],
-    epochs: Annotated[int, typer.Option("--epochs", callback=opt.at_least_one, help="Training epochs (student and no-teacher baseline).")] = 10,
-    temperature: Annotated[float, typer.Option("--temperature", callback=opt.temperature, help="Softmax temperature of the soft targets.")] = 4.0,
-    alpha: Annotated[float, typer.Option("--alpha", callback=opt.fraction, help="Weight of the soft (teacher) loss; 1 - alpha goes to labels.")] = 0.7,
+    epochs: Annotated[str, typer.Option("--epochs", callback=_epochs_option, help="Training epochs of each candidate, or 'auto': until the validation accuracy plateaus (--patience, default 5) within --time-budget.")] = "10",
+    temperature: Annotated[float | None, typer.Option("--temperature", callback=opt.temperature, help="Softmax temperature of the soft targets (default: 1, 2 and 4 tried, chosen on the validation split).")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", callback=opt.fraction, help="Weight of the soft (teacher) loss; 1 - alpha goes to labels (default: 0.3 and 0.7 tried).")] = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", callback=opt.positive, help="Minutes for all candidates together (default with --epochs auto: 30).")] = None,
+    assistant: Annotated[str, typer.Option("--assistant", help="Vision: 'auto' (a catalogue network between teacher and a 10x smaller student, TAKD), 'none', or a catalogue name.")] = "auto",
     feature_loss: Annotated[bool, typer.Option("--feature-loss", help="Also match features (vision) or hidden states (text).")] = False,
     feature_weight: Annotated[float, typer.Option("--feature-weight", callback=opt.non_negative, help="Weight of the feature / hidden-state loss.")] = 1.0,
     patience: Annotated[int | None, typer.Option("--patience", callback=opt.at_least_one, help="Stop after P epochs without a better validation accuracy.")] = None,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", callback=opt.open_fraction, help="Held-out fraction for early stopping.")] = 0.15,
-    test_data: Annotated[str | None, typer.Option("--test-data", help="Data the report's accuracies use (default: the held-out split).")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", callback=opt.open_fraction, help="Held-out fraction (< 0.5) that picks the epoch and the candidate; without --test-data as much again is held out for the figures.")] = 0.15,
+    test_data: Annotated[str | None, typer.Option("--test-data", help="Data the report's accuracies use; it chooses nothing (default: another --val-fraction held out of --data).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", callback=opt.positive, help="Learning rate (default 2e-3 vision, 1e-4 text).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", callback=opt.at_least_one, help="Training batch size.")] = 64,
     warmup: Annotated[float | None, typer.Option("--warmup", callback=opt.warmup, help="Fraction of the steps with a linear learning-rate warm-up (text default 0.1).")] = None,
     augment_shift: Annotated[int, typer.Option("--augment-shift", callback=opt.count, help="Vision: shift images by up to N pixels each batch; the teacher sees the same view.")] = 0,
     seed: Annotated[int, typer.Option("--seed", callback=opt.seed, help="Seed for split, init and shuffling.")] = 0,
-    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip training the student without the teacher.")] = False,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip the labels-only candidate (the student trained without the teacher).")] = False,
     max_len: Annotated[int, typer.Option("--max-len", callback=opt.max_len, help="Text: tokens per example.")] = 64,
     bench_seconds: Annotated[float, typer.Option("--seconds", "--bench-seconds", callback=opt.seconds, help="Minimum timed seconds per model (latency).")] = SECONDS,
     teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="state_dict for a file.py:factory teacher.")] = None,
@@ -110,27 +127,37 @@ def distill(
     threads: ThreadsOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Knowledge distillation: train a small student on a teacher's soft targets, and show the gain."""
+    """Knowledge distillation: a small student learns from a teacher; ships the best of the distilled
+    candidates and the same student trained on labels alone, chosen on the validation split."""
+    from edgeopt.errors import BadInput
     from edgeopt.fileio import report_path, write_json
+    from edgeopt.search.distill_choice import parse_epochs
 
     check_threads(threads)
+    n_epochs = parse_epochs(epochs)
+    if time_budget is not None and time_budget <= 0:
+        raise BadInput(f"--time-budget must be > 0 minutes, got {time_budget:g}")
+    budget_s = time_budget * 60 if time_budget is not None else None
     check_onnx_output(out)
     weights_path = out.with_suffix(".pt")
     report_file = report_path(out)
     if data.lower().endswith(".jsonl"):
-        report = _distill_text(teacher, student, data, out, weights_path, epochs=epochs, temperature=temperature,
+        if assistant != "auto":
+            raise BadInput("--assistant is for vision students; a text student is the teacher's every other layer")
+        report = _distill_text(teacher, student, data, out, weights_path, epochs=n_epochs, temperature=temperature,
                                alpha=alpha, feature_weight=feature_weight if feature_loss else 0.0,
                                patience=patience, val_fraction=val_fraction, test_data=test_data, lr=lr,
                                batch_size=batch_size, seed=seed, baseline=not no_baseline, max_len=max_len,
-                               warmup=warmup, augment_shift=augment_shift,
+                               warmup=warmup, augment_shift=augment_shift, time_budget=budget_s,
                                teacher_weights=teacher_weights, trust_pickle=trust_pickle, device=device,
                                threads=threads, bench_seconds=bench_seconds)
     else:
-        report = _distill_vision(teacher, student, data, out, weights_path, epochs=epochs, temperature=temperature,
+        report = _distill_vision(teacher, student, data, out, weights_path, epochs=n_epochs, temperature=temperature,
                                  alpha=alpha, feature_weight=feature_weight if feature_loss else 0.0,
                                  patience=patience, val_fraction=val_fraction, test_data=test_data, lr=lr,
                                  batch_size=batch_size, seed=seed, baseline=not no_baseline,
-                                 warmup=warmup, augment_shift=augment_shift, teacher_weights=teacher_weights,
+                                 warmup=warmup, augment_shift=augment_shift, time_budget=budget_s,
+                                 assistant=assistant, teacher_weights=teacher_weights,
                                  trust_pickle=trust_pickle, device=device,
                                  threads=threads, bench_seconds=bench_seconds)
     report["outputs"] = {"onnx": str(out), "state_dict": str(weights_path), "report": str(report_file)}
@@ -145,10 +172,11 @@ def _given(**options: object) -> dict[str, object]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int,
-                    temperature: float, alpha: float, feature_weight: float, patience: int | None,
+def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int | str,
+                    temperature: float | None, alpha: float | None, feature_weight: float, patience: int | None,
                     val_fraction: float, test_data: str | None, lr: float | None, batch_size: int, seed: int,
-                    baseline: bool, warmup: float | None, augment_shift: int, teacher_weights: Path | None,
+                    baseline: bool, warmup: float | None, augment_shift: int, time_budget: float | None,
+                    assistant: str, teacher_weights: Path | None,
                     trust_pickle: bool, device: str | None, threads: int | None, bench_seconds: float) -> dict:
     import torch
 
@@ -160,7 +188,7 @@ def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_pa
     config = Distill(student=student, epochs=epochs, temperature=temperature, alpha=alpha,
                      feature_weight=feature_weight, batch_size=batch_size, patience=patience,
                      val_fraction=val_fraction, seed=seed, augment_shift=augment_shift,
-                     **_given(lr=lr, warmup=warmup))
+                     time_budget=time_budget, assistant=assistant, **_given(lr=lr, warmup=warmup))
     t_model = load_model(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
     dataset = load_data_arg(data)
     test = load_data_arg(test_data) if test_data else None
@@ -173,10 +201,10 @@ def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_pa
     return result.report
 
 
-def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int,
-                  temperature: float, alpha: float, feature_weight: float, patience: int | None,
+def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int | str,
+                  temperature: float | None, alpha: float | None, feature_weight: float, patience: int | None,
                   val_fraction: float, test_data: str | None, lr: float | None, batch_size: int, seed: int,
-                  baseline: bool, max_len: int, warmup: float | None, augment_shift: int,
+                  baseline: bool, max_len: int, warmup: float | None, augment_shift: int, time_budget: float | None,
                   teacher_weights: Path | None, trust_pickle: bool, device: str | None, threads: int | None,
                   bench_seconds: float) -> dict:
     import torch
@@ -193,7 +221,7 @@ def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path
     module, vocab = load_text_teacher(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
     config = DistillText(epochs=epochs, temperature=temperature, alpha=alpha,
                          hidden_weight=feature_weight, batch_size=batch_size, patience=patience,
-                         val_fraction=val_fraction, seed=seed, max_len=max_len,
+                         val_fraction=val_fraction, seed=seed, max_len=max_len, time_budget=time_budget,
                          **_given(lr=lr, warmup=warmup))
     texts = load_jsonl(data)
     test = load_jsonl(test_data) if test_data else None
@@ -210,20 +238,38 @@ def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path
 
 def _print_report(report: dict) -> None:
     t, s, b = report["teacher"], report["student"], report.get("baseline")
+    candidates = report.get("candidates", [])
+    if len(candidates) > 1:
+        table = Table(title="candidates: chosen on validation, test chose nothing")
+        for col in ("candidate", "val acc", "test acc", "best epoch"):
+            table.add_column(col, justify="left" if col == "candidate" else "right")
+        for c in candidates:
+            mark = " (shipped)" if c["name"] == report["chosen"] else ""
+            table.add_row(c["name"] + mark, fmt_pct(c["val_accuracy"]), fmt_pct(c["test_accuracy"]),
+                          f"{c['best_epoch']}/{c['epochs_run']}")
+        console.print(table)
+    distilled = s.get("distilled", True)
     table = Table(title=f"edgeopt distill: {report['config']['student']} (latency interleaved, batch 1)")
     for col in ("", "params", "MACs", "ONNX size", "p50 ms", "accuracy"):
         table.add_column(col, justify="left" if not col else "right")
     table.add_row("teacher", _fmt_count(t["params"]), _fmt_count(t.get("macs")), fmt_bytes(t["onnx_bytes"]),
                   f"{t['latency_ms']['p50']:.3f}", fmt_pct(t["accuracy"]))
-    table.add_row("student (distilled)", _fmt_count(s["params"]), _fmt_count(s.get("macs")), fmt_bytes(s["onnx_bytes"]),
-                  f"{s['latency_ms']['p50']:.3f}", fmt_pct(s["accuracy"]))
+    table.add_row("student (distilled)" if distilled else "student (labels only, shipped)", _fmt_count(s["params"]),
+                  _fmt_count(s.get("macs")), fmt_bytes(s["onnx_bytes"]), f"{s['latency_ms']['p50']:.3f}",
+                  fmt_pct(s["accuracy"]))
     if s.get("accuracy_before_training") is not None:
         table.add_row("student before training", "", "", "", "", fmt_pct(s["accuracy_before_training"]))
-    if b is not None:
+    if b is not None and distilled:
         table.add_row("student (no teacher)", "", "", "", "", fmt_pct(b["accuracy"]))
+    elif not distilled and report.get("best_distilled_gain_pt") is not None:
+        best = b["accuracy"] + report["best_distilled_gain_pt"] / 100
+        table.add_row("student (best distilled)", "", "", "", "", fmt_pct(best))
     r = report["ratios"]
     table.add_row("teacher / student", f"{r['params']:.1f}x", f"{r['macs']:.1f}x" if r.get("macs") else "-",
                   f"{r['size']:.1f}x", f"{r['speedup_p50']:.2f}x", "")
     console.print(table)
+    source = report.get("data", {}).get("test_source")
+    if source:
+        console.print(f"accuracy: {source}")
     for note in report.get("notes", []):
         err_console.print(f"[yellow]note:[/yellow] {note}")

@@ -147,7 +147,11 @@ def transformer_recipes(model: Model, device: DeviceProfile, *, runtimes: tuple[
 def training_recipes(model: Model, device: DeviceProfile, *, epochs: int = 15) -> list[Recipe]:
     """Recipes that train, for PyTorch models with torch installed: structured pruning + fine-tuning
     (distilling from the original), and distillation into a catalogue student at least 2x smaller;
-    each also followed by static INT8 when the device runs INT8."""
+    each also followed by static INT8 when the device runs INT8.
+
+    A distill step chooses as ``edgeopt distill`` does (:mod:`edgeopt.search.distill_choice`): the
+    labels-only student, the temperature x alpha grid (and a teacher assistant for a 10x gap),
+    best on the validation split; it is trained once and reused by its INT8 variant."""
     if model.format != "torch" or not available("torch") or not _module_exists("edgeopt.transforms.prune"):
         return []
     from edgeopt.transforms.export import OnnxExport

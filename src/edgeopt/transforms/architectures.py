@@ -7,6 +7,12 @@ convolution's stride becomes 1, as CIFAR variants of these networks do: with the
 downsampling a 32x32 image is 1x1 pixel after the stem stages and the networks lose most of
 their accuracy. Nothing is downloaded (``weights=None``).
 
+The ``cnn3_w*`` entries are the microcontroller-sized end: three 3x3 conv-BN-ReLU blocks
+(stride 1, 2, 2, widths w, 2w, 4w), global average pool and a linear head, from 6K to 370K
+parameters on 1x32x32 digits. They give distillation an intermediate "teacher assistant" between a
+large teacher and a student 10x or more smaller (TAKD), where the torchvision families are all
+too large.
+
 :func:`zoo` measures every entry on a device profile: parameters, MACs (torch-pruning's
 counter) and batch-1 latency of the ONNX export, timed interleaved with the other entries by
 :func:`edgeopt.measure.compare`. Results are cached in ``~/.cache/edgeopt/zoo/`` keyed by
@@ -43,6 +49,10 @@ _CATALOGUE: dict[str, tuple[str, dict[str, Any], str]] = {
     "mnasnet0_5": ("mnasnet0_5", {}, "MnasNet 0.5"),
     "mnasnet1_0": ("mnasnet1_0", {}, "MnasNet 1.0"),
     "resnet18": ("resnet18", {}, "ResNet-18 (reference teacher size, not an edge network)"),
+    "cnn3_w8": ("cnn3", {"width": 8}, "3 conv-BN-ReLU blocks, width 8 (MCU-sized)"),
+    "cnn3_w16": ("cnn3", {"width": 16}, "3 conv-BN-ReLU blocks, width 16 (MCU-sized)"),
+    "cnn3_w32": ("cnn3", {"width": 32}, "3 conv-BN-ReLU blocks, width 32"),
+    "cnn3_w64": ("cnn3", {"width": 64}, "3 conv-BN-ReLU blocks, width 64"),
 }
 _ALIASES = {"mobilenet_v2": "mobilenet_v2_1.0", "squeezenet": "squeezenet1_1", "shufflenet_v2": "shufflenet_v2_x1_0",
             "mnasnet": "mnasnet1_0", "mobilenetv3_small": "mobilenet_v3_small"}
@@ -100,6 +110,8 @@ def build_architecture(name: str, *, input_size: tuple[int, ...] = (3, 224, 224)
     if int(classes) < 2:
         raise BadInput(f"classes must be >= 2, got {classes}")
     builder, kwargs, _ = _CATALOGUE[key]
+    if builder == "cnn3":
+        return _cnn3(torch, channels=c, classes=int(classes), **kwargs).eval()
     net = getattr(models, builder)(weights=None, num_classes=int(classes), **kwargs)
     stem_name, stem = _first_conv(torch, net)
     small = min(h, w) < SMALL_INPUT if small_input_stem is None else small_input_stem
@@ -115,6 +127,17 @@ def build_architecture(name: str, *, input_size: tuple[int, ...] = (3, 224, 224)
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = BN_MOMENTUM
     return net.eval()
+
+
+def _cnn3(torch: Any, *, channels: int, classes: int, width: int) -> Any:
+    nn = torch.nn
+
+    def block(cin: int, cout: int, stride: int) -> Any:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU(inplace=True))
+
+    return nn.Sequential(block(channels, width, 1), block(width, 2 * width, 2), block(2 * width, 4 * width, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, classes))
 
 
 def _first_conv(torch: Any, net: Any) -> tuple[str, Any]:

@@ -33,19 +33,23 @@ from edgeopt.transforms.config import TransformContext, register_config, registe
 
 
 def check_kd_fields(config: Any) -> None:
-    """The checks every distillation config shares: epochs, temperature, alpha, val_fraction, patience, warmup."""
-    if config.epochs < 1:
-        raise BadInput(f"--epochs must be >= 1, got {config.epochs}")
-    if config.temperature <= 0:
+    """The checks every distillation config shares: epochs, temperature, alpha, val_fraction, patience,
+    warmup and time budget (temperature and alpha may be None: chosen on the validation split)."""
+    from edgeopt.search.distill_choice import check_epochs
+
+    check_epochs(config.epochs)
+    if config.temperature is not None and config.temperature <= 0:
         raise BadInput(f"--temperature must be > 0, got {config.temperature}")
-    if not 0.0 <= config.alpha <= 1.0:
+    if config.alpha is not None and not 0.0 <= config.alpha <= 1.0:
         raise BadInput(f"--alpha must be in [0, 1], got {config.alpha}")
-    if not 0.0 < config.val_fraction < 1.0:
-        raise BadInput(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
+    if not 0.0 < config.val_fraction < 0.5:
+        raise BadInput(f"--val-fraction must be in (0, 0.5), got {config.val_fraction}")
     if config.patience is not None and config.patience < 1:
         raise BadInput(f"--patience must be >= 1, got {config.patience}")
     if not 0.0 <= config.warmup < 1.0:
         raise BadInput(f"--warmup must be a fraction in [0, 1), got {config.warmup}")
+    if config.time_budget is not None and config.time_budget <= 0:
+        raise BadInput(f"--time-budget must be > 0, got {config.time_budget}")
 
 
 @register_config
@@ -53,16 +57,23 @@ def check_kd_fields(config: Any) -> None:
 class Distill:
     """Train ``student`` (catalogue name or ``file.py:factory``) from the teacher's soft targets.
 
+    ``temperature`` / ``alpha`` None: each is chosen on the validation split from a small grid
+    (:mod:`edgeopt.search.distill_choice`), with the same student trained on labels alone as one
+    more candidate; the best by validation accuracy ships. Given values are used as given.
     ``alpha`` weights the soft loss (1.0: teacher only, no labels needed); ``feature_weight`` > 0
-    adds feature matching (PyTorch teachers only); ``patience`` stops early on the held-out
-    ``val_fraction`` of the data; ``augment_shift`` shifts images by up to that many pixels with
-    the teacher seeing the same view (the no-teacher baseline gets the same augmentation).
+    adds feature matching (PyTorch teachers only); ``epochs`` is a count or ``"auto"`` (until the
+    validation curve plateaus, ``patience`` epochs without improvement); ``time_budget`` (seconds)
+    bounds all candidates together; ``val_fraction`` of the data is held out for validation (and
+    as much again for the test figures when no test data is given); ``augment_shift`` shifts
+    images by up to that many pixels with the teacher seeing the same view (the labels-only
+    candidate gets the same augmentation); ``assistant`` is ``auto`` (a catalogue network between
+    teacher and student when the student is 10x or more smaller), ``none``, or a catalogue name.
     """
 
     student: str = "mobilenet_v3_small"
-    epochs: int = 10
-    temperature: float = 4.0
-    alpha: float = 0.7
+    epochs: int | str = 10
+    temperature: float | None = None
+    alpha: float | None = None
     feature_weight: float = 0.0
     lr: float = 2e-3
     batch_size: int = 64
@@ -72,6 +83,8 @@ class Distill:
     seed: int = 0
     augment_shift: int = 0
     warmup: float = 0.0
+    time_budget: float | None = None
+    assistant: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.student:
@@ -81,6 +94,8 @@ class Distill:
             raise BadInput(f"feature weight must be >= 0, got {self.feature_weight}")
         if self.augment_shift < 0:
             raise BadInput(f"--augment-shift must be >= 0 pixels, got {self.augment_shift}")
+        if not self.assistant:
+            raise BadInput("--assistant must be auto, none or a catalogue name")
 
 
 @dataclass
@@ -92,6 +107,7 @@ class DistillResult:
     report: dict[str, Any]
     baseline: Any = None
     history: list[dict[str, float]] = field(default_factory=list)
+    candidates: list[Any] = field(default_factory=list)
 
 
 def build_student(spec: str, *, input_size: tuple[int, ...], classes: int, seed: int = 0) -> Any:
@@ -242,23 +258,56 @@ def _onnx_params(model: Model) -> int:
     return int(sum(numpy_helper.to_array(t).size for t in model.onnx.graph.initializer))
 
 
+def split_for_distillation(data: Dataset, cfg: Any, *, validation: Dataset | None, test: Dataset | None,
+                           hold_test: bool = True) -> tuple[Dataset, Dataset, Dataset | None]:
+    """(train, validation, test): what the caller gave, the rest held out of ``data`` (no test
+    part when ``hold_test`` is False and none was given).
+
+    The test part chose nothing: not the epoch, not the candidate."""
+    train = data
+    need = (validation is None) + (test is None and hold_test)
+    if need and len(data) < 4 * need:
+        raise DataError(f"{data.source} has {len(data)} samples; need at least {4 * need} to hold out "
+                        f"{'validation and test splits' if need == 2 else 'a held-out split'}")
+    val_fraction = cfg.val_fraction
+    if test is None and hold_test:
+        train, test = train.split(1.0 - cfg.val_fraction, seed=cfg.seed + 1)
+        test = Dataset(test.inputs, test.labels, source=f"a held-out test split of {data.source} ({len(test)})")
+        val_fraction = cfg.val_fraction / (1.0 - cfg.val_fraction)  # of what is left: the same share of data
+    if validation is None:
+        train, validation = train.split(1.0 - val_fraction, seed=cfg.seed)
+    return train, validation, test
+
+
+def _params(torch: Any, module: Any) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
 def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, validation: Dataset | None = None,
             test: Dataset | None = None, baseline: bool = True, device: Any = None, threads: int | None = None,
-            bench_seconds: float = 2.0, progress: bool = True) -> DistillResult:
-    """Distill ``teacher`` into ``config.student`` on ``data`` and measure what was gained.
+            bench_seconds: float = 2.0, progress: bool = True, measure: bool = True) -> DistillResult:
+    """Distill ``teacher`` into ``config.student`` on ``data``; ship the best candidate; measure it.
+
+    Candidates (all from the same initial weights): the student on labels alone, the student
+    distilled at each (temperature, alpha) the config leaves open (a small grid) or gives, and,
+    for a student 10x or more smaller than the teacher, the student distilled from a teacher
+    assistant (TAKD). The best by validation accuracy ships; a tie ships the labels-only student.
 
     Args:
         teacher: a PyTorch (``file.py:factory`` + weights) or ONNX model producing logits.
         data: training inputs (``x``, preprocessed for both models) with labels ``y`` unless alpha is 1.
-        config: student, epochs, temperature, alpha, feature matching, patience.
-        validation: held-out data for early stopping (default: ``config.val_fraction`` of ``data``).
-        test: data the report's accuracies are measured on (default: the validation split).
-        baseline: also train the same student without the teacher (needs labels).
+        config: student, epochs (or ``"auto"``), temperature/alpha (None: chosen), patience, budget.
+        validation: held-out data for early stopping and choosing (default: ``config.val_fraction`` of ``data``).
+        test: data the report's accuracies are measured on, which chose nothing (default: another
+            ``val_fraction`` of ``data``).
+        baseline: also train the same student without the teacher as a candidate (needs labels).
         device, threads: where latency is measured (teacher and student interleaved).
+        measure: False skips the teacher export, test evaluation and timing (the search does its own).
 
     Returns:
-        a :class:`DistillResult`; ``report`` holds teacher vs student params, MACs, size,
-        latency (with the speed-up ratio) and accuracy, and the no-teacher baseline's accuracy.
+        a :class:`DistillResult`; ``report`` holds every candidate (validation and test accuracy,
+        epochs, stop reason), which one shipped, teacher vs student params, MACs, size, latency
+        (with the speed-up ratio) and accuracy, the labels-only baseline and notes.
 
     Raises:
         BadInput: a student whose output size differs from the teacher's, an unknown architecture.
@@ -266,36 +315,28 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
 
     Example:
         >>> r = distill(load_model("teacher.onnx"), load_data("train.npz"), Distill(student="squeezenet1_1"))  # doctest: +SKIP
-        >>> r.report["student"]["accuracy"], r.report["baseline"]["accuracy"]
+        >>> r.report["chosen"], r.report["student"]["accuracy"], r.report["baseline"]["accuracy"]
     """
     torch = require("torch", extra="torch")
-    from edgeopt.measure.bench import BenchSettings, compare
-    from edgeopt.measure.complexity import count_macs_params
-    from edgeopt.measure.evaluate import evaluate
+    from edgeopt.search import distill_choice as choice
     from edgeopt.training import TrainConfig, accuracy_torch, fit
-    from edgeopt.transforms.export import OnnxExport, to_onnx
 
     cfg = config or Distill()
-    if cfg.alpha < 1 and data.labels is None:
+    if cfg.alpha is not None and cfg.alpha < 1 and data.labels is None:
         raise DataError(f"{data.source} has no labels (y) but alpha {cfg.alpha:g} < 1 asks for the hard-label "
                         "loss; pass --alpha 1 to learn from the teacher alone")
     if cfg.feature_weight > 0 and teacher.format != "torch":
         raise BadInput("feature matching needs a PyTorch teacher (file.py:factory), not an ONNX one")
     if len(data.inputs) != 1:
         raise DataError(f"{data.source}: vision distillation takes one input array 'x'; for text use a .jsonl file")
-    if validation is None:
-        if len(data) < 4:
-            raise DataError(f"{data.source} has {len(data)} samples; need at least 4 to hold out a validation split")
-        train, validation = data.split(1.0 - cfg.val_fraction, seed=cfg.seed)
-    else:
-        train = data
-    test = test if test is not None else validation
+    judged = measure or test is not None  # the search judges the student on its own held-out data
+    train, validation, test = split_for_distillation(data, cfg, validation=validation, test=test, hold_test=judged)
     input_size = tuple(next(iter(train.inputs.values())).shape[1:])
 
     run_teacher = teacher_function(teacher)
     classes = teacher_logits(run_teacher, train.take(slice(0, 1))).shape[1]
     for part in (train, validation, test):
-        if part.labels is not None and (part.labels.max(initial=0) >= classes or part.labels.min(initial=0) < 0):
+        if part is not None and part.labels is not None and (part.labels.max(initial=0) >= classes or part.labels.min(initial=0) < 0):
             raise DataError(f"{part.source}: labels range {int(part.labels.min())}..{int(part.labels.max())} but "
                             f"the teacher has {classes} outputs")
     student = build_student(cfg.student, input_size=input_size, classes=classes, seed=cfg.seed)
@@ -304,10 +345,26 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
         raise BadInput(f"student {cfg.student} has {got} outputs but the teacher has {classes}; build the "
                        f"student with {classes} classes")
     initial = {k: v.clone() for k, v in student.state_dict().items()}
+    t_params = _params(torch, teacher.module) if teacher.format == "torch" else _onnx_params(teacher)
+    s_params = _params(torch, student)
 
-    train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                            temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience, seed=cfg.seed,
-                            augment_shift=cfg.augment_shift, warmup=cfg.warmup)
+    labels = train.labels is not None
+    settings = choice.kd_settings(cfg.temperature, cfg.alpha, labels=labels)
+    assistant = None
+    if cfg.assistant == "auto":
+        assistant = choice.assistant_for(teacher_params=t_params, student_params=s_params, input_size=input_size,
+                                         classes=classes)
+    elif cfg.assistant != "none":
+        assistant = cfg.assistant
+    with_baseline = baseline and labels
+    runs = len(settings) + int(with_baseline) + (2 if assistant else 0)
+    schedule = choice.train_schedule(cfg.epochs, patience=cfg.patience, time_budget=cfg.time_budget, runs=runs)
+
+    def train_cfg(temperature: float, alpha: float, seed: int = cfg.seed) -> Any:
+        return TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                           temperature=temperature, alpha=alpha, seed=seed, augment_shift=cfg.augment_shift,
+                           warmup=cfg.warmup, **schedule)
+
     online = cfg.augment_shift > 0 or cfg.feature_weight > 0
     soft = None if online else teacher_logits(run_teacher, train)
     notes: list[str] = []
@@ -318,29 +375,145 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
             notes.append(f"the teacher is {100 * views['shifted']:.1f}% accurate on images shifted by up to "
                          f"{cfg.augment_shift} px ({100 * views['plain']:.1f}% unshifted): its soft targets on the "
                          "shifted views are poor; train the teacher with the same shifts or lower --augment-shift")
-    extra, params, hooks = None, None, []
-    if cfg.feature_weight > 0:
-        extra, proj_params, hooks = _feature_loss(torch, student, teacher.module, train, cfg.feature_weight)
-        params = [*student.parameters(), *proj_params]
-    try:
-        fitted = fit(student, train, config=train_cfg, validation=validation, teacher_logits=soft, params=params,
-                     extra_loss=extra, teacher=run_teacher if online else None, progress=progress,
-                     description=f"distilling into {cfg.student}")
-    finally:
-        for h in hooks:
-            h.remove()
 
-    base_module = None
-    base_fit = None
-    if baseline and train.labels is not None:
-        base_module = build_student(cfg.student, input_size=input_size, classes=classes, seed=cfg.seed)
-        base_module.load_state_dict(initial)
-        base_fit = fit(base_module, train, config=train_cfg, validation=validation, teacher_logits=None,
-                       progress=progress, description=f"{cfg.student} without teacher")
+    def fresh() -> Any:
+        module = build_student(cfg.student, input_size=input_size, classes=classes, seed=cfg.seed)
+        module.load_state_dict(initial)
+        return module
 
-    student_model = Model.from_torch(student.eval(), source=f"{cfg.student} (distilled)", input_shape=(1, *input_size))
+    def distil_into(module: Any, temperature: float, alpha: float, *, run: Any, logits: Any, torch_teacher: Any,
+                    description: str) -> Any:
+        extra, params, hooks = None, None, []
+        if cfg.feature_weight > 0:
+            extra, proj_params, hooks = _feature_loss(torch, module, torch_teacher, train, cfg.feature_weight)
+            params = [*module.parameters(), *proj_params]
+        try:
+            return fit(module, train, config=train_cfg(temperature, alpha), validation=validation,
+                       teacher_logits=None if online else logits, params=params, extra_loss=extra,
+                       teacher=run if online else None, progress=progress, description=description)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    candidates: list[choice.KdCandidate] = []
+    if with_baseline:
+        c = choice.KdCandidate(name=choice.LABELS_ONLY, teacher="none")
+        c.module = fresh()
+        c.record(fit(c.module, train, config=train_cfg(1.0, 0.0), validation=validation, progress=progress,
+                     description=f"{cfg.student} on labels only"))
+        candidates.append(c)
+    torch_teacher = teacher.module if teacher.format == "torch" else None
+    for temperature, alpha in settings:
+        c = choice.KdCandidate(name=choice.candidate_name(temperature, alpha), teacher="teacher",
+                               temperature=temperature, alpha=alpha)
+        c.module = fresh()
+        c.record(distil_into(c.module, temperature, alpha, run=run_teacher, logits=soft, torch_teacher=torch_teacher,
+                             description=f"distilling into {cfg.student} ({c.name})"))
+        candidates.append(c)
+    if assistant:
+        candidates.append(_via_assistant(assistant, candidates, input_size=input_size, classes=classes, cfg=cfg,
+                                         fresh=fresh, distil_into=distil_into, run_teacher=run_teacher, soft=soft,
+                                         torch_teacher=torch_teacher, train=train, online=online, validation=validation,
+                                         train_cfg=train_cfg))
+
+    if test is not None and test.labels is not None:
+        for c in candidates:
+            c.test_accuracy = accuracy_torch(c.module, test)
+    chosen = choice.pick(candidates)
+    student = chosen.module
+    fitted = chosen.fit
+    base = next((c for c in candidates if not c.distilled), None)
+    notes += choice.choice_notes(chosen, candidates, epochs=cfg.epochs,
+                                 test_source=test.source if test is not None else "")
+    leak = choice.overlap_note(test, chose={"training": train, "validation": validation})
+    if leak:
+        notes.append(leak)
+    notes += student_notes(fitted, student_params=s_params, teacher_params=t_params)
+
+    student_model = Model.from_torch(student.eval(), source=f"{cfg.student} ({chosen.name})",
+                                     input_shape=(1, *input_size))
+    from edgeopt.transforms.export import OnnxExport, to_onnx
+
     student_onnx, check = to_onnx(student_model, OnnxExport(atol=1e-3), data=validation)
     student_onnx = Model.from_onnx(student_onnx.onnx, source="student")
+    report: dict[str, Any] = {
+        "config": {"student": cfg.student, "epochs": cfg.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
+                   "feature_weight": cfg.feature_weight, "patience": cfg.patience, "seed": cfg.seed,
+                   "lr": cfg.lr, "batch_size": cfg.batch_size, "augment_shift": cfg.augment_shift,
+                   "warmup": cfg.warmup, "time_budget": cfg.time_budget, "assistant": cfg.assistant,
+                   "train_schedule": schedule},
+        "data": {"train": len(train), "validation": len(validation), "test": len(test) if test is not None else 0,
+                 "test_source": test.source if test is not None else None},
+        "chosen": chosen.name,
+        "chosen_by": "validation accuracy (ties: labels only)",
+        "candidates": [c.to_dict() for c in candidates],
+        "assistant": assistant,
+        "student": {"params": s_params, "epochs_run": fitted.epochs_run, "best_epoch": fitted.best_epoch,
+                    "best_val_accuracy": fitted.best_val_accuracy, "stopped": fitted.stopped,
+                    "distilled": chosen.distilled, "temperature": chosen.temperature, "alpha": chosen.alpha,
+                    "export_check": check.to_dict()},
+        "baseline": None,
+        "notes": notes,
+    }
+    if base is not None:
+        report["baseline"] = {"description": "same student, same init/epochs/seed/augmentation, trained on labels only",
+                              "accuracy": base.test_accuracy, "epochs_run": base.epochs_run,
+                              "best_val_accuracy": base.val_accuracy}
+    if measure and test is not None:
+        _measure(report, teacher, student, student_onnx, input_size=input_size, validation=validation, test=test,
+                 device=device, threads=threads, bench_seconds=bench_seconds)
+        s_acc = report["student"]["accuracy"]
+        if base is not None and base.test_accuracy is not None and s_acc is not None:
+            report["distillation_gain_pt"] = round(100 * (s_acc - base.test_accuracy), 3)
+            best_distilled = choice.pick([c for c in candidates if c.distilled]) if len(candidates) > 1 else None
+            if best_distilled is not None and best_distilled.test_accuracy is not None:
+                report["best_distilled_gain_pt"] = round(100 * (best_distilled.test_accuracy - base.test_accuracy), 3)
+    if views is not None:
+        report.setdefault("teacher", {})["validation_accuracy_on_views"] = views
+    return DistillResult(student=student_model, student_onnx=student_onnx, report=report,
+                         baseline=base.module if base is not None else None, history=fitted.history,
+                         candidates=candidates)
+
+
+def _via_assistant(assistant: str, candidates: list[Any], *, input_size: tuple[int, ...], classes: int,
+                   cfg: Distill, fresh: Any, distil_into: Any, run_teacher: Any, soft: Any, torch_teacher: Any,
+                   train: Dataset, online: bool, validation: Dataset, train_cfg: Any) -> Any:
+    """TAKD: distil the assistant from the teacher, then the student from the assistant, both at the
+    (temperature, alpha) that did best from the teacher directly."""
+    from edgeopt.search import distill_choice as choice
+    from edgeopt.training import _forward
+
+    direct = choice.pick([c for c in candidates if c.distilled])
+    temperature, alpha = direct.temperature, direct.alpha
+    ta = build_student(assistant, input_size=input_size, classes=classes, seed=cfg.seed)
+    ta_fit = distil_into(ta, temperature, alpha, run=run_teacher, logits=soft, torch_teacher=torch_teacher,
+                         description=f"distilling the assistant {assistant}")
+    ta.eval()
+    ta_params = _params(None, ta)
+
+    def run_ta(batch: dict[str, Any]) -> Any:
+        return _forward(ta, batch)
+
+    ta_logits = None if online else teacher_logits(run_ta, train)
+    c = choice.KdCandidate(name=choice.candidate_name(temperature, alpha, via=assistant), teacher=f"assistant {assistant}",
+                           temperature=temperature, alpha=alpha)
+    c.module = fresh()
+    c.record(distil_into(c.module, temperature, alpha, run=run_ta, logits=ta_logits, torch_teacher=ta,
+                         description=f"distilling from the assistant ({c.name})"))
+    c.assistant = {"name": assistant, "params": ta_params, "val_accuracy": ta_fit.best_val_accuracy,
+                        "epochs_run": ta_fit.epochs_run}
+    return c
+
+
+def _measure(report: dict[str, Any], teacher: Model, student: Any, student_onnx: Model, *,
+             input_size: tuple[int, ...], validation: Dataset, test: Dataset, device: Any, threads: int | None,
+             bench_seconds: float) -> None:
+    """Teacher vs shipped student on the test data, and their latency interleaved (fills ``report``)."""
+    from edgeopt.measure.bench import BenchSettings, compare
+    from edgeopt.measure.complexity import count_macs_params
+    from edgeopt.measure.evaluate import evaluate
+    from edgeopt.transforms.export import OnnxExport, to_onnx
+
     if teacher.format == "torch":
         teacher_onnx, _ = to_onnx(Model.from_torch(teacher.module.eval(), source=teacher.source,
                                                    input_shape=(1, *input_size)), OnnxExport(atol=1e-3), data=validation)
@@ -350,7 +523,6 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
         teacher_onnx = Model.from_onnx(teacher.onnx, source="teacher")
         t_macs, t_params = None, _onnx_params(teacher)
     s_macs, s_params = count_macs_params(student, np.zeros((1, *input_size), np.float32))
-
     t_eval = evaluate(teacher_onnx, test, threads=threads, device=device)
     s_eval = evaluate(student_onnx, test, reference=teacher_onnx, threads=threads, device=device)
     timings = compare([teacher_onnx, student_onnx], settings=BenchSettings(
@@ -360,47 +532,53 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
     def lat(r: Any) -> dict[str, Any]:
         return {k: round(v, 4) for k, v in r.latency_ms.items()}
 
-    report: dict[str, Any] = {
-        "config": {"student": cfg.student, "epochs": cfg.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
-                   "feature_weight": cfg.feature_weight, "patience": cfg.patience, "seed": cfg.seed,
-                   "lr": cfg.lr, "batch_size": cfg.batch_size, "augment_shift": cfg.augment_shift,
-                   "warmup": cfg.warmup},
-        "data": {"train": len(train), "validation": len(validation), "test": len(test), "test_source": test.source},
-        "teacher": {"source": teacher.source, "format": teacher.format, "params": t_params, "macs": t_macs,
-                    "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": lat(timings[0]),
-                    "accuracy": t_eval.accuracy},
-        "student": {"params": s_params, "macs": s_macs, "onnx_bytes": student_onnx.size_bytes,
-                    "latency_ms": lat(timings[1]), "accuracy": s_eval.accuracy, "agreement": s_eval.agreement,
-                    "epochs_run": fitted.epochs_run, "best_epoch": fitted.best_epoch,
-                    "best_val_accuracy": fitted.best_val_accuracy, "export_check": check.to_dict()},
-        "ratios": {"params": t_params / s_params, "macs": (t_macs / s_macs) if t_macs else None,
-                   "size": teacher_onnx.size_bytes / student_onnx.size_bytes,
-                   "speedup_p50": timings[0].latency_ms["p50"] / timings[1].latency_ms["p50"]},
-        "latency": {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True},
-        "baseline": None,
-        "notes": notes + student_notes(fitted, student_params=s_params, teacher_params=t_params),
-    }
-    if views is not None:
-        report["teacher"]["validation_accuracy_on_views"] = views
-    if base_module is not None and base_fit is not None:
-        base_acc = accuracy_torch(base_module, test) if test.labels is not None else None
-        report["baseline"] = {"description": "same student, same init/epochs/seed/augmentation, trained on labels only",
-                              "accuracy": base_acc, "epochs_run": base_fit.epochs_run,
-                              "best_val_accuracy": base_fit.best_val_accuracy}
-        if base_acc is not None and s_eval.accuracy is not None:
-            report["distillation_gain_pt"] = round(100 * (s_eval.accuracy - base_acc), 3)
+    report["teacher"] = {"source": teacher.source, "format": teacher.format, "params": t_params, "macs": t_macs,
+                         "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": lat(timings[0]),
+                         "accuracy": t_eval.accuracy}
+    report["student"].update({"params": s_params, "macs": s_macs, "onnx_bytes": student_onnx.size_bytes,
+                              "latency_ms": lat(timings[1]), "accuracy": s_eval.accuracy,
+                              "agreement": s_eval.agreement})
+    report["ratios"] = {"params": t_params / s_params, "macs": (t_macs / s_macs) if t_macs else None,
+                        "size": teacher_onnx.size_bytes / student_onnx.size_bytes,
+                        "speedup_p50": timings[0].latency_ms["p50"] / timings[1].latency_ms["p50"]}
+    report["latency"] = {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True}
     if s_eval.accuracy is not None and t_eval.accuracy is not None:
         report["accuracy_drop_pt"] = round(100 * (t_eval.accuracy - s_eval.accuracy), 3)
-    return DistillResult(student=student_model, student_onnx=student_onnx, report=report, baseline=base_module,
-                         history=fitted.history)
+
+
+_RECIPE_MEMO: dict[str, Model] = {}  # the search applies the same distill step in several recipes (+ INT8)
+
+
+def _memo_key(teacher: Model, config: Distill, *parts: Dataset | None) -> str:
+    import hashlib
+    import json
+
+    from edgeopt.transforms.config import config_to_dict
+
+    h = hashlib.sha256(teacher.sha256.encode())
+    h.update(json.dumps(config_to_dict(config), sort_keys=True).encode())
+    for part in parts:
+        if part is not None:
+            for v in (*part.inputs.values(), part.labels):
+                if v is not None:
+                    h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
 
 
 @register_transform(Distill)
 def _apply(model: Model, config: Distill, ctx: TransformContext) -> Model:
-    """In a recipe: the teacher is ``ctx.teacher`` (default: the incoming model); returns the student ONNX."""
+    """In a recipe: the teacher is ``ctx.teacher`` (default: the incoming model); returns the shipped
+    student's ONNX, chosen by the same rule as ``edgeopt distill`` (the labels-only student is a
+    candidate, so a distilled recipe never wins only by the search's luck)."""
     if ctx.train is None:
         raise BadInput("distillation needs training data")
     teacher = ctx.teacher if ctx.teacher is not None else model
-    result = distill(teacher, ctx.train, config, validation=ctx.validation, baseline=False,
-                     device=ctx.device, progress=ctx.progress, bench_seconds=0.5)
-    return result.student_onnx
+    key = _memo_key(teacher, config, ctx.train, ctx.validation)
+    if key not in _RECIPE_MEMO:
+        result = distill(teacher, ctx.train, config, validation=ctx.validation, baseline=True,
+                         device=ctx.device, progress=ctx.progress, measure=False)
+        student = result.student_onnx.with_metadata(distill_chosen=result.report["chosen"])
+        while len(_RECIPE_MEMO) >= 4:
+            _RECIPE_MEMO.pop(next(iter(_RECIPE_MEMO)))
+        _RECIPE_MEMO[key] = student
+    return _RECIPE_MEMO[key]

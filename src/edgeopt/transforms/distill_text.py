@@ -21,18 +21,21 @@ import numpy as np
 from edgeopt.deps import require
 from edgeopt.errors import BadInput, DataError, ModelError, first_line
 from edgeopt.model import Model
+from edgeopt.search import distill_choice as choice
 from edgeopt.text_data import TextExamples, WordVocab, text_dataset
-from edgeopt.transforms.distill import check_kd_fields, student_notes
+from edgeopt.transforms.distill import check_kd_fields, split_for_distillation, student_notes
 
 
 @dataclass(frozen=True)
 class DistillText:
     """Settings for :func:`distill_text`; ``hidden_weight`` 0 turns hidden-state matching off;
-    ``warmup`` is the fraction of steps with a linear learning-rate ramp (transformers need one)."""
+    ``warmup`` is the fraction of steps with a linear learning-rate ramp (transformers need one).
+    ``temperature``/``alpha`` None are chosen on the validation split, ``epochs`` may be
+    ``"auto"``, as for vision (:class:`edgeopt.transforms.distill.Distill`)."""
 
-    epochs: int = 10
-    temperature: float = 2.0
-    alpha: float = 0.7
+    epochs: int | str = 10
+    temperature: float | None = None
+    alpha: float | None = None
     hidden_weight: float = 1.0
     lr: float = 1e-4
     batch_size: int = 32
@@ -41,6 +44,7 @@ class DistillText:
     max_len: int = 64
     seed: int = 0
     warmup: float = 0.1
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         check_kd_fields(self)
@@ -232,9 +236,12 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
     from edgeopt.training import TrainConfig, accuracy_torch, fit, predict_torch
 
     cfg = config or DistillText()
-    if cfg.alpha < 1 and examples.labels is None:
+    if cfg.alpha is not None and cfg.alpha < 1 and examples.labels is None:
         raise DataError(f"{examples.source} has no labels but alpha {cfg.alpha:g} < 1 asks for the hard-label "
                         "loss; pass --alpha 1 to learn from the teacher alone")
+    if cfg.epochs == choice.AUTO and examples.labels is None:
+        raise DataError(f"{examples.source} has no labels: --epochs auto watches the validation accuracy; "
+                        "give a number of epochs")
     vocab = vocab or WordVocab.build(examples.texts)
     teacher_vocab = int(getattr(teacher.config, "vocab_size", len(vocab)))
     if len(vocab) > teacher_vocab:
@@ -243,8 +250,8 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
     max_pos = int(getattr(teacher.config, "max_position_embeddings", cfg.max_len))
     max_len = min(cfg.max_len, max_pos)
     data = text_dataset(examples, vocab, max_len=max_len)
-    train, validation = data.split(1.0 - cfg.val_fraction, seed=cfg.seed)
-    test_data = text_dataset(test, vocab, max_len=max_len) if test is not None else validation
+    train, validation, test_data = split_for_distillation(
+        data, cfg, validation=None, test=text_dataset(test, vocab, max_len=max_len) if test is not None else None)
     teacher.eval()
     soft = predict_torch(teacher, train)
     classes = soft.shape[1]
@@ -253,30 +260,60 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
             raise DataError(f"{part.source}: labels range {int(part.labels.min())}..{int(part.labels.max())} but the "
                             f"teacher has {classes} outputs")
 
-    student = halve_bert(teacher)
-    initial = copy.deepcopy(student.state_dict())
+    first = halve_bert(teacher)
+    initial = copy.deepcopy(first.state_dict())
     # what the teacher's every-other layers give before any training: on easy tasks most of the
     # student's accuracy is already here, and the report should say so
-    initial_acc = accuracy_torch(student, test_data) if test_data.labels is not None else None
-    train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, optimizer="adamw",
-                            temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience, seed=cfg.seed,
-                            warmup=cfg.warmup)
-    extra, hooks = (None, [])
-    if cfg.hidden_weight > 0:
-        extra, hooks = _hidden_loss(torch, student, teacher, train, cfg.hidden_weight)
-    try:
-        fitted = fit(student, train, config=train_cfg, validation=validation, teacher_logits=soft, extra_loss=extra,
-                     progress=progress, description="distilling (half the layers)")
-    finally:
-        for h in hooks:
-            h.remove()
-    base_module, base_acc = None, None
-    if baseline and train.labels is not None:
-        base_module = halve_bert(teacher)
-        base_module.load_state_dict(initial)
-        fit(base_module, train, config=train_cfg, validation=validation, progress=progress,
-            description="student without teacher")
-        base_acc = accuracy_torch(base_module, test_data) if test_data.labels is not None else None
+    initial_acc = accuracy_torch(first, test_data) if test_data.labels is not None else None
+    labels = train.labels is not None
+    settings = choice.kd_settings(cfg.temperature, cfg.alpha, labels=labels, default_temperature=2.0)
+    with_baseline = baseline and labels
+    schedule = choice.train_schedule(cfg.epochs, patience=cfg.patience, time_budget=cfg.time_budget,
+                                     runs=len(settings) + int(with_baseline))
+
+    def train_cfg(temperature: float, alpha: float) -> Any:
+        return TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, optimizer="adamw", temperature=temperature,
+                           alpha=alpha, seed=cfg.seed, warmup=cfg.warmup, **schedule)
+
+    def fresh() -> Any:
+        module = first if not candidates else halve_bert(teacher)
+        module.load_state_dict(initial)
+        return module
+
+    candidates: list[choice.KdCandidate] = []
+    if with_baseline:
+        c = choice.KdCandidate(name=choice.LABELS_ONLY, teacher="none")
+        c.module = fresh()
+        c.record(fit(c.module, train, config=train_cfg(1.0, 0.0), validation=validation, progress=progress,
+                     description="student on labels only"))
+        candidates.append(c)
+    for temperature, alpha in settings:
+        c = choice.KdCandidate(name=choice.candidate_name(temperature, alpha), teacher="teacher",
+                               temperature=temperature, alpha=alpha)
+        c.module = fresh()
+        extra, hooks = (None, [])
+        if cfg.hidden_weight > 0:
+            extra, hooks = _hidden_loss(torch, c.module, teacher, train, cfg.hidden_weight)
+        try:
+            c.record(fit(c.module, train, config=train_cfg(temperature, alpha), validation=validation,
+                         teacher_logits=soft, extra_loss=extra, progress=progress,
+                         description=f"distilling (half the layers, {c.name})"))
+        finally:
+            for h in hooks:
+                h.remove()
+        candidates.append(c)
+    if test_data.labels is not None:
+        for c in candidates:
+            c.test_accuracy = accuracy_torch(c.module, test_data)
+    chosen = choice.pick(candidates)
+    student, fitted = chosen.module, chosen.fit
+    base = next((c for c in candidates if not c.distilled), None)
+    base_module = base.module if base is not None else None
+    base_acc = base.test_accuracy if base is not None else None
+    notes = choice.choice_notes(chosen, candidates, epochs=cfg.epochs, test_source=test_data.source)
+    leak = choice.overlap_note(test_data, chose={"training": train, "validation": validation})
+    if leak:
+        notes.append(leak)
 
     teacher_onnx = export_text_classifier(teacher, validation, source="teacher")
     student_onnx = export_text_classifier(student, validation, source="student")
@@ -295,24 +332,31 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
     report: dict[str, Any] = {
         "config": {"student": "half", "epochs": cfg.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
                    "hidden_weight": cfg.hidden_weight, "lr": cfg.lr, "warmup": cfg.warmup, "max_len": max_len,
-                   "seed": cfg.seed},
+                   "seed": cfg.seed, "time_budget": cfg.time_budget, "train_schedule": schedule},
         "data": {"train": len(train), "validation": len(validation), "test": len(test_data),
-                 "vocab_size": len(vocab)},
+                 "test_source": test_data.source, "vocab_size": len(vocab)},
         "teacher": {"layers": len(_encoder_layers(teacher)), "params": n_params(teacher), "macs": None,
                     "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": lat(timings[0]), "accuracy": t_eval.accuracy},
         "student": {"layers": len(_encoder_layers(student)), "params": n_params(student), "macs": None,
                     "onnx_bytes": student_onnx.size_bytes, "latency_ms": lat(timings[1]),
                     "accuracy": s_eval.accuracy, "accuracy_before_training": initial_acc,
                     "agreement": s_eval.agreement, "epochs_run": fitted.epochs_run,
-                    "best_epoch": fitted.best_epoch, "best_val_accuracy": fitted.best_val_accuracy},
+                    "best_epoch": fitted.best_epoch, "best_val_accuracy": fitted.best_val_accuracy,
+                    "stopped": fitted.stopped, "distilled": chosen.distilled, "temperature": chosen.temperature,
+                    "alpha": chosen.alpha},
         "ratios": {"params": n_params(teacher) / n_params(student),
                    "size": teacher_onnx.size_bytes / student_onnx.size_bytes,
                    "speedup_p50": timings[0].latency_ms["p50"] / timings[1].latency_ms["p50"]},
         "latency": {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True},
         "baseline": None if base_module is None else {
             "description": "same every-other-layer student, trained on labels only", "accuracy": base_acc},
-        "notes": student_notes(fitted, student_params=n_params(student), teacher_params=n_params(teacher)),
+        "chosen": chosen.name,
+        "chosen_by": "validation accuracy (ties: labels only)",
+        "candidates": [c.to_dict() for c in candidates],
+        "notes": notes + student_notes(fitted, student_params=n_params(student), teacher_params=n_params(teacher)),
     }
+    if base_acc is not None and s_eval.accuracy is not None:
+        report["distillation_gain_pt"] = round(100 * (s_eval.accuracy - base_acc), 3)
     if t_eval.accuracy and s_eval.accuracy is not None:
         report["accuracy_retained"] = s_eval.accuracy / t_eval.accuracy
     return TextDistillResult(student_module=student, student_onnx=student_onnx, vocab=vocab, report=report,

@@ -163,6 +163,131 @@ def test_output_naming_a_folder_fails_before_any_work(cli, workdir: Path, comman
     assert list(folder.iterdir()) == []
 
 
+# -- data and models validated on load --------------------------------------------------------------
+def _npz(path: Path, x, y=None) -> Path:
+    import numpy as np
+
+    arrays = {"x": np.asarray(x, dtype=np.float32)}
+    if y is not None:
+        arrays["y"] = np.asarray(y)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_nan_data_is_refused_before_calibration(cli, tmp_path: Path, digits_onnx: Path) -> None:
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((32, 1, 32, 32)).astype(np.float32)
+    x[3, 0, 0, :3] = np.nan
+    data = _npz(tmp_path / "nan.npz", x, np.zeros(32, np.int64))
+    out = tmp_path / "q.onnx"
+    assert_one_line(cli("quantize", digits_onnx, "-o", out, "--mode", "static", "--data", data),
+                    "3 NaN or infinite", "sample 3")
+    assert not out.exists()
+
+
+def test_eval_on_all_nan_input_refuses(cli, tmp_path: Path, digits_onnx: Path) -> None:
+    import numpy as np
+
+    data = _npz(tmp_path / "allnan.npz", np.full((8, 1, 32, 32), np.nan), np.zeros(8, np.int64))
+    assert_one_line(cli("eval", digits_onnx, "--data", data), "NaN")
+
+
+def test_npz_header_declaring_a_huge_shape_is_refused(cli, tmp_path: Path, digits_onnx: Path) -> None:
+    import io
+    import zipfile
+
+    import numpy as np
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (10**6, 1, 32000, 32000)})
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + b"\0" * 64)
+    assert_one_line(cli("eval", digits_onnx, "--data", path), "declares", "GB")
+
+
+def test_negative_labels_are_refused(cli, tmp_path: Path, digits_onnx: Path) -> None:
+    data = _npz(tmp_path / "neg.npz", [[[[0.0] * 32] * 32]] * 2, [0, -1])
+    assert_one_line(cli("eval", digits_onnx, "--data", data), "labels y must be class indices >= 0")
+
+
+@pytest.mark.parametrize("command", ["prune", "adapt"])
+def test_labels_outside_the_models_classes_are_one_line(cli, tmp_path: Path, digits_factory, command: str) -> None:
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((40, 1, 32, 32))
+    data = _npz(tmp_path / "y99.npz", x, [99] + [1] * 39)
+    spec, weights = digits_factory
+    args = {"prune": ["--sparsity", "0.3", "--data", data, "--epochs", "1", "--eval-data", data, "--no-latency"],
+            "adapt": ["--data", data, "--epochs", "1", "--strategy", "last-layer"]}[command]
+    out = tmp_path / "o.onnx"
+    assert_one_line(cli(command, spec, "--weights", weights, "-o", out, *args), "label 99", "10 classes")
+    assert not out.exists()
+
+
+def test_augment_shift_larger_than_the_images(cli, tmp_path: Path, digits_onnx: Path, digits_test_npz: Path) -> None:
+    out = tmp_path / "s.onnx"
+    assert_one_line(cli("distill", "--teacher", digits_onnx, "--student", "squeezenet1_1", "--data",
+                        digits_test_npz, "-o", out, "--augment-shift", "100000", "--epochs", "1", "--no-baseline"),
+                    "--augment-shift 100000")
+    assert not out.exists()
+
+
+def test_zoo_input_size_beyond_memory(cli) -> None:
+    assert_one_line(cli("zoo", "--input-size", "3x60000x60000", "--no-latency"), "3x60000x60000", "values per sample")
+
+
+def _external_onnx(folder: Path, location: str) -> Path:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(folder / "good.onnx"), save_as_external_data=True, location="good.data", size_threshold=0)
+    proto = onnx.load(str(folder / "good.onnx"), load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    path = folder / "m.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("location", ["../secret.data", "/etc/hostname", "missing.data", "link.data"])
+def test_external_data_errors_are_one_line(cli, tmp_path: Path, location: str) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.data").write_bytes(b"\0" * 64)
+    (folder / "link.data").symlink_to(tmp_path / "secret.data")
+    path = _external_onnx(folder, location)
+    assert_one_line(cli("bench", path, "--runs", "3", "--seconds", "0"), "external data")
+
+
+def test_onnx_declaring_huge_input_dims(cli, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 60000, 60000])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 60000, 60000])])
+    path = tmp_path / "huge.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert_one_line(cli("bench", path, "--runs", "3", "--seconds", "0"), "values per sample")
+
+
+def test_thread_count_in_model_metadata_is_checked(cli, tmp_path: Path, digits_onnx: Path) -> None:
+    from edgeopt.model import load_model
+
+    model = load_model(digits_onnx).with_metadata(threads="lots").save(tmp_path / "m.onnx")
+    assert_one_line(cli("bench", model.path, "--runs", "3", "--seconds", "0"), "edgeopt.threads")
+
+
 # -- code execution: nothing runs from a data file unless the user said so -------------------------
 torch = pytest.importorskip("torch")
 

@@ -7,6 +7,7 @@ fine-tuning data never leaks into the data a result is judged on.
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 
 from edgeopt.deps import require
 from edgeopt.errors import DataError
+from edgeopt.model import MAX_SAMPLE_VALUES
 
 if TYPE_CHECKING:
     from edgeopt.model import Model, TensorSpec
@@ -175,11 +177,14 @@ def load_data(spec: str | os.PathLike[str] | Dataset, *, input_size: tuple[int, 
 
 
 def _load_npz(path: Path) -> Dataset:
+    _check_npz_size(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}); save it with numpy.savez") from exc
+    except MemoryError:
+        raise DataError(f"{path} does not fit in this machine's memory") from None
     labels = arrays.pop("y", None)
     if not arrays:
         raise DataError(f"{path} has no input arrays: save the inputs as 'x' (or one array per input name)")
@@ -198,7 +203,49 @@ def _load_npz(path: Path) -> Dataset:
             raise DataError(f"{path}: array {key!r} is a scalar; inputs need a leading sample dimension")
         if arr.dtype == np.float64:
             arrays[key] = arr.astype(np.float32)
+        check_finite(arrays[key], f"{path}: array {key!r}")
     return Dataset(arrays, labels, source=str(path))
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Refuse NaN or infinity in input data: it calibrates NaN scales and scores as an accuracy."""
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return
+    bad = ~np.isfinite(array.reshape(len(array), -1) if array.ndim > 1 else array)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1) if bad.ndim > 1 else bad)
+        raise DataError(f"{what} has {int(bad.sum())} NaN or infinite value(s) (first in sample {int(rows[0])}); "
+                        "clean or drop those samples")
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine, or None when the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_npz_size(path: Path) -> None:
+    """Read each array's header (shape, dtype) and refuse a file that declares more than memory holds."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = 0
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = header(fh, max_header_size=10_000)
+                declared += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, TypeError) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}); save it with numpy.savez") from exc
+    limit = memory_bytes()
+    if limit is not None and declared > limit // 2:
+        raise DataError(f"{path} declares {declared / 2**30:.1f} GB of arrays, more than half this machine's "
+                        f"{limit / 2**30:.1f} GB of memory; use a smaller sample")
 
 
 def _check_labels(labels: np.ndarray, source: object) -> np.ndarray:
@@ -210,6 +257,8 @@ def _check_labels(labels: np.ndarray, source: object) -> np.ndarray:
         labels = labels.astype(np.int64)
     if labels.dtype.kind not in "iu":
         raise DataError(f"{source}: labels y must be integer class indices, got {labels.dtype}")
+    if len(labels) and int(labels.min()) < 0:
+        raise DataError(f"{source}: labels y must be class indices >= 0, got {int(labels.min())}")
     return labels.astype(np.int64)
 
 
@@ -306,6 +355,9 @@ def parse_size(text: str) -> tuple[int, ...]:
         raise DataError(f"bad size {text!r}: expected numbers joined by x, e.g. 3x224x224") from exc
     if not dims or any(d <= 0 for d in dims):
         raise DataError(f"bad size {text!r}: every dimension must be positive")
+    if math.prod(dims) > MAX_SAMPLE_VALUES:
+        raise DataError(f"size {text} is {math.prod(dims):,} values per sample; at most {MAX_SAMPLE_VALUES:,} "
+                        "(e.g. 3x4096x4096)")
     return dims
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     import onnx
 
 Format = Literal["onnx", "torch", "tflite"]
+# One sample of at most this many values (256 MB as float32); more is a typo or a hostile file.
+MAX_SAMPLE_VALUES = 2**26
 Dim = int | str | None
 METADATA_PREFIX = "edgeopt."
 
@@ -234,9 +237,9 @@ def load_model(spec: str | os.PathLike[str] | Model, *, weights: str | os.PathLi
     if suffix == ".onnx":
         return _load_onnx(path)
     if suffix == ".tflite":
-        return Model.from_tflite(path.read_bytes(), source=str(path), path=path)
+        return check_input_sizes(Model.from_tflite(path.read_bytes(), source=str(path), path=path))
     if suffix == ".pt2":
-        return _load_pt2(path, input_shape, trust_pickle=trust_pickle)
+        return check_input_sizes(_load_pt2(path, input_shape, trust_pickle=trust_pickle))
     if suffix in (".pt", ".pth"):
         if not trust_pickle:
             raise ModelError(
@@ -268,13 +271,29 @@ def _load_onnx(path: Path) -> Model:
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
         raise ModelError(f"{path} is not a valid ONNX file ({type(exc).__name__}: {first_line(exc)}); "
                          "re-export it") from exc
+    except MemoryError:
+        raise ModelError(f"{path} does not fit in this machine's memory") from None
+    except Exception as exc:  # onnx.checker.ValidationError: external data outside the folder, missing, a symlink
+        raise ModelError(f"{path}: its external data cannot be loaded safely: {first_line(exc)}") from exc
     try:
         onnx.checker.check_model(proto, full_check=False)
     except Exception as exc:  # onnx raises several checker error types
         raise ModelError(f"{path} is not a valid ONNX model: {first_line(exc)}; re-export it") from exc
     if len(proto.graph.node) == 0:
         raise ModelError(f"{path} is an ONNX file with an empty graph; re-export the model")
-    return Model.from_onnx(proto, source=str(path), path=path)
+    return check_input_sizes(Model.from_onnx(proto, source=str(path), path=path))
+
+
+def check_input_sizes(model: Model) -> Model:
+    """Refuse inputs that declare more values per sample than any edge model takes (a 3x60000x60000 image)."""
+    for spec in model.inputs:
+        fixed = [d for d in spec.shape[1:] if isinstance(d, int) and d > 0]
+        values = math.prod(fixed)
+        if values > MAX_SAMPLE_VALUES:
+            dims = "x".join(str(d) if isinstance(d, int) else "?" for d in spec.shape)
+            raise ModelError(f"{model.source}: input {spec.name!r} declares {dims}, {values:,} values per sample; "
+                             f"edgeopt handles at most {MAX_SAMPLE_VALUES:,} (e.g. 3x4096x4096)")
+    return model
 
 
 def _onnx_io(proto: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:

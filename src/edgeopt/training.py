@@ -118,6 +118,25 @@ def _to_tensors(torch: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
+def output_classes(module: Any, tensors: dict[str, Any]) -> int:
+    """How many class scores ``module`` gives for one sample (its last output dimension)."""
+    torch = require("torch", extra="torch")
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = _forward(module, {k: v[:1] for k, v in tensors.items()})
+    module.train(was_training)
+    return int(out.shape[-1])
+
+
+def check_label_range(labels: np.ndarray, classes: int, source: str) -> None:
+    """Labels must index the model's outputs; a label >= classes would crash the loss mid-training."""
+    if len(labels) and (int(labels.max()) >= classes or int(labels.min()) < 0):
+        bad = int(labels.max()) if int(labels.max()) >= classes else int(labels.min())
+        raise DataError(f"{source}: label {bad} is outside the model's {classes} classes (0..{classes - 1}); "
+                        "the labels must index the model's outputs")
+
+
 def predict_torch(module: Any, data: Dataset, *, batch_size: int = 256) -> np.ndarray:
     """Logits of a torch module over ``data`` in eval mode."""
     torch = require("torch", extra="torch")
@@ -205,6 +224,8 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
     else:
         opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     tensors = _to_tensors(torch, train.inputs)
+    if train.labels is not None:
+        check_label_range(train.labels, output_classes(module, tensors), train.source)
     labels = torch.from_numpy(train.labels) if train.labels is not None else None
     soft = torch.from_numpy(teacher_logits.astype(np.float32)) if teacher_logits is not None else None
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -309,6 +330,10 @@ class _Shift:
         self.keys = [k for k, v in tensors.items() if v.dim() == 4 and v.is_floating_point()]
         if not self.keys:
             raise ConfigError("random-shift augmentation needs image inputs shaped (N, C, H, W)")
+        smallest = min(min(tensors[k].shape[2], tensors[k].shape[3]) for k in self.keys)
+        if pixels >= smallest:
+            raise ConfigError(f"--augment-shift {pixels} must be smaller than the images ({smallest} pixels on "
+                              "their short side)")
         self.torch, self.pixels = torch, pixels
         self.gen = torch.Generator().manual_seed(seed)
 

@@ -16,6 +16,7 @@ import numpy as np
 from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import ConfigError, UnsupportedOperation, first_line
+from edgeopt.training import check_label_range
 
 
 def head_layer(module: Any, example: Any) -> str | None:
@@ -65,6 +66,7 @@ def _taylor_gradients(torch: Any, module: Any, data: Dataset, *, batches: int = 
             break
         out = module(*[torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()])
         out = out[0] if isinstance(out, list | tuple) else out
+        check_label_range(labels, int(out.shape[-1]), data.source)
         loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(labels).long())
         loss.backward()
     module.eval()

@@ -230,7 +230,9 @@ def test_bench_on_the_device_matches_local_ratios_and_copies_once(board, tmp_pat
 
 
 @pytest.mark.slow
-def test_optimize_on_the_device_end_to_end(cli, board, tmp_path) -> None:
+def test_optimize_per_device_end_to_end(cli, board, tmp_path) -> None:
+    """optimize --device board,host: each device times and judges the candidates itself and chooses by
+    its own figures (OUT/board/, OUT/host/); the device's accuracy equals the host's (same outputs)."""
     model = make_onnx_cnn(tmp_path / "m.onnx", channels=16, size=16)
     from edgeopt.model import load_model
     from edgeopt.runtimes import get_runtime
@@ -243,17 +245,23 @@ def test_optimize_on_the_device_end_to_end(cli, board, tmp_path) -> None:
         {"name": "int8-qdq", "steps": [{"type": "StaticInt8", "fields": {"format": "qdq"}}], "needs": ["calibration"]},
         {"name": "fp16", "steps": [{"type": "Fp16", "fields": {}}]}]))
     out = tmp_path / "opt"
-    result = cli("optimize", str(model), "--data", str(tmp_path / "d.npz"), "-o", str(out), "--device", board,
-                 "--recipes", str(recipes), "--seconds", "0.3")
+    result = cli("optimize", str(model), "--data", str(tmp_path / "d.npz"), "-o", str(out), "--device",
+                 f"{board},host", "--recipes", str(recipes), "--seconds", "0.3", "--json", "-")
     assert result.exit_code in (0, 3), result.output
-    report = json.loads((out / "report.json").read_text())
-    assert report["measured_on"]["device"] == board and report["measured_on"]["remote"] is True
-    assert any("measured on the device board" in n for n in report["notes"])
-    assert "Measured on board" in (out / "report.md").read_text()
-    timed = [c for c in report["candidates"] if c.get("latency_ms")]
-    assert timed and all(c["latency_ms"]["p50"] > 0 for c in timed)
+    payload = json.loads(result.stdout)["devices"]
+    assert set(payload) == {board, "host"}
+    remote, local = (json.loads((out / name / "report.json").read_text()) for name in (board, "host"))
+    assert remote["measured_on"]["device"] == board and remote["measured_on"]["remote"] is True
+    assert local["measured_on"]["device"] == "host" and local["measured_on"]["remote"] is False
+    assert any("measured on the device board" in n for n in remote["notes"])
+    assert "Measured on board" in (out / board / "report.md").read_text()
+    for name in ("original", "int8-qdq", "fp16"):  # same outputs on the device: same accuracy and agreement
+        r = next(c for c in [remote["baseline"], *remote["candidates"]] if c["name"] == name)
+        h = next(c for c in [local["baseline"], *local["candidates"]] if c["name"] == name)
+        assert r["accuracy"] == pytest.approx(h["accuracy"]) and r["agreement"] == pytest.approx(h["agreement"])
+        assert r["latency_ms"]["p50"] > 0
     if result.exit_code == 0:
-        assert report["chosen"] and (out / "model.onnx").exists()
+        assert remote["chosen"] and (out / board / "model.onnx").exists()
 
 
 # ----------------------------------------------------------------------------- bad targets: one line, exit 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -12,7 +12,6 @@ from edgeopt.cli import app
 from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
     SECONDS,
-    DeviceOpt,
     JsonOpt,
     MaxDropOpt,
     MetricOpt,
@@ -45,7 +44,7 @@ def optimize(
     metric: MetricOpt = "auto",
     min_cosine: MinCosineOpt = 0.99,
     objective: Annotated[str, typer.Option("--objective", help="latency, size or memory.")] = "latency",
-    device: DeviceOpt = None,
+    device: Annotated[str | None, typer.Option("--device", help="Device profile, or several comma-separated: each chooses by its own figures (OUT/NAME/).")] = None,
     threads: ThreadsOpt = None,
     time_budget: Annotated[float | None, typer.Option("--time-budget", callback=opt.positive, help="Minutes; stops cleanly, keeps the best so far.")] = None,
     executor: Annotated[str, typer.Option("--executor", help="local, or ray (build candidates on a Ray cluster).")] = "local",
@@ -74,6 +73,17 @@ def optimize(
         if not isinstance(raw, list):
             raise BadInput(f"{recipes} must hold a JSON list of recipes")
         plan = [Recipe.from_dict(r, trust_code=trust_code) for r in raw]
+    from edgeopt.cli.measure import device_list
+
+    targets = device_list(device)
+    if len(targets) > 1:
+        _fleet(targets, lambda name: run_optimize(
+            model, load_data_arg(data), out_dir=out / str(name), max_drop=max_drop, metric=metric,
+            min_cosine=min_cosine, objective=objective, device=name, threads=threads, time_budget_min=time_budget,
+            executor=executor, ray_address=ray_address, recipes=plan, eval_fraction=eval_fraction,
+            bench=BenchSettings(min_seconds=seconds, min_runs=100, max_seconds=max(20.0, seconds)),
+            weights=str(weights) if weights else None, trust_pickle=trust_pickle), out, json_out)
+        return
     result = run_optimize(model, load_data_arg(data), out_dir=out, max_drop=max_drop, metric=metric, min_cosine=min_cosine,
                           objective=objective,
                           device=device, threads=threads, time_budget_min=time_budget, executor=executor,
@@ -108,6 +118,38 @@ def optimize(
     if result.chosen.size_bytes:
         err_console.print(f"size {fmt_bytes(result.baseline.size_bytes)} -> {fmt_bytes(result.chosen.size_bytes)}",
                           style="dim")
+
+
+def _fleet(targets: list[str | None], run: Any, out: Path, json_out: str | None) -> None:
+    """optimize per device (each in OUT/NAME/, each choosing by its own figures); one column per device."""
+    from edgeopt.errors import BudgetNotMet
+    from edgeopt.report.writer import measured_on_text
+
+    results = {}
+    for name in targets:
+        err_console.print(f"optimizing for {name}...")
+        results[str(name)] = run(name)
+    table = Table(title="edgeopt optimize: one column per device (speed-up vs the original there; * chosen)")
+    table.add_column("candidate")
+    for name in results:
+        table.add_column(name, justify="right")
+    first = next(iter(results.values()))
+    for i, r in enumerate([first.baseline, *first.results]):
+        cells = [r.name]
+        for res in results.values():
+            row = [res.baseline, *res.results][i]
+            mark = " *" if row.status == "chosen" else (" (failed)" if row.status == "failed" else "")
+            cells.append((f"{row.speedup:.2f}x" if row.speedup else "-") + mark)
+        table.add_row(*cells)
+    console.print(table)
+    for name, res in results.items():
+        console.print(f"{name}: chose {res.chosen.name if res.chosen else 'nothing'}; "
+                      f"{measured_on_text(res.measured_on)}; reports in {res.out_dir}", style="dim")
+    emit_json(json_out, {"devices": {name: res.to_dict() for name, res in results.items()}})
+    missing = [name for name, res in results.items() if res.chosen is None]
+    if missing:
+        raise BudgetNotMet(f"no candidate met the budget on {', '.join(missing)}; reports in "
+                           f"{', '.join(str(out / m) for m in missing)}")
 
 
 @app.command()

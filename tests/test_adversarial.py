@@ -288,6 +288,108 @@ def test_thread_count_in_model_metadata_is_checked(cli, tmp_path: Path, digits_o
     assert_one_line(cli("bench", model.path, "--runs", "3", "--seconds", "0"), "edgeopt.threads")
 
 
+# -- temp files: removed on any exit edgeopt controls, swept when a killed run left them -------------
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_of_a_killed_run_is_swept_by_the_next_write(cli, tmp_path: Path, digits_onnx: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "q.onnx"
+    stale = tmp_path / f".q.onnx.{_dead_pid()}.abc123.tmp"
+    stale.write_bytes(b"half a model")
+    stale_report = tmp_path / f".q.report.json.{_dead_pid()}.x.tmp"
+    stale_report.write_text("{")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".q.onnx.{sleeper.pid}.xyz.tmp"  # a concurrent writer's: left alone
+        live.write_bytes(b"in progress")
+        result = cli("quantize", digits_onnx, "-o", out, "--mode", "fp16", "--seconds", "0")
+        assert result.exit_code == 0, result.output
+        assert not stale.exists() and not stale_report.exists()
+        assert live.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [live.name]
+
+
+def test_atomic_write_that_fails_leaves_no_temp(tmp_path: Path) -> None:
+    from edgeopt.fileio import atomic_path
+
+    target = tmp_path / "m.onnx"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("writer crashed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_adapt_leaves_no_checkpoint_for_resume(tmp_path: Path, digits_factory, digits_test_npz: Path,
+                                                      monkeypatch) -> None:
+    import importlib
+
+    from edgeopt.adapt import AdaptConfig, adapt
+    from edgeopt.adapt.checkpoint import checkpoint_path, save_checkpoint
+    from edgeopt.data import load_data
+    from edgeopt.errors import ModelError
+    from edgeopt.model import load_model
+
+    module = importlib.import_module("edgeopt.adapt.adapt")
+
+    def broken_export(*args, **kwargs):
+        raise ModelError("export failed after training")
+
+    monkeypatch.setattr(module, "_export", broken_export)
+    model = load_model(digits_factory[0], weights=digits_factory[1])
+    data = load_data(digits_test_npz).take(slice(0, 60))
+    out = tmp_path / "a.onnx"
+    config = AdaptConfig(strategy="last-layer", epochs=1, seed=0)
+    with pytest.raises(ModelError, match="export failed"):
+        adapt(model, data, config=config, out=out, progress=False)
+    assert not checkpoint_path(out).exists()
+    # A previous run's checkpoint survives a failed run unchanged.
+    save_checkpoint(checkpoint_path(out), state_dict={"w": torch.ones(2)}, info={"complete": True, "runs": []})
+    before = checkpoint_path(out).read_bytes()
+    with pytest.raises(ModelError, match="export failed"):
+        adapt(model, data, config=config, out=out, progress=False)
+    assert checkpoint_path(out).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_path(out).name]
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_command_cleanly(tmp_path: Path, digits_factory, digits_test_npz: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from edgeopt.adapt.checkpoint import checkpoint_path
+
+    out = tmp_path / "a.onnx"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeopt", "adapt", digits_factory[0], "--weights",
+                             str(digits_factory[1]), "--data", str(digits_test_npz), "-o", str(out),
+                             "--strategy", "full", "--epochs", "5000"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not checkpoint_path(out).exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert b"Traceback" not in proc.stderr.read()
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 # -- code execution: nothing runs from a data file unless the user said so -------------------------
 torch = pytest.importorskip("torch")
 

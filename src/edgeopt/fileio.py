@@ -25,7 +25,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     parent = target.parent if str(target.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        sweep_stale_temps(target)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=parent)
     except OSError as exc:
         raise BadInput(f"cannot write {target}: {exc.strerror or exc}; choose a writable location") from exc
     os.close(fd)
@@ -59,6 +60,41 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         raise BadInput(f"{what} {p} is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadInput(f"{what} {p} is nested too deeply to be a {what}") from None
+
+
+def sweep_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``.OUT.<pid>.XXXX.tmp`` files beside ``target`` left by a run that no longer exists.
+
+    A killed run (kill -9, power loss) cannot clean up after itself; the next write of the same
+    output does. A temp file whose process is still alive (a concurrent run) is left alone.
+    """
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    removed = []
+    for tmp in parent.glob(f".{glob_escape(target.name)}.*.tmp"):
+        pid_text = tmp.name[len(target.name) + 2:].split(".", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in name)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike[str], payload: Any) -> None:

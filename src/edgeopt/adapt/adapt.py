@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeopt.adapt.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from edgeopt.adapt.checkpoint import checkpoint_path, load_checkpoint, restore_on_failure, save_checkpoint
 from edgeopt.adapt.memory import MemoryMeasurement, measure_training_memory
 from edgeopt.adapt.strategies import (
     STRATEGIES,
@@ -107,6 +107,7 @@ class AdaptResult:
     trials: list[MemoryMeasurement] = field(default_factory=list)
 
 
+@restore_on_failure
 def adapt(model: Model, local: Dataset, *, config: AdaptConfig | None = None, original: Dataset | None = None,
           out: str | os.PathLike[str] | None = None, resume: bool = False, deployed: Model | None = None,
           progress: bool = True) -> AdaptResult:

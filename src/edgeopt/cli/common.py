@@ -41,7 +41,7 @@ def user_errors(func: F) -> F:
             if kwargs.get("json_out") is not None:
                 check_json_target(kwargs["json_out"])
             check_command_outputs(func.__name__, kwargs)
-            with json_stdout(kwargs.get("json_out") == "-"):
+            with json_stdout(kwargs.get("json_out") == "-"), terminate_as_exit():
                 return func(*args, **kwargs)
         except EdgeoptError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
@@ -51,6 +51,27 @@ def user_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """SIGTERM ends the command like Ctrl-C would: cleanup code runs, temp files are removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _reject_non_finite(kwargs: dict[str, Any]) -> None:

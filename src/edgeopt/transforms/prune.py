@@ -486,8 +486,12 @@ def save_pruned(result: PruneResult, out: Any) -> dict[str, str]:
 
         raise UnsupportedOperation(f"torch.export of the pruned model failed: {first_line(exc)}") from exc
     with atomic_path(paths["pt2"]) as tmp:
-        torch.export.save(program, str(tmp.with_suffix(".pt2")))
-        tmp.with_suffix(".pt2").replace(tmp)
+        staged = tmp.with_suffix(".pt2")  # torch.export.save wants the .pt2 suffix
+        try:
+            torch.export.save(program, str(staged))
+            staged.replace(tmp)
+        finally:
+            staged.unlink(missing_ok=True)
     with atomic_path(paths["state_dict"]) as tmp:
         torch.save(module.state_dict(), str(tmp))
     result.onnx.save(target)

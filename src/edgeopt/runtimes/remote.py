@@ -188,6 +188,9 @@ class RemoteDevice:
                                f"run there: {self.pip_command([package])}")
         if kind == "oom":
             return DeviceError(f"device {name} ran out of memory: {error}")
+        if kind == "no_runner":
+            return DeviceError(f"device {name}: the runner could not be installed in {self.profile.workdir} "
+                               f"on {self.where} (is the folder writable?)")
         return DeviceError(f"device {name}: {error}")
 
     def pip_command(self, packages: list[str]) -> str:

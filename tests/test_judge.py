@@ -12,7 +12,7 @@ import pytest
 from edgeopt.data import Dataset, load_data
 from edgeopt.errors import ConfigError
 from edgeopt.measure.evaluate import evaluate, predict
-from edgeopt.measure.judge import fidelity_of, nn_agreement, output_kind, pooled
+from edgeopt.measure.judge import fidelity_of, nn_agreement, nn_confident, output_kind, pooled
 from edgeopt.model import load_model
 from edgeopt.search.budget import Budget
 from edgeopt.search.engine import Candidate, baseline_result, choose, result_for
@@ -74,6 +74,13 @@ def test_pooled_embeddings_and_nearest_neighbours() -> None:
     assert nn_agreement(ref, ref) == 1.0
     swapped = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
     assert nn_agreement(swapped, ref) == 0.0
+    # sample 2's neighbours are a near-tie (similarity margin 0.005): it flips, the clear ones stay
+    angles = np.radians([0.0, 45.57, 90.0, 134.0, 300.0])
+    ref = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    moved = ref.copy()
+    moved[2] = [np.cos(np.radians(89.0)), np.sin(np.radians(89.0))]
+    assert nn_agreement(moved, ref) == pytest.approx(0.8)
+    assert nn_confident(moved, ref) == (1.0, 4)
 
 
 def test_a_variant_with_full_agreement_and_cosine_0_6_is_rejected(tiny_transformer, damaged) -> None:

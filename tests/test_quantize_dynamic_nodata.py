@@ -36,3 +36,23 @@ def test_dynamic_with_data_judges_by_cosine(cli, tiny_transformer, tmp_path) -> 
     assert ev["output_kind"] == "other" and ev["n"] == 60
     assert ev["cosine"] > 0.95 and ev["nn_agreement"] is not None
     assert "timed_shapes" not in json.loads((tmp_path / "r.json").read_text())
+
+
+def test_quantizing_leaves_nothing_in_the_working_directory(tiny_transformer, tmp_path, monkeypatch) -> None:
+    from edgeopt.transforms import quantize as q
+
+    enc, _ = tiny_transformer
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(q, "_PREPARED", {})
+
+    def gives_up(*args, **kwargs):  # what ONNX Runtime does when symbolic shape inference is incomplete
+        import onnx
+
+        onnx.save_model(load_model(enc).onnx, "sym_shape_infer_temp.onnx", save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="0f1e-uuid.data")
+        raise RuntimeError("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr("onnxruntime.quantization.shape_inference.quant_pre_process", gives_up)
+    out = q.quantize(load_model(enc), q.DynamicInt8())
+    assert any(n.op_type == "MatMulInteger" for n in out.onnx.graph.node)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

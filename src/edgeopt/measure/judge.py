@@ -33,6 +33,9 @@ CONFIDENT_MARGIN = 0.1
 # Output names that say "this is a vector, not class scores" even when the output is 2-D.
 EMBEDDING_WORDS = ("embed", "hidden", "pool", "feature", "vector", "encod", "state", "token")
 MASK_NAMES = ("attention_mask", "input_mask", "mask")
+# A sample's nearest neighbour counts as clear when its cosine similarity beats the runner-up's by
+# this much; closer calls flip under any change (on 144 real sentences, 28 are within 0.01).
+NN_MARGIN = 0.01
 
 
 def output_kind(outputs: np.ndarray, *, name: str | None = None) -> OutputKind:
@@ -74,6 +77,8 @@ class Fidelity:
     kl: float | None = None
     prob_cosine: float | None = None
     nn_agreement: float | None = None
+    nn_confident_agreement: float | None = None
+    n_nn_confident: int | None = None
     embedding_cosine: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,15 +137,27 @@ def pooled(outputs: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return (x * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
 
 
+def _similarities(e: np.ndarray) -> np.ndarray:
+    unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    return sim
+
+
 def nn_agreement(embeddings: np.ndarray, reference: np.ndarray) -> float:
     """Share of samples whose nearest other sample (by cosine) is the same under both embeddings."""
-    def nearest(e: np.ndarray) -> np.ndarray:
-        unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
-        sim = unit @ unit.T
-        np.fill_diagonal(sim, -np.inf)
-        return np.argmax(sim, axis=1)
+    return float(np.mean(np.argmax(_similarities(embeddings), axis=1) == np.argmax(_similarities(reference), axis=1)))
 
-    return float(np.mean(nearest(embeddings) == nearest(reference)))
+
+def nn_confident(embeddings: np.ndarray, reference: np.ndarray, *, margin: float = NN_MARGIN
+                 ) -> tuple[float | None, int]:
+    """NN agreement over the samples whose reference nearest neighbour beats the runner-up by ``margin``
+    (and how many those are); None when there are none."""
+    ref = _similarities(reference)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) >= margin
+    same = np.argmax(_similarities(embeddings), axis=1) == np.argmax(ref, axis=1)
+    return (float(np.mean(same[clear])) if clear.any() else None), int(clear.sum())
 
 
 def fidelity_of(outputs: np.ndarray, reference: np.ndarray, *, kind: OutputKind | None = None,
@@ -190,4 +207,5 @@ def fidelity_of(outputs: np.ndarray, reference: np.ndarray, *, kind: OutputKind 
         f.embedding_cosine = float(np.mean(_row_cosine(ea, eb)))
         if len(outputs) >= 3:
             f.nn_agreement = nn_agreement(ea, eb)
+            f.nn_confident_agreement, f.n_nn_confident = nn_confident(ea, eb)
     return f

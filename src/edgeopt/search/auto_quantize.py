@@ -145,7 +145,8 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
     if transformer:
         notes.append("transformer graph (self-attention + LayerNorm): tried the transformer space, which keeps "
                      "Softmax, LayerNorm, GELU and the residual stream in float (dynamic INT8, SmoothQuant, fused "
-                     "attention, MatMul-only static INT8, INT4 weight-only, NNCF transformer mode)")
+                     "attention, MatMul-only static INT8, INT8 and INT4 weight-only, NNCF transformer mode, NNCF "
+                     "INT8 weight compression)")
         results = run(transformer_recipes(original, profile, runtimes=chosen_runtimes))
     else:
         results = run(plain_recipes(original, runtimes=chosen_runtimes, device=profile))

@@ -140,7 +140,7 @@ def transformer_recipes(model: Model, device: DeviceProfile, *, runtimes: tuple[
         recipes.append(Recipe("openvino-f32", (), runtime="openvino", runtime_options={"precision": "f32"}))
         recipes.append(Recipe("openvino-nncf-int8-transformer", (NncfInt8(model_type="transformer", subset_size=64),),
                               runtime="openvino", needs=("calibration",)))
-        recipes.append(Recipe("openvino-nncf-int8-weights", (NncfWeightsInt8(),), runtime="openvino"))
+        recipes.append(Recipe("openvino-nncf-int8-weights", (NncfWeightsInt8(mode="int8_asym"),), runtime="openvino"))
     return recipes
 
 

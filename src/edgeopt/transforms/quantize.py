@@ -397,7 +397,9 @@ def prepared(model: Model) -> Any:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx"
         src.write_bytes(model.serialized())
         try:
-            with _quiet():
+            # when symbolic shape inference gives up, ONNX Runtime saves the model (and its weights as a
+            # uuid-named .data file) into the working directory: keep that inside our temporary directory
+            with _quiet(), contextlib.chdir(tmp):
                 shape_inference.quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
             proto = onnx.load(str(dst))
         except Exception:  # noqa: BLE001 - pre-processing is an optimization; quantize the model as given

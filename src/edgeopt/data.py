@@ -196,6 +196,8 @@ def _load_npz(path: Path) -> Dataset:
             raise DataError(f"{path} has an unnamed array {only!r}; save the inputs as x=..., labels as y=...")
     if labels is not None:
         labels = _check_labels(labels, path)
+    if any(arr.ndim > 0 and len(arr) == 0 for arr in arrays.values()):
+        raise DataError(f"{path} has no samples")
     for key, arr in arrays.items():
         if arr.dtype == object:
             raise DataError(f"{path}: array {key!r} holds Python objects; save numeric arrays")

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import BadInput, UnsupportedOperation, first_line
+from edgeopt.errors import BadInput, DataError, UnsupportedOperation, first_line
 from edgeopt.measure.evaluate import fidelity
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
@@ -78,6 +78,13 @@ def to_onnx(model: Model, config: OnnxExport | None = None, *, data: Dataset | N
     names = list(feeds)
     input_names = list(cfg.input_names) if len(cfg.input_names) == len(names) else names
     args = tuple(torch.from_numpy(v) for v in feeds.values())
+    try:
+        with torch.no_grad():
+            module(*args)
+    except Exception as exc:  # the data does not fit the network: say so before the exporter's noise
+        shapes = ", ".join("x".join(map(str, v.shape[1:])) for v in feeds.values())
+        raise DataError(f"{data.source if data is not None else model.source}: samples of shape {shapes} do not "
+                        f"fit {model.source} ({first_line(exc)})") from exc
     dynamic_shapes = None
     if dynamic:
         batch_dim = torch.export.Dim("batch", min=1, max=65536)

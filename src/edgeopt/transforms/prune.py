@@ -150,7 +150,19 @@ def _example(model: Model, data: Dataset | None) -> Any:
     feeds = example_inputs(model, data, batch=1)
     if len(feeds) != 1:
         raise ModelError(f"{model.source}: pruning supports single-input models, this one has {len(feeds)} inputs")
-    return torch.from_numpy(next(iter(feeds.values())))
+    example = torch.from_numpy(next(iter(feeds.values())))
+    module = model.module
+    was_training = module.training
+    try:
+        with torch.no_grad():
+            module.eval()(example)
+    except Exception as exc:  # the data does not fit the network (channels, size, dtype)
+        shape = "x".join(map(str, example.shape[1:]))
+        raise DataError(f"{data.source if data is not None else model.source}: samples of shape {shape} do not "
+                        f"fit {model.source} ({first_line(exc)})") from exc
+    finally:
+        module.train(was_training)
+    return example
 
 
 def _weight_layers(module: Any, config: UnstructuredPrune) -> list[tuple[str, Any]]:

@@ -59,7 +59,8 @@ def test_no_module_outside_cli_imports_the_cli() -> None:
 
 def test_import_does_not_load_heavy_dependencies() -> None:
     code = ("import sys, edgeopt, edgeopt.cli; heavy = [m for m in ('numpy', 'torch', 'openvino', 'ai_edge_litert', "
-            "'fastapi', 'ray', 'transformers', 'matplotlib', 'tensorflow') if m in sys.modules]; print(heavy)")
+            "'fastapi', 'ray', 'transformers', 'matplotlib', 'tensorflow', 'executorch') if m in sys.modules]; "
+            "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -74,6 +74,13 @@ _LAZY: dict[str, str] = {
     "load_keras": "edgeopt.transforms.keras",
     "to_onnx": "edgeopt.transforms.export",
     "to_tflite": "edgeopt.transforms.tflite",
+    # ExecuTorch export/runtime and the deployability check (issue 18)
+    "CheckReport": "edgeopt.check",
+    "ExecutorchCheck": "edgeopt.transforms.executorch",
+    "ExecutorchExport": "edgeopt.transforms.executorch",
+    "ExecutorchRuntime": "edgeopt.runtimes.executorch",
+    "check": "edgeopt.check",
+    "to_executorch": "edgeopt.transforms.executorch",
     # distillation + architecture catalogue (issue 6)
     "Distill": "edgeopt.transforms.distill",
     "DistillResult": "edgeopt.transforms.distill",

@@ -1,4 +1,4 @@
-"""Model: one loaded artifact (ONNX, PyTorch, torch.export, TFLite) with what every command needs.
+"""Model: one loaded artifact (ONNX, PyTorch, torch.export, TFLite, ExecuTorch) with what every command needs.
 
 A Model knows its format, its inputs and outputs (name, shape, dtype), its size on disk and a
 content hash (the search cache keys on it), and the ``edgeopt.*`` metadata that says which
@@ -24,7 +24,7 @@ from edgeopt.errors import ModelError, first_line
 if TYPE_CHECKING:
     import onnx
 
-Format = Literal["onnx", "torch", "tflite"]
+Format = Literal["onnx", "torch", "tflite", "executorch"]
 # One sample of at most this many values (256 MB as float32); more is a typo or a hostile file.
 MAX_SAMPLE_VALUES = 2**26
 Dim = int | str | None
@@ -111,6 +111,14 @@ class Model:
         return cls(format="tflite", source=source, inputs=inputs, outputs=outputs, path=path,
                    payload=payload)
 
+    @classmethod
+    def from_executorch(cls, payload: bytes, *, source: str, path: Path | None = None,
+                        input_names: list[str] | None = None, output_names: list[str] | None = None) -> Model:
+        """Wrap the bytes of an ExecuTorch ``.pte`` program; I/O shapes come from its ``forward`` method."""
+        inputs, outputs = _executorch_io(payload, source, input_names, output_names)
+        return cls(format="executorch", source=source, inputs=inputs, outputs=outputs, path=path,
+                   payload=payload)
+
     # -- content ----------------------------------------------------------------------------
     @property
     def onnx(self) -> onnx.ModelProto:
@@ -130,7 +138,7 @@ class Model:
         return self._module
 
     def serialized(self) -> bytes:
-        """The bytes a runtime loads (ONNX or TFLite flatbuffer); cached."""
+        """The bytes a runtime loads (ONNX, TFLite flatbuffer or ExecuTorch program); cached."""
         if self._payload is None:
             if self._proto is not None:
                 self._payload = self._proto.SerializeToString()
@@ -174,7 +182,7 @@ class Model:
         return Model.from_onnx(proto, source=self.source, path=None)
 
     def save(self, path: str | os.PathLike[str]) -> Model:
-        """Write atomically to ``path`` (.onnx or .tflite, or a state_dict .pt) and return the saved Model."""
+        """Write atomically to ``path`` (.onnx, .tflite, .pte, or a state_dict .pt) and return the saved Model."""
         from edgeopt.fileio import write_bytes
 
         target = Path(path)
@@ -202,7 +210,7 @@ def load_model(spec: str | os.PathLike[str] | Model, *, weights: str | os.PathLi
     """Load a model from a path or a ``file.py:factory`` spec.
 
     Args:
-        spec: ``model.onnx``, ``model.tflite``, ``program.pt2`` (torch.export), or
+        spec: ``model.onnx``, ``model.tflite``, ``model.pte`` (ExecuTorch), ``program.pt2`` (torch.export), or
             ``path/to/file.py:factory`` (a function or class returning an nn.Module).
         weights: a state_dict file (.pt/.pth) for a ``file.py:factory`` model; loaded with
             ``weights_only=True``.
@@ -230,7 +238,7 @@ def load_model(spec: str | os.PathLike[str] | Model, *, weights: str | os.PathLi
     if not path.exists():
         raise ModelError(f"model file not found: {path}")
     if path.is_dir():
-        raise ModelError(f"{path} is a directory; give a model file (.onnx, .tflite, .pt2) or file.py:factory")
+        raise ModelError(f"{path} is a directory; give a model file (.onnx, .tflite, .pte, .pt2) or file.py:factory")
     suffix = path.suffix.lower()
     if weights is not None and suffix not in (".py",):
         raise ModelError(f"--weights only applies to a PyTorch model given as file.py:factory, not {path.name}")
@@ -238,6 +246,8 @@ def load_model(spec: str | os.PathLike[str] | Model, *, weights: str | os.PathLi
         return _load_onnx(path)
     if suffix == ".tflite":
         return check_input_sizes(Model.from_tflite(path.read_bytes(), source=str(path), path=path))
+    if suffix == ".pte":
+        return check_input_sizes(Model.from_executorch(path.read_bytes(), source=str(path), path=path))
     if suffix == ".pt2":
         return check_input_sizes(_load_pt2(path, input_shape, trust_pickle=trust_pickle))
     if suffix in (".pt", ".pth"):
@@ -250,7 +260,7 @@ def load_model(spec: str | os.PathLike[str] | Model, *, weights: str | os.PathLi
         raise ModelError(f"name the factory in {path.name}: use {path}:function_name")
     if suffix in (".h5", ".keras"):
         raise ModelError(f"{path.name} is a Keras model: convert it with edgeopt export {path} --to tflite")
-    raise ModelError(f"unsupported model file {path.name}: expected .onnx, .tflite, .pt2 or file.py:factory")
+    raise ModelError(f"unsupported model file {path.name}: expected .onnx, .tflite, .pte, .pt2 or file.py:factory")
 
 
 def _split_factory(text: str) -> tuple[Path, str] | None:
@@ -346,6 +356,19 @@ def _tflite_io(payload: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return TensorSpec(detail["name"], shape, str(dtype))
 
     return ([spec(d) for d in interp.get_input_details()], [spec(d) for d in interp.get_output_details()])
+
+
+def _executorch_io(payload: bytes, source: str, input_names: list[str] | None,
+                   output_names: list[str] | None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    from edgeopt.runtimes.executorch import load_program, method_io
+
+    in_specs, out_specs = method_io(load_program(payload, source))
+    in_names = input_names if input_names and len(input_names) == len(in_specs) else (
+        ["input"] if len(in_specs) == 1 else [f"input_{i}" for i in range(len(in_specs))])
+    out_names = output_names if output_names and len(output_names) == len(out_specs) else (
+        ["output"] if len(out_specs) == 1 else [f"output_{i}" for i in range(len(out_specs))])
+    return ([TensorSpec(n, s, d) for n, (s, d) in zip(in_names, in_specs, strict=True)],
+            [TensorSpec(n, s, d) for n, (s, d) in zip(out_names, out_specs, strict=True)])
 
 
 def _import_file(path: Path) -> Any:

@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # One module per command group; each registers its commands on `app` when imported.
-COMMAND_MODULES = ["measure", "quantize", "prune", "distill", "export", "optimize", "serve", "split", "adapt"]
+COMMAND_MODULES = ["measure", "quantize", "prune", "distill", "export", "check", "optimize", "serve", "split", "adapt"]
 
 
 def _register() -> None:

@@ -292,6 +292,24 @@ def parse_floats(text: str | None, flag: str) -> list[float] | None:
         raise BadInput(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
+InputShapeOpt = Annotated[str | None, typer.Option(
+    "--input-shape", help="PyTorch models: input shape with batch, e.g. 1x3x224x224 (instead of --data).")]
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``1x3x224x224`` -> (1, 3, 224, 224); BadInput for anything else."""
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise BadInput(f"--input-shape takes dimensions joined by x, e.g. 1x3x224x224, got {text!r}") from None
+    if len(dims) < 2 or any(d < 1 for d in dims):
+        raise BadInput(f"--input-shape needs a batch and at least one more dimension, all >= 1, got {text!r}")
+    return dims
+
+
 _IMAGE_FLAGS: contextvars.ContextVar[tuple[str | None, str | None, str | None]] = contextvars.ContextVar(
     "image_flags", default=(None, None, None))
 

@@ -1,4 +1,6 @@
-"""edgeopt export: PyTorch -> verified ONNX; PyTorch / ONNX / Keras -> verified, timed .tflite variants."""
+"""edgeopt export: PyTorch -> verified ONNX; PyTorch / ONNX / Keras -> verified, timed .tflite variants;
+PyTorch / ONNX -> verified ExecuTorch .pte (XNNPACK, FP32 or INT8). Each target is checked first
+(edgeopt check), so an operator the target lacks stops the export with its name."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from edgeopt.cli import app
 from edgeopt.cli import options as opt
 from edgeopt.cli.common import (
     SECONDS,
+    InputShapeOpt,
     JsonOpt,
     RunsOpt,
     SecondsOpt,
@@ -25,26 +28,32 @@ from edgeopt.cli.common import (
     fmt_bytes,
     image_folder_flags,
     load_data_arg,
+    parse_input_shape,
     resolve_threads,
     user_errors,
 )
 
-TARGETS = ("onnx", "tflite")
+TARGETS = ("onnx", "tflite", "executorch")
+_SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "executorch": ".pte"}
 
 
 @app.command()
 @user_errors
 @image_folder_flags
 def export(
-    model: Annotated[str, typer.Argument(help="file.py:factory (+ --weights), .pt2, .onnx (tflite only), "
+    model: Annotated[str, typer.Argument(help="file.py:factory (+ --weights), .pt2, .onnx (tflite/executorch), "
                                               ".keras/.h5 (tflite only), float .tflite (to quantize).")],
-    to: Annotated[str, typer.Option("--to", help="Target format: onnx or tflite.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output file (.onnx or .tflite).")],
+    to: Annotated[str, typer.Option("--to", help="Target format: onnx, tflite or executorch.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output file (.onnx, .tflite or .pte).")],
     quantize: Annotated[str, typer.Option(
         "--quantize", help="tflite: none, dynamic, int8 (full integer, needs --data) or fp16; several "
-                           "comma-separated are each written as OUT_<mode>.tflite and timed interleaved.")] = "none",
+                           "comma-separated are each written as OUT_<mode>.tflite and timed interleaved. "
+                           "executorch: none or int8 (PT2E + XNNPACK quantizer, needs --data).")] = "none",
     data: Annotated[str | None, typer.Option("--data", help="Sample inputs (.npz): tracing, verification, "
                                                             "int8 calibration.")] = None,
+    input_shape: InputShapeOpt = None,
+    run_check: Annotated[bool, typer.Option("--check/--no-check", help="Check the target's operator support "
+                                                                       "first (edgeopt check).")] = True,
     opset: Annotated[int | None, typer.Option("--opset", help="onnx: opset version (default: exporter's, 18+).")] = None,
     static_batch: Annotated[bool, typer.Option("--static-batch", help="onnx: fixed batch dimension.")] = False,
     atol: Annotated[float, typer.Option("--atol", callback=opt.non_negative, help="onnx: max abs diff allowed vs PyTorch.")] = 1e-4,
@@ -58,25 +67,31 @@ def export(
     trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
-    """Export to ONNX or TFLite; outputs are verified against the source model and reported in OUT's .report.json (model.onnx -> model.report.json)."""
+    """Export to ONNX, TFLite or ExecuTorch; outputs are verified against the source model and reported in OUT's .report.json (model.onnx -> model.report.json)."""
     from edgeopt.errors import BadInput
 
     if to not in TARGETS:
         raise BadInput(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
-    if out.suffix.lower() != f".{to}":
-        raise BadInput(f"--out must end in .{to} for --to {to}, got {out.name}")
+    if out.suffix.lower() != _SUFFIX[to]:
+        raise BadInput(f"--out must end in {_SUFFIX[to]} for --to {to}, got {out.name}")
     check_threads(threads)
     check_output_dir(out)
+    shape = parse_input_shape(input_shape)
     dataset = load_data_arg(data) if data else None
+    loaded = _load_source(model, to, weights=weights, trust_pickle=trust_pickle, input_shape=shape)
+    checked = _pre_check(loaded, to, dataset) if run_check and loaded is not None else None
     if to == "onnx":
         if quantize != "none":
-            raise BadInput("--quantize applies to --to tflite; quantize ONNX models with edgeopt quantize")
-        report = _export_onnx(model, out, dataset, opset=opset, static_batch=static_batch, atol=atol,
-                              weights=weights, trust_pickle=trust_pickle)
+            raise BadInput("--quantize applies to --to tflite or executorch; quantize ONNX models with "
+                           "edgeopt quantize")
+        report = _export_onnx(model, loaded, out, dataset, opset=opset, static_batch=static_batch, atol=atol)
+    elif to == "executorch":
+        report = _export_executorch(loaded, out, dataset, mode=quantize, min_cosine=min_cosine, checked=checked)
     else:
-        report = _export_tflite(model, out, dataset, modes=_modes(quantize), min_cosine=min_cosine,
-                                bench=bench, threads=threads, seconds=seconds, runs=runs,
-                                weights=weights, trust_pickle=trust_pickle)
+        report = _export_tflite(model, loaded, out, dataset, modes=_modes(quantize), min_cosine=min_cosine,
+                                bench=bench, threads=threads, seconds=seconds, runs=runs)
+    if checked is not None:
+        report["check"] = checked.to_dict()
     from edgeopt.fileio import report_path, write_json
 
     write_json(report_path(out), report)
@@ -96,15 +111,46 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
-def _export_onnx(spec: str, out: Path, dataset: Any, *, opset: int | None, static_batch: bool, atol: float,
-                 weights: Path | None, trust_pickle: bool) -> dict[str, Any]:
-    from edgeopt.errors import BadInput
+def _load_source(spec: str, to: str, *, weights: Path | None, trust_pickle: bool,
+                 input_shape: tuple[int, ...] | None) -> Any:
+    """The source Model (None for a Keras file, which goes its own way to TFLite)."""
     from edgeopt.model import load_model
+
+    if to == "tflite":
+        from edgeopt.transforms.keras import KERAS_SUFFIXES
+
+        if Path(spec).suffix.lower() in KERAS_SUFFIXES:
+            return None
+    return load_model(spec, weights=weights, trust_pickle=trust_pickle, input_shape=input_shape)
+
+
+def _pre_check(source: Any, to: str, dataset: Any) -> Any:
+    """edgeopt check for the target, before converting: stop with its message when it cannot export."""
+    from edgeopt.check import TARGET_FOR_FORMAT, check
+    from edgeopt.errors import UnsupportedOperation
+
+    if source.format not in ("torch", "onnx") or (to == "onnx" and source.format != "torch"):
+        return None  # nothing to convert (the export itself says why), or a .tflite to quantize
+    with console.status(f"checking {TARGET_FOR_FORMAT[to]} operator support..."):
+        report = check(source, [TARGET_FOR_FORMAT[to]], data=dataset, convert=False)
+    result = report.targets[0]
+    if result.exit_code == 2:
+        raise UnsupportedOperation(f"export stopped before converting: {result.message()} "
+                                   f"(details: edgeopt check {source.source} --target {result.target})")
+    if result.exit_code == 3:
+        from edgeopt.cli.common import err_console
+
+        err_console.print(f"[yellow]warning:[/] {result.message()}")
+    return result
+
+
+def _export_onnx(spec: str, source: Any, out: Path, dataset: Any, *, opset: int | None, static_batch: bool,
+                 atol: float) -> dict[str, Any]:
+    from edgeopt.errors import BadInput
     from edgeopt.transforms.export import OnnxExport, to_onnx
 
     if opset is not None and not 7 <= opset <= 30:
         raise BadInput(f"--opset must be between 7 and 30, got {opset}")
-    source = load_model(spec, weights=weights, trust_pickle=trust_pickle)
     if source.format != "torch":
         raise BadInput(f"{spec} is already {source.format}; --to onnx exports PyTorch models "
                        "(file.py:factory with --weights, or .pt2)")
@@ -129,9 +175,38 @@ def _variant_path(out: Path, mode: str, several: bool) -> Path:
     return out.with_name(f"{out.stem}_{mode}{out.suffix}") if several else out
 
 
-def _export_tflite(spec: str, out: Path, dataset: Any, *, modes: list[str], min_cosine: float | None,
-                   bench: bool, threads: int | None, seconds: float, runs: int,
-                   weights: Path | None, trust_pickle: bool) -> dict[str, Any]:
+def _export_executorch(source: Any, out: Path, dataset: Any, *, mode: str, min_cosine: float | None,
+                       checked: Any) -> dict[str, Any]:
+    from edgeopt.transforms.executorch import ExecutorchExport, to_executorch
+
+    cfg = ExecutorchExport(quantize=mode, min_cosine=min_cosine)
+    lowered = checked.artifact if checked is not None and mode == "none" else None
+    with console.status(f"exporting to ExecuTorch ({mode}, XNNPACK) and verifying against PyTorch..."):
+        exported, check = to_executorch(source, cfg, data=dataset, lowered=lowered)
+    saved = exported.save(out)
+    d = check.delegation
+    table = Table(title="edgeopt export --to executorch (XNNPACK)")
+    for col in ("output", "quantize", "size", "cosine", "agreement", "max abs diff", "delegated nodes",
+                "portable nodes"):
+        table.add_column(col, justify="left" if col in ("output", "quantize") else "right")
+    table.add_row(str(out), mode, fmt_bytes(saved.size_bytes), f"{check.cosine:.6f}", f"{100 * check.agreement:.1f}%",
+                  f"{check.max_abs_diff:.3g}", f"{d.delegated_nodes} in {d.subgraphs} subgraph(s)",
+                  str(len(d.portable_nodes)))
+    console.print(table)
+    if d.portable_nodes:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(d.portable_ops.items()))
+        console.print(f"on portable kernels (not XNNPACK): {ops}; nodes: "
+                      f"{', '.join(n for n, _ in d.portable_nodes[:10])}{' ...' if len(d.portable_nodes) > 10 else ''}")
+    else:
+        console.print("every operator runs in the XNNPACK delegate")
+    return {"source": source.source, "to": "executorch", "quantize": mode, "output": str(out),
+            "size_bytes": saved.size_bytes, "sha256": saved.sha256, "batch": 1,
+            "inputs": [t.to_dict() for t in saved.inputs], "outputs": [t.to_dict() for t in saved.outputs],
+            "verify": check.to_dict()}
+
+
+def _export_tflite(spec: str, source: Any, out: Path, dataset: Any, *, modes: list[str], min_cosine: float | None,
+                   bench: bool, threads: int | None, seconds: float, runs: int) -> dict[str, Any]:
     from edgeopt.measure.bench import BenchSettings, compare
     from edgeopt.transforms.keras import KERAS_SUFFIXES, keras_to_tflite
     from edgeopt.transforms.tflite import TfliteExport, export_tflite
@@ -139,15 +214,12 @@ def _export_tflite(spec: str, out: Path, dataset: Any, *, modes: list[str], min_
     configs = [TfliteExport(quantize=m, min_cosine=min_cosine) for m in modes]
     settings = BenchSettings(min_runs=runs, min_seconds=seconds) if bench else None
     with console.status(f"converting to TFLite ({', '.join(modes)}) and verifying..."):
-        if Path(spec).suffix.lower() in KERAS_SUFFIXES:
+        if source is None and Path(spec).suffix.lower() in KERAS_SUFFIXES:
             from edgeopt.transforms.keras import load_keras
 
             keras_model = load_keras(spec)
             variants = [keras_to_tflite(keras_model, c, data=dataset, source=spec) for c in configs]
         else:
-            from edgeopt.model import load_model
-
-            source = load_model(spec, weights=weights, trust_pickle=trust_pickle)
             variants = export_tflite(source, configs, data=dataset)
     timings = None
     if settings is not None:

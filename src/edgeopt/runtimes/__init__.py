@@ -1,4 +1,4 @@
-"""Runtimes by name, imported only when asked for (OpenVINO and LiteRT are optional extras)."""
+"""Runtimes by name, imported only when asked for (OpenVINO, LiteRT and ExecuTorch are optional extras)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "openvino": ("edgeopt.runtimes.openvino", "OpenVinoRuntime"),
     "litert": ("edgeopt.runtimes.litert", "LiteRtRuntime"),
     "torch": ("edgeopt.runtimes.torch_eager", "TorchEager"),
+    "executorch": ("edgeopt.runtimes.executorch", "ExecutorchRuntime"),
 }
-_DEFAULT_FOR_FORMAT = {"onnx": "onnxruntime", "tflite": "litert", "torch": "torch"}
+_DEFAULT_FOR_FORMAT = {"onnx": "onnxruntime", "tflite": "litert", "torch": "torch", "executorch": "executorch"}
 
 
 def runtime_names() -> list[str]:

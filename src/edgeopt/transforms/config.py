@@ -24,7 +24,7 @@ TRANSFORM_MODULES = (
     "edgeopt.transforms.quantize", "edgeopt.transforms.mixed_precision", "edgeopt.transforms.export",
     "edgeopt.transforms.nncf_quantize", "edgeopt.transforms.prune", "edgeopt.transforms.distill",
     "edgeopt.transforms.tflite", "edgeopt.transforms.transformer",
-    "edgeopt.transforms.smooth_quant",
+    "edgeopt.transforms.smooth_quant", "edgeopt.transforms.executorch",
 )
 
 

@@ -6,6 +6,7 @@ inputs through PyTorch and ONNX Runtime and fails beyond tolerance.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,11 +95,30 @@ def to_onnx(model: Model, config: OnnxExport | None = None, *, data: Dataset | N
                                     input_names=input_names, output_names=list(cfg.output_names),
                                     opset_version=cfg.opset, verbose=False, optimize=True)
     except Exception as exc:
-        raise UnsupportedOperation(f"ONNX export of {model.source} failed: {first_line(exc)}") from exc
+        raise UnsupportedOperation(f"ONNX export of {model.source} failed: {onnx_failure(exc)}") from exc
     proto = program.model_proto
     exported = Model.from_onnx(proto, source=f"{model.source} (onnx)")
     check = verify_export(model, exported, feeds, atol=cfg.atol)
     return exported, check
+
+
+_NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>")
+_NODE = re.compile(r"Error when translating node %(\w+)")
+
+
+def onnx_failure(exc: BaseException) -> str:
+    """The operator (and node) the torch.onnx exporter had no function for, else the message's first line.
+
+    The exporter's first line is a generic "Failed to convert"; the op is named further down.
+    """
+    text = str(exc)
+    match = _NO_FUNCTION.search(text)
+    if match is None:
+        return first_line(exc)
+    node = _NODE.search(text)
+    where = f" (node {node.group(1)})" if node else ""
+    return (f"no ONNX function for operator {match.group(1)}.{match.group(2)}{where}; replace it in the "
+            "model or choose another target")
 
 
 def verify_export(torch_model: Model, onnx_model: Model, feeds: dict[str, np.ndarray], *, atol: float) -> ExportCheck:

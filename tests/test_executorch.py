@@ -75,13 +75,13 @@ def _torch_out(spec: str, x: np.ndarray) -> np.ndarray:
 def test_cli_fp32_export_is_verified_and_names_the_portable_op(et) -> None:
     report = json.loads(report_path(et["fp32"]).read_text())
     assert report["to"] == "executorch" and report["quantize"] == "none" and report["batch"] == 1
-    assert report["verify"]["cosine"] > 0.99999 and report["verify"]["max_abs_diff"] < 1e-4
-    deleg = report["verify"]["delegation"]
+    assert report["check"]["cosine"] > 0.99999 and report["check"]["max_abs_diff"] < 1e-4
+    deleg = report["check"]["delegation"]
     assert deleg["delegated_nodes"] >= 6 and deleg["delegated_ops"]["aten.convolution.default"] == 2
     assert deleg["portable_nodes"] == 1 and deleg["portable_ops"] == {"aten.mean.dim": 1}
     assert deleg["portable_node_names"][0]["op"] == "aten.mean.dim"
     # the pre-check ran first and warned about the fallback; its report is kept
-    assert report["check"]["verdict"] == "fallback" and "aten.mean.dim" in et["stderr"]
+    assert report["operator_check"]["verdict"] == "fallback" and "aten.mean.dim" in et["stderr"]
     assert report["inputs"][0]["shape"] == [1, 1, 16, 16]
 
 
@@ -162,7 +162,7 @@ def test_onnx_export_takes_input_shape_without_data(cli, et, tmp_path: Path) -> 
     assert result.exit_code == 0, result.stderr
     onnx_model = load_model(out)
     assert onnx_model.inputs[0].shape[1:] == (1, 16, 16)
-    assert json.loads(report_path(out).read_text())["check"]["verdict"] == "deploys"
+    assert json.loads(report_path(out).read_text())["operator_check"]["verdict"] == "deploys"
     result = cli("export", et["spec"], "--to", "onnx", "-o", tmp_path / "n.onnx")
     assert result.exit_code == 2 and "--input-shape" in result.stderr
 

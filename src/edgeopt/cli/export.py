@@ -91,7 +91,7 @@ def export(
         report = _export_tflite(model, loaded, out, dataset, modes=_modes(quantize), min_cosine=min_cosine,
                                 bench=bench, threads=threads, seconds=seconds, runs=runs)
     if checked is not None:
-        report["check"] = checked.to_dict()
+        report["operator_check"] = checked.to_dict()
     from edgeopt.fileio import report_path, write_json
 
     write_json(report_path(out), report)
@@ -202,7 +202,7 @@ def _export_executorch(source: Any, out: Path, dataset: Any, *, mode: str, min_c
     return {"source": source.source, "to": "executorch", "quantize": mode, "output": str(out),
             "size_bytes": saved.size_bytes, "sha256": saved.sha256, "batch": 1,
             "inputs": [t.to_dict() for t in saved.inputs], "outputs": [t.to_dict() for t in saved.outputs],
-            "verify": check.to_dict()}
+            "check": check.to_dict()}
 
 
 def _export_tflite(spec: str, source: Any, out: Path, dataset: Any, *, modes: list[str], min_cosine: float | None,

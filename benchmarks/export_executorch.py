@@ -258,6 +258,8 @@ def main() -> None:
     for name in ([args.only] if args.only else MODELS):
         cases[name] = run_model(name, args.seconds)
         print_table(name, cases[name])
+        latest = json.loads(OUT.read_text()).get("cases", {}) if OUT.exists() else {}  # another --only run
+        cases = {**latest, name: cases[name]}
         write_json(OUT, _payload(cases, args))
     print(f"\nwrote {OUT} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 

@@ -176,3 +176,64 @@ def test_config_validates_and_round_trips() -> None:
         ExecutorchExport("int8", calibration_samples=0)
     cfg = ExecutorchExport("int8", per_channel=False)
     assert config_from_dict(config_to_dict(cfg)) == cfg and cfg.cosine_floor == 0.98
+
+
+@pytest.mark.slow
+def test_optimize_target_executorch_ends_in_pte(cli, et, tmp_path: Path) -> None:
+    from edgeopt.search.recipe import Recipe
+
+    (tmp_path / "net.py").write_text(NET + "\nINPUT_SHAPE = (1, 1, 16, 16)\n")
+    recipes = tmp_path / "recipes.json"
+    recipes.write_text(json.dumps([Recipe("executorch-int8-pertensor", (ExecutorchExport("int8", per_channel=False),),
+                                          runtime="executorch", needs=("torch", "calibration")).to_dict()]))
+    out = tmp_path / "opt"
+    result = cli("optimize", f"{tmp_path / 'net.py'}:build", "--data", et["data"], "-o", out, "--target", "executorch",
+                 "--recipes", recipes,
+                 "--objective", "size", "--metric", "agreement", "--max-drop", "0.3", "--min-cosine", "0.9",
+                 "--seconds", "0.2", "--threads", "1")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == "executorch" and report["model"] == str(out / "model.pte")
+    assert report["baseline"]["runtime"] == "executorch"  # judged against the FP32 .pte, not ONNX Runtime
+    cand = report["candidates"][0]
+    assert cand["runtime"] == "executorch" and cand["size_ratio"] > 1.5 and report["chosen"] == cand["name"]
+    assert any(n.startswith("operator check: executorch:") for n in report["notes"])
+    chosen = load_model(out / "model.pte")
+    assert chosen.format == "executorch" and chosen.size_bytes == cand["size_bytes"]
+    assert not (out / "model.onnx").exists()
+
+
+def test_optimize_target_stops_on_the_operator_check(cli, tmp_path: Path) -> None:
+    pytest.importorskip("litert_torch")
+    (tmp_path / "inv.py").write_text("import torch\nINPUT_SHAPE = (1, 4, 4)\n\nclass Inv(torch.nn.Module):\n"
+                                     "    def forward(self, x):\n        return torch.linalg.inv(x + 4 * torch.eye(4))"
+                                     ".flatten(1)\n\ndef build():\n    return Inv()\n")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 4, 4)).astype(np.float32), y=rng.integers(0, 4, 40))
+    result = cli("optimize", f"{tmp_path / 'inv.py'}:build", "--data", tmp_path / "d.npz", "-o", tmp_path / "o",
+                 "--target", "tflite")
+    assert result.exit_code == 2
+    assert "optimize stopped before building candidates" in result.stderr and "linalg_inv_ex" in result.stderr
+    assert not (tmp_path / "o" / "model.tflite").exists()
+    result = cli("optimize", f"{tmp_path / 'inv.py'}:build", "--data", tmp_path / "d.npz", "-o", tmp_path / "o",
+                 "--target", "coreml")
+    assert result.exit_code == 2 and "--target must be one of onnx, executorch, tflite" in result.stderr
+
+
+@pytest.mark.slow
+def test_serve_takes_pte(et) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from edgeopt.serve import ServeConfig, create_app, load_served
+
+    served = load_served([str(et["fp32"])], threads=1, max_batch=4)
+    x = np.random.default_rng(3).standard_normal((1, 1, 16, 16)).astype(np.float32)
+    with TestClient(create_app(served, ServeConfig(max_batch=4, max_delay_ms=2))) as client:
+        meta = client.get("/v2/models/net").json()
+        assert meta["platform"] == "executorch_executorch" and meta["parameters"]["max_batch_size"] == 1
+        r = client.post("/v2/models/net/infer", json={"inputs": [
+            {"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32", "data": x.ravel().tolist()}]})
+    assert r.status_code == 200
+    out = np.array(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(1, 10)
+    np.testing.assert_allclose(out, _torch_out(et["spec"], x), atol=1e-4)

@@ -44,6 +44,8 @@ def optimize(
     metric: MetricOpt = "auto",
     min_cosine: MinCosineOpt = 0.99,
     objective: Annotated[str, typer.Option("--objective", help="latency, size or memory.")] = "latency",
+    target: Annotated[str, typer.Option("--target", help="Format every candidate ends in: onnx, executorch (.pte) "
+                                                         "or tflite; its operator check runs first.")] = "onnx",
     device: Annotated[str | None, typer.Option("--device", help="Device profile, or several comma-separated: each chooses by its own figures (OUT/NAME/).")] = None,
     threads: ThreadsOpt = None,
     time_budget: Annotated[float | None, typer.Option("--time-budget", callback=opt.positive, help="Minutes; stops cleanly, keeps the best so far.")] = None,
@@ -82,14 +84,14 @@ def optimize(
             min_cosine=min_cosine, objective=objective, device=name, threads=threads, time_budget_min=time_budget,
             executor=executor, ray_address=ray_address, recipes=plan, eval_fraction=eval_fraction,
             bench=BenchSettings(min_seconds=seconds, min_runs=100, max_seconds=max(20.0, seconds)),
-            weights=str(weights) if weights else None, trust_pickle=trust_pickle), out, json_out)
+            weights=str(weights) if weights else None, trust_pickle=trust_pickle, target=target), out, json_out)
         return
     result = run_optimize(model, load_data_arg(data), out_dir=out, max_drop=max_drop, metric=metric, min_cosine=min_cosine,
                           objective=objective,
                           device=device, threads=threads, time_budget_min=time_budget, executor=executor,
                           ray_address=ray_address, recipes=plan, eval_fraction=eval_fraction,
                           bench=BenchSettings(min_seconds=seconds, min_runs=100, max_seconds=max(20.0, seconds)),
-                          weights=str(weights) if weights else None, trust_pickle=trust_pickle)
+                          weights=str(weights) if weights else None, trust_pickle=trust_pickle, target=target)
     payload = result.to_dict()
     table = Table(title=f"edgeopt optimize: {model} on {result.device.name} (objective {objective})")
     for col in ("candidate", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy",
@@ -114,7 +116,7 @@ def optimize(
     emit_json(json_out, payload)
     if result.chosen is None:
         raise budget_error(result)
-    console.print(f"model: {out / 'model.onnx'}")
+    console.print(f"model: {result.model_path}")
     if result.chosen.size_bytes:
         err_console.print(f"size {fmt_bytes(result.baseline.size_bytes)} -> {fmt_bytes(result.chosen.size_bytes)}",
                           style="dim")

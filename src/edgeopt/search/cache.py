@@ -1,6 +1,6 @@
 """Candidate cache under OUTDIR/candidates/: a killed search resumes without redoing finished work.
 
-A candidate is stored as ``<key>/model.onnx`` plus ``<key>/result.json``, each written
+A candidate is stored as ``<key>/model.onnx`` (``.pte`` / ``.tflite`` for other targets) plus ``<key>/result.json``, each written
 atomically and the result last, so a directory with a result.json is always complete.
 The key hashes the original model, the recipe, the data and the split, so a changed input
 never reuses a stale candidate.
@@ -19,6 +19,8 @@ from edgeopt.data import Dataset
 from edgeopt.fileio import write_json
 from edgeopt.model import Model, load_model
 from edgeopt.search.engine import CandidateResult
+
+_SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "tflite": ".tflite"}
 
 
 def data_fingerprint(*parts: Dataset) -> str:
@@ -53,9 +55,10 @@ class CandidateCache:
         try:
             payload = json.loads(result_file.read_text())
             result = CandidateResult.from_dict(payload)
-            model_file = folder / "model.onnx"
+            model_files = [folder / f"model{suffix}" for suffix in _SUFFIX.values()]
+            model_file = next((f for f in model_files if f.exists()), None)
             if result.status != "failed":
-                if not model_file.exists():
+                if model_file is None:
                     return None
                 result.model = load_model(model_file)
         except (OSError, ValueError, Exception):  # a damaged entry is rebuilt, never trusted
@@ -66,7 +69,7 @@ class CandidateCache:
         folder = self.root / key
         folder.mkdir(parents=True, exist_ok=True)
         if model is not None:
-            model.save(folder / "model.onnx")
+            model.save(folder / f"model{_SUFFIX.get(model.format, '.onnx')}")
         write_json(folder / "result.json", result.to_dict())
 
     def load_timing(self, name: str) -> dict[str, Any] | None:

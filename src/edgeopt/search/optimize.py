@@ -34,10 +34,12 @@ from edgeopt.search.engine import (
     time_candidates,
 )
 from edgeopt.search.recipe import Recipe
-from edgeopt.search.space import default_recipes
+from edgeopt.search.space import target_recipes
 from edgeopt.transforms.config import TransformContext
 
 EXECUTORS = ("local", "ray")
+# optimize --target: the format every candidate ends in, and the file OUTDIR/model.<suffix>
+TARGET_SUFFIX = {"onnx": ".onnx", "executorch": ".pte", "tflite": ".tflite"}
 
 
 @dataclass
@@ -56,12 +58,19 @@ class OptimizeResult:
     reused: int = 0
     sensitivity: list[dict[str, Any]] | None = None
     measured_on: dict[str, Any] = field(default_factory=dict)  # where latency and accuracy were measured
+    target: str = "onnx"
+
+    @property
+    def model_path(self) -> Path:
+        """Where the chosen model is written: OUTDIR/model.onnx (or .pte / .tflite for another --target)."""
+        return self.out_dir / f"model{TARGET_SUFFIX[self.target]}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "chosen": self.chosen.name if self.chosen else None,
             "chosen_recipe": self.chosen.recipe if self.chosen else None,
-            "model": str(self.out_dir / "model.onnx") if self.chosen else None,
+            "model": str(self.model_path) if self.chosen else None,
+            "target": self.target,
             "budget": {"metric": self.budget.metric, "max_drop": self.budget.max_drop,
                        "min_cosine": self.budget.min_cosine},
             "objective": self.objective,
@@ -117,6 +126,35 @@ def _onnx_baseline(model: Model, split: _Split) -> Model:
     return exported
 
 
+def _baseline(model: Model, split: _Split, target: str) -> Model:
+    """What candidates must beat: the original in the target's own format and runtime (FP32)."""
+    if target == "onnx":
+        return _onnx_baseline(model, split)
+    if model.format not in ("onnx", "torch"):
+        raise BadInput(f"optimize takes an ONNX or PyTorch model, not {model.format}")
+    if target == "executorch":
+        from edgeopt.transforms.executorch import ExecutorchExport, to_executorch
+
+        return to_executorch(model, ExecutorchExport(), data=split.tune)[0]
+    from edgeopt.transforms.tflite import TfliteExport, to_tflite
+
+    return to_tflite(model, TfliteExport(), data=split.tune)[0]
+
+
+def pre_check(model: Model, target: str, data: Dataset) -> list[str]:
+    """``edgeopt check`` for the target before any candidate is built: stop with its message when the
+    model cannot be exported there; a note when parts of it would run on a fallback path."""
+    from edgeopt.check import TARGET_FOR_FORMAT, check
+    from edgeopt.errors import UnsupportedOperation
+
+    if model.format not in ("onnx", "torch"):
+        return []
+    result = check(model, [TARGET_FOR_FORMAT[target]], data=data.take(slice(0, 2)), convert=False).targets[0]
+    if result.exit_code == 2:
+        raise UnsupportedOperation(f"optimize stopped before building candidates: {result.message()}")
+    return [f"operator check: {result.message()}"]
+
+
 def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str] | Dataset, *,
              out_dir: str | os.PathLike[str], max_drop: float = 0.01, metric: str = "auto",
              min_cosine: float = DEFAULT_MIN_COSINE,
@@ -124,7 +162,7 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
              time_budget_min: float | None = None, executor: str = "local", ray_address: str | None = None,
              recipes: list[Recipe] | None = None, eval_fraction: float = 0.5, seed: int = 0,
              bench: BenchSettings | None = None, progress: bool = True, weights: str | None = None,
-             trust_pickle: bool = False, write_reports: bool = True) -> OptimizeResult:
+             trust_pickle: bool = False, write_reports: bool = True, target: str = "onnx") -> OptimizeResult:
     """Find the smallest/fastest model within the accuracy budget, measured on the device profile.
 
     Args:
@@ -138,6 +176,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         objective: ``latency``, ``size`` or ``memory``.
         time_budget_min: stop building candidates when this many minutes have passed; keep the best so far.
         executor: ``local`` or ``ray`` (candidates built in parallel on a Ray cluster; timing stays local).
+        target: the format every candidate ends in: ``onnx`` (default), ``executorch`` (.pte, judged
+            against the FP32 .pte) or ``tflite`` (against the FP32 .tflite); ``edgeopt check`` for it runs first.
 
     Returns:
         OptimizeResult; ``chosen`` is None when no candidate met the budget.
@@ -157,6 +197,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         raise BadInput(f"--time-budget must be > 0 minutes, got {time_budget_min}")
     if not 0.05 <= eval_fraction <= 0.95:
         raise BadInput(f"eval fraction must be in [0.05, 0.95], got {eval_fraction}")
+    if target not in TARGET_SUFFIX:
+        raise BadInput(f"--target must be one of {', '.join(TARGET_SUFFIX)}, got {target!r}")
     budget = Budget(metric=metric, max_drop=max_drop, min_cosine=min_cosine)  # type: ignore[arg-type]
     profile = get_device(device)
     out = check_writable_dir(out_dir)
@@ -164,13 +206,14 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
     dataset = load_data(data)
     notes: list[str] = []
     split = split_data(dataset, eval_fraction=eval_fraction, seed=seed)
-    baseline_model = _onnx_baseline(original, split)
+    notes += pre_check(original, target, split.tune)
+    baseline_model = _baseline(original, split, target)
     split = _Split(tune=split.tune.feeds_for(baseline_model), evaluation=split.evaluation.feeds_for(baseline_model),
                    train=split.train, validation=split.validation)
     notes.append(f"data split: {len(split.tune)} samples for calibration/fine-tuning, {len(split.evaluation)} "
                  "held out for judging (never used to build a candidate)")
     bench = bench or BenchSettings(warmup=10, min_runs=100, min_seconds=1.0, max_seconds=20.0)
-    plan = recipes if recipes is not None else default_recipes(original, profile)
+    plan = recipes if recipes is not None else target_recipes(original, profile, target)
     if not plan:
         raise BadInput("no recipes apply to this model and device profile")
 
@@ -181,6 +224,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
                     "device": profile.name, "threads": threads}
     if profile.ssh:  # the same name may later point at another board: its figures are not this one's
         settings_key["ssh"] = profile.ssh
+    if target != "onnx":
+        settings_key["target"] = target
     ctx = TransformContext(calibration=split.tune, train=split.train, validation=split.validation,
                            teacher=original if original.format == "torch" else baseline_model,
                            device=profile, seed=seed, progress=False)
@@ -260,15 +305,15 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
     chosen = choose(base, results, objective=objective, budget=budget)
     outcome = OptimizeResult(chosen=chosen, baseline=base, results=results, out_dir=out, budget=budget,
                              objective=objective, device=profile, notes=notes, reused=reused,
-                             measured_on=measured_on(profile, base.runtime or "onnxruntime"))
+                             measured_on=measured_on(profile, base.runtime or "onnxruntime"), target=target)
     if profile.ssh:
         notes.append(f"latency and accuracy measured on the device {profile.name} ({profile.ssh}) over SSH; "
                      "candidates built on this host")
-    target = out / "model.onnx"
+    chosen_path = outcome.model_path
     if chosen is not None and chosen.model is not None:
-        chosen.model.save(target)
-    elif target.exists():
-        target.unlink()
+        chosen.model.save(chosen_path)
+    elif chosen_path.exists():
+        chosen_path.unlink()
     outcome.seconds = time.perf_counter() - start
     if write_reports:
         from edgeopt.report.writer import write_optimize_reports

@@ -209,3 +209,48 @@ def default_recipes(model: Model, device: DeviceProfile, *, runtimes: tuple[str,
                     ) -> list[Recipe]:
     """The recipes ``optimize`` tries for ``model`` on ``device``."""
     return training_recipes(model, device) + post_training_recipes(model, device, runtimes=runtimes)
+
+
+def target_recipes(model: Model, device: DeviceProfile, target: str = "onnx", *, epochs: int = 15) -> list[Recipe]:
+    """The recipes for ``optimize --target``: every one ends in that format (ONNX: :func:`default_recipes`).
+
+    ExecuTorch: XNNPACK INT8 with per-channel and per-tensor weights; TFLite: dynamic range INT8, full
+    INT8 and FP16. For PyTorch models, structured pruning + fine-tuning followed by the FP32 and INT8
+    export too. All start from the original model ("torch" in ``needs``), not the ONNX baseline.
+    """
+    if target == "onnx":
+        return default_recipes(model, device)
+    precisions = set(device.precisions)
+    exports: list[tuple[str, Any]] = []
+    if target == "executorch":
+        from edgeopt.transforms.executorch import ExecutorchExport
+
+        runtime = "executorch"
+        if "int8" in precisions:
+            exports += [("int8-perchannel", ExecutorchExport("int8")),
+                        ("int8-pertensor", ExecutorchExport("int8", per_channel=False))]
+        fp32: Any = ExecutorchExport()
+    elif target == "tflite":
+        from edgeopt.transforms.tflite import TfliteExport
+
+        runtime = "litert"
+        if "int8" in precisions:
+            exports += [("int8-dynamic", TfliteExport("dynamic")), ("int8", TfliteExport("int8"))]
+        if "fp16" in precisions:
+            exports.append(("fp16", TfliteExport("fp16")))
+        fp32 = TfliteExport()
+    else:
+        raise ValueError(f"unknown optimize target {target!r}")
+    recipes = [Recipe(f"{target}-{name}", (cfg,), runtime=runtime, needs=("torch", "calibration"))
+               for name, cfg in exports]
+    if model.format == "torch" and available("torch") and _module_exists("edgeopt.transforms.prune"):
+        from edgeopt.transforms.prune import StructuredPrune
+
+        for ratio in (0.3, 0.5):
+            prune = StructuredPrune(ratio=ratio, epochs=epochs, distill=True)
+            name = f"prune-{int(ratio * 100)}-finetune-{target}"
+            recipes.append(Recipe(name, (prune, fp32), runtime=runtime, needs=("torch", "train")))
+            if exports:
+                recipes.append(Recipe(f"{name}-{exports[0][0]}", (prune, exports[0][1]), runtime=runtime,
+                                      needs=("torch", "train", "calibration")))
+    return recipes

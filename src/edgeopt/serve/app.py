@@ -137,7 +137,7 @@ def parse_model_arg(arg: str) -> tuple[str, str]:
         BadInput: the name has characters a URL path segment should not carry.
     """
     name, sep, path = arg.partition("=")
-    if not sep or not name or "/" in name or Path(name).suffix in (".onnx", ".tflite", ".py"):
+    if not sep or not name or "/" in name or Path(name).suffix in (".onnx", ".tflite", ".pte", ".py"):
         path, name = arg, Path(arg.split(":")[0]).stem
     if not _NAME_RE.match(name):
         raise BadInput(f"model name {name!r} must be letters, digits, '_', '.' or '-'; use NAME=PATH")

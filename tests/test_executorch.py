@@ -237,3 +237,14 @@ def test_serve_takes_pte(et) -> None:
     assert r.status_code == 200
     out = np.array(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(1, 10)
     np.testing.assert_allclose(out, _torch_out(et["spec"], x), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_check_reads_what_a_pte_executes(et) -> None:
+    from edgeopt.check import check
+
+    report = check(load_model(et["fp32"]), ["executorch"])
+    target = report.targets[0]
+    assert report.exit_code == 3 and target.verdict == "fallback"
+    assert [(o.op, o.count) for o in target.by_status("fallback")] == [("aten.mean.out", 1)]
+    assert [(o.op, o.count) for o in target.by_status("delegated")] == [("XnnpackBackend delegate", 2)]

@@ -154,7 +154,8 @@ def output_files(command: str, out: Path, kwargs: dict[str, Any]) -> dict[str, P
     from edgeopt.fileio import report_path
 
     if command == "optimize":
-        return {"-o": out / "model.onnx", "report": out / "report.json", "Markdown report": out / "report.md",
+        suffix = {"executorch": ".pte", "tflite": ".tflite"}.get(str(kwargs.get("target")), ".onnx")
+        return {"-o": out / f"model{suffix}", "report": out / "report.json", "Markdown report": out / "report.md",
                 "HTML report": out / "report.html"}
     if command == "plan":  # split MODEL -o OUTDIR
         files = {"plan": out / "plan.json"}

@@ -41,6 +41,8 @@ EXAMPLES: dict[str, str] = {
                 "--data examples/digits/train.npz -o student.onnx --epochs 3"),
     "export": ("edgeopt export examples/digits/digits_cnn.py:DigitsCNN --weights examples/digits/digits_cnn.pt "
                "--to onnx -o digits.onnx"),
+    "check": ("edgeopt check examples/digits/digits_cnn.py:DigitsCNN --weights examples/digits/digits_cnn.pt "
+              "--target onnxruntime,tflite,executorch --json check.json"),
     "optimize": ("edgeopt optimize examples/digits/digits_cnn.onnx --data examples/digits/test.npz -o out "
                  "--max-drop 0.01"),
     "apply": "edgeopt apply examples/digits/digits_cnn.onnx out/report.json -o again.onnx --data examples/digits/test.npz",

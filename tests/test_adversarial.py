@@ -132,6 +132,36 @@ def test_output_equal_to_input_is_refused_and_input_unchanged(cli, workdir: Path
     assert _sha(workdir / victim) == before
 
 
+def test_side_file_never_replaces_a_users_file_but_a_rerun_may(cli, workdir: Path) -> None:
+    import shutil
+
+    shutil.copy(workdir / "w" / "p.pt", workdir / "w" / "orig.pt")
+    users = workdir / "w" / "p.pt"  # the user's own file, where prune would put OUT.pt
+    before = _sha(users)
+    args = ["prune", f"{workdir / 'f.py'}:DigitsCNN", "--weights", workdir / "w" / "orig.pt", "--sparsity", "0.3",
+            "--no-latency"]
+    assert_one_line(cli(*args, "-o", workdir / "w" / "p.onnx"), "p.pt", "no earlier edgeopt run")
+    assert _sha(users) == before
+    out = workdir / "w" / "again.onnx"
+    for _ in range(2):  # a second run replaces the first run's side files
+        result = cli(*args, "-o", out)
+        assert result.exit_code == 0, result.output
+    assert out.with_suffix(".pt").exists() and out.with_suffix(".pt2").exists()
+
+
+def test_recipe_with_nan_fields_is_refused(cli, workdir: Path) -> None:
+    import json
+
+    recipe = workdir / "nan.json"
+    recipe.write_text('{"name": "x", "steps": [{"type": "Distill", "version": 1, "fields": {"student": '
+                      '"squeezenet1_1", "temperature": NaN}}]}')
+    assert_one_line(cli("apply", workdir / "m.onnx", recipe, "-o", workdir / "o.onnx", "--data", workdir / "d.npz"),
+                    "finite")
+    recipe.write_text(json.dumps({"name": "x", "steps": [], "runtime_options": {"num_streams": float("inf")}}))
+    assert_one_line(cli("apply", workdir / "m.onnx", recipe, "-o", workdir / "o.onnx"), "finite")
+    assert not (workdir / "o.onnx").exists()
+
+
 @pytest.mark.parametrize("link", ["hard", "symbolic"])
 def test_output_linked_to_the_input_is_refused(cli, workdir: Path, link: str) -> None:
     model = workdir / "m.onnx"

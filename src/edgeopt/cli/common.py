@@ -179,6 +179,33 @@ def output_files(command: str, out: Path, kwargs: dict[str, Any]) -> dict[str, P
     return files
 
 
+def _check_side_files_are_ours(out: Path, files: dict[str, Path]) -> None:
+    """A side file (``OUT.pt``, ``OUT.pt2``, ``OUT.vocab.json``) may replace only an earlier run's.
+
+    An earlier run lists its side files in ``OUT``'s .report.json; an existing file it does not
+    list is the user's (their weights, say) and is never overwritten.
+    """
+    from edgeopt.fileio import report_path
+
+    side = {what: p for what, p in files.items() if what in ("state_dict", "torch.export archive", "vocabulary")}
+    existing = {what: p for what, p in side.items() if p.exists()}
+    if not existing:
+        return
+    listed: set[Path] = set()
+    try:
+        report = json.loads(report_path(out).read_text())
+        outputs = report.get("outputs", {}) if isinstance(report, dict) else {}
+        values = list(outputs.values()) if isinstance(outputs, dict) else []
+        values.append(report.get("vocab") if isinstance(report, dict) else None)
+        listed = {Path(v).resolve() for v in values if isinstance(v, str)}
+    except (OSError, ValueError, RecursionError):
+        pass
+    for what, path in existing.items():
+        if path.resolve() not in listed:
+            raise BadInput(f"-o {out} would overwrite {path} (its {what}), which no earlier edgeopt run of -o {out} "
+                           "wrote; move that file or choose another -o")
+
+
 def check_command_outputs(command: str, kwargs: dict[str, Any]) -> None:
     """Before any work: no output (``-o``, its side files, ``--json``) is an input, a folder, or unwritable."""
     from edgeopt.fileio import check_outputs, input_paths
@@ -192,6 +219,7 @@ def check_command_outputs(command: str, kwargs: dict[str, Any]) -> None:
         files = output_files(command, Path(out), kwargs)
         check_outputs({("-o" if what == "-o" else f"-o {out}: its {what}"): path for what, path in files.items()},
                       inputs, missing_parent_ok=True)
+        _check_side_files_are_ours(Path(out), files)
         if json_out not in (None, "-") and any(Path(json_out).resolve() == p.resolve() for p in files.values()):
             raise BadInput(f"--json {json_out} is one of the files -o {out} writes; choose another name")
 

@@ -13,7 +13,13 @@ from typing import Any
 
 from edgeopt.errors import ConfigError
 from edgeopt.model import Model
-from edgeopt.transforms.config import TransformContext, apply_config, config_from_dict, config_to_dict
+from edgeopt.transforms.config import (
+    TransformContext,
+    _non_finite,
+    apply_config,
+    config_from_dict,
+    config_to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Recipe:
             raise ConfigError(f"recipe is missing {exc}") from exc
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"recipe {payload.get('name')!r} is malformed: {exc}") from exc
+        if _non_finite(recipe.runtime_options):
+            raise ConfigError(f"recipe {recipe.name!r}: runtime_options must hold finite numbers")
         if not trust_code:
             for step in recipe.steps:
                 for name, value in _code_fields(step):

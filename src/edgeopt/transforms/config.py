@@ -8,6 +8,7 @@ classes registered here can be rebuilt (no arbitrary code from a JSON file).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -80,6 +81,9 @@ def config_from_dict(payload: dict[str, Any]) -> Any:
     unknown = sorted(set(fields) - set(known))
     if unknown:
         raise ConfigError(f"{name}: unknown field(s) {unknown}")
+    for key, value in fields.items():
+        if _non_finite(value):
+            raise ConfigError(f"{name}: field {key!r} must be finite, got {value!r}")
     hints = typing.get_type_hints(cls)
     for key, value in list(fields.items()):
         if isinstance(value, list) and _is_tuple_type(hints.get(key)):
@@ -88,6 +92,17 @@ def config_from_dict(payload: dict[str, Any]) -> Any:
         return cls(**fields)
     except TypeError as exc:
         raise ConfigError(f"{name}: {exc}") from exc
+
+
+def _non_finite(value: Any) -> bool:
+    """NaN or infinity anywhere in a field (JSON recipes may carry them: Python's json reads NaN)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
 
 
 def _is_tuple_type(hint: Any) -> bool:

@@ -54,6 +54,8 @@ def small_train(tmp_path_factory, digits_train_npz) -> Path:
 def test_config_validates_and_round_trips():
     cfg = Distill(student="squeezenet1_1", epochs=3, alpha=0.5, feature_weight=0.5, patience=2)
     assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+    auto = Distill(student="cnn3_w16", epochs="auto", time_budget=60.0, assistant="none")  # T and alpha chosen
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(auto)))) == auto
     for bad, message in [({"alpha": 1.5}, "--alpha must be in"), ({"epochs": 0}, "--epochs must be >= 1"),
                          ({"temperature": 0}, "--temperature must be > 0"), ({"val_fraction": 1.0}, "--val-fraction"),
                          ({"augment_shift": -1}, "--augment-shift must be >= 0"), ({"warmup": -0.1}, "--warmup"),

@@ -85,8 +85,8 @@ def test_analyze_needs_enough_data() -> None:
 
 def test_cli_analyze_json(cli, tmp_path, digits_onnx, digits_train_npz) -> None:
     out = tmp_path / "sens.json"
-    result = cli("analyze", digits_onnx, "--data", digits_train_npz, "--threads", "1", "--only", "--max-eval", "64",
-                 "--json", out)
+    result = cli("analyze", digits_onnx, "--data", digits_train_npz, "--threads", "1", "--method", "exhaustive",
+                 "--only", "--max-eval", "64", "--json", out)
     assert result.exit_code == 0, result.stderr
     rows = json.loads(out.read_text())
     assert len(rows) == 4
@@ -113,8 +113,30 @@ def test_auto_adds_mixed_precision_when_plain_int8_misses_the_budget() -> None:
     assert result.budget.metric == "agreement"  # no labels
     by_name = {r.name: r for r in result.results}
     assert not by_name["int8-qdq-u8s8-pertensor"].meets_budget
-    mixed = [r for r in result.results if r.name.startswith("int8-mixed-precision")]
-    assert len(mixed) == 1 and mixed[0].meets_budget
+    mixed = [r for r in result.results if r.name.startswith("int8-mixed-")]
+    assert len(mixed) == 1 and mixed[0].meets_budget and mixed[0].latency_ms  # the fewest float layers, timed
     assert mixed[0].recipe["steps"][0]["fields"]["exclude_nodes"] == ["fc2"]
-    assert "int8-qdq-u8s8-perchannel-entropy" in by_name
+    assert "int8-qdq-u8s8-perchannel-entropy" in [s["variant"] for s in result.steps]
     assert any("mixed precision" in n for n in result.notes)
+    # the recovery steps, in order, each measured
+    steps = [s["step"] for s in result.steps]
+    assert steps[0] == "0 plain" and result.steps[0]["status"] == "misses budget"
+    assert steps.index("1 calibration") < steps.index("2 bias correction") < steps.index("3 mixed precision")
+    tried = [s for s in result.steps if s["step"] == "3 mixed precision"]
+    assert tried[0]["float_layers"] == ["fc2"] and tried[0]["status"] == "meets budget"
+    judged = {s["judged"] for s in result.steps if s.get("judged") is not None}
+    assert len(judged) == 1 and 20 < judged.pop() <= 100  # the confident share of the 100 held-out samples
+    assert any(n.startswith("judged on ") and "90% interval" in n for n in result.notes)
+
+
+def test_cli_analyze_one_pass_is_the_default(cli, tmp_path, digits_onnx, digits_train_npz) -> None:
+    out = tmp_path / "one.json"
+    result = cli("analyze", digits_onnx, "--data", digits_train_npz, "--max-eval", "64", "--json", out)
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4 and {r["op_type"] for r in rows} == {"Conv", "Gemm"}
+    assert [r["sqnr_db"] for r in rows] == sorted(r["sqnr_db"] for r in rows)
+    assert all(r["sqnr_db"] > 20 and r["cosine"] > 0.99 for r in rows)
+    assert "one pass" in result.stdout
+    bad = cli("analyze", digits_onnx, "--data", digits_train_npz, "--method", "guess")
+    assert bad.exit_code == 2 and "--method must be one-pass or exhaustive" in bad.stderr

@@ -153,3 +153,66 @@ def test_layer_times_map_fp32_and_int8_nodes_to_layers(digits_onnx, digits_train
         per_layer = layer_times(node_times(m, data, runs=5), prepared(model), names)
         assert set(per_layer) == set(names)
         assert all(ms > 0 for ms in per_layer.values()), per_layer
+
+
+# -- the judge's noise and the choice rule ------------------------------------------------------
+def test_wilson_and_tell_apart_values() -> None:
+    from edgeopt.measure.noise import drop_interval, tell_apart, wilson
+
+    low, high = wilson(0, 32)
+    assert low == 0.0 and 0.07 < high < 0.09  # 32 samples, none differ: still up to ~8 pt
+    low, high = wilson(0, 1000)
+    assert high < 0.003
+    assert tell_apart(0.991, 2000) == pytest.approx(0.0049, abs=2e-4)
+    assert tell_apart(1.0, 50) == pytest.approx(0.02)  # never below one sample
+    ref = np.eye(3)[[0, 1, 2] * 20]
+    out = ref.copy()
+    out[:6] = np.eye(3)[[1] * 6]  # 4 of the 60 top-1s change (2 already were class 1)
+    low, high, n = drop_interval("agreement", out, ref)
+    assert n == 60 and low < 4 / 60 < high
+    labels = np.argmax(ref, axis=1)
+    low, high, n = drop_interval("accuracy", out, ref, labels=labels)
+    assert low < 4 / 60 < high and high - low < 0.15
+
+
+def _result(name: str, *, size: int, p50: float, accuracy: float, judged: int):
+    from edgeopt.search.engine import CandidateResult
+
+    return CandidateResult(name=name, recipe={}, size_bytes=size, latency_ms={"p50": p50}, speedup=10.0 / p50,
+                           speedup_interval=[10.0 / p50 * 0.95, 10.0 / p50 * 1.05], size_ratio=400_000 / size,
+                           accuracy=accuracy, agreement=accuracy, drop=0.9910 - accuracy, judged=judged,
+                           meets_budget=True, status="measured", model=None)
+
+
+def test_ties_within_the_judges_noise_go_to_the_smaller_model() -> None:
+    """The MNIST case: prune-50-finetune (403 KB, 3.63x, 99.10 %) against prune-50-finetune-int8
+    (119 KB, 3.70x, 99.05 %), judged on 2,000 samples: one sample apart, so the smaller one wins."""
+    from edgeopt.search.budget import Budget
+    from edgeopt.search.engine import CandidateResult, choose
+
+    base = CandidateResult(name="original", recipe={}, size_bytes=400_000, latency_ms={"p50": 10.0}, speedup=1.0,
+                           accuracy=0.9910, drop=0.0, judged=2000, meets_budget=True, status="baseline")
+    fp = _result("prune-50-finetune", size=403_000, p50=10 / 3.63, accuracy=0.9910, judged=2000)
+    q = _result("prune-50-finetune-int8", size=119_000, p50=10 / 3.70, accuracy=0.9905, judged=2000)
+    for r in (fp, q):
+        r.model = object()  # built (choose only checks presence)
+    chosen = choose(base, [fp, q], objective="latency", budget=Budget(metric="accuracy", max_drop=0.01))
+    assert chosen is q
+    assert "judge's noise" in fp.reason and "2000 samples" in fp.reason
+    # a real difference (4 pt on 2,000 samples) is not noise: the more accurate one wins
+    fp2 = _result("a", size=403_000, p50=10 / 3.63, accuracy=0.9910, judged=2000)
+    q2 = _result("b", size=119_000, p50=10 / 3.70, accuracy=0.9510, judged=2000)
+    fp2.model = q2.model = object()
+    assert choose(base, [fp2, q2], objective="latency", budget=Budget(metric="accuracy", max_drop=0.05)) is fp2
+
+
+def test_layer_priority_prefers_layers_whose_int8_saves_little() -> None:
+    from edgeopt.search.recovery import layer_priority
+    from edgeopt.transforms.layer_error import LayerError
+
+    errors = [LayerError("big_saver", "Conv", 10, 30.0, 1e-3, 0.999), LayerError("no_saver", "Conv", 10, 30.0, 1e-3,
+                                                                                  0.999),
+              LayerError("quiet", "Conv", 10, 50.0, 1e-5, 1.0)]
+    order = layer_priority(errors, {"big_saver": 2.0, "no_saver": -0.1, "quiet": 0.0})
+    assert [o[0] for o in order] == ["no_saver", "big_saver", "quiet"]
+    assert order[0][3] == pytest.approx(1e-3 / 0.05)

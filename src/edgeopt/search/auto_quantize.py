@@ -29,20 +29,15 @@ from edgeopt.search.engine import (
     time_candidates,
 )
 from edgeopt.search.recipe import Recipe
-from edgeopt.search.space import post_training_recipes, static_recipe, transformer_recipes
+from edgeopt.search.space import post_training_recipes, transformer_recipes
 from edgeopt.transforms.config import TransformContext
 from edgeopt.transforms.quantize import (
     StaticInt8,
     check_quantizable,
-    prepared,
-    weight_nodes,
 )
 from edgeopt.transforms.transformer import is_transformer
 
 RUNTIMES = ("onnxruntime", "openvino")
-# Per-layer analysis costs one quantize-and-evaluate per layer; beyond this many layers auto leaves
-# mixed precision to an explicit `edgeopt analyze` + `quantize --mode static --exclude ...`.
-MAX_ANALYZED_LAYERS = 32
 
 
 @dataclass
@@ -55,6 +50,7 @@ class AutoQuantizeResult:
     results: list[CandidateResult]
     budget: Budget
     notes: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # the recovery steps, as measured
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +60,7 @@ class AutoQuantizeResult:
                        "min_cosine": self.budget.min_cosine},
             "baseline": self.baseline.to_dict(),
             "variants": [r.to_dict() for r in self.results],
+            "recovery_steps": list(self.steps),
             "notes": list(self.notes),
         }
 
@@ -141,6 +138,8 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
                            baseline_outputs=base_out, baseline_metric=base_metric, device=profile, threads=threads)
                 for recipe in recipes]
 
+    steps: list[dict[str, Any]] = []
+    by_name: dict[str, Recipe] = {}
     transformer = is_transformer(original)
     if transformer:
         notes.append("transformer graph (self-attention + LayerNorm): tried the transformer space, which keeps "
@@ -149,7 +148,9 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
                      "INT8 weight compression)")
         results = run(transformer_recipes(original, profile, runtimes=chosen_runtimes))
     else:
-        results = run(plain_recipes(original, runtimes=chosen_runtimes, device=profile))
+        plain = plain_recipes(original, runtimes=chosen_runtimes, device=profile)
+        by_name = {r.name: r for r in plain}
+        results = run(plain)
     int8_ok = any(r.meets_budget and r.model is not None and r.name.startswith("int8-") for r in results)
     if mixed and not int8_ok and transformer:
         notes.append("no INT8 variant met the budget; percentile/entropy calibration were not tried on this "
@@ -158,41 +159,41 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
                      "dynamic INT8 address); mixed precision for transformers: run edgeopt analyze and quantize "
                      "--mode static --exclude NODES")
     elif mixed and not int8_ok and "onnxruntime" in chosen_runtimes:
-        notes.append("no plain INT8 variant met the budget: tried other calibration methods and mixed precision")
-        results += run([static_recipe("int8-qdq-u8s8-perchannel-percentile", calibration="percentile"),
-                        static_recipe("int8-qdq-u8s8-perchannel-entropy", calibration="entropy")])
-        results += _mixed(original, calibration, evaluation, budget, threads, run)
+        statics = [(r, by_name[r.name].steps[0]) for r in results if r.model is not None and r.name in by_name
+                   and by_name[r.name].steps and isinstance(by_name[r.name].steps[0], StaticInt8)
+                   and by_name[r.name].steps[0].format == "qdq"]
+        if statics:
+            from edgeopt.search.recovery import recover
+
+            start, start_cfg = min(statics, key=lambda t: (t[0].drop if t[0].drop is not None else 1.0,
+                                                           -(t[0].cosine or 0.0)))
+            notes.append(f"no plain INT8 variant met the budget: recovery steps from {start.name} (calibration, "
+                         "bias correction, mixed precision by measured cost and gain"
+                         + (", NNCF accuracy control" if "openvino" in chosen_runtimes else "") + ")")
+            results += recover(original, calibration, evaluation, budget, start=start, start_config=start_cfg,
+                               run=run, runtimes=chosen_runtimes, threads=threads, steps=steps, notes=notes,
+                               baseline_outputs=base_out, baseline_metric=base_metric)
     bench = bench or BenchSettings(warmup=10, min_runs=100, min_seconds=1.0, max_seconds=20.0)
     time_candidates(base, results, bench=bench, device=profile, threads=threads, data=evaluation)
     chosen = _choose_not_slower_than_fp32_on_its_runtime(base, results, budget)
+    notes += judge_noise_notes(chosen, results, budget)
     model_out = chosen.model if chosen is not None else None
-    return AutoQuantizeResult(model_out, chosen, base, results, budget, notes)
+    return AutoQuantizeResult(model_out, chosen, base, results, budget, notes, steps)
 
 
-def _mixed(original: Model, calibration: Dataset, evaluation: Dataset, budget: Budget, threads: int | None,
-           run: Any) -> list[CandidateResult]:
-    from edgeopt.transforms.mixed_precision import mixed_precision
-    from edgeopt.transforms.sensitivity import analyze
-
-    base_cfg = StaticInt8()
-    layers = len(weight_nodes(prepared(original)))
-    if layers > MAX_ANALYZED_LAYERS:
-        failed = CandidateResult(name="int8-mixed-precision", recipe={}, status="failed",
-                                 reason=f"skipped: {layers} weight layers is more than auto analyzes "
-                                        f"({MAX_ANALYZED_LAYERS}); run edgeopt analyze and quantize --mode static "
-                                        "--exclude NODES")
-        return [failed]
-    try:
-        ranking = analyze(original, calibration, eval_data=evaluation, threads=threads or 1, all_but=False,
-                          max_eval=128)
-        found = mixed_precision(original, base_cfg, calibration=calibration, eval_data=evaluation, budget=budget,
-                                ranking=ranking, threads=threads or 1)
-    except Exception as exc:  # noqa: BLE001 - an extra variant; the plain ones still stand
-        failed = CandidateResult(name="int8-mixed-precision", recipe={}, status="failed",
-                                 reason=f"failed: sensitivity analysis: {exc}")
-        return [failed]
-    n = len(found.config.exclude_nodes)
-    return run([Recipe(f"int8-mixed-precision-{n}-float", (found.config,), needs=("calibration",))])
+def judge_noise_notes(chosen: CandidateResult | None, results: list[CandidateResult], budget: Budget) -> list[str]:
+    """How many samples judged and the 90% interval of the drop; a warning when it is wider than the budget."""
+    ref = chosen or next((r for r in results if r.judged), None)
+    if ref is None or not ref.judged or not ref.drop_interval:
+        return []
+    low, high = ref.drop_interval
+    out = [f"judged on {ref.judged} samples ({budget.metric}); {ref.name}: drop {100 * (ref.drop or 0):.2f} pt, "
+           f"90% interval {100 * low:.2f}..{100 * high:.2f} pt"]
+    if high - low > budget.max_drop:
+        out.append(f"warning: the judge's 90% interval ({100 * (high - low):.2f} pt wide) is wider than the "
+                   f"{100 * budget.max_drop:.2f} pt budget: one or two samples decide it; pass --eval-data with more "
+                   "held-out samples")
+    return out
 
 
 def _choose_not_slower_than_fp32_on_its_runtime(base: CandidateResult, results: list[CandidateResult],

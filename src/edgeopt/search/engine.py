@@ -66,6 +66,8 @@ class CandidateResult:
     nn_agreement: float | None = None  # nearest-neighbour agreement of pooled embeddings
     embedding_cosine: float | None = None  # mean cosine of pooled embeddings
     drop: float | None = None
+    drop_interval: list[float] | None = None  # 90% interval of the drop from the judged samples' noise
+    judged: int | None = None  # samples the budget metric counted (confident ones for agreement)
     meets_budget: bool = False
     pareto: bool = False
     status: str = "rejected"
@@ -117,6 +119,25 @@ def _judge(budget: Budget, outputs: np.ndarray, data: Dataset, reference: np.nda
     return budget, fid, fid.value(budget.metric)
 
 
+def _drop_interval(metric: str, outputs: np.ndarray, reference: np.ndarray, data: Dataset,
+                   fid: Fidelity) -> tuple[float, float, int]:
+    """The 90% interval of the drop on ``metric`` and how many samples it counted (measure/noise.py)."""
+    from edgeopt.measure.judge import CONFIDENT_MARGIN, probabilities
+    from edgeopt.measure.noise import drop_interval
+
+    a, b = outputs.reshape(len(outputs), -1), reference.reshape(len(reference), -1)
+    confident = None
+    if metric == "agreement" and fid.confident_agreement is not None:
+        top2 = np.sort(probabilities(b), axis=1)[:, -2:]
+        confident = (top2[:, 1] - top2[:, 0]) >= CONFIDENT_MARGIN
+    cosines = None
+    if metric == "cosine":
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        cosines = np.sum(a64 * b64, axis=1) / np.maximum(np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1),
+                                                         1e-30)
+    return drop_interval(metric, outputs, reference, labels=data.labels, confident=confident, cosines=cosines)
+
+
 def _output_name(model: Model) -> str | None:
     return model.outputs[0].name if model.outputs else None
 
@@ -139,6 +160,8 @@ def evaluate_candidate(result: CandidateResult, model: Model, *, eval_data: Data
         result.accuracy = accuracy_of(outputs, eval_data.labels)
     result.drop = judged.drop(baseline_metric, value)
     result.meets_budget = judged.allows(baseline_metric, value, cosine=fid.cosine)
+    low, high, result.judged = _drop_interval(judged.metric, outputs, baseline_outputs, eval_data, fid)
+    result.drop_interval = [round(low, 5), round(high, 5)]
     result.runtime, result.threads = settings.runtime, settings.threads
 
 
@@ -227,6 +250,18 @@ def _quality_lost(r: CandidateResult) -> float:
     return -(r.accuracy if r.accuracy is not None else r.agreement or 0.0)
 
 
+def _tell_apart(r: CandidateResult) -> float:
+    """The accuracy difference ``r``'s judge cannot tell apart from noise (0 when it was not judged)."""
+    from edgeopt.measure.noise import tell_apart
+
+    if not r.judged:
+        return 0.0
+    quality = next((q for q in (r.accuracy, r.confident_agreement, r.agreement) if q is not None), None)
+    if quality is None or r.drop is None:
+        return 0.0
+    return tell_apart(quality, r.judged)
+
+
 def choose(baseline: CandidateResult, results: list[CandidateResult], *, objective: str = "latency",
            budget: Budget | None = None) -> CandidateResult | None:
     """Pick the best candidate for ``objective`` within the budget; set status and reason on every result.
@@ -234,7 +269,9 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
     Rules: failed candidates and those over budget are rejected; a candidate slower than the
     original (by more than MIN_GAIN) is rejected whatever the objective; for latency it must be
     at least MIN_GAIN faster, for size at least MIN_GAIN smaller. Among the rest, those within
-    TIE of the best objective value are equivalent and the most accurate (then smallest) wins.
+    TIE of the best objective value are equivalent; among those, the candidates whose judged
+    quality is within the judge's noise of the most accurate (:func:`edgeopt.measure.noise.tell_apart`
+    on the samples judged) are equivalent too, and the smallest (then fastest) of them wins.
     "Faster" for the latency objective is judged on the lower bound of the speed-up's interval
     from paired interleaved rounds where there is one, so noise on a loaded machine cannot pass
     as a gain.
@@ -276,7 +313,13 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
     best_value = min(_objective_value(r, objective) for r in qualified)
     tied = [r for r in qualified if _objective_value(r, objective) <= best_value * (1 + TIE) + 1e-12]
     order = {id(r): i for i, r in enumerate(results)}
-    chosen = sorted(tied, key=lambda r: (_quality_lost(r), r.size_bytes, order[id(r)]))[0]
+    # Ties within the judge's noise: among candidates as good on the objective, those whose judged
+    # quality is within what the held-out samples can tell apart of the best are equal, and the
+    # smaller, then faster, one wins (one sample in 2,000 must not choose a 3x larger model).
+    best = min(tied, key=lambda r: (_quality_lost(r), r.size_bytes, order[id(r)]))
+    noise = _tell_apart(best)
+    within = [r for r in tied if _quality_lost(r) - _quality_lost(best) <= noise + 1e-12]
+    chosen = sorted(within, key=lambda r: (r.size_bytes, _objective_value(r, "latency"), order[id(r)]))[0]
     for r in qualified:
         if r is chosen:
             r.status = "chosen"
@@ -286,8 +329,12 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
                         f"{r.size_ratio or 0:.2f}x smaller, drop {100 * (r.drop or 0):.2f} pt")
         else:
             r.status = "rejected"
-            if r in tied:
-                r.reason = f"as good on {objective} (within {int(TIE * 100)}%) but less accurate or larger than the chosen one"
+            if r in within:
+                r.reason = (f"as good on {objective} (within {int(TIE * 100)}%) and on accuracy within the judge's "
+                            f"noise ({100 * noise:.2f} pt on {best.judged or '?'} samples) but larger or slower than "
+                            "the chosen one")
+            elif r in tied:
+                r.reason = f"as good on {objective} (within {int(TIE * 100)}%) but less accurate than the chosen one"
             else:
                 r.reason = f"within budget but worse on {objective} than the chosen one"
     return chosen

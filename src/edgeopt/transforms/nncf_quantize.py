@@ -15,7 +15,7 @@ import io
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -218,3 +218,65 @@ def nncf_compress_weights(model: Model, config: NncfWeightsInt8 | None = None) -
 @register_transform(NncfWeightsInt8)
 def _apply_weights(model: Model, config: NncfWeightsInt8, ctx: TransformContext) -> Model:
     return nncf_compress_weights(model, config)
+
+
+def nncf_accuracy_control(model: Model, *, calibration: Dataset, validation: Dataset, baseline_outputs: np.ndarray,
+                          metric: str = "agreement", max_drop: float = 0.01, max_iterations: int = 8,
+                          subset_size: int = 300) -> Model:
+    """NNCF's accuracy-controlled INT8 (``nncf.quantize_with_accuracy_control``) judged by our metric.
+
+    NNCF quantizes, and while the drop on ``validation`` exceeds ``max_drop`` it ranks the
+    quantizers by what they cost and reverts the worst groups to float (at most ``max_iterations``
+    rounds). The validation function is ours: accuracy with labels, agreement with the FP32
+    ``baseline_outputs`` where the FP32 top-1 is clear (the judge's rule), or mean cosine; so
+    NNCF's search and edgeopt's budget agree on what "within budget" means.
+
+    Returns:
+        QDQ ONNX tagged ``runtime=openvino``, like :func:`nncf_quantize`.
+
+    Raises:
+        UnsupportedOperation: NNCF cannot quantize the model. MissingDependency: no nncf.
+    """
+    nncf = require("nncf", extra="openvino")
+    ort = require("onnxruntime", extra="core")
+    from edgeopt.measure.judge import CONFIDENT_MARGIN, probabilities
+
+    fitted = validation.feeds_for(model)
+    batch = _calibration_batch(model)
+    items = list(_items(fitted, batch))
+    cal_items = list(_items(calibration.feeds_for(model), batch))
+    if not items or not cal_items:
+        raise DataError("NNCF accuracy control needs calibration and validation samples")
+    ref = baseline_outputs.reshape(len(baseline_outputs), -1)[: len(items) * batch]
+    top2 = np.sort(probabilities(ref), axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) >= CONFIDENT_MARGIN
+    labels = fitted.labels[: len(ref)] if fitted.labels is not None else None
+
+    def validate(candidate: Any, data: Any) -> tuple[float, list[float]]:
+        session = ort.InferenceSession(candidate.SerializeToString(), providers=["CPUExecutionProvider"])
+        out = np.concatenate([np.asarray(session.run(None, feeds)[0]) for feeds in data]).reshape(len(ref), -1)
+        if metric == "accuracy" and labels is not None:
+            per = (np.argmax(out, axis=1) == labels).astype(float)
+        elif metric == "cosine":
+            per = np.sum(out * ref, axis=1) / np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1),
+                                                         1e-30)
+        else:
+            same = (np.argmax(out, axis=1) == np.argmax(ref, axis=1)).astype(float)
+            per = same[clear] if clear.any() else same
+        return float(np.mean(per)), [float(v) for v in per]
+
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            quantized = nncf.quantize_with_accuracy_control(
+                model.onnx, nncf.Dataset(cal_items), nncf.Dataset(items), validate, max_drop=max_drop,
+                subset_size=min(subset_size, len(cal_items)),
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                    max_num_iterations=max_iterations))
+    except (nncf.ValidationError, nncf.UnsupportedModelError, nncf.UnsupportedBackendError,
+            nncf.ParameterNotSupportedError, RuntimeError, ValueError, KeyError) as exc:
+        raise UnsupportedOperation(f"NNCF accuracy control failed on {model.source}: {first_line(exc)}") from exc
+    result = Model.from_onnx(quantized, source=f"{model.source} [nncf-int8-accuracy-control]")
+    return result.with_metadata(runtime="openvino", quantization="nncf-int8-accuracy-control")

@@ -1,0 +1,210 @@
+"""Quantization-aware fine-tuning (QAT) of a PyTorch model, exported to the same INT8 ONNX as PTQ.
+
+When post-training INT8 loses accuracy no calibration or float layer can buy back cheaply, a few
+epochs of training *through* the INT8 rounding let the weights adapt to it. Every Conv2d/Linear
+is wrapped so that, in training, its input goes through u8 fake quantization (per tensor, range
+tracked by a moving min/max as ONNX Runtime's MinMax calibration would see it) and its weight
+through s8 per-output-channel fake quantization, with straight-through gradients. The FP32
+model is the teacher: the loss is the distillation KL at temperature T mixed with cross-entropy
+on the labels. Afterwards the wrappers are removed (the module is an ordinary float module again,
+with weights that round well), it is exported to ONNX and quantized by the same static INT8 path
+as post-training quantization, so the INT8 graph, and its speed, are the PTQ graph's.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeopt.data import Dataset
+from edgeopt.deps import require
+from edgeopt.errors import BadInput, ConfigError
+from edgeopt.model import Model
+from edgeopt.transforms.config import register_config
+
+
+@register_config
+@dataclass(frozen=True)
+class QatConfig:
+    """Settings of the QAT fine-tune.
+
+    Args:
+        epochs: passes over the labelled data (a few: it starts from the trained model).
+        lr: Adam learning rate.
+        batch_size: samples per step.
+        temperature, alpha: distillation from the FP32 model: ``alpha * T^2 * KL + (1 - alpha) * CE``.
+        momentum: of the moving min/max of each activation range.
+        per_channel: weight scales per output channel (as ``StaticInt8.per_channel``; match the PTQ settings).
+        seed: shuffling and initialization.
+    """
+
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 64
+    temperature: float = 2.0
+    alpha: float = 0.5
+    momentum: float = 0.9
+    per_channel: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"QatConfig {name} must be an integer >= 1, got {v!r}")
+        if not self.lr > 0 or not self.temperature > 0 or not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError("QatConfig needs lr > 0, temperature > 0 and 0 <= alpha <= 1")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"QatConfig momentum must be in [0, 1), got {self.momentum}")
+
+
+def _fake_quant_wrapper(torch: Any) -> Any:
+    nn = torch.nn
+    functional = torch.nn.functional
+
+    class FakeQuant(nn.Module):
+        """Wraps a Conv2d/Linear: u8 fake-quantized input (tracked range), s8 per-channel weight."""
+
+        def __init__(self, layer: Any, momentum: float, per_channel: bool) -> None:
+            super().__init__()
+            self.layer = layer
+            self.momentum = momentum
+            self.per_channel = per_channel
+            self.register_buffer("lo", torch.tensor(0.0))
+            self.register_buffer("hi", torch.tensor(0.0))
+            self.register_buffer("seen", torch.tensor(False))
+
+        def _observe(self, x: Any) -> None:
+            lo, hi = x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0)
+            if not bool(self.seen):
+                self.lo.copy_(lo)
+                self.hi.copy_(hi)
+                self.seen.fill_(True)
+            else:
+                self.lo.mul_(self.momentum).add_((1 - self.momentum) * lo)
+                self.hi.mul_(self.momentum).add_((1 - self.momentum) * hi)
+
+        def forward(self, x: Any) -> Any:
+            if self.training:
+                self._observe(x)
+            scale = ((self.hi - self.lo) / 255.0).clamp(min=1e-8)
+            zero = torch.round(-self.lo / scale).clamp(0, 255)
+            xq = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+            x = x + (xq - x).detach()
+            w = self.layer.weight
+            absmax = w.detach().abs().reshape(w.shape[0], -1).max(dim=1).values.clamp(min=1e-12)
+            if not self.per_channel:
+                absmax = absmax.max().expand_as(absmax)
+            wscale = (absmax / 127.5).reshape(-1, *([1] * (w.dim() - 1)))
+            wq = torch.clamp(torch.round(w / wscale), -128, 127) * wscale
+            w = w + (wq - w).detach()
+            if isinstance(self.layer, nn.Linear):
+                return functional.linear(x, w, self.layer.bias)
+            c = self.layer
+            return functional.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+    return FakeQuant
+
+
+def _swap(module: Any, torch: Any, wrapper: Any, momentum: float, per_channel: bool) -> int:
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear) or (isinstance(child, torch.nn.Conv2d)
+                                                   and child.padding_mode == "zeros"):
+            setattr(module, name, wrapper(child, momentum, per_channel))
+            count += 1
+        else:
+            count += _swap(child, torch, wrapper, momentum, per_channel)
+    return count
+
+
+def _unswap(module: Any, wrapper: Any) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, wrapper):
+            setattr(module, name, child.layer)
+        else:
+            _unswap(child, wrapper)
+
+
+def qat_finetune(module: Any, train: Dataset, *, calibration: Dataset | None = None,
+                 config: QatConfig | None = None) -> Any:
+    """A copy of ``module`` fine-tuned through INT8 fake quantization, with ``module`` as teacher.
+
+    Args:
+        module: a trained PyTorch classifier (one input, class scores out).
+        train: labelled samples (inputs as the module takes them).
+        calibration: samples that initialize the activation ranges (default: ``train``).
+        config: :class:`QatConfig`.
+
+    Returns:
+        The fine-tuned float module (eval mode), ready for ONNX export and static INT8.
+
+    Raises:
+        BadInput: no labels, or no Conv2d/Linear to quantize.
+
+    Example:
+        >>> tuned = qat_finetune(net, load_data("train.npz"), config=QatConfig(epochs=3))  # doctest: +SKIP
+    """
+    torch = require("torch", extra="torch")
+    cfg = config or QatConfig()
+    if train.labels is None:
+        raise BadInput(f"QAT needs labelled data; {train.source} has no labels")
+    torch.manual_seed(cfg.seed)
+    teacher = module.eval()
+    student = copy.deepcopy(module)
+    wrapper = _fake_quant_wrapper(torch)
+    if _swap(student, torch, wrapper, cfg.momentum, cfg.per_channel) == 0:
+        raise BadInput("QAT found no Conv2d or Linear layer to quantize")
+    x_all = next(iter(train.inputs.values()))
+    y_all = np.asarray(train.labels)
+    cal = next(iter((calibration or train).inputs.values()))
+    student.train()
+    with torch.no_grad():  # first ranges from the calibration samples, as PTQ would see them
+        for i in range(0, len(cal), cfg.batch_size):
+            student(torch.from_numpy(np.ascontiguousarray(cal[i:i + cfg.batch_size])))
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    t = cfg.temperature
+    for _ in range(cfg.epochs):
+        order = rng.permutation(len(x_all))
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            xb = torch.from_numpy(np.ascontiguousarray(x_all[idx]))
+            yb = torch.from_numpy(y_all[idx]).long()
+            with torch.no_grad():
+                soft = torch.softmax(teacher(xb) / t, dim=1)
+            logits = student(xb)
+            kd = torch.nn.functional.kl_div(torch.log_softmax(logits / t, dim=1), soft, reduction="batchmean")
+            loss = cfg.alpha * t * t * kd + (1 - cfg.alpha) * torch.nn.functional.cross_entropy(logits, yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    _unswap(student, wrapper)
+    return student.eval()
+
+
+def qat_int8(model: Model, train: Dataset, calibration: Dataset, *, int8: Any = None,
+             config: QatConfig | None = None) -> Model:
+    """QAT fine-tune a PyTorch Model, export it to ONNX and quantize it with the PTQ path.
+
+    Args:
+        model: a PyTorch Model (``Model.from_torch`` / ``load_model("net.py:Factory", weights=...)``).
+        train: labelled training samples; ``calibration``: the static INT8 calibration samples.
+        int8: the :class:`StaticInt8` settings (default ``StaticInt8()``), the same as PTQ's.
+
+    Returns:
+        The INT8 ONNX Model.
+    """
+    from edgeopt.transforms.export import OnnxExport, to_onnx
+    from edgeopt.transforms.quantize import StaticInt8, quantize
+
+    if model.format != "torch":
+        raise BadInput(f"QAT fine-tunes PyTorch models; {model.source} is {model.format}")
+    tuned = qat_finetune(model.module, train, calibration=calibration, config=config)
+    sample = next(iter(calibration.inputs.values()))
+    torch_model = Model.from_torch(tuned, source=f"{model.source} [qat]", input_shape=(1, *sample.shape[1:]))
+    exported, _ = to_onnx(torch_model, OnnxExport(atol=1e-3), data=calibration)
+    return quantize(exported, int8 or StaticInt8(), data=calibration)

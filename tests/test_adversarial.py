@@ -693,3 +693,21 @@ def test_deeply_nested_recipes_json_is_one_line(cli, tmp_path: Path, digits_onnx
     assert_one_line(cli("optimize", digits_onnx, "--data", digits_test_npz, "-o", tmp_path / "opt",
                         "--recipes", recipes), "nested")
     assert_one_line(cli("apply", digits_onnx, recipes, "-o", tmp_path / "o.onnx"), "nested")
+
+
+@pytest.mark.slow
+def test_keras_h5_lambda_layer_needs_trust_pickle(cli, tmp_path: Path) -> None:
+    """A legacy .h5 Lambda layer stores marshalled bytecode that tf-keras runs with the model."""
+    tf_keras = pytest.importorskip("tf_keras")
+    marker = tmp_path / MARKER_NAME
+    namespace: dict = {}  # a lambda without a closure: its bytecode carries the marker path as a constant
+    exec(f"payload = lambda x: x * 2.0 + float(__import__('pathlib').Path({str(marker)!r}).touch() is None) * 0.0",
+         namespace)
+    model = tf_keras.Sequential([tf_keras.layers.Input((4,)), tf_keras.layers.Lambda(namespace["payload"]),
+                                 tf_keras.layers.Dense(2)])
+    path = tmp_path / "lam.h5"
+    model.save(str(path))
+    marker.unlink(missing_ok=True)  # building the model ran the lambda once
+    out = tmp_path / "lam.tflite"
+    assert_one_line(cli("export", path, "--to", "tflite", "-o", out, "--no-bench"), "Lambda", "--trust-pickle")
+    assert not marker.exists() and not out.exists()

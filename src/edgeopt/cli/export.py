@@ -89,7 +89,7 @@ def export(
         report = _export_executorch(loaded, out, dataset, mode=quantize, min_cosine=min_cosine, checked=checked)
     else:
         report = _export_tflite(model, loaded, out, dataset, modes=_modes(quantize), min_cosine=min_cosine,
-                                bench=bench, threads=threads, seconds=seconds, runs=runs)
+                                bench=bench, threads=threads, seconds=seconds, runs=runs, trust_pickle=trust_pickle)
     if checked is not None:
         report["operator_check"] = checked.to_dict()
     from edgeopt.fileio import report_path, write_json
@@ -206,7 +206,8 @@ def _export_executorch(source: Any, out: Path, dataset: Any, *, mode: str, min_c
 
 
 def _export_tflite(spec: str, source: Any, out: Path, dataset: Any, *, modes: list[str], min_cosine: float | None,
-                   bench: bool, threads: int | None, seconds: float, runs: int) -> dict[str, Any]:
+                   bench: bool, threads: int | None, seconds: float, runs: int,
+                   trust_pickle: bool = False) -> dict[str, Any]:
     from edgeopt.measure.bench import BenchSettings, compare
     from edgeopt.transforms.keras import KERAS_SUFFIXES, keras_to_tflite
     from edgeopt.transforms.tflite import TfliteExport, export_tflite
@@ -217,7 +218,7 @@ def _export_tflite(spec: str, source: Any, out: Path, dataset: Any, *, modes: li
         if source is None and Path(spec).suffix.lower() in KERAS_SUFFIXES:
             from edgeopt.transforms.keras import load_keras
 
-            keras_model = load_keras(spec)
+            keras_model = load_keras(spec, trust_pickle=trust_pickle)
             variants = [keras_to_tflite(keras_model, c, data=dataset, source=spec) for c in configs]
         else:
             variants = export_tflite(source, configs, data=dataset)

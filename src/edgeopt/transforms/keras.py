@@ -25,20 +25,27 @@ KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 _UNSUPPORTED = re.compile(r"'(tf\.\w+)' op is neither a custom op nor a flex op")
 
 
-def load_keras(path: str | Path) -> Any:
+def load_keras(path: str | Path, *, trust_pickle: bool = False) -> Any:
     """A Keras model from ``.keras`` (Keras 3) or ``.h5`` (Keras 3, else legacy tf-keras).
 
+    A ``Lambda`` layer stores Python bytecode that runs when the model does; it is refused
+    unless ``trust_pickle`` (``--trust-pickle``): Keras 3's safe mode for ``.keras``, a check of
+    the model config for ``.h5`` (whose legacy loaders have no safe mode).
+
     Raises:
-        ModelError: the file is missing or neither Keras can read it.
+        ModelError: the file is missing, holds code without ``trust_pickle``, or neither Keras
+            can read it.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"Keras model file not found: {path}")
     if path.suffix.lower() not in KERAS_SUFFIXES:
         raise ModelError(f"{path.name} is not a Keras model file ({', '.join(KERAS_SUFFIXES)})")
+    if path.suffix.lower() == ".h5" and not trust_pickle:
+        _refuse_h5_code(path)
     tf = require("tensorflow", extra="tensorflow")
     try:
-        return tf.keras.models.load_model(path, compile=False)
+        return tf.keras.models.load_model(path, compile=False, safe_mode=not trust_pickle)
     except Exception as exc:
         if path.suffix.lower() == ".keras":
             raise ModelError(f"cannot load Keras model {path}: {first_line(exc)}") from exc
@@ -48,6 +55,34 @@ def load_keras(path: str | Path) -> Any:
         return tf_keras.models.load_model(path, compile=False)
     except Exception as exc:
         raise ModelError(f"cannot load Keras model {path}: {first_line(first)}") from exc
+
+
+def _refuse_h5_code(path: Path) -> None:
+    """Read the .h5 model config (JSON) and refuse layers that carry Python code (Lambda)."""
+    import json
+
+    h5py = require("h5py", extra="tensorflow")
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load Keras model {path}: {first_line(exc)}") from exc
+    if raw is None:
+        return
+    try:
+        config = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{path}: its model_config is not JSON") from exc
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class_name") == "Lambda" or "function_type" in node:
+                raise ModelError(f"{path.name} has a Lambda layer, whose Python bytecode runs with the model; "
+                                 "pass --trust-pickle if you trust the file")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def keras_to_tflite(keras_model: Any, config: TfliteExport | None = None, *, data: Dataset | None = None,

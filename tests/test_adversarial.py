@@ -311,6 +311,18 @@ def test_onnx_declaring_huge_input_dims(cli, tmp_path: Path) -> None:
     assert_one_line(cli("bench", path, "--runs", "3", "--seconds", "0"), "values per sample")
 
 
+def test_bench_batch_beyond_memory(cli, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 1024, 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, 1024, 1024])])
+    path = tmp_path / "big.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert_one_line(cli("bench", path, "--batch", "65536", "--runs", "2", "--seconds", "0"), "smaller --batch")
+
+
 def test_thread_count_in_model_metadata_is_checked(cli, tmp_path: Path, digits_onnx: Path) -> None:
     from edgeopt.model import load_model
 

@@ -13,6 +13,7 @@ through that is 1.07x faster by luck on a loaded machine; the interval's lower b
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,18 @@ class BenchResult:
         }
 
 
+def _check_fits_memory(model: Model, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """A batch of inputs bigger than half the machine's memory is a typo (--batch 65536 of images)."""
+    from edgeopt.data import memory_bytes
+
+    limit = memory_bytes()
+    need = math.prod(shape) * max(dtype.itemsize, 8)  # standard_normal draws float64 first
+    if limit is not None and need > limit // 2:
+        raise BadInput(f"{model.source}: a batch of input '{name}' shaped {'x'.join(map(str, shape))} needs "
+                       f"{need / 2**30:.1f} GB, more than half this machine's {limit / 2**30:.1f} GB; use a "
+                       "smaller --batch")
+
+
 def example_feeds(model: Model, *, batch: int = 1, data: Dataset | None = None,
                   seed: int = 0, dynamic_dim: int | None = None) -> dict[str, np.ndarray]:
     """Inputs for timing: the first ``batch`` samples of ``data``, else random data of the input's shape
@@ -111,6 +124,7 @@ def example_feeds(model: Model, *, batch: int = 1, data: Dataset | None = None,
             raise BadInput(f"input '{spec.name}' has dynamic dimensions {list(spec.shape)}; pass --data "
                            "so edgeopt knows the real shape")
         dtype = np.dtype(spec.dtype)
+        _check_fits_memory(model, spec.name, shape, dtype)
         if dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":

@@ -38,6 +38,21 @@ def test_a_wide_table_becomes_key_value_rows_with_every_number_whole() -> None:
     assert "vs first" not in text  # an all-`-` column says nothing
 
 
+def test_long_number_headers_never_push_the_table_past_the_width() -> None:
+    """bench with two models in a pytest tmp folder: headers longer than their numbers count in full."""
+    table = Table(title="edgeopt bench (interleaved)")
+    for col in ("model", "runtime", "thr", "batch", "size", "p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s",
+                "peak RSS MB", "vs first", "90% interval"):
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for name, interval in (("b", "-"), ("s", "6.08-7.89x")):
+        table.add_row(f"/tmp/pytest-of-root/pytest-181/test_x0/{name}.onnx", "onnxruntime", "1", "1", "5.3 KB",
+                      "0.046", "0.063", "9.289", "0.233", "4293.4", "136", "1.00x", interval)
+    for width in (80, 120, 160, 200):
+        text = render(table, width)
+        assert max(len(line) for line in text.splitlines()) <= width, width
+        assert "90% interval" in text and "6.08-7.89x" in text and "…" not in text
+
+
 def test_a_table_that_fits_stays_a_table_and_drops_empty_columns() -> None:
     table = Table()
     for col in ("architecture", "params", "MACs", "p50 ms", "cached"):

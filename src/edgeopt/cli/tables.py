@@ -36,9 +36,9 @@ def fit_table(table: Table, console: Console, width: int | None = None) -> Table
     need = 3 * len(table.columns) + 1  # padding and borders
     for column in table.columns:
         cells = [_plain(c) for c in column._cells]
-        if column.justify == "right":  # a number: whole on one line
+        if column.justify == "right":  # a number, and its header, whole on one line
             column.no_wrap, column.overflow = True, "ignore"
-            column.min_width = max([len(c) for c in cells] + [_longest_word(column.header)])
+            column.min_width = max([len(c) for c in cells] + [len(_plain(column.header))])
         else:  # a name or text: wraps between words; only a word longer than LONG_WORD folds
             column.overflow = "fold"
             column.min_width = min(LONG_WORD, max([_longest_word(c) for c in cells] + [_longest_word(column.header)]))

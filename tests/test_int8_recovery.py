@@ -216,3 +216,38 @@ def test_layer_priority_prefers_layers_whose_int8_saves_little() -> None:
     order = layer_priority(errors, {"big_saver": 2.0, "no_saver": -0.1, "quiet": 0.0})
     assert [o[0] for o in order] == ["no_saver", "big_saver", "quiet"]
     assert order[0][3] == pytest.approx(1e-3 / 0.05)
+
+
+@pytest.mark.slow
+def test_optimize_runs_the_recovery_steps_when_nothing_meets_the_budget(tmp_path) -> None:
+    from edgeopt.measure.bench import BenchSettings
+    from edgeopt.search.optimize import optimize
+
+    model, data = fragile_mlp()
+    result = optimize(model, data, out_dir=tmp_path / "opt", max_drop=0.05, metric="agreement", min_cosine=0.0,
+                      threads=1, progress=False, write_reports=False,
+                      bench=BenchSettings(warmup=2, min_runs=5, min_seconds=0.02, max_seconds=0.5))
+    assert any(n.startswith("no INT8 candidate met the budget: INT8 recovery steps") for n in result.notes)
+    mixed = [r for r in result.results if r.name.startswith("int8-mixed-")]
+    assert len(mixed) == 1 and mixed[0].meets_budget
+    assert mixed[0].recipe["steps"][0]["fields"]["exclude_nodes"] == ["fc2"]
+    assert any(n.startswith("recovery 3 mixed precision: int8-mixed-1-float meets budget") for n in result.notes)
+
+
+@pytest.mark.slow
+def test_cli_auto_prints_and_reports_the_recovery_steps(cli, tmp_path) -> None:
+    import json
+
+    model, data = fragile_mlp()
+    model.save(tmp_path / "fragile.onnx")
+    np.savez(tmp_path / "d.npz", x=data.inputs["x"])
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", tmp_path / "fragile.onnx", "-o", out, "--mode", "auto", "--data", tmp_path / "d.npz",
+                 "--max-drop", "0.05", "--min-cosine", "0", "--runtime", "onnxruntime", "--threads", "1",
+                 "--seconds", "0.05")
+    assert result.exit_code in (0, 3), result.stderr  # 3: nothing faster than FP32 on a 2-layer MLP
+    assert "INT8 recovery steps" in result.stdout and "3 mixed precision" in result.stdout
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    steps = report["recovery_steps"]
+    assert [s["step"] for s in steps][:2] == ["0 plain", "1 calibration"]
+    assert any(s.get("float_layers") == ["fc2"] and s["status"] == "meets budget" for s in steps)

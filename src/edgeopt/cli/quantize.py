@@ -240,6 +240,8 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
                       fmt_cos(r.cosine), *((fmt_pct(r.nn_agreement),) if nn else ()),
                       "-" if r.drop is None else f"{100 * r.drop:.2f}", r.reason, style=styles.get(r.status))
     console.print(table)
+    if result.steps:
+        _print_steps(result)
     if result.model is None or result.chosen is None:
         if out.exists():
             out.unlink()
@@ -333,3 +335,26 @@ def _analyze_one_pass(loaded: Any, dataset: Any, held: Any, *, cfg: Any, threads
     console.print(f"each layer INT8 alone on its float input, {len(judged)} held-out samples, {len(rows)} layers: "
                   "SQNR of its output (higher is better); --method exhaustive judges the whole model per layer.")
     emit_json(json_out, [r.to_dict() for r in rows])
+
+
+def _print_steps(result: Any) -> None:
+    """The INT8 recovery steps as measured: what each tried, its fidelity, its latency when timed."""
+    timed = {r.name: r for r in result.results if r.latency_ms}
+    table = Table(title="INT8 recovery steps (each built and judged on the held-out data)")
+    for col in ("step", "variant", "result", "agreement", "cosine", "drop pt (90%)", "p50 ms", "float layers"):
+        table.add_column(col, justify="left" if col in ("step", "variant", "result", "float layers") else "right",
+                         overflow="fold")
+    for s in result.steps:
+        agreement = s.get("accuracy") if s.get("accuracy") is not None else (
+            s.get("confident_agreement") if s.get("confident_agreement") is not None else s.get("agreement"))
+        interval = s.get("drop_interval")
+        drop = "-" if s.get("drop") is None else f"{100 * s['drop']:.2f}" + (
+            f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
+        r = timed.get(s.get("variant") or "")
+        floats = s.get("float_layers") or []
+        table.add_row(s["step"], s.get("variant") or "-", s.get("status") or "-", fmt_pct(agreement),
+                      "-" if s.get("cosine") is None else f"{s['cosine']:.4f}", drop,
+                      f"{r.latency_ms['p50']:.2f}" if r is not None else "-",
+                      (f"{len(floats)}: " + ", ".join(floats[:3]) + (" ..." if len(floats) > 3 else "")) if floats
+                      else "-")
+    console.print(table)

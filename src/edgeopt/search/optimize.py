@@ -287,6 +287,12 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         notes.append(f"time budget reached: skipped {len(skipped)} recipe(s): {', '.join(skipped)}")
     order = {r.name: i for i, r in enumerate(plan)}
     results.sort(key=lambda r: order.get(r.name, len(order)))
+    recovery_steps: list[dict[str, Any]] = []
+    if target == "onnx" and recipes is None and (deadline is None or time.perf_counter() + reserve < deadline):
+        results += _int8_recovery(baseline_model, split, budget, plan, results, base_out, base_metric,
+                                  run=lambda rs: [finish(r, candidate_key(original.sha256, r.key(), fp, settings_key),
+                                                         build_one(baseline_model, r, ctx)) for r in rs],
+                                  threads=threads, steps=recovery_steps, notes=notes)
 
     timing_name = candidate_key(original.sha256, ",".join(sorted(r.key for r in results)), fp,
                                 {**settings_key, "bench": bench.__dict__})
@@ -320,6 +326,37 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
 
         write_optimize_reports(outcome)
     return outcome
+
+
+def _int8_recovery(baseline_model: Model, split: Any, budget: Budget, plan: list[Recipe],
+                   results: list[CandidateResult], base_out: Any, base_metric: float, *, run: Any,
+                   threads: int | None, steps: list[dict[str, Any]], notes: list[str]) -> list[CandidateResult]:
+    """The INT8 recovery steps of ``quantize --mode auto`` (search/recovery.py) when no INT8 candidate
+    meets the budget and an ONNX Runtime static INT8 candidate exists to start from (CNNs; transformers
+    have their own space)."""
+    from edgeopt.transforms.quantize import StaticInt8
+
+    if baseline_model.format != "onnx" or any(r.meets_budget and r.model is not None and "int8" in r.name
+                                              for r in results):
+        return []
+    by_name = {r.name: r for r in plan}
+    statics = [(r, by_name[r.name].steps[0]) for r in results if r.model is not None and r.name in by_name
+               and by_name[r.name].steps and isinstance(by_name[r.name].steps[0], StaticInt8)
+               and by_name[r.name].steps[0].format == "qdq" and not by_name[r.name].steps[0].op_types]
+    if not statics:
+        return []
+    from edgeopt.search.recovery import recover
+
+    start, cfg = min(statics, key=lambda t: (t[0].drop if t[0].drop is not None else 1.0, -(t[0].cosine or 0.0)))
+    notes.append(f"no INT8 candidate met the budget: INT8 recovery steps from {start.name} (calibration, bias "
+                 "correction, mixed precision by measured cost and gain)")
+    out = recover(baseline_model, split.tune, split.evaluation, budget, start=start, start_config=cfg, run=run,
+                  runtimes=("onnxruntime",), threads=threads, steps=steps, notes=notes, baseline_outputs=base_out,
+                  baseline_metric=base_metric)
+    notes.extend(f"recovery {s['step']}: {s.get('variant')} {s.get('status')}, cosine "
+                 f"{(s.get('cosine') or 0):.4f}" + (f", float layers {len(s['float_layers'])}"
+                                                    if s.get("float_layers") else "") for s in steps)
+    return out
 
 
 def measured_on(profile: DeviceProfile, runtime: str) -> dict[str, Any]:

@@ -251,3 +251,26 @@ def test_cli_auto_prints_and_reports_the_recovery_steps(cli, tmp_path) -> None:
     steps = report["recovery_steps"]
     assert [s["step"] for s in steps][:2] == ["0 plain", "1 calibration"]
     assert any(s.get("float_layers") == ["fc2"] and s["status"] == "meets budget" for s in steps)
+
+
+@pytest.mark.slow
+def test_nncf_accuracy_control_is_judged_by_our_metric() -> None:
+    pytest.importorskip("nncf")
+    from edgeopt.errors import UnsupportedOperation
+    from edgeopt.measure.judge import fidelity_of
+    from edgeopt.transforms.nncf_quantize import nncf_accuracy_control
+
+    model, data = fragile_mlp()
+    cal, held = data.split(0.5, seed=0)
+    ref = predict(model, held)
+    # a budget NNCF's first INT8 model already meets by our metric: returned as is, tagged for OpenVINO
+    q = nncf_accuracy_control(model, calibration=cal, validation=held, baseline_outputs=ref, metric="cosine",
+                              max_drop=0.5)
+    assert q.metadata.get("edgeopt.runtime") == "openvino"
+    assert any(n.op_type == "QuantizeLinear" for n in q.onnx.graph.node)
+    assert fidelity_of(predict(q, held), ref).cosine >= 0.5
+    # a budget that needs NNCF to rank and revert quantizers: its ONNX backend cannot (NNCF raises
+    # UnsupportedBackendError), and that is one clear failed candidate, not a crash
+    with pytest.raises(UnsupportedOperation, match="NNCF accuracy control failed on fragile"):
+        nncf_accuracy_control(model, calibration=cal, validation=held, baseline_outputs=ref, metric="cosine",
+                              max_drop=0.01)

@@ -104,3 +104,13 @@ def test_nncf_int8_weight_compression_runs_in_openvino(encoder) -> None:
     assert sum(n.op_type == "DequantizeLinear" for n in q.onnx.graph.node) >= 12
     r = evaluate(q, data, reference=model, threads=1)
     assert r.cosine > 0.99 and model.size_bytes / q.size_bytes > 2.5
+
+
+def test_optimize_searches_the_transformer_space_too(encoder, digits_onnx) -> None:
+    from edgeopt.devices import get_device
+    from edgeopt.search.space import default_recipes
+
+    names = {r.name for r in default_recipes(encoder[0], get_device(None))}
+    assert "int8-dynamic-perchannel-smoothquant-0.75" in names and "int8-weight-only-block32" in names
+    assert "int8-qdq-u8s8-pertensor" not in names
+    assert "int8-qdq-u8s8-pertensor" in {r.name for r in default_recipes(load_model(digits_onnx), get_device(None))}

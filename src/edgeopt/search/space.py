@@ -207,7 +207,11 @@ def smaller_students(model: Model, *, factor: float = 2.0) -> list[str]:
 
 def default_recipes(model: Model, device: DeviceProfile, *, runtimes: tuple[str, ...] | None = None
                     ) -> list[Recipe]:
-    """The recipes ``optimize`` tries for ``model`` on ``device``."""
+    """The recipes ``optimize`` tries for ``model`` on ``device`` (the transformer space for ONNX transformers)."""
+    from edgeopt.transforms.transformer import is_transformer
+
+    if model.format == "onnx" and is_transformer(model):
+        return transformer_recipes(model, device, runtimes=runtimes)
     return training_recipes(model, device) + post_training_recipes(model, device, runtimes=runtimes)
 
 

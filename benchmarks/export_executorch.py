@@ -247,6 +247,56 @@ def run_model(name: str, seconds: float) -> dict[str, Any]:
                         "int8_speedup_vs_fp32": round(et_fp32["p50_ms"] / et_int8["p50_ms"], 2)}}
 
 
+def run_trained(seconds: float) -> dict[str, Any]:
+    """MobileNetV2 (torchvision, via the catalogue) trained on real digits: INT8 fidelity with trained weights."""
+    from edgeopt.data import load_data
+    from edgeopt.measure.evaluate import accuracy_of
+    from edgeopt.training import TrainConfig, accuracy_torch, fit
+    from edgeopt.transforms.architectures import build_architecture
+
+    digits = ROOT / "examples" / "digits"
+    train, test = load_data(digits / "train.npz"), load_data(digits / "test.npz")
+    config = TrainConfig(epochs=12, lr=3e-3, batch_size=64, seed=0, augment_shift=2)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    net = build_architecture("mobilenet_v2", input_size=(1, 32, 32), classes=10, small_input_stem=False)
+    start = time.perf_counter()
+    fit(net, train, config=config, description="mobilenet_v2 on digits")
+    train_seconds = time.perf_counter() - start
+    net.eval()
+    source = Model.from_torch(net, source="mobilenet_v2 trained on digits", input_shape=(1, 1, 32, 32))
+    with torch.no_grad():
+        reference = net(torch.from_numpy(test.inputs["x"])).numpy()
+    rows, models = [], []
+    for mode in ("none", "int8"):
+        start = time.perf_counter()
+        pte, check = to_executorch(source, ExecutorchExport(quantize=mode, min_cosine=0.0), data=train)
+        out = predict(pte, test, settings=resolve_settings(pte, threads=1))
+        agreement, cos, min_cos = fidelity(out, reference)
+        rows.append({"variant": f"executorch-{'fp32' if mode == 'none' else 'int8'}", "size_bytes": pte.size_bytes,
+                     "export_seconds": round(time.perf_counter() - start, 1),
+                     "test_accuracy": round(accuracy_of(out, test.labels), 4),
+                     "cosine_vs_pytorch": round(cos, 6), "min_cosine_vs_pytorch": round(min_cos, 6),
+                     "agreement_vs_pytorch": round(agreement, 4),
+                     "meets_floor": cos >= FLOORS["int8" if mode == "int8" else "fp32"],
+                     "delegation": check.delegation.to_dict() | {"delegated_ops": None}})
+        models.append(pte)
+    load_before = load_average()
+    timings = compare(models, settings=BenchSettings(warmup=10, min_runs=100, min_seconds=seconds), threads=1)
+    for row, t in zip(rows, timings, strict=True):
+        row["p50_ms"] = round(t.latency_ms["p50"], 3)
+        row["speedup_vs_fp32"] = round(timings[0].latency_ms["p50"] / t.latency_ms["p50"], 3)
+    return {"model": "torchvision MobileNetV2 (catalogue, 1x32x32, 10 classes) trained 12 epochs on "
+                     "examples/digits/train.npz; INT8 calibrated on 128 training images",
+            "pytorch_test_accuracy": round(accuracy_torch(net, test), 4), "train_seconds": round(train_seconds, 1),
+            "judged_on": f"{len(test)} test images (examples/digits/test.npz)", "variants": rows,
+            "timing": {"threads": 1, "interleaved": True, "load_average_before": load_before,
+                       "load_average_after": load_average()},
+            "summary": {"int8_cosine": rows[1]["cosine_vs_pytorch"],
+                        "int8_size_ratio": round(rows[0]["size_bytes"] / rows[1]["size_bytes"], 2),
+                        "int8_speedup_vs_fp32": rows[1]["speedup_vs_fp32"]}}
+
+
 def print_table(name: str, case: dict[str, Any]) -> None:
     print(f"\n{name} (batch 1, 1 thread, interleaved; load average {case['timing']['load_average_before']} -> "
           f"{case['timing']['load_average_after']} on 2 shared cores: read the ratios)")
@@ -263,15 +313,20 @@ def print_table(name: str, case: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=MODELS)
+    parser.add_argument("--only", choices=(*MODELS, "mobilenet_v2_digits"))
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
     previous = json.loads(OUT.read_text()) if OUT.exists() else {}
     cases = dict(previous.get("cases", {}))
     start = time.perf_counter()
-    for name in ([args.only] if args.only else MODELS):
-        cases[name] = run_model(name, args.seconds)
-        print_table(name, cases[name])
+    for name in ([args.only] if args.only else (*MODELS, "mobilenet_v2_digits")):
+        if name == "mobilenet_v2_digits":
+            cases[name] = run_trained(args.seconds)
+            print(json.dumps(cases[name]["summary"]))
+        else:
+            cases[name] = run_model(name, args.seconds)
+            print_table(name, cases[name])
+        cases[name]["command"] = f"python benchmarks/export_executorch.py --only {name} --seconds {args.seconds}"
         latest = json.loads(OUT.read_text()).get("cases", {}) if OUT.exists() else {}  # another --only run
         cases = {**latest, name: cases[name]}
         write_json(OUT, _payload(cases, args))

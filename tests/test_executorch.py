@@ -91,7 +91,11 @@ def test_session_matches_pytorch_and_splits_batches(et) -> None:
     assert model.format == "executorch" and runtime_for(model).name == "executorch"
     session = ExecutorchRuntime().load(model, threads=1)
     assert session.details == {"delegate_calls": {"XnnpackBackend": 2},
-                               "portable_kernel_calls": {"aten.mean.out": 1}}
+                               "portable_kernel_calls": {"aten.mean.out": 1}, "threads": 1}
+    # the pool is process-wide and bound at load: a second size while this program lives is refused
+    with pytest.raises(BadInput, match="load every .pte in one process with the same --threads"):
+        ExecutorchRuntime().load(model, threads=2)
+    assert ExecutorchRuntime().load(model, threads=None).details["threads"] == 1
     x = np.random.default_rng(1).standard_normal((5, 1, 16, 16)).astype(np.float32)
     batched = session.run({"input": x})[0]
     assert batched.shape == (5, 10)

@@ -3,16 +3,23 @@
 Why a session does more than call ``execute``: a ``.pte`` is exported for fixed input shapes (batch 1
 by edgeopt), while bench, eval and serve pass batches. A feed whose batch differs from the program's
 runs one sample at a time and the outputs are concatenated, as the LiteRT session does for graphs
-fixed to batch 1. ExecuTorch's XNNPACK thread pool is process-wide, so the session sets it to its own
-thread count before each run when another session changed it.
+fixed to batch 1.
+
+Threads: ExecuTorch's thread pool is process-wide, and XNNPACK binds a loaded method to the pool that
+existed when it was loaded; resizing the pool afterwards leaves those methods pointing at a freed pool
+(a segfault some runs later, found by timing: resizing before every run crashed within seconds). So the
+pool is sized once, before a method loads, and a second thread count in the same process, while a
+program loaded at the first is alive, is refused with a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
 SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
                 7: "float64", 11: "bool", 15: "bfloat16"}
 _POOL_LOCK = threading.Lock()
+_POOL: dict[str, int] = {}  # "threads": the size edgeopt gave the process-wide pool
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # sessions whose methods are bound to that pool
 
 
 def _portable_lib() -> Any:
@@ -58,12 +67,27 @@ def native_stderr_quiet() -> Iterator[None]:
         os.close(devnull)
 
 
-def set_threads(threads: int) -> None:
-    """Resize ExecuTorch's process-wide thread pool (XNNPACK's workers) when it differs."""
+def pool_threads(threads: int | None) -> int:
+    """Size the process-wide pool for a method about to load (None: keep it); the size it has.
+
+    Raises:
+        BadInput: another thread count is asked for while programs loaded at the current one are alive.
+    """
     lib = _portable_lib()
-    if lib._threadpool_get_thread_count() != threads:
-        with native_stderr_quiet():
-            lib._unsafe_reset_threadpool(threads)
+    current = _POOL.get("threads") or int(lib._threadpool_get_thread_count())
+    if threads is None or threads == current:
+        _POOL["threads"] = current
+        return current
+    if len(_LIVE):
+        gc.collect()  # sessions only held by reference cycles
+    if len(_LIVE):
+        raise BadInput(f"ExecuTorch's thread pool is process-wide and {len(_LIVE)} loaded program(s) use "
+                       f"{current} thread(s); load every .pte in one process with the same --threads "
+                       f"(asked for {threads})")
+    with native_stderr_quiet():
+        lib._unsafe_reset_threadpool(threads)
+    _POOL["threads"] = threads
+    return threads
 
 
 def program_summary(payload: bytes) -> dict[str, Any]:
@@ -156,8 +180,7 @@ class ExecutorchSession:
             if tuple(array.shape[1:]) != shape[1:]:
                 raise DataError(f"input {name} has shape {tuple(array.shape)}; {self._source} was exported "
                                 f"for {shape} (batch may differ)")
-        with self._lock, _POOL_LOCK:
-            set_threads(self._threads)
+        with self._lock:
             if all(a.shape[0] == s[0] for a, s in zip(arrays, self._shapes, strict=True)):
                 return self._execute(arrays)
             step = self._shapes[0][0]
@@ -171,7 +194,8 @@ class ExecutorchSession:
 class ExecutorchRuntime:
     """ExecuTorch CPU runtime for ``.pte`` programs (XNNPACK-delegated parts run in XNNPACK).
 
-    Takes no options; ``threads`` sizes ExecuTorch's thread pool (default 1).
+    Takes no options; ``threads`` sizes ExecuTorch's process-wide thread pool before the program loads
+    (None keeps the pool as it is); every program alive in one process shares that size.
 
     Example:
         >>> session = ExecutorchRuntime().load(load_model("m.pte"), threads=1)  # doctest: +SKIP
@@ -193,16 +217,19 @@ class ExecutorchRuntime:
         if model.format != "executorch":
             raise ModelError(f"ExecuTorch runs .pte programs; {model.source} is {model.format}")
         program = load_program(model.serialized(), model.source)
-        try:
-            with native_stderr_quiet():
-                method = program.load_method("forward")
-        except Exception as exc:
-            text = first_line(exc)
-            if "operator" in text.lower() or "kernel" in text.lower() or "backend" in text.lower():
-                raise UnsupportedOperation(f"ExecuTorch cannot load {model.source}: {text}") from exc
-            raise ModelError(f"ExecuTorch cannot load {model.source}: {text}") from exc
-        names = [t.name for t in model.inputs] or ["input"]
-        outputs = [t.name for t in model.outputs] or ["output"]
-        session = ExecutorchSession(method, program, model.source, names, outputs, threads or 1)
-        session.details = program_summary(model.serialized())
+        with _POOL_LOCK:
+            n_threads = pool_threads(threads)
+            try:
+                with native_stderr_quiet():
+                    method = program.load_method("forward")
+            except Exception as exc:
+                text = first_line(exc)
+                if "operator" in text.lower() or "kernel" in text.lower() or "backend" in text.lower():
+                    raise UnsupportedOperation(f"ExecuTorch cannot load {model.source}: {text}") from exc
+                raise ModelError(f"ExecuTorch cannot load {model.source}: {text}") from exc
+            names = [t.name for t in model.inputs] or ["input"]
+            outputs = [t.name for t in model.outputs] or ["output"]
+            session = ExecutorchSession(method, program, model.source, names, outputs, n_threads)
+            _LIVE.add(session)
+        session.details = program_summary(model.serialized()) | {"threads": n_threads}
         return session

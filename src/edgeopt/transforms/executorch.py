@@ -332,7 +332,7 @@ def verify(model: Model, module: Any, pte: Model, cfg: ExecutorchExport, data: D
         ref = module(*[torch.from_numpy(a) for a in inputs])
     ref = ref.logits if hasattr(ref, "logits") else ref
     ref = (ref[0] if isinstance(ref, list | tuple) else ref).float().numpy()
-    session = ExecutorchRuntime().load(pte, threads=1)
+    session = ExecutorchRuntime().load(pte, threads=None)  # the pool as it is: it is process-wide
     got = session.run(dict(zip(session.input_names, inputs, strict=True)))[0]
     if got.shape != ref.shape:
         raise ModelError(f"ExecuTorch outputs have shape {got.shape}, PyTorch's {ref.shape}")

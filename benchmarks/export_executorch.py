@@ -297,6 +297,46 @@ def run_trained(seconds: float) -> dict[str, Any]:
                         "int8_speedup_vs_fp32": rows[1]["speedup_vs_fp32"]}}
 
 
+def bench_overhead(seconds: float) -> dict[str, Any]:
+    """The same .pte timed by edgeopt's session (what `edgeopt bench` runs) and by a bare ``execute`` loop,
+    interleaved in one process (paired rounds, one thread): the subprocess comparison above is at the
+    mercy of the machine's load between runs; this one is not."""
+    from edgeopt.measure import harness
+    from edgeopt.measure.bench import example_feeds
+    from edgeopt.model import load_model
+    from edgeopt.runtimes.executorch import ExecutorchRuntime, native_stderr_quiet, pool_threads
+
+    et_runtime = __import__("executorch.runtime", fromlist=["Runtime"])
+    rows = []
+    for name in MODELS:
+        for label in ("executorch-fp32", "executorch-int8"):
+            path = CACHE / name / f"{label}.pte"
+            model = load_model(path)
+            session = ExecutorchRuntime().load(model, threads=1)
+            pool_threads(1)
+            program = et_runtime.Runtime.get().load_program(path.read_bytes())
+            with native_stderr_quiet():
+                method = program.load_method("forward")
+            feeds = example_feeds(model, batch=1)
+            x = torch.from_numpy(feeds["input"])
+            for _ in range(10):
+                session.run(feeds)
+                method.execute([x])
+            _, rounds = harness.interleaved([lambda s=session, f=feeds: s.run(f), lambda m=method, t=x: m.execute([t])],
+                                            min_runs=50, min_seconds=seconds, max_seconds=max(30.0, seconds),
+                                            round_seconds=0.25)
+            paired = np.asarray(rounds[0]) / np.asarray(rounds[1])
+            rows.append({"model": f"{name} {label}", "edgeopt_session_round_p50_ms": round(float(np.median(rounds[0])), 3),
+                         "bare_execute_round_p50_ms": round(float(np.median(rounds[1])), 3),
+                         "rounds": len(paired), "median_paired_ratio": round(float(np.median(paired)), 4),
+                         "within_5pct": bool(abs(float(np.median(paired)) - 1) <= 0.05), "load_average": load_average()})
+            print(f"  {rows[-1]}", file=sys.stderr)
+            del session, method, program
+    return {"what": "edgeopt's ExecuTorch session (the harness `edgeopt bench` uses) vs a bare executorch.runtime "
+                    "execute loop on the same .pte, interleaved in one process, 1 thread; ratio = median of "
+                    "paired per-round medians (> 1: edgeopt slower)", "rows": rows}
+
+
 def print_table(name: str, case: dict[str, Any]) -> None:
     print(f"\n{name} (batch 1, 1 thread, interleaved; load average {case['timing']['load_average_before']} -> "
           f"{case['timing']['load_average_after']} on 2 shared cores: read the ratios)")
@@ -313,7 +353,7 @@ def print_table(name: str, case: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=(*MODELS, "mobilenet_v2_digits"))
+    parser.add_argument("--only", choices=(*MODELS, "mobilenet_v2_digits", "bench_overhead"))
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
     previous = json.loads(OUT.read_text()) if OUT.exists() else {}
@@ -323,6 +363,8 @@ def main() -> None:
         if name == "mobilenet_v2_digits":
             cases[name] = run_trained(args.seconds)
             print(json.dumps(cases[name]["summary"]))
+        elif name == "bench_overhead":
+            cases[name] = bench_overhead(args.seconds)
         else:
             cases[name] = run_model(name, args.seconds)
             print_table(name, cases[name])

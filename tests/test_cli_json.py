@@ -44,6 +44,7 @@ def _args(command: str, tmp: Path, onnx: Path, npz: Path, torch_model: tuple[str
         "eval": ["eval", onnx, "--data", npz],
         "devices": ["devices"],
         "devices list": ["devices", "list"],
+        "check": ["check", onnx, "--target", "onnxruntime,openvino"],
         "quantize": ["quantize", onnx, "--mode", "dynamic", "-o", tmp / "q.onnx", "--data", npz, "--seconds", "0.01"],
         "analyze": ["analyze", onnx, "--data", npz, "--only", "--max-eval", "8"],
         "zoo": ["zoo", "--input-size", "1x16x16", "--classes", "10", "--only", "squeezenet1_1", "--no-latency",
@@ -74,7 +75,7 @@ def _dynamic_only(tmp: Path) -> Path:
 TORCH_COMMANDS = {"zoo", "prune", "distill", "export", "adapt"}
 SLOW = TORCH_COMMANDS | {"quantize", "optimize", "split plan", "split run"}
 COMMANDS = ["bench", "eval", "devices", "devices list", "quantize", "analyze", "zoo", "prune", "distill", "export", "optimize",
-            "split plan", "split run", "adapt"]
+            "split plan", "split run", "adapt", "check"]
 # Exit 3 (budget not met) still prints the JSON: a machine reads why.
 OK_CODES = {"optimize": (0, 3)}
 

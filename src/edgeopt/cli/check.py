@@ -16,6 +16,7 @@ from edgeopt.cli.common import (
     console,
     emit_json,
     err_console,
+    image_folder_flags,
     load_data_arg,
     parse_input_shape,
     user_errors,
@@ -27,12 +28,13 @@ _VERDICT_STYLE = {"deploys": "bold green", "fallback": "bold yellow", "cannot ex
 
 @app.command("check")
 @user_errors
+@image_folder_flags
 def check_cmd(
     model: Annotated[str, typer.Argument(help="file.py:factory (+ --weights), .pt2 or .onnx; a .tflite or .pte "
                                               "for its own runtime.")],
     target: Annotated[str, typer.Option("--target", help="onnxruntime, openvino, tflite, executorch; "
                                                          "comma-separated for several.")] = "onnxruntime",
-    data: Annotated[str | None, typer.Option("--data", help="Sample inputs (.npz) for tracing.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Sample inputs for tracing: .npz, or an image folder with --input-size.")] = None,
     input_shape: InputShapeOpt = None,
     show_all: Annotated[bool, typer.Option("--all", help="List every op, not only fallbacks and unsupported.")] = False,
     weights: WeightsOpt = None,

@@ -260,10 +260,10 @@ def _check_openvino(model: Model, data: Dataset | None, result: TargetCheck, cac
 
 
 # -- TFLite -------------------------------------------------------------------------------------------
-def _module_and_args(model: Model, data: Dataset | None) -> tuple[Any, tuple[Any, ...]]:
-    from edgeopt.transforms.executorch import as_module, sample_args
+def _module_and_args(model: Model, data: Dataset | None, target: str) -> tuple[Any, tuple[Any, ...]]:
+    from edgeopt.transforms.export import batch1_args, module_for_export
 
-    return as_module(model), sample_args(model, data)
+    return module_for_export(model, target=target), batch1_args(model, data)
 
 
 def _check_tflite(model: Model, data: Dataset | None, result: TargetCheck, cache: dict[str, Any]) -> None:
@@ -271,7 +271,7 @@ def _check_tflite(model: Model, data: Dataset | None, result: TargetCheck, cache
         result.ops = _group(tflite_ops(model))
         result.artifact = model
         return
-    module, args = _module_and_args(model, data)
+    module, args = _module_and_args(model, data, "TFLite")
     missing = _tflite_lowerings(module, args, model.source)
     if any(status == "unsupported" for _, status, _ in missing):
         result.ops = _group(missing)
@@ -348,7 +348,7 @@ def _check_executorch(model: Model, data: Dataset | None, result: TargetCheck, c
         return
     from edgeopt.transforms.executorch import capture, lower
 
-    module, args = _module_and_args(model, data)
+    module, args = _module_and_args(model, data, "ExecuTorch")
     edge, delegation = lower(capture(module, args, model.source), model.source)
     rows = [(op, "delegated", node) for node, op in delegation.delegated]
     rows += [(op, "fallback", node) for node, op in delegation.portable_nodes]

@@ -141,31 +141,6 @@ def quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def as_module(model: Model) -> Any:
-    """The nn.Module to export: the PyTorch model itself, or an ONNX model through onnx2torch."""
-    if model.format == "torch":
-        return model.module.eval()
-    if model.format == "onnx":
-        onnx2torch = require("onnx2torch", extra="litert")
-        try:
-            return onnx2torch.convert(model.onnx).eval()
-        except Exception as exc:
-            raise UnsupportedOperation(f"cannot convert ONNX {model.source} to PyTorch for ExecuTorch export "
-                                       f"(onnx2torch): {first_line(exc)}") from exc
-    raise ModelError(f"cannot export a {model.format} model to ExecuTorch; give a PyTorch or ONNX model")
-
-
-def sample_args(model: Model, data: Dataset | None) -> tuple[Any, ...]:
-    """Batch-1 example inputs (the ``.pte`` is exported for batch 1; sessions split larger batches)."""
-    from edgeopt.transforms.export import example_inputs
-
-    torch = require("torch", extra="torch")
-    if data is not None and model.inputs:
-        data = data.feeds_for(model)
-    feeds = example_inputs(model, data, batch=1)
-    return tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
-
-
 def capture(module: Any, args: tuple[Any, ...], source: str) -> Any:
     """``torch.export.export`` with its failure turned into one line naming what it could not trace."""
     torch = require("torch", extra="torch")
@@ -298,8 +273,10 @@ def to_executorch(model: Model, config: ExecutorchExport | None = None, *, data:
 
 def _lowered(model: Model, cfg: ExecutorchExport, data: Dataset | None) -> tuple[Any, Any, Delegation]:
     torch = require("torch", extra="torch")
-    module = as_module(model)
-    args = sample_args(model, data)
+    from edgeopt.transforms.export import batch1_args, module_for_export
+
+    module = module_for_export(model, target="ExecuTorch")
+    args = batch1_args(model, data)
     if data is not None and cfg.quantize == "int8":
         fitted = data.feeds_for(model) if model.inputs else data
         arrays = list(fitted.inputs.values())

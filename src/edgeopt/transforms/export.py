@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import BadInput, DataError, UnsupportedOperation, first_line
+from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation, first_line
 from edgeopt.measure.evaluate import fidelity
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
@@ -56,6 +56,30 @@ def example_inputs(model: Model, data: Dataset | None, *, batch: int = 2) -> dic
             raise BadInput(f"input {spec.name} has dynamic dimensions; pass --data")
         out[spec.name] = rng.standard_normal(shape).astype(np.float32)
     return out
+
+
+def module_for_export(model: Model, *, target: str) -> Any:
+    """The nn.Module a converter traces (TFLite, ExecuTorch): the PyTorch model itself, or an ONNX
+    model through onnx2torch; ``target`` names the format in the one-line error."""
+    if model.format == "torch":
+        return model.module.eval()
+    if model.format == "onnx":
+        onnx2torch = require("onnx2torch", extra="litert")
+        try:
+            return onnx2torch.convert(model.onnx).eval()
+        except Exception as exc:
+            raise UnsupportedOperation(f"cannot convert ONNX {model.source} to PyTorch for {target} export "
+                                       f"(onnx2torch): {first_line(exc)}") from exc
+    raise ModelError(f"cannot export a {model.format} model to {target}; give a PyTorch or ONNX model")
+
+
+def batch1_args(model: Model, data: Dataset | None) -> tuple[Any, ...]:
+    """Batch-1 example inputs as tensors (TFLite and ``.pte`` files are exported for batch 1)."""
+    torch = require("torch", extra="torch")
+    if data is not None and model.inputs:
+        data = data.feeds_for(model)
+    feeds = example_inputs(model, data, batch=1)
+    return tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
 
 
 def to_onnx(model: Model, config: OnnxExport | None = None, *, data: Dataset | None = None

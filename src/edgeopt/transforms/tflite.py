@@ -28,6 +28,7 @@ from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation
 from edgeopt.measure.evaluate import fidelity
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
+from edgeopt.transforms.export import batch1_args, module_for_export
 
 QUANTIZE_MODES = ("none", "dynamic", "int8", "fp16")
 # Default fidelity floor (mean cosine vs the reference) per mode.
@@ -125,7 +126,7 @@ def export_tflite(model: Model, configs: list[TfliteExport], *, data: Dataset | 
         raise BadInput("--quantize int8 (full integer) needs calibration data: pass --data CAL.npz "
                        "(a few hundred representative inputs)")
     source = model.source
-    float_model = model if model.format == "tflite" else _convert(_as_module(model), model, data)
+    float_model = model if model.format == "tflite" else _convert(module_for_export(model, target="TFLite"), model, data)
     verify = _verify_inputs(float_model, data, max(c.verify_samples for c in configs))
     ref_out = _reference_outputs(model, float_model, verify)
     ref_name = {"torch": "pytorch", "onnx": "onnxruntime"}.get(model.format, "float tflite")
@@ -180,32 +181,9 @@ def _quiet_calibration() -> Iterator[None]:
             progress_utils.ProgressBar = original
 
 
-def _as_module(model: Model) -> Any:
-    if model.format == "torch":
-        return model.module.eval()
-    if model.format == "onnx":
-        onnx2torch = require("onnx2torch", extra="litert")
-        try:
-            return onnx2torch.convert(model.onnx).eval()
-        except Exception as exc:
-            raise UnsupportedOperation(f"cannot convert ONNX {model.source} to PyTorch for TFLite export "
-                                       f"(onnx2torch): {first_line(exc)}") from exc
-    raise ModelError(f"cannot export a {model.format} model to TFLite")
-
-
-def _sample_args(model: Model, data: Dataset | None) -> tuple[Any, ...]:
-    from edgeopt.transforms.export import example_inputs
-
-    torch = require("torch", extra="torch")
-    if data is not None and model.inputs:
-        data = data.feeds_for(model)
-    feeds = example_inputs(model, data, batch=1)
-    return tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
-
-
 def _convert(module: Any, model: Model, data: Dataset | None) -> Model:
     litert_torch = require("litert_torch", extra="litert")
-    args = _sample_args(model, data)
+    args = batch1_args(model, data)
     with _quiet_litert_torch():
         try:
             edge = litert_torch.convert(module, args)

@@ -30,6 +30,7 @@ from edgeopt.errors import BadInput, ModelError, UnsupportedOperation, first_lin
 from edgeopt.measure.evaluate import fidelity
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
+from edgeopt.transforms.export import check_converter_fields
 
 QUANTIZE_MODES = ("none", "int8")
 DEFAULT_MIN_COSINE = {"none": 0.999, "int8": 0.98}
@@ -54,15 +55,7 @@ class ExecutorchExport:
     verify_samples: int = 16
 
     def __post_init__(self) -> None:
-        if self.quantize not in QUANTIZE_MODES:
-            raise BadInput(f"--quantize for executorch must be one of {', '.join(QUANTIZE_MODES)}, "
-                           f"got {self.quantize!r}")
-        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
-            raise BadInput(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
-        if self.calibration_samples < 1:
-            raise BadInput(f"calibration_samples must be >= 1, got {self.calibration_samples}")
-        if self.verify_samples < 1:
-            raise BadInput(f"verify_samples must be >= 1, got {self.verify_samples}")
+        check_converter_fields(self, modes=QUANTIZE_MODES, flag="--quantize for executorch")
 
     @property
     def cosine_floor(self) -> float:

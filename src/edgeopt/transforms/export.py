@@ -58,6 +58,19 @@ def example_inputs(model: Model, data: Dataset | None, *, batch: int = 2) -> dic
     return out
 
 
+def check_converter_fields(config: Any, *, modes: tuple[str, ...], flag: str = "--quantize") -> None:
+    """The checks the converter configs (TfliteExport, ExecutorchExport) share: a known quantize mode, a
+    cosine floor in [-1, 1] when given, and at least one calibration and one verification sample."""
+    if config.quantize not in modes:
+        raise BadInput(f"{flag} must be one of {', '.join(modes)}, got {config.quantize!r}")
+    if config.min_cosine is not None and not -1.0 <= config.min_cosine <= 1.0:
+        raise BadInput(f"min_cosine must be in [-1, 1], got {config.min_cosine}")
+    if config.calibration_samples < 1:
+        raise BadInput(f"calibration_samples must be >= 1, got {config.calibration_samples}")
+    if config.verify_samples < 1:
+        raise BadInput(f"verify_samples must be >= 1, got {config.verify_samples}")
+
+
 def module_for_export(model: Model, *, target: str) -> Any:
     """The nn.Module a converter traces (TFLite, ExecuTorch): the PyTorch model itself, or an ONNX
     model through onnx2torch; ``target`` names the format in the one-line error."""

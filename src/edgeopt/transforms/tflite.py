@@ -28,7 +28,7 @@ from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation
 from edgeopt.measure.evaluate import fidelity
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
-from edgeopt.transforms.export import batch1_args, module_for_export
+from edgeopt.transforms.export import batch1_args, check_converter_fields, module_for_export
 
 QUANTIZE_MODES = ("none", "dynamic", "int8", "fp16")
 # Default fidelity floor (mean cosine vs the reference) per mode.
@@ -51,14 +51,7 @@ class TfliteExport:
     verify_samples: int = 16
 
     def __post_init__(self) -> None:
-        if self.quantize not in QUANTIZE_MODES:
-            raise BadInput(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
-        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
-            raise BadInput(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
-        if self.calibration_samples < 1:
-            raise BadInput(f"calibration_samples must be >= 1, got {self.calibration_samples}")
-        if self.verify_samples < 1:
-            raise BadInput(f"verify_samples must be >= 1, got {self.verify_samples}")
+        check_converter_fields(self, modes=QUANTIZE_MODES)
 
     @property
     def cosine_floor(self) -> float:

@@ -169,7 +169,11 @@ def test_cli_meets_a_target_between_half_and_unpruned_then_fine_tunes(cli, digit
 
 
 @pytest.mark.slow
-def test_cli_unreachable_target_says_not_met_and_what_was_reached(cli, digits_factory, tmp_path) -> None:
+def test_cli_unreachable_target_says_not_met_and_what_was_reached(cli, digits_factory, tmp_path,
+                                                                    monkeypatch) -> None:
+    # The injected clock (latency from the export's size) keeps 'reached < original' free of timing noise:
+    # on a quiet machine the 30 %-pruned digits CNN once timed 0.2264 vs 0.2248 ms.
+    monkeypatch.setattr(LatencySearch, "_compare", _size_clock)
     out = tmp_path / "slow.onnx"
     result = cli("prune", digits_factory[0], "--weights", digits_factory[1], "-o", out, "--structured",
                  "--sparsity", "0.3", "--target-latency-ms", "1e-6", "--seconds", "0.1", "--no-latency")

@@ -48,8 +48,8 @@ from edgeopt.data import Dataset  # noqa: E402
 from edgeopt.fileio import write_json  # noqa: E402
 from edgeopt.measure.bench import BenchSettings, compare, speedup_interval  # noqa: E402
 from edgeopt.measure.evaluate import fidelity, predict  # noqa: E402
-from edgeopt.measure.sessions import resolve_settings  # noqa: E402
 from edgeopt.model import Model  # noqa: E402
+from edgeopt.runtimes.sessions import resolve_settings  # noqa: E402
 from edgeopt.transforms.executorch import ExecutorchExport, to_executorch  # noqa: E402
 from edgeopt.transforms.export import OnnxExport, to_onnx  # noqa: E402
 from edgeopt.transforms.quantize import StaticInt8, quantize  # noqa: E402

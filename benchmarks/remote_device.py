@@ -124,9 +124,9 @@ def overhead(sshd: LoopbackSshd, work: Path, seconds: float) -> dict:
     from edgeopt.data import load_data
     from edgeopt.measure.bench import BenchSettings, compare
     from edgeopt.measure.evaluate import predict
-    from edgeopt.measure.sessions import resolve_settings
     from edgeopt.model import load_model
     from edgeopt.runtimes.remote import runner_source
+    from edgeopt.runtimes.sessions import resolve_settings
 
     model = load_model(DIGITS / "digits_cnn.onnx")
     data = load_data(DIGITS / "test.npz")

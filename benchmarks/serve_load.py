@@ -42,8 +42,8 @@ import numpy as np
 
 from edgeopt.fileio import write_json
 from edgeopt.measure.bench import BenchSettings, benchmark
-from edgeopt.measure.sessions import open_session, resolve_settings
 from edgeopt.model import Model, load_model
+from edgeopt.runtimes.sessions import open_session, resolve_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"

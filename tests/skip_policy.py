@@ -13,10 +13,10 @@ import pytest
 
 # node id (or a prefix of one) -> why it may skip on CI
 EXPECTED_SKIPS: dict[str, str] = {
-    "tests/test_report.py::test_headless_chromium": ".ci/run installs Chromium best effort (no apt, no root)",
-    "tests/test_serve_limits.py::test_max_connections_must_fit_the_file_descriptor_limit":
+    "tests/report/test_report.py::test_headless_chromium": ".ci/run installs Chromium best effort (no apt, no root)",
+    "tests/serve/test_serve_limits.py::test_max_connections_must_fit_the_file_descriptor_limit":
         "needs a finite file-descriptor limit below the flag's maximum (a runner's ulimit)",
-    "tests/test_remote.py": ".ci/run installs openssh-server best effort; without sshd the SSH tests skip",
+    "tests/runtimes/test_remote.py": ".ci/run installs openssh-server best effort; without sshd the SSH tests skip",
 }
 
 _skipped: list[tuple[str, str]] = []

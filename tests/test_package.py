@@ -57,6 +57,13 @@ def test_no_module_outside_cli_imports_the_cli() -> None:
     assert offenders == []
 
 
+def test_tests_mirror_the_packages() -> None:
+    """A maintainer finds a module's tests by its path: tests/<pkg>/ only for a package src/edgeopt/<pkg>/."""
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    packages = {p.name for p in (ROOT / "src" / "edgeopt").iterdir() if (p / "__init__.py").exists()}
+    assert folders and folders <= packages, sorted(folders - packages)
+
+
 def test_import_does_not_load_heavy_dependencies() -> None:
     code = ("import sys, edgeopt, edgeopt.cli; heavy = [m for m in ('numpy', 'torch', 'openvino', 'ai_edge_litert', "
             "'fastapi', 'ray', 'transformers', 'matplotlib', 'tensorflow', 'executorch') if m in sys.modules]; "

@@ -24,8 +24,8 @@ from edgeopt.data import Dataset
 from edgeopt.devices import DeviceProfile
 from edgeopt.errors import BadInput, DataError
 from edgeopt.measure import harness
-from edgeopt.measure.sessions import RunSettings, open_session, resolve_settings
 from edgeopt.model import Model
+from edgeopt.runtimes.sessions import RunSettings, open_session, resolve_settings
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from edgeopt.devices import DeviceProfile
 from edgeopt.errors import DataError
 from edgeopt.measure import harness
 from edgeopt.measure.judge import fidelity_of, output_kind, token_mask
-from edgeopt.measure.sessions import RunSettings, open_session, resolve_settings
 from edgeopt.model import Model
+from edgeopt.runtimes.sessions import RunSettings, open_session, resolve_settings
 
 
 @dataclass

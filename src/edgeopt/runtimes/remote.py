@@ -36,8 +36,8 @@ from edgeopt.measure import harness
 
 if TYPE_CHECKING:
     from edgeopt.measure.bench import BenchSettings
-    from edgeopt.measure.sessions import RunSettings
     from edgeopt.model import Model
+    from edgeopt.runtimes.sessions import RunSettings
 
 CONNECT_TIMEOUT_S = 10
 _UNREACHABLE = ("connection refused", "timed out", "no route to host", "could not resolve", "network is unreachable",

@@ -21,8 +21,8 @@ from edgeopt.errors import EdgeoptError
 from edgeopt.measure.bench import BenchResult, BenchSettings, compare, speedup_interval
 from edgeopt.measure.evaluate import accuracy_of, predict
 from edgeopt.measure.judge import Fidelity, fidelity_of, output_kind, token_mask
-from edgeopt.measure.sessions import resolve_settings
 from edgeopt.model import Model
+from edgeopt.runtimes.sessions import resolve_settings
 from edgeopt.search.budget import Budget, check_objective
 from edgeopt.search.recipe import Recipe, apply_recipe
 from edgeopt.transforms.config import TransformContext

@@ -1,7 +1,7 @@
 """The OIP v2 HTTP app: health, metadata, readiness, inference and /metrics over FastAPI.
 
 Each served model has its own runtime session (opened with the model's stored runtime and
-settings, see :mod:`edgeopt.measure.sessions`) and its own :class:`Batcher`. Every failure a
+settings, see :mod:`edgeopt.runtimes.sessions`) and its own :class:`Batcher`. Every failure a
 request can cause becomes a JSON ``{"error": ...}`` with a 4xx/5xx status; the app keeps serving.
 """
 
@@ -34,8 +34,8 @@ from edgeopt.serve.protocol import (
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from edgeopt.measure.sessions import RunSettings
     from edgeopt.runtimes import Session
+    from edgeopt.runtimes.sessions import RunSettings
 
 log = logging.getLogger("edgeopt.serve")
 VERSION = "1"
@@ -163,8 +163,8 @@ def load_served(args: list[str], *, runtime: str | None = None, threads: int | N
     Example:
         >>> served = load_served(["digits=examples/digits/digits_cnn.onnx"], threads=1)  # doctest: +SKIP
     """
-    from edgeopt.measure.sessions import open_session, resolve_settings
     from edgeopt.model import load_model
+    from edgeopt.runtimes.sessions import open_session, resolve_settings
 
     if not args:
         raise BadInput("give at least one model to serve")

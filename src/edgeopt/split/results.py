@@ -78,8 +78,8 @@ def max_abs_diff_vs_whole(plan: dict[str, Any], folder: Path, reference: str | P
                           inputs: list[dict[str, np.ndarray]],
                           runs: list[dict[int, dict[str, np.ndarray]]]) -> float | None:
     """Largest |pipeline - whole model| over every item of every run; inf on a missing or misshapen output."""
-    from edgeopt.measure.sessions import open_session, resolve_settings
     from edgeopt.model import load_model
+    from edgeopt.runtimes.sessions import open_session, resolve_settings
 
     source = reference if reference is not None else plan.get("model", {}).get("path")
     if source is None or not Path(source).is_file():

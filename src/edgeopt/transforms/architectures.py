@@ -236,8 +236,8 @@ def zoo(*, input_size: tuple[int, ...] = (3, 224, 224), classes: int = 1000, nam
     from edgeopt.devices import get_device
     from edgeopt.fileio import write_json
     from edgeopt.measure.bench import BenchSettings, compare
-    from edgeopt.measure.sessions import resolve_settings
     from edgeopt.model import Model
+    from edgeopt.runtimes.sessions import resolve_settings
     from edgeopt.transforms.export import OnnxExport, to_onnx
 
     size = _check_size(tuple(input_size))

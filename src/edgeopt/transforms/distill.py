@@ -153,7 +153,7 @@ def teacher_function(teacher: Model) -> Any:
     if teacher.format != "onnx":
         raise BadInput(f"teacher {teacher.source} is {teacher.format}; give a PyTorch or ONNX teacher")
     from edgeopt.measure.evaluate import predict
-    from edgeopt.measure.sessions import open_session, resolve_settings
+    from edgeopt.runtimes.sessions import open_session, resolve_settings
 
     session = open_session(teacher, resolve_settings(teacher, runtime="onnxruntime"))
 

@@ -160,7 +160,7 @@ def onnx_failure(exc: BaseException) -> str:
 
 def verify_export(torch_model: Model, onnx_model: Model, feeds: dict[str, np.ndarray], *, atol: float) -> ExportCheck:
     torch = require("torch", extra="torch")
-    from edgeopt.measure.sessions import open_session, resolve_settings
+    from edgeopt.runtimes.sessions import open_session, resolve_settings
 
     with torch.no_grad():
         ref = torch_model.module(*[torch.from_numpy(v) for v in feeds.values()])

@@ -18,8 +18,8 @@ import numpy as np
 from edgeopt.data import Dataset
 from edgeopt.errors import DataError, UnsupportedOperation
 from edgeopt.measure.evaluate import accuracy_of, fidelity, predict
-from edgeopt.measure.sessions import resolve_settings
 from edgeopt.model import Model
+from edgeopt.runtimes.sessions import resolve_settings
 from edgeopt.transforms.quantize import StaticInt8, check_quantizable, prepared, quantize, weight_nodes
 
 

@@ -270,7 +270,7 @@ def _reference_outputs(model: Model, float_model: Model, inputs: list[np.ndarray
     if model.format == "tflite":
         return _run_litert(float_model, inputs)
     if model.format == "onnx":
-        from edgeopt.measure.sessions import open_session, resolve_settings
+        from edgeopt.runtimes.sessions import open_session, resolve_settings
 
         session = open_session(model, resolve_settings(model, runtime="onnxruntime", threads=1))
         return session.run(dict(zip(session.input_names, inputs, strict=True)))[0]

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeopt.measure.sessions import open_session, resolve_settings
 from edgeopt.model import load_model
-
-from .conftest import Server, make_onnx_cnn, start_server, stop
+from edgeopt.runtimes.sessions import open_session, resolve_settings
+from tests.conftest import Server, make_onnx_cnn, start_server, stop
 
 httpclient = pytest.importorskip("tritonclient.http")
 

@@ -14,9 +14,8 @@ import pytest
 from edgeopt.model import load_model
 from edgeopt.serve.protocol import encode_response, parse_infer_request
 from edgeopt.split.remote import decode_infer, encode_infer
-
-from .conftest import Server, start_server, stop
-from .test_split import make_residual_cnn
+from tests.conftest import Server, start_server, stop
+from tests.split.test_split import make_residual_cnn
 
 pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")

@@ -93,7 +93,7 @@ def test_every_json_command_is_covered() -> None:
             walk(sub, (*path, name))
 
     walk(typer.main.get_command(app), ())
-    # `devices check` needs a device over SSH: tests/test_remote.py json.loads its whole stdout
+    # `devices check` needs a device over SSH: tests/runtimes/test_remote.py json.loads its whole stdout
     assert found - {"split", "devices check"} <= set(COMMANDS), f"add {sorted(found - set(COMMANDS))} to COMMANDS"
 
 

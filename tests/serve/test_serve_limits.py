@@ -22,8 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeopt.errors import BadInput
 from edgeopt.serve import ServeConfig, create_app, load_served
 from edgeopt.serve.protocol import parse_infer_request
-
-from .conftest import make_onnx_cnn, start_server, stop
+from tests.conftest import make_onnx_cnn, start_server, stop
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

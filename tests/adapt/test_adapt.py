@@ -352,7 +352,7 @@ def test_kill_mid_run_then_resume_gives_valid_model(cli, base, local_npz, tmp_pa
     spec, weights = base
     out = tmp_path / "adapted.onnx"
     ckpt = checkpoint_path(out)
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "edgeopt", "adapt", spec, "--weights", str(weights), "--data", str(local_npz),
            "-o", str(out), "--strategy", "full", "--lr", "0.01"]

@@ -22,7 +22,7 @@ from edgeopt.transforms.quantize import (
     quantize,
     weight_nodes,
 )
-from tests.test_analyze import fragile_mlp
+from tests.transforms.test_analyze import fragile_mlp
 
 pytest.importorskip("onnxruntime.quantization")
 

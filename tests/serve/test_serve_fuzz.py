@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from edgeopt.serve import ServeConfig, create_app, load_served
 from edgeopt.serve.protocol import DATATYPES
-
-from .conftest import make_onnx_cnn
+from tests.conftest import make_onnx_cnn
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

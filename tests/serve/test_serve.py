@@ -17,8 +17,7 @@ from edgeopt.errors import BadInput
 from edgeopt.serve import ServeConfig, create_app, load_served
 from edgeopt.serve.batching import Batcher, QueueFull
 from edgeopt.serve.protocol import InferRequest
-
-from .conftest import make_onnx_cnn
+from tests.conftest import make_onnx_cnn
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

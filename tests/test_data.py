@@ -63,6 +63,17 @@ def test_shape_mismatch_names_both_shapes(tmp_path: Path, digits_onnx: Path) -> 
         data.feeds_for(load_model(digits_onnx))
 
 
+def test_one_array_feeds_a_one_input_model_whatever_its_key(digits_onnx: Path) -> None:
+    """A converter may rename the input (LiteRT: `serving_default_args_0`); one array still feeds it."""
+    x = np.ones((4, 1, 32, 32), np.float32)
+    model = load_model(digits_onnx)
+    for key in ("x", "input", "serving_default_args_0"):
+        fed = Dataset({key: x}, None, "d.npz").feeds_for(model).inputs
+        assert list(fed) == ["input"] and np.array_equal(fed["input"], x)
+    with pytest.raises(DataError, match="expects 1x32x32"):
+        Dataset({"pixels": np.ones((4, 3, 8, 8), np.float32)}, None, "d.npz").feeds_for(model)
+
+
 def test_dtype_mismatch(digits_onnx: Path) -> None:
     data = Dataset({"x": np.zeros((4, 1, 32, 32), np.uint8)}, None, "d.npz")
     with pytest.raises(DataError, match="uint8 but model input 'input' expects float32"):

@@ -106,8 +106,10 @@ class Dataset:
         specs = model.inputs
         if not specs:
             return self
-        if len(specs) == 1 and list(self.inputs) == [SINGLE_INPUT_KEY]:
-            arrays = {specs[0].name: self.inputs[SINGLE_INPUT_KEY]}
+        if len(specs) == 1 and len(self.inputs) == 1:
+            # One array for a one-input model whatever its key: converters rename inputs (LiteRT calls a
+            # PyTorch model's `input` `serving_default_args_0`), and the shape check below still applies.
+            arrays = {specs[0].name: next(iter(self.inputs.values()))}
         else:
             missing = [s.name for s in specs if s.name not in self.inputs]
             if missing:

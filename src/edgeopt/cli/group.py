@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from typer import _click as click  # typer 0.29 vendors click: its exceptions and classes live here
+from typer import _click as click  # typer 0.29 vendors click (pinned in pyproject): its classes live here
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperArgument, TyperGroup, TyperOption
 from typer.exceptions import Abort

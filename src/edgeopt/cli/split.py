@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.table import Table
+from typer import _click as click  # the click typer runs on (see cli/group.py)
 from typer.core import TyperGroup
 
 from edgeopt.cli import app

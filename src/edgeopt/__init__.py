@@ -56,7 +56,7 @@ _LAZY: dict[str, str] = {
     "StaticInt8": "edgeopt.transforms.quantize",
     "analyze": "edgeopt.transforms.sensitivity",
     "auto_quantize": "edgeopt.search.auto_quantize",
-    "mixed_precision": "edgeopt.transforms.mixed_precision",
+    "mixed_precision": "edgeopt.search.mixed_precision",
     "quantize": "edgeopt.transforms.quantize",
     # openvino + nncf (issue 4)
     "NncfInt8": "edgeopt.transforms.nncf_quantize",

@@ -12,7 +12,7 @@ from edgeopt.data import Dataset, load_data
 from edgeopt.errors import DataError
 from edgeopt.model import Model, load_model
 from edgeopt.search.budget import Budget
-from edgeopt.transforms.mixed_precision import mixed_precision
+from edgeopt.search.mixed_precision import mixed_precision
 from edgeopt.transforms.quantize import StaticInt8
 from edgeopt.transforms.sensitivity import analyze
 

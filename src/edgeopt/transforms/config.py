@@ -22,7 +22,7 @@ T = TypeVar("T")
 # Modules that define configs; imported on demand when a serialized recipe names a config
 # that is not registered yet (importing edgeopt must stay light).
 TRANSFORM_MODULES = (
-    "edgeopt.transforms.quantize", "edgeopt.transforms.mixed_precision", "edgeopt.transforms.export",
+    "edgeopt.transforms.quantize", "edgeopt.transforms.export",
     "edgeopt.transforms.nncf_quantize", "edgeopt.transforms.prune", "edgeopt.transforms.distill",
     "edgeopt.transforms.tflite", "edgeopt.transforms.transformer",
     "edgeopt.transforms.smooth_quant", "edgeopt.transforms.executorch",

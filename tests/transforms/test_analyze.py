@@ -1,4 +1,4 @@
-"""Per-layer sensitivity (edgeopt analyze) and greedy mixed precision."""
+"""Per-layer sensitivity (edgeopt analyze); greedy mixed precision is tests/search/test_mixed_precision.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeopt.data import Dataset, load_data
 from edgeopt.errors import DataError
 from edgeopt.model import Model, load_model
-from edgeopt.search.budget import Budget
-from edgeopt.search.mixed_precision import mixed_precision
 from edgeopt.transforms.quantize import StaticInt8
 from edgeopt.transforms.sensitivity import analyze
 
@@ -53,20 +51,6 @@ def test_analyze_ranks_the_fragile_layer_first() -> None:
     assert fc2.all_but_cosine > fc1.all_but_cosine  # keeping fc2 float recovers more
     assert fc2.params == 320 and fc2.op_type == "MatMul"
     assert fc2.accuracy is None
-
-
-def test_mixed_precision_keeps_the_sensitive_layer_float() -> None:
-    model, data = fragile_mlp()
-    calib, held = data.split(0.5, seed=0)
-    rows = analyze(model, calib, eval_data=held, config=StaticInt8(per_channel=False), threads=1, all_but=False)
-    found = mixed_precision(model, StaticInt8(per_channel=False), calibration=calib, eval_data=held,
-                            budget=Budget(metric="agreement", max_drop=0.05), ranking=rows)
-    assert found.meets_budget
-    assert found.config.exclude_nodes == ("fc2",)
-    assert not found.steps[0]["meets_budget"] and found.steps[0]["drop"] > 0.2
-    assert found.steps[-1]["cosine"] > 0.999
-    float_nodes = {n.name for n in found.model.onnx.graph.node if n.op_type == "MatMul"}
-    assert "fc2" in float_nodes
 
 
 def test_analyze_digits_with_labels(digits_onnx, digits_train_npz) -> None:

@@ -4,6 +4,11 @@ The result is an ordinary :class:`StaticInt8` whose ``exclude_nodes`` lists the 
 the recipe replays exactly (``edgeopt apply``) without re-running this search. Layers are taken
 greedily in the order :func:`edgeopt.transforms.sensitivity.analyze` ranks them, 0, 1, 2, 4, 8 ...
 at a time, so a model with a hundred layers needs a handful of quantize-and-evaluate steps.
+
+Each step is judged the way optimize and ``quantize --mode auto`` judge a candidate
+(:func:`edgeopt.search.engine.evaluate_candidate`: the budget metric resolved for the output kind,
+confident agreement or cosine from :func:`edgeopt.measure.judge.fidelity_of`, and the
+``min_cosine`` floor), so a config found here meets the budget there too.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from typing import Any
 from edgeopt.data import Dataset
 from edgeopt.model import Model
 from edgeopt.search.budget import Budget
+from edgeopt.search.engine import CandidateResult, baseline_result, evaluate_candidate
 from edgeopt.transforms.quantize import StaticInt8, quantize
-from edgeopt.transforms.sensitivity import LayerSensitivity, Scorer
+from edgeopt.transforms.sensitivity import LayerSensitivity
 
 
 @dataclass
@@ -37,7 +43,8 @@ def mixed_precision(model: Model, base: StaticInt8, *, calibration: Dataset, eva
         model: the FP32 ONNX model.
         base: the StaticInt8 settings for the layers that stay INT8.
         calibration: calibration data; ``eval_data``: held-out data the budget is judged on.
-        budget: accuracy (with labels) or agreement drop allowed vs the FP32 model.
+        budget: the drop allowed vs the FP32 model and the cosine floor (``auto`` follows the output:
+            accuracy with labels, confident agreement without, cosine for non-class outputs).
         ranking: layers, most sensitive first (from ``analyze``).
         max_float: keep at most this many layers in float (default: half of them).
 
@@ -48,20 +55,21 @@ def mixed_precision(model: Model, base: StaticInt8, *, calibration: Dataset, eva
         >>> r = mixed_precision(m, StaticInt8(), calibration=cal, eval_data=ev, budget=Budget(), ranking=rows)  # doctest: +SKIP
         >>> r.config.exclude_nodes
     """
-    scorer = Scorer.for_model(model, eval_data, threads=threads)
-    labels = eval_data.labels is not None and budget.metric == "accuracy"
+    _, base_out, base_metric = baseline_result(model, eval_data, budget, threads=threads)
     limit = max_float if max_float is not None else max(1, len(ranking) // 2)
     steps: list[dict[str, Any]] = []
     cfg, out, ok = base, model, False
     for k in _float_counts(min(limit, len(ranking))):
         cfg = replace(base, exclude_nodes=tuple(r.node for r in ranking[:k]), only_nodes=())
         out = quantize(model, cfg, data=calibration)
-        acc, agreement, cosine, _ = scorer.score(out)
-        value = acc if labels and acc is not None else (cosine if budget.metric == "cosine" else agreement)
-        baseline = scorer.base_accuracy if labels and scorer.base_accuracy is not None else 1.0
-        ok = budget.allows(baseline, value, cosine=cosine)
-        steps.append({"float_nodes": list(cfg.exclude_nodes), "accuracy": acc, "agreement": agreement,
-                      "cosine": cosine, "drop": budget.drop(baseline, value), "meets_budget": ok})
+        judged = CandidateResult(name=f"int8-mixed-{k}-float", recipe={})
+        evaluate_candidate(judged, out, eval_data=eval_data, budget=budget, baseline_outputs=base_out,
+                           baseline_metric=base_metric, threads=threads)
+        ok = judged.meets_budget
+        steps.append({"float_nodes": list(cfg.exclude_nodes), "accuracy": judged.accuracy,
+                      "agreement": judged.agreement, "confident_agreement": judged.confident_agreement,
+                      "cosine": judged.cosine, "drop": judged.drop, "drop_interval": judged.drop_interval,
+                      "judged": judged.judged, "meets_budget": ok})
         if ok:
             break
     return MixedPrecisionResult(cfg, out, ok, steps)

@@ -64,10 +64,32 @@ def test_bad_numeric_flag_is_one_line_exit_2(cli, tmp_path: Path, monkeypatch, a
 
 
 def test_threads_cap_names_the_limit(cli) -> None:
-    from edgeopt.cli.options import MAX_THREADS
+    from edgeopt.devices import MAX_THREADS
 
     err = assert_one_line(cli("bench", M, "--threads", str(MAX_THREADS + 1)), "--threads")
-    assert f"[1, {MAX_THREADS}]" in err
+    assert f"[1, {MAX_THREADS}]" in err and "remote --device may take more" in err
+    err = assert_one_line(cli("bench", M, "--threads", "2000"), "--threads")
+    assert "[1, 1024]" in err
+
+
+def test_a_remote_device_may_take_more_threads_than_this_host(tmp_path: Path, digits_onnx: Path) -> None:
+    """A 2-core host drives a 16-core board: --threads 16 is the board's business, not this host's."""
+    from edgeopt.cli.common import _check_threads_here
+    from edgeopt.devices import MAX_THREADS, DeviceProfile
+    from edgeopt.errors import BadInput
+    from edgeopt.model import load_model
+    from edgeopt.runtimes.sessions import resolve_settings
+
+    board = tmp_path / "board.yaml"
+    board.write_text("name: board\ndescription: a 64-core board\nssh: edge@10.0.0.7\n")
+    many = MAX_THREADS + 8
+    _check_threads_here({"threads": many, "device": str(board)})  # allowed
+    with pytest.raises(BadInput, match="4 x the"):
+        _check_threads_here({"threads": many, "device": f"{board},host"})  # host is one of the devices
+    with pytest.raises(BadInput, match="4 x the"):
+        resolve_settings(load_model(digits_onnx), threads=many)
+    remote = DeviceProfile(name="board", description="", ssh="edge@10.0.0.7")
+    assert resolve_settings(load_model(digits_onnx), threads=many, device=remote).threads == many
 
 
 # -- data loss: no output is ever one of the inputs --------------------------------------------------

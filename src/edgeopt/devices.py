@@ -22,6 +22,9 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # More intra-op threads than this only oversubscribes the CPU; far larger counts overflow the
 # runtimes' C++ ints or stall for minutes creating threads.
 MAX_THREADS = 4 * (os.cpu_count() or 1)
+# A remote device may have more cores than this host: --threads is checked against this bound when
+# parsed and against the host's MAX_THREADS only for runs here (runtimes/sessions.resolve_settings).
+MAX_DEVICE_THREADS = 1024
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def user_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             _reject_non_finite(kwargs)
+            _check_threads_here(kwargs)
             if kwargs.get("json_out") is not None:
                 check_json_target(kwargs["json_out"])
             check_command_outputs(func.__name__, kwargs)
@@ -51,6 +52,20 @@ def user_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _check_threads_here(kwargs: dict[str, Any]) -> None:
+    """--threads beyond this host's cap is allowed only for a remote --device (it may have more cores)."""
+    from edgeopt.devices import MAX_THREADS, get_device
+
+    threads = kwargs.get("threads")
+    if not isinstance(threads, int) or threads <= MAX_THREADS:
+        return
+    names = [d for d in str(kwargs.get("device") or "").split(",") if d]  # optimize takes several
+    if names and all(get_device(name).ssh for name in names):
+        return
+    raise BadInput(f"--threads must be in [1, {MAX_THREADS}] (4 x the {os.cpu_count() or 1} CPU(s) here; a "
+                   f"remote --device may take more), got {threads}")
 
 
 @contextlib.contextmanager

@@ -15,13 +15,12 @@ user did not give) always passes.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
 import typer
 
-from edgeopt.devices import MAX_THREADS
+from edgeopt.devices import MAX_DEVICE_THREADS
 
 MAX_SECONDS = 24 * 3600.0
 # numpy / torch seeds are unsigned 32-bit.
@@ -91,7 +90,7 @@ seconds = number(0, MAX_SECONDS)                 # minimum timed seconds (0: run
 timeout = number(0, MAX_SECONDS, lo_open=True)
 seed = number(0, MAX_SEED)
 cosine = number(-1, 1)
-threads = number(1, MAX_THREADS, why=f" (4 x the {os.cpu_count() or 1} CPU(s) here)")
+threads = number(1, MAX_DEVICE_THREADS)          # the host's own cap: runtimes/sessions.resolve_settings
 batch = number(1, 65536)                        # samples per timed run
 classes = number(1, 1_000_000)                  # a classifier head's outputs
 temperature = number(0, 100, lo_open=True)      # distillation softmax temperature

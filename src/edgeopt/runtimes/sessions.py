@@ -39,8 +39,9 @@ def resolve_settings(model: Model, *, runtime: str | None = None, threads: int |
     profile = get_device(device)
     if threads is not None and threads < 1:
         raise BadInput(f"--threads must be >= 1, got {threads}")
-    if threads is not None and threads > MAX_THREADS:
-        raise BadInput(f"--threads must be <= {MAX_THREADS} (4 x the CPUs here), got {threads}")
+    if threads is not None and threads > MAX_THREADS and not profile.ssh:
+        raise BadInput(f"--threads must be <= {MAX_THREADS} (4 x the CPUs here; a remote --device may take "
+                       f"more), got {threads}")
     rt = runtime_for(model, runtime, device_runtime=profile.runtime)
     merged: dict[str, Any] = {}
     if runtime is None or runtime == model.runtime_hint():

@@ -1,5 +1,6 @@
-"""The judge follows the output: class scores by (confident) agreement, everything else by cosine,
-and a cosine floor no variant passes below whatever the metric."""
+"""The judge follows the output: class scores by (confident) agreement, a text encoder by the
+nearest-neighbour agreement of its pooled embeddings where the original's neighbour is clear,
+everything else by cosine, and a cosine floor no variant passes below whatever the metric."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import pytest
 from edgeopt.data import Dataset, load_data
 from edgeopt.errors import ConfigError
 from edgeopt.measure.evaluate import evaluate, predict
-from edgeopt.measure.judge import fidelity_of, nn_agreement, nn_confident, output_kind, pooled
+from edgeopt.measure.judge import (
+    fidelity_of,
+    nn_agreement,
+    nn_confident,
+    nn_tie_agreement,
+    output_kind,
+    pooled,
+)
 from edgeopt.model import load_model
 from edgeopt.search.budget import Budget
 from edgeopt.search.engine import Candidate, baseline_result, choose, result_for
@@ -38,7 +46,13 @@ def test_budget_resolves_auto_by_output_kind_and_labels() -> None:
     logits, hidden, labels = np.zeros((5, 10)), np.zeros((5, 7, 32)), np.arange(5)
     assert Budget().for_outputs(logits, labels).metric == "accuracy"
     assert Budget().for_outputs(logits, None).metric == "agreement"
-    assert Budget().for_outputs(hidden, None).metric == "cosine"
+    assert Budget().for_outputs(hidden, None).metric == "cosine"  # no attention mask: not a text encoder
+    assert Budget().for_outputs(hidden, None, masked=True).metric == "neighbours"
+    assert Budget().for_outputs(np.zeros((5, 32)), None, name="sentence_embedding", masked=True).metric == "neighbours"
+    assert Budget().for_outputs(logits, None, masked=True).metric == "agreement"  # class scores stay class scores
+    assert Budget().for_outputs(hidden[:2], None, masked=True).metric == "cosine"  # 2 samples have no neighbours
+    assert Budget(metric="neighbours").for_outputs(hidden, None).metric == "neighbours"  # the user named it
+    assert Budget(metric="neighbours").for_outputs(logits, labels).metric == "accuracy"
     assert Budget(metric="accuracy").for_outputs(hidden, None).metric == "cosine"  # no labels, not classes
     assert Budget(metric="agreement").for_outputs(hidden, None).metric == "agreement"  # the user named it
     with pytest.raises(ConfigError, match="min-cosine"):
@@ -81,13 +95,21 @@ def test_pooled_embeddings_and_nearest_neighbours() -> None:
     moved[2] = [np.cos(np.radians(89.0)), np.sin(np.radians(89.0))]
     assert nn_agreement(moved, ref) == pytest.approx(0.8)
     assert nn_confident(moved, ref) == (1.0, 4)
+    # the budget judges near-tie agreement: sample 2's new neighbour is one the original rates within
+    # 0.01 of its nearest, so it is kept; a clear neighbour lost costs its share of all samples
+    assert nn_tie_agreement(moved, ref) == 1.0
+    assert fidelity_of(moved, ref, kind="other").value("neighbours") == 1.0
+    moved[0] = ref[3]  # sample 0 now sits on sample 3: 0, 3 and 4 get neighbours the original rates far lower
+    f = fidelity_of(moved, ref, kind="other")
+    assert f.nn_agreement == pytest.approx(0.2) and f.nn_tie_agreement == pytest.approx(0.4)
+    assert f.value("neighbours") == pytest.approx(0.4)
 
 
 def test_a_variant_with_full_agreement_and_cosine_0_6_is_rejected(tiny_transformer, damaged) -> None:
     enc_path, npz = tiny_transformer
     original = load_model(enc_path)
     data = load_data(npz).feeds_for(original)
-    for metric in ("auto", "agreement"):
+    for metric in ("auto", "agreement", "cosine"):
         budget = Budget(metric=metric, max_drop=0.01)  # type: ignore[arg-type]
         base, base_out, base_metric = baseline_result(original, data, budget, threads=1)
         r = result_for(Candidate(Recipe("damaged"), load_model(damaged)), key="d", eval_data=data, budget=budget,
@@ -99,8 +121,13 @@ def test_a_variant_with_full_agreement_and_cosine_0_6_is_rejected(tiny_transform
         r.latency_ms, r.speedup, r.size_ratio = {"p50": 0.5}, 2.0, 1.0  # even when much faster
         base.latency_ms = {"p50": 1.0}
         assert choose(base, [r], objective="latency", budget=budget) is None
-        if metric == "auto":
-            assert budget.for_outputs(base_out, None).metric == "cosine"
+        if metric == "auto":  # a text encoder (the data has an attention mask): judged by its neighbours
+            assert budget.for_outputs(base_out, None, masked=True).metric == "neighbours"
+            assert r.nn_tie_agreement is not None and r.nn_agreement <= r.nn_tie_agreement < 0.5
+            assert r.drop == pytest.approx(1 - r.nn_tie_agreement)
+            assert r.judged == len(data)
+            assert r.drop_interval[0] < r.drop < r.drop_interval[1]
+        elif metric == "cosine":
             assert r.drop == pytest.approx(1 - r.cosine)
         else:
             assert r.drop == 0.0
@@ -120,13 +147,15 @@ def test_classifier_is_still_judged_by_agreement(digits_onnx, digits_test_npz) -
     assert r.nn_agreement is None
 
 
-def test_an_embedding_model_is_judged_by_cosine(tiny_transformer) -> None:
+def test_a_text_encoder_is_judged_by_neighbours_and_an_embedding_by_cosine(tiny_transformer) -> None:
     enc_path, npz = tiny_transformer
     original = load_model(enc_path)
     data = load_data(npz)
     _, out, metric = baseline_result(original, data, Budget(), threads=1)
     assert out.shape[0] == len(data) and out.ndim == 3
-    assert Budget().for_outputs(out, None).metric == "cosine" and metric == pytest.approx(1.0)
+    assert metric == pytest.approx(1.0)
+    assert Budget().for_outputs(out, None, masked=True).metric == "neighbours"
+    assert Budget().for_outputs(out, None).metric == "cosine"  # the same vectors without a mask: embeddings
 
 
 def test_cli_eval_reports_cosine_and_nn_agreement_for_an_encoder(cli, tiny_transformer, damaged, tmp_path) -> None:

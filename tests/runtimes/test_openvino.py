@@ -92,6 +92,8 @@ def test_session_reuses_request_but_returns_independent_outputs(digits: Model, t
     (1, {"num_streams": 0}, "num_streams must be an integer >= 1"),
     (1, {"performance_mode": "fast"}, "performance_mode must be one of latency, throughput"),
     (1, {"cpu_pinning": "yes"}, "cpu_pinning must be true or false"),
+    (1, {"dynamic_quantization_group_size": -1}, "dynamic_quantization_group_size must be an integer >= 0"),
+    (1, {"dynamic_quantization_group_size": "32"}, "dynamic_quantization_group_size must be an integer >= 0"),
     (0, {}, "threads must be an integer >= 1"),
 ])
 def test_bad_options_are_bad_input(digits: Model, threads: int, options: dict, message: str) -> None:

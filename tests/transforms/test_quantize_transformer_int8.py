@@ -70,27 +70,119 @@ def test_static_int8_of_matmul_inputs_only_keeps_layernorm_and_softmax_float(enc
 
 
 @pytest.mark.slow
-def test_auto_searches_the_transformer_space_and_judges_by_cosine(encoder) -> None:
+def test_auto_searches_the_transformer_space_and_judges_by_neighbours(encoder) -> None:
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.search.auto_quantize import auto_quantize
 
     model, data = encoder
     r = auto_quantize(model, data, runtimes=("onnxruntime",), threads=1, max_drop=0.01,
                       bench=BenchSettings(warmup=2, min_runs=5, min_seconds=0.05, max_seconds=1.0))
-    assert r.budget.metric == "cosine" and r.budget.min_cosine == 0.99
+    assert r.budget.metric == "neighbours" and r.budget.min_cosine == 0.99
     assert any("transformer graph" in n for n in r.notes)
-    assert any("judged by mean cosine" in n for n in r.notes)
+    assert any("judged by nearest-neighbour agreement" in n for n in r.notes)
     names = {x.name for x in r.results}
     assert {"int8-dynamic", "int8-dynamic-perchannel-smoothquant-0.5", "int8-dynamic-perchannel-fused",
-            "int8-weight-only-block32", "int8-qdq-u8s8-perchannel-matmul", "int4-weight-only"} <= names
+            "int8-weight-only-block32", "int8-weight-only-block64", "int8-qdq-u8s8-perchannel-matmul",
+            "int4-weight-only"} <= names
     assert not any(n.startswith("int8-qdq-u8s8-pertensor") for n in names)  # the CNN space is not tried
     built = [x for x in r.results if x.status != "failed"]
     assert len(built) == len(r.results), [x.reason for x in r.results if x.status == "failed"]
     for x in built:
         assert x.cosine is not None and x.nn_agreement is not None and x.cosine_p5 <= x.cosine + 1e-12
-        assert x.drop == pytest.approx(1 - x.cosine)
-        assert x.meets_budget == Budget().allows(1.0, x.cosine, cosine=x.cosine)
+        assert x.nn_agreement <= x.nn_tie_agreement and x.drop == pytest.approx(1 - x.nn_tie_agreement)
+        assert x.meets_budget == (x.drop <= 0.01 + 1e-12 and x.cosine >= 0.99 - 1e-12)
     assert np.isfinite(r.baseline.latency_ms["p50"])
+
+
+def test_dynamic_int8_keeps_the_excluded_matmuls_float(encoder) -> None:
+    from edgeopt.errors import BadInput
+    from edgeopt.transforms.quantize import prepared
+
+    model, _ = encoder
+    matmuls = [n.name for n in prepared(model).graph.node if n.op_type == "MatMul"
+               and any(i.name == n.input[1] for i in prepared(model).graph.initializer)]
+    q = quantize(model, DynamicInt8(per_channel=True, exclude_nodes=tuple(matmuls[:2])))
+    ops = [n.op_type for n in q.onnx.graph.node]
+    assert ops.count("MatMulInteger") == len(matmuls) - 2 and ops.count("MatMul") >= 2
+    with pytest.raises(BadInput, match="not in"):
+        quantize(model, DynamicInt8(exclude_nodes=("no_such_node",)))
+
+
+def _with_outlier_channel(model, node_name: str, factor: float = 60.0):
+    """``model`` with one input channel of ``node_name`` (a MatMul) scaled up by ``factor`` and the
+    matching weight row scaled down: the same function in float, the activation outlier that makes
+    a transformer layer's per-tensor INT8 input coarse."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.onnx)
+    node = next(n for n in proto.graph.node if n.name == node_name)
+    init = next(i for i in proto.graph.initializer if i.name == node.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w[0] /= factor
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    scale = np.ones(w.shape[0], np.float32)
+    scale[0] = factor
+    proto.graph.initializer.append(numpy_helper.from_array(scale, "outlier_scale"))
+    mul = helper.make_node("Mul", [node.input[0], "outlier_scale"], ["outlier_in"], name="outlier_mul")
+    node.input[0] = "outlier_in"
+    index = list(proto.graph.node).index(node)
+    proto.graph.node.insert(index, mul)
+    return type(model).from_onnx(proto, source="outlier.onnx")
+
+
+def test_dynamic_layer_error_finds_the_layer_with_an_outlier_channel(encoder) -> None:
+    from edgeopt.transforms.layer_error import layer_errors
+
+    model, data = encoder
+    skewed = _with_outlier_channel(model, "l1.ffn1.mm")
+    assert evaluate(skewed, data, reference=model, threads=1).cosine > 0.99999  # same function in float
+    rows = layer_errors(skewed, None, data, config=DynamicInt8(per_channel=True))
+    assert len(rows) == 12 and all(r.op_type == "MatMul" for r in rows)
+    assert rows[0].node == "l1.ffn1.mm" and rows[0].sqnr_db < rows[1].sqnr_db - 6  # >= 4x the noise of any other
+    assert all(0.9 < r.cosine <= 1.0 for r in rows)
+
+    def loss(exclude: tuple[str, ...]) -> float:
+        q = quantize(skewed, DynamicInt8(per_channel=True, exclude_nodes=exclude))
+        return 1 - evaluate(q, data, reference=model, threads=1).cosine
+
+    # keeping the one layer ranked worst float removes most of the loss; keeping the best-ranked does not
+    assert loss((rows[0].node,)) < 0.5 * loss((rows[-1].node,))
+
+
+def test_mixed_precision_for_transformers_reuses_the_recovery_step(encoder) -> None:
+    from edgeopt.search.engine import baseline_result, build_one, result_for
+    from edgeopt.search.recipe import Recipe
+    from edgeopt.search.recovery import mixed_precision
+    from edgeopt.transforms.config import TransformContext
+
+    original, data = encoder
+    model = _with_outlier_channel(original, "l0.ffn2.mm")
+    loose = Budget(metric="neighbours", max_drop=0.5, min_cosine=0.0)
+    base, out, metric = baseline_result(model, data, loose, threads=1)
+    ctx = TransformContext(calibration=data, progress=False)
+    start_recipe = Recipe("int8-dynamic-perchannel", (DynamicInt8(per_channel=True),))
+    start = result_for(build_one(model, start_recipe, ctx), key="s", eval_data=data, budget=loose,
+                       baseline_outputs=out, baseline_metric=metric, threads=1)
+    # a floor between the all-INT8 cosine and FP32: some MatMuls must stay float, not all
+    budget = Budget(metric="neighbours", max_drop=0.5, min_cosine=start.cosine + 0.5 * (1 - start.cosine))
+
+    def run(recipes):
+        return [result_for(build_one(model, r, ctx), key=r.key(), eval_data=data, budget=budget,
+                           baseline_outputs=out, baseline_metric=metric, threads=1) for r in recipes]
+
+    steps, notes = [], []
+    kept = mixed_precision(model, data, data, start, DynamicInt8(per_channel=True), run=run, threads=1,
+                           steps=steps, notes=notes)
+    assert any("one-pass per-layer error: 12 layers" in n for n in notes)
+    tried = {len(s["float_layers"]): s for s in steps}
+    assert tried and all(s["variant"].startswith("int8-dynamic-mixed-") for s in steps)
+    assert len(kept) == 1 and kept[0].meets_budget and kept[0].cosine > start.cosine
+    k = int(kept[0].name.split("-")[3])
+    assert 1 <= k <= 6 and tried[k]["status"] == "meets budget"
+    assert "l0.ffn2.mm" in tried[k]["float_layers"]  # the layer with the outlier input stays float
+    assert all(tried[j]["status"] == "misses budget" for j in tried if j < k)  # the fewest that meet it
 
 
 def test_nncf_int8_weight_compression_runs_in_openvino(encoder) -> None:
@@ -104,6 +196,22 @@ def test_nncf_int8_weight_compression_runs_in_openvino(encoder) -> None:
     assert sum(n.op_type == "DequantizeLinear" for n in q.onnx.graph.node) >= 12
     r = evaluate(q, data, reference=model, threads=1)
     assert r.cosine > 0.99 and model.size_bytes / q.size_bytes > 2.5
+    # OpenVINO quantizes the activations of compressed-weight layers at run time, per group of values;
+    # group size 0 turns that off: only the weights' rounding is left, so the outputs are closer to FP32
+    from edgeopt.runtimes import get_runtime
+
+    rt = get_runtime("openvino")
+    off = rt.load(q, threads=1, options={"precision": "f32", "dynamic_quantization_group_size": 0})
+    on = rt.load(q, threads=1, options={"precision": "f32", "dynamic_quantization_group_size": 32})
+    assert (off.details["dynamic_quantization_group_size"], on.details["dynamic_quantization_group_size"]) == (0, 32)
+    exact = rt.load(model, threads=1, options={"precision": "f32"})
+    feeds = {k: v[:8] for k, v in data.feeds_for(model).inputs.items()}
+    ref = exact.run(feeds)[0].ravel()
+
+    def cos(x):
+        return float(np.dot(x, ref) / np.linalg.norm(x) / np.linalg.norm(ref))
+
+    assert cos(off.run(feeds)[0].ravel()) >= cos(on.run(feeds)[0].ravel()) - 1e-7
 
 
 def test_optimize_searches_the_transformer_space_too(encoder, digits_onnx) -> None:

@@ -290,8 +290,10 @@ SECONDS = 2.0  # every command's --seconds default: DESIGN's "at least 100 runs 
 RunsOpt = Annotated[int, typer.Option("--runs", callback=opt.at_least_one, help="Minimum timed runs per model.")]
 MaxDropOpt = Annotated[float, typer.Option("--max-drop", callback=opt.unit_interval_drop, help="Allowed drop in absolute points (0.01 = 1 pt).")]
 MetricOpt = Annotated[str, typer.Option("--metric", help="What the budget judges: auto (class scores: accuracy, or "
-                                        "agreement where the original is confident; other outputs: cosine), "
-                                        "accuracy, agreement or cosine.")]
+                                        "agreement where the original is confident; a text encoder, i.e. data "
+                                        "with an attention mask: neighbours; other outputs: cosine), accuracy, "
+                                        "agreement, cosine or neighbours (nearest-neighbour agreement of the pooled "
+                                        "embeddings where the original's neighbour is clear).")]
 MinCosineOpt = Annotated[float, typer.Option("--min-cosine", callback=opt.cosine, help="Never choose a variant whose "
                                              "mean cosine to the original is below this, whatever the metric.")]
 

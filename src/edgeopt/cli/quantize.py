@@ -50,7 +50,8 @@ def _config(mode: str, *, fmt: str, per_channel: bool | None, calibration: str, 
                             activation_type=activation_type, weight_type=weight_type,  # type: ignore[arg-type]
                             calibration=calibration, samples=samples, exclude_nodes=excluded)  # type: ignore[arg-type]
     if mode == "dynamic":
-        return q.DynamicInt8(per_channel=bool(per_channel), weight_type=weight_type)  # type: ignore[arg-type]
+        return q.DynamicInt8(per_channel=bool(per_channel), weight_type=weight_type,  # type: ignore[arg-type]
+                             exclude_nodes=excluded)
     if mode == "fp16":
         return q.Fp16()
     if mode == "int4":
@@ -81,7 +82,7 @@ def quantize(
     activation_type: Annotated[str, typer.Option("--activation-type", help="static: u8 or s8.")] = "u8",
     weight_type: Annotated[str, typer.Option("--weight-type", help="s8 or u8.")] = "s8",
     samples: Annotated[int, typer.Option("--samples", callback=opt.at_least_one, help="static: calibration samples used.")] = 128,
-    exclude: Annotated[str | None, typer.Option("--exclude", help="static: comma-separated node names kept in float.")] = None,
+    exclude: Annotated[str | None, typer.Option("--exclude", help="static, dynamic: comma-separated node names kept in float.")] = None,
     block_size: Annotated[int, typer.Option("--block-size", callback=opt.at_least_one, help="int4: weights per scale.")] = 32,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -228,7 +229,7 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
     table = Table(title=f"edgeopt quantize --mode auto: {original.source}")
     nn = any(r.nn_agreement is not None for r in result.results)
     cols = ("variant", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy", "agreement",
-            "cosine", *(("NN agr.",) if nn else ()), "drop pt", "why")
+            "cosine", *(("NN agr.", "NN ties ok") if nn else ()), "drop pt", "why")
     for col in cols:
         table.add_column(col, justify="left" if col in ("variant", "status", "runtime", "why") else "right",
                          overflow="fold")
@@ -237,7 +238,7 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
         table.add_row(r.name, r.status, r.runtime or "-", f"{r.latency_ms['p50']:.3f}" if r.latency_ms else "-",
                       f"{r.speedup:.2f}x" if r.speedup else "-", fmt_bytes(r.size_bytes) if r.size_bytes else "-",
                       f"{r.size_ratio:.2f}x" if r.size_ratio else "-", fmt_pct(r.accuracy), fmt_pct(r.agreement),
-                      fmt_cos(r.cosine), *((fmt_pct(r.nn_agreement),) if nn else ()),
+                      fmt_cos(r.cosine), *((fmt_pct(r.nn_agreement), fmt_pct(r.nn_tie_agreement)) if nn else ()),
                       "-" if r.drop is None else f"{100 * r.drop:.2f}", r.reason, style=styles.get(r.status))
     console.print(table)
     if result.steps:

@@ -43,6 +43,7 @@ class EvalResult:
     n_confident: int | None = None
     kl: float | None = None
     nn_agreement: float | None = None
+    nn_tie_agreement: float | None = None
     nn_confident_agreement: float | None = None
     n_nn_confident: int | None = None
     embedding_cosine: float | None = None
@@ -55,7 +56,8 @@ class EvalResult:
         if self.kind is not None:
             out.update(cosine_p5=self.cosine_p5, output_kind=self.kind)
             extra = (("confident_agreement", "n_confident", "kl") if self.kind == "classes"
-                     else ("nn_agreement", "nn_confident_agreement", "n_nn_confident", "embedding_cosine"))
+                     else ("nn_agreement", "nn_tie_agreement", "nn_confident_agreement", "n_nn_confident",
+                           "embedding_cosine"))
             out.update({k: getattr(self, k) for k in extra})
         return out
 
@@ -139,6 +141,7 @@ def evaluate(model: Model, data: Dataset, *, reference: Model | np.ndarray | Non
         result.confident_agreement, result.n_confident, result.kl = fid.confident_agreement, fid.n_confident, fid.kl
         result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
         result.nn_confident_agreement, result.n_nn_confident = fid.nn_confident_agreement, fid.n_nn_confident
+        result.nn_tie_agreement = fid.nn_tie_agreement
     if rs.remote is not None:
         from edgeopt.runtimes.remote import remote_device
 

@@ -14,7 +14,11 @@ encoder with cosine 0.58 to the original scored 100 % agreement. So:
   (mean, and the 5th percentile over samples). Padding tokens are left out when the data has
   an ``attention_mask``. For sequence outputs ``(N, tokens, hidden)`` and embeddings, the
   nearest-neighbour agreement of the (mask-)mean-pooled embeddings is what retrieval users
-  see: does each sample's nearest other sample stay the same?
+  see: does each sample's nearest other sample stay the same? For a text encoder (the data has an
+  attention mask) that is what the budget judges (``neighbours``), with near-ties allowed: a
+  sample's nearest neighbour may change only to one the reference rates within :data:`NN_MARGIN`
+  of its own nearest (the reference cannot tell those apart either; they flip under any change),
+  as agreement for class scores counts only where the reference's decision is clear.
 """
 
 from __future__ import annotations
@@ -63,7 +67,10 @@ class Fidelity:
     ``cosine``/``cosine_p5``/``min_cosine``: per-sample cosine of the raw outputs (mean, 5th
     percentile, minimum). ``confident_agreement`` over the ``n_confident`` samples where the
     reference is clear; ``kl``/``prob_cosine``: of the softmax probabilities (class scores).
-    ``nn_agreement``/``embedding_cosine``: of the pooled embeddings (other outputs, N >= 3).
+    ``nn_agreement``/``embedding_cosine``: of the pooled embeddings (other outputs, N >= 3);
+    ``nn_tie_agreement``: NN agreement with near-ties allowed (:func:`nn_tie_agreement`), what a
+    ``neighbours`` budget judges; ``nn_confident_agreement``: over the samples whose reference
+    neighbour is clear.
     """
 
     kind: OutputKind
@@ -77,6 +84,7 @@ class Fidelity:
     kl: float | None = None
     prob_cosine: float | None = None
     nn_agreement: float | None = None
+    nn_tie_agreement: float | None = None
     nn_confident_agreement: float | None = None
     n_nn_confident: int | None = None
     embedding_cosine: float | None = None
@@ -85,9 +93,11 @@ class Fidelity:
         return asdict(self)
 
     def value(self, metric: str) -> float:
-        """The figure a budget on ``metric`` (agreement or cosine) judges."""
+        """The figure a budget on ``metric`` (agreement, cosine or neighbours) judges."""
         if metric == "cosine":
             return self.cosine
+        if metric == "neighbours" and self.nn_agreement is not None:
+            return self.nn_tie_agreement if self.nn_tie_agreement is not None else self.nn_agreement
         if self.confident_agreement is not None:
             return self.confident_agreement
         return self.agreement
@@ -149,14 +159,35 @@ def nn_agreement(embeddings: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(np.argmax(_similarities(embeddings), axis=1) == np.argmax(_similarities(reference), axis=1)))
 
 
+def nn_tie_agreement(embeddings: np.ndarray, reference: np.ndarray, *, margin: float = NN_MARGIN) -> float:
+    """Share of samples whose nearest other sample under ``embeddings`` is one the reference rates within
+    ``margin`` (cosine similarity) of the reference's own nearest: the same neighbour, or a near-tie.
+
+    Example:
+        >>> angles = np.radians([0.0, 45.57, 90.0, 134.0, 300.0])  # sample 2: 44.43 and 44.0 degrees away
+        >>> ref = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        >>> moved = ref.copy(); moved[2] = [np.cos(np.radians(89.0)), np.sin(np.radians(89.0))]
+        >>> round(nn_agreement(moved, ref), 2), nn_tie_agreement(moved, ref)  # its neighbour flips to the tie
+        (0.8, 1.0)
+    """
+    ref = _similarities(reference)
+    pick = np.argmax(_similarities(embeddings), axis=1)
+    rows = np.arange(len(ref))
+    return float(np.mean(ref[rows, pick] >= ref.max(axis=1) - margin - 1e-12))
+
+
+def nn_clear(reference: np.ndarray, *, margin: float = NN_MARGIN) -> np.ndarray:
+    """Which samples' reference nearest neighbour beats the runner-up by ``margin`` (cosine)."""
+    top2 = np.sort(_similarities(reference), axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) >= margin
+
+
 def nn_confident(embeddings: np.ndarray, reference: np.ndarray, *, margin: float = NN_MARGIN
                  ) -> tuple[float | None, int]:
     """NN agreement over the samples whose reference nearest neighbour beats the runner-up by ``margin``
     (and how many those are); None when there are none."""
-    ref = _similarities(reference)
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) >= margin
-    same = np.argmax(_similarities(embeddings), axis=1) == np.argmax(ref, axis=1)
+    clear = nn_clear(reference, margin=margin)
+    same = np.argmax(_similarities(embeddings), axis=1) == np.argmax(_similarities(reference), axis=1)
     return (float(np.mean(same[clear])) if clear.any() else None), int(clear.sum())
 
 
@@ -207,5 +238,6 @@ def fidelity_of(outputs: np.ndarray, reference: np.ndarray, *, kind: OutputKind 
         f.embedding_cosine = float(np.mean(_row_cosine(ea, eb)))
         if len(outputs) >= 3:
             f.nn_agreement = nn_agreement(ea, eb)
+            f.nn_tie_agreement = nn_tie_agreement(ea, eb)
             f.nn_confident_agreement, f.n_nn_confident = nn_confident(ea, eb)
     return f

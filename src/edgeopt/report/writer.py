@@ -42,6 +42,8 @@ def _metric_value(r: dict[str, Any], metric: str) -> float | None:
     """The figure the budget judged, for the headline."""
     if metric == "cosine":
         return r.get("cosine")
+    if metric == "neighbours":
+        return r.get("nn_tie_agreement") if r.get("nn_tie_agreement") is not None else r.get("nn_agreement")
     if metric == "agreement":
         return r.get("confident_agreement") if r.get("confident_agreement") is not None else r.get("agreement")
     return r.get("accuracy") if r.get("accuracy") is not None else r.get("agreement")

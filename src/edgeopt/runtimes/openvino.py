@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16"}
 PERFORMANCE_MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
-KNOWN_OPTIONS = ("precision", "num_streams", "performance_mode", "cpu_pinning")
+KNOWN_OPTIONS = ("precision", "num_streams", "performance_mode", "cpu_pinning", "dynamic_quantization_group_size")
 _COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
 
 
@@ -95,6 +95,11 @@ class OpenVinoRuntime:
             running anything else, or this build machine) a pinned thread cannot move off a busy
             core: measured 8.7x (1 thread) and 26x (2 threads) slower p50 on the digits CNN at load
             average 15 on 2 cores, unpinned within 1.2x of ONNX Runtime. Set True on a dedicated CPU.
+        dynamic_quantization_group_size: None (OpenVINO's default) or an integer >= 0; sets
+            ``DYNAMIC_QUANTIZATION_GROUP_SIZE``. On a model with compressed (INT8/INT4) weights the CPU
+            plugin quantizes each FullyConnected input to INT8 at run time, one scale per group of
+            this many values, to use INT8 kernels; 0 turns that off (weights decompressed, float
+            activations: more faithful, usually slower).
 
     Example:
         >>> from edgeopt.runtimes import get_runtime
@@ -174,6 +179,11 @@ def compile_config(*, threads: int | None, options: dict[str, Any] | None) -> di
     if not isinstance(pinning, bool):
         raise BadInput(f"openvino cpu_pinning must be true or false, got {pinning!r}")
     config["ENABLE_CPU_PINNING"] = pinning
+    group = opts.get("dynamic_quantization_group_size")
+    if group is not None:
+        if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+            raise BadInput(f"openvino dynamic_quantization_group_size must be an integer >= 0, got {group!r}")
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = group
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise BadInput(f"threads must be an integer >= 1, got {threads!r}")
@@ -198,8 +208,16 @@ def compiled_details(compiled: Any) -> dict[str, Any]:
         "num_streams": int(compiled.get_property("NUM_STREAMS")),
         "performance_mode": str(compiled.get_property("PERFORMANCE_HINT")).split(".")[-1],
         "cpu_pinning": bool(compiled.get_property("ENABLE_CPU_PINNING")),
+        "dynamic_quantization_group_size": _group_size(compiled),
         "compute_precisions": dict(sorted(counts.items())),
     }
+
+
+def _group_size(compiled: Any) -> int | None:
+    try:
+        return int(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
+    except (RuntimeError, TypeError, ValueError):
+        return None
 
 
 def _read(core: Any, model: Model) -> Any:

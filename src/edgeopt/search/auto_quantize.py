@@ -25,6 +25,7 @@ from edgeopt.search.engine import (
     baseline_result,
     build_one,
     choose,
+    has_text_mask,
     result_for,
     time_candidates,
 )
@@ -129,7 +130,8 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
     ctx = TransformContext(calibration=calibration, device=profile, seed=seed, progress=False)
     base, base_out, base_metric = baseline_result(baseline, evaluation, budget, device=profile, threads=threads)
     asked = budget.metric
-    budget = budget.for_outputs(base_out, evaluation.labels, name=original.outputs[0].name if original.outputs else None)
+    budget = budget.for_outputs(base_out, evaluation.labels, name=original.outputs[0].name if original.outputs else None,
+                                masked=has_text_mask(base_out, evaluation))
     notes.append(judge_note(asked, budget, base_out, evaluation.labels is not None))
     base.name = "fp32-onnxruntime"
 
@@ -152,13 +154,10 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
         by_name = {r.name: r for r in plain}
         results = run(plain)
     int8_ok = any(r.meets_budget and r.model is not None and r.name.startswith("int8-") for r in results)
-    if mixed and not int8_ok and transformer:
-        notes.append("no INT8 variant met the budget; percentile/entropy calibration were not tried on this "
-                     "transformer (ONNX Runtime's histogram calibrators fail on attention-mask tensors: 'Too many "
-                     "bins for data range'; the loss here comes from activation outliers, which SmoothQuant and "
-                     "dynamic INT8 address); mixed precision for transformers: run edgeopt analyze and quantize "
-                     "--mode static --exclude NODES")
-    elif mixed and not int8_ok and "onnxruntime" in chosen_runtimes:
+    if mixed and transformer and not any(r.meets_budget and r.model is not None for r in results):
+        results += _transformer_mixed(original, calibration, evaluation, results, run=run, threads=threads,
+                                      steps=steps, notes=notes)
+    elif mixed and not int8_ok and not transformer and "onnxruntime" in chosen_runtimes:
         statics = [(r, by_name[r.name].steps[0]) for r in results if r.model is not None and r.name in by_name
                    and by_name[r.name].steps and isinstance(by_name[r.name].steps[0], StaticInt8)
                    and by_name[r.name].steps[0].format == "qdq"]
@@ -179,6 +178,27 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
     notes += judge_noise_notes(chosen, results, budget)
     model_out = chosen.model if chosen is not None else None
     return AutoQuantizeResult(model_out, chosen, base, results, budget, notes, steps)
+
+
+def _transformer_mixed(original: Model, calibration: Dataset, evaluation: Dataset, results: list[CandidateResult], *,
+                       run: Any, threads: int | None, steps: list[dict[str, Any]], notes: list[str]
+                       ) -> list[CandidateResult]:
+    """Mixed precision for a transformer when no variant met the budget: the one-pass per-layer error
+    of dynamic INT8 (each MatMul's input quantized at run time, alone) ranks the MatMuls, and
+    search/recovery.py's step keeps the fewest most harmful ones float (1, 2, 4, ... then bisected).
+    Percentile/entropy calibration are not tried: ONNX Runtime's histogram calibrators fail on
+    attention-mask tensors ("Too many bins for data range"), and the loss here comes from
+    activation outliers, which per-call ranges and SmoothQuant address."""
+    from edgeopt.search.recovery import mixed_precision
+    from edgeopt.transforms.quantize import DynamicInt8
+
+    start = next((r for r in results if r.name == "int8-dynamic-perchannel" and r.model is not None), None)
+    if start is None:
+        return []
+    notes.append("no variant met the budget: mixed precision from int8-dynamic-perchannel (the one-pass "
+                 "per-layer error of dynamic INT8 ranks the MatMuls; the fewest most harmful stay float)")
+    return mixed_precision(original, calibration, evaluation, start, DynamicInt8(per_channel=True), run=run,
+                           threads=threads, steps=steps, notes=notes)
 
 
 def judge_noise_notes(chosen: CandidateResult | None, results: list[CandidateResult], budget: Budget) -> list[str]:

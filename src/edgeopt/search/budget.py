@@ -11,8 +11,8 @@ from edgeopt.errors import ConfigError
 if TYPE_CHECKING:
     import numpy as np
 
-Metric = Literal["auto", "accuracy", "agreement", "cosine"]
-METRICS: tuple[str, ...] = ("auto", "accuracy", "agreement", "cosine")
+Metric = Literal["auto", "accuracy", "agreement", "cosine", "neighbours"]
+METRICS: tuple[str, ...] = ("auto", "accuracy", "agreement", "cosine", "neighbours")
 Objective = Literal["latency", "size", "memory"]
 OBJECTIVES: tuple[str, ...] = ("latency", "size", "memory")
 DEFAULT_MIN_COSINE = 0.99
@@ -24,7 +24,11 @@ class Budget:
 
     ``metric="auto"`` (the default) follows the output (see :mod:`edgeopt.measure.judge`): class
     scores are judged by accuracy with labels, else by agreement where the original is confident;
-    embeddings, hidden states and other heads by the cosine of the outputs to the original's.
+    a text encoder's token states or embeddings (the data has an attention mask) by the
+    nearest-neighbour agreement of the pooled sentence embeddings (``neighbours``: what a retrieval
+    user sees: 0.01 = one query in a hundred may get another nearest sentence; a change to one the
+    original rates within 0.01 cosine of its own nearest is a near-tie and counts as kept); other
+    embeddings, hidden states and heads by the cosine of the outputs to the original's.
     Whatever the metric, a candidate whose mean cosine to the original is below ``min_cosine`` is
     never chosen: a model can keep every top-1 and still have lost its outputs.
 
@@ -58,17 +62,27 @@ class Budget:
     def cosine_ok(self, cosine: float) -> bool:
         return cosine >= self.min_cosine - 1e-12
 
-    def for_outputs(self, outputs: np.ndarray, labels: np.ndarray | None, *, name: str | None = None) -> Budget:
+    def for_outputs(self, outputs: np.ndarray, labels: np.ndarray | None, *, name: str | None = None,
+                    masked: bool = False) -> Budget:
         """This budget with ``auto`` resolved for the reference's ``outputs`` (and an accuracy budget
-        without labels turned into agreement, or cosine for non-class outputs)."""
+        without labels turned into agreement, or cosine for non-class outputs).
+
+        ``masked``: the data has an attention mask that fits the outputs (a text encoder), so pooled
+        sentence embeddings and their nearest neighbours can be computed; ``auto`` then judges
+        ``neighbours``. ``neighbours`` asked on outputs without 3 samples falls back to cosine.
+        """
         from edgeopt.measure.judge import output_kind
 
         kind = output_kind(outputs, name=name)
         metric = self.metric
+        text = kind == "other" and masked and len(outputs) >= 3
         if metric == "auto":
-            metric = "cosine" if kind == "other" else ("accuracy" if labels is not None else "agreement")
+            metric = ("neighbours" if text else "cosine") if kind == "other" else \
+                ("accuracy" if labels is not None else "agreement")
         elif metric == "accuracy" and labels is None:
             metric = "cosine" if kind == "other" else "agreement"
+        elif metric == "neighbours" and (kind != "other" or len(outputs) < 3):
+            metric = "cosine" if kind == "other" else ("accuracy" if labels is not None else "agreement")
         return replace(self, metric=metric)
 
     def describe(self) -> str:
@@ -77,9 +91,14 @@ class Budget:
 
 def judge_note(asked: str, budget: Budget, outputs: np.ndarray, labelled: bool) -> str:
     """One sentence for reports: what the budget judges and why."""
-    from edgeopt.measure.judge import CONFIDENT_MARGIN
+    from edgeopt.measure.judge import CONFIDENT_MARGIN, NN_MARGIN
 
     floor = f"; no variant with mean cosine to the original below {budget.min_cosine:g} is chosen"
+    if budget.metric == "neighbours":
+        why = "a text encoder: the data has an attention mask" if asked == "auto" else "as asked"
+        return ("judged by nearest-neighbour agreement of the mask-mean-pooled sentence embeddings (" + why +
+                "; what retrieval sees); a sentence's nearest neighbour may change only to one the original rates "
+                f"within {NN_MARGIN:g} cosine of its own nearest (a near-tie: it flips under any change){floor}")
     if budget.metric == "cosine":
         why = ("the output is not class scores (shape " + "x".join(map(str, outputs.shape[1:])) + "): top-1 "
                "agreement means nothing there" if asked == "auto" else "as asked")

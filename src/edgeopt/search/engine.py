@@ -64,6 +64,7 @@ class CandidateResult:
     confident_agreement: float | None = None  # where the original's top-1 is clear (class scores)
     kl: float | None = None  # mean KL(original || candidate) of the class probabilities
     nn_agreement: float | None = None  # nearest-neighbour agreement of pooled embeddings
+    nn_tie_agreement: float | None = None  # the same, a neighbour the original rates as a near-tie counting as kept
     embedding_cosine: float | None = None  # mean cosine of pooled embeddings
     drop: float | None = None
     drop_interval: list[float] | None = None  # 90% interval of the drop from the judged samples' noise
@@ -111,19 +112,34 @@ def build_one(baseline: Model, recipe: Recipe, ctx: TransformContext) -> Candida
 def _judge(budget: Budget, outputs: np.ndarray, data: Dataset, reference: np.ndarray,
            name: str | None) -> tuple[Budget, Fidelity, float]:
     """The budget resolved for the original's output kind, the fidelity of ``outputs``, and the metric value."""
-    budget = budget.for_outputs(reference, data.labels, name=name)
-    fid = fidelity_of(outputs, reference, kind=output_kind(reference, name=name),
-                      mask=token_mask(reference, data.inputs))
+    mask = token_mask(reference, data.inputs)
+    budget = budget.for_outputs(reference, data.labels, name=name, masked=has_text_mask(reference, data))
+    fid = fidelity_of(outputs, reference, kind=output_kind(reference, name=name), mask=mask)
     if budget.metric == "accuracy" and data.labels is not None:
         return budget, fid, accuracy_of(outputs, data.labels)
     return budget, fid, fid.value(budget.metric)
+
+
+def has_text_mask(reference: np.ndarray, data: Dataset) -> bool:
+    """The data has an attention mask for these outputs: token states of a text encoder, or its
+    2-D sentence embeddings (pooled embeddings and their neighbours can be computed)."""
+    if token_mask(reference, data.inputs) is not None:
+        return True
+    from edgeopt.measure.judge import MASK_NAMES
+
+    return reference.ndim == 2 and any(n in data.inputs for n in MASK_NAMES)
 
 
 def _drop_interval(metric: str, outputs: np.ndarray, reference: np.ndarray, data: Dataset,
                    fid: Fidelity) -> tuple[float, float, int]:
     """The 90% interval of the drop on ``metric`` and how many samples it counted (measure/noise.py)."""
     from edgeopt.measure.judge import CONFIDENT_MARGIN, probabilities
-    from edgeopt.measure.noise import drop_interval
+    from edgeopt.measure.noise import drop_interval, wilson
+
+    if metric == "neighbours" and fid.nn_agreement is not None:
+        share = fid.nn_tie_agreement if fid.nn_tie_agreement is not None else fid.nn_agreement
+        low, high = wilson(round((1.0 - share) * fid.n), fid.n)
+        return low, high, fid.n
 
     a, b = outputs.reshape(len(outputs), -1), reference.reshape(len(reference), -1)
     confident = None
@@ -156,6 +172,7 @@ def evaluate_candidate(result: CandidateResult, model: Model, *, eval_data: Data
     result.agreement, result.cosine, result.cosine_p5 = fid.agreement, fid.cosine, fid.cosine_p5
     result.confident_agreement, result.kl = fid.confident_agreement, fid.kl
     result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
+    result.nn_tie_agreement = fid.nn_tie_agreement
     if eval_data.labels is not None:
         result.accuracy = accuracy_of(outputs, eval_data.labels)
     result.drop = judged.drop(baseline_metric, value)
@@ -180,6 +197,7 @@ def baseline_result(baseline: Model, eval_data: Dataset, budget: Budget, *, devi
                              agreement=1.0, cosine=1.0, cosine_p5=1.0, drop=0.0, meets_budget=True, status="baseline",
                              confident_agreement=1.0 if fid.confident_agreement is not None else None,
                              kl=0.0 if fid.kl is not None else None, nn_agreement=fid.nn_agreement,
+                             nn_tie_agreement=fid.nn_tie_agreement,
                              embedding_cosine=fid.embedding_cosine,
                              reason="the original model", runtime=settings.runtime, threads=settings.threads,
                              model=baseline, size_ratio=1.0, speedup=1.0)
@@ -256,7 +274,8 @@ def _tell_apart(r: CandidateResult) -> float:
 
     if not r.judged:
         return 0.0
-    quality = next((q for q in (r.accuracy, r.confident_agreement, r.agreement) if q is not None), None)
+    quality = next((q for q in (r.accuracy, r.confident_agreement, r.nn_tie_agreement, r.agreement)
+                    if q is not None), None)
     if quality is None or r.drop is None:
         return 0.0
     return tell_apart(quality, r.judged)

@@ -29,6 +29,7 @@ from edgeopt.search.engine import (
     baseline_result,
     build_one,
     choose,
+    has_text_mask,
     pareto_front,
     result_for,
     time_candidates,
@@ -233,7 +234,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
                                                   threads=threads)
     asked = budget.metric
     budget = budget.for_outputs(base_out, split.evaluation.labels,
-                                name=baseline_model.outputs[0].name if baseline_model.outputs else None)
+                                name=baseline_model.outputs[0].name if baseline_model.outputs else None,
+                                masked=has_text_mask(base_out, split.evaluation))
     notes.append(judge_note(asked, budget, base_out, split.evaluation.labels is not None))
     deadline = start + time_budget_min * 60 if time_budget_min else None
     reserve = (len(plan) + 1) * bench.min_seconds + 5.0

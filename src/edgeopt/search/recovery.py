@@ -32,7 +32,7 @@ from edgeopt.model import Model
 from edgeopt.search.budget import Budget
 from edgeopt.search.engine import Candidate, CandidateResult
 from edgeopt.search.recipe import Recipe
-from edgeopt.transforms.quantize import StaticInt8, prepared, weight_nodes
+from edgeopt.transforms.quantize import DynamicInt8, StaticInt8, prepared, weight_nodes
 
 # ONNX Runtime's entropy calibrator builds a histogram per tensor in Python; beyond this many weight
 # layers it is left out (measured: 4 min for EfficientNet-Lite1 on a loaded 2-core machine).
@@ -145,8 +145,17 @@ def layer_priority(errors: list[Any], saved_ms: dict[str, float]) -> list[tuple[
     return sorted(rows, key=lambda t: -t[3])
 
 
-def _mixed(original: Model, calibration: Dataset, evaluation: Dataset, best: CandidateResult, cfg: StaticInt8, *,
-           run: Run, threads: int | None, steps: list[dict[str, Any]], notes: list[str]) -> list[CandidateResult]:
+def mixed_precision(original: Model, calibration: Dataset, evaluation: Dataset, start: CandidateResult,
+                    cfg: StaticInt8 | DynamicInt8, *, run: Run, threads: int | None, steps: list[dict[str, Any]],
+                    notes: list[str]) -> list[CandidateResult]:
+    """Step 3 alone, from ``start`` built with ``cfg`` (static INT8, or dynamic INT8 for transformers,
+    whose per-layer error then quantizes each twin's input at run time as dynamic INT8 does)."""
+    return _mixed(original, calibration, evaluation, start, cfg, run=run, threads=threads, steps=steps, notes=notes)
+
+
+def _mixed(original: Model, calibration: Dataset, evaluation: Dataset, best: CandidateResult,
+           cfg: StaticInt8 | DynamicInt8, *, run: Run, threads: int | None, steps: list[dict[str, Any]],
+           notes: list[str]) -> list[CandidateResult]:
     from edgeopt.measure.layer_times import layer_times, node_times
     from edgeopt.transforms.layer_error import layer_errors
 
@@ -171,8 +180,9 @@ def _mixed(original: Model, calibration: Dataset, evaluation: Dataset, best: Can
     def probe(k: int) -> CandidateResult:
         if k not in tried:
             float_nodes = tuple(n for n, *_ in order[:k])
-            r = run([Recipe(f"int8-mixed-{k}-float", (replace(cfg, exclude_nodes=float_nodes),),
-                            needs=("calibration",))])[0]
+            kind = "int8-dynamic" if isinstance(cfg, DynamicInt8) else "int8"
+            r = run([Recipe(f"{kind}-mixed-{k}-float", (replace(cfg, exclude_nodes=float_nodes),),
+                            needs=() if isinstance(cfg, DynamicInt8) else ("calibration",))])[0]
             steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes),
                                   int8_ms_saved_by_float_layers=round(sum(saved[n] for n in float_nodes), 3)))
             tried[k] = r

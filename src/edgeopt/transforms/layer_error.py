@@ -9,7 +9,9 @@ layer output and of the float output itself. One forward pass over the data then
 layer's output SQNR (signal-to-quantization-noise ratio, dB) and cosine at once. The twin sees
 the *float* input, so each figure is what quantizing that layer alone adds, not what earlier
 layers left; ranges come from ONNX Runtime's own calibrator (and its cache, so the variants the
-auto search builds later reuse them).
+auto search builds later reuse them). With a :class:`DynamicInt8` config the twin quantizes its
+input as dynamic INT8 does at run time (``DynamicQuantizeLinear``: U8, one range per call, no
+calibration), so the ranking is that of the variant mixed precision starts from.
 
 Model-agnostic: nothing here knows CNNs from transformers; any ONNX graph with constant-weight
 Conv/Gemm/MatMul works (mixed precision for CNNs and transformers uses the same ranking).
@@ -28,6 +30,7 @@ from edgeopt.deps import require
 from edgeopt.errors import UnsupportedOperation
 from edgeopt.model import Model
 from edgeopt.transforms.quantize import (
+    DynamicInt8,
     StaticInt8,
     calibration_ranges,
     check_quantizable,
@@ -96,10 +99,19 @@ def _channel_axis(node: Any, weight_index: int, ndim: int) -> int | None:
     return None
 
 
-def _augment(proto: Any, cfg: StaticInt8, ranges: Any, *, diffs: bool = False
+def weight_config(cfg: StaticInt8 | DynamicInt8) -> StaticInt8:
+    """The weight rounding of ``cfg`` as a StaticInt8 (dynamic INT8: signed weights are symmetric in ONNX Runtime)."""
+    if isinstance(cfg, DynamicInt8):
+        return StaticInt8(per_channel=cfg.per_channel, weight_type=cfg.weight_type,
+                          symmetric_weights=cfg.weight_type == "s8")
+    return cfg
+
+
+def _augment(proto: Any, cfg: StaticInt8 | DynamicInt8, ranges: Any, *, diffs: bool = False
              ) -> tuple[Any, list[tuple[str, str, int]]]:
     """The FP32 graph plus, per weight layer, a quantized twin and three energy outputs (and, with
-    ``diffs``, the twin's deviation tensor itself, float minus INT8)."""
+    ``diffs``, the twin's deviation tensor itself, float minus INT8). A DynamicInt8 ``cfg`` quantizes
+    each twin's input at run time (DynamicQuantizeLinear), as ONNX Runtime's dynamic INT8 does."""
     onnx = require("onnx", extra="core")
     from onnx import TensorProto, helper, numpy_helper
 
@@ -123,7 +135,11 @@ def _augment(proto: Any, cfg: StaticInt8, ranges: Any, *, diffs: bool = False
         tag = f"_edgeopt_le{len(measured)}"
         inputs = list(node.input)
         rng = ranges.data.get(act) if ranges is not None else None
-        if rng is not None:
+        if isinstance(cfg, DynamicInt8):
+            new_nodes += [helper.make_node("DynamicQuantizeLinear", [act], [f"{tag}_q", f"{tag}_s", f"{tag}_z"]),
+                          helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_s", f"{tag}_z"], [f"{tag}_a"])]
+            inputs[a_index] = f"{tag}_a"
+        elif rng is not None:
             lo, hi = float(np.min(rng.range_value[0])), float(np.max(rng.range_value[1]))
             scale, zp, etype = _activation_qparams(lo, hi, cfg)
             new_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_s"),
@@ -132,7 +148,7 @@ def _augment(proto: Any, cfg: StaticInt8, ranges: Any, *, diffs: bool = False
                           helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_s", f"{tag}_z"], [f"{tag}_a"])]
             inputs[a_index] = f"{tag}_a"
         axis = _channel_axis(node, w_index, w.ndim) if cfg.per_channel else None
-        new_inits.append(numpy_helper.from_array(fake_quant_weight(w, axis=axis, cfg=cfg), f"{tag}_w"))
+        new_inits.append(numpy_helper.from_array(fake_quant_weight(w, axis=axis, cfg=weight_config(cfg)), f"{tag}_w"))
         inputs[w_index] = f"{tag}_w"
         twin = helper.make_node(node.op_type, inputs, [f"{tag}_y"], name=f"{tag}_twin")
         twin.attribute.extend(node.attribute)
@@ -152,15 +168,17 @@ def _augment(proto: Any, cfg: StaticInt8, ranges: Any, *, diffs: bool = False
     return out, measured
 
 
-def layer_errors(model: Model, calibration: Dataset, data: Dataset, *, config: StaticInt8 | None = None,
-                 threads: int = 1) -> list[LayerError]:
+def layer_errors(model: Model, calibration: Dataset | None, data: Dataset, *,
+                 config: StaticInt8 | DynamicInt8 | None = None, threads: int = 1) -> list[LayerError]:
     """Every weight layer's INT8 output error when it alone is quantized, from one pass over ``data``.
 
     Args:
         model: an FP32 ONNX model.
-        calibration: samples the activation ranges are calibrated on (``config.calibration`` method).
+        calibration: samples the activation ranges are calibrated on (``config.calibration`` method);
+            unused (may be None) with a DynamicInt8 config.
         data: samples the error is measured on, run one at a time (batch 1: per-sample cosine).
-        config: the StaticInt8 settings (activation/weight types, per-channel, calibration method).
+        config: the StaticInt8 settings (activation/weight types, per-channel, calibration method),
+            or DynamicInt8 (activations quantized per call, as ONNX Runtime's dynamic INT8 does).
 
     Returns:
         One LayerError per weight layer, worst (lowest SQNR) first. Node names are those of
@@ -180,7 +198,7 @@ def layer_errors(model: Model, calibration: Dataset, data: Dataset, *, config: S
     proto = prepared(model)
     if not weight_nodes(proto):
         raise UnsupportedOperation(f"{model.source} has no Conv, Gemm or MatMul with constant weights to analyze")
-    ranges = calibration_ranges(model, cfg, calibration)
+    ranges = None if isinstance(cfg, DynamicInt8) else calibration_ranges(model, cfg, calibration)
     augmented, measured = _augment(proto, cfg, ranges)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

@@ -196,6 +196,9 @@ def nncf_compress_weights(model: Model, config: NncfWeightsInt8 | None = None) -
     cfg = config or NncfWeightsInt8()
     if model.format != "onnx":
         raise BadInput(f"NNCF weight compression works on ONNX models; {model.source} is {model.format}")
+    key = (model.sha256, cfg)
+    if key in _COMPRESSED:  # auto builds it once for several OpenVINO run-time settings
+        return _COMPRESSED[key]
     found = sorted({n.op_type for n in model.onnx.graph.node} & QUANTIZED_OPS)
     if found:
         raise BadInput(f"{model.source} is already quantized (it has {', '.join(found)}); "
@@ -212,7 +215,14 @@ def nncf_compress_weights(model: Model, config: NncfWeightsInt8 | None = None) -
             nncf.ParameterNotSupportedError, RuntimeError, ValueError, KeyError) as exc:
         raise UnsupportedOperation(f"NNCF cannot compress {model.source}: {first_line(exc)}") from exc
     result = Model.from_onnx(compressed, source=f"{model.source} [nncf-weights-{cfg.mode}]")
-    return result.with_metadata(runtime="openvino", quantization=f"nncf-weights-{cfg.mode}")
+    result = result.with_metadata(runtime="openvino", quantization=f"nncf-weights-{cfg.mode}")
+    if len(_COMPRESSED) > 4:
+        _COMPRESSED.clear()
+    _COMPRESSED[key] = result
+    return result
+
+
+_COMPRESSED: dict[tuple[str, NncfWeightsInt8], Model] = {}
 
 
 @register_transform(NncfWeightsInt8)

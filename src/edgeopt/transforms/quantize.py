@@ -79,17 +79,21 @@ class DynamicInt8:
         per_channel: one scale per output channel instead of per tensor.
         weight_type: "s8" or "u8".
         op_types: ONNX op types to quantize (default: ONNX Runtime's list: MatMul, Conv, Gemm, ...).
+        exclude_nodes: node names kept in float (mixed precision: names of :func:`prepared`'s graph,
+            as ``edgeopt analyze`` lists them).
     """
 
     per_channel: bool = False
     weight_type: Literal["s8", "u8"] = "s8"
     op_types: tuple[str, ...] | None = None
+    exclude_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_bool("DynamicInt8", "per_channel", self.per_channel)
         _check_choice("DynamicInt8", "weight_type", self.weight_type, INT8_TYPES)
         if self.op_types is not None:
             _check_names("DynamicInt8", "op_types", self.op_types)
+        _check_names("DynamicInt8", "exclude_nodes", self.exclude_nodes)
 
 
 @register_config
@@ -603,6 +607,10 @@ def _dynamic(model: Model, cfg: DynamicInt8) -> Model:
     ortq = require("onnxruntime.quantization", extra="core")
     onnx = require("onnx", extra="core")
     proto = prepared(model)
+    unknown = [n for n in cfg.exclude_nodes if n not in {node.name for node in proto.graph.node}]
+    if unknown:
+        raise BadInput(f"node name(s) not in {model.source} (after pre-processing): {unknown[:5]}; "
+                       "see edgeopt analyze for the names")
     with tempfile.TemporaryDirectory(prefix="edgeopt-q-") as tmp:
         src, dst = Path(tmp) / "pre.onnx", Path(tmp) / "dyn.onnx"
         src.write_bytes(proto.SerializeToString())
@@ -611,7 +619,8 @@ def _dynamic(model: Model, cfg: DynamicInt8) -> Model:
                 ortq.quantize_dynamic(str(src), str(dst), per_channel=cfg.per_channel,
                                       weight_type=ortq.QuantType.QInt8 if cfg.weight_type == "s8"
                                       else ortq.QuantType.QUInt8,
-                                      op_types_to_quantize=list(cfg.op_types) if cfg.op_types else None)
+                                      op_types_to_quantize=list(cfg.op_types) if cfg.op_types else None,
+                                      nodes_to_exclude=list(cfg.exclude_nodes) or None)
             out = onnx.load(str(dst))
         except (MemoryError, KeyboardInterrupt):
             raise

@@ -35,6 +35,7 @@ from edgeopt.errors import BudgetNotMet  # noqa: E402
 from edgeopt.fileio import write_json  # noqa: E402
 from edgeopt.measure.evaluate import evaluate  # noqa: E402
 from edgeopt.model import load_model  # noqa: E402
+from edgeopt.training import TrainSettings  # noqa: E402
 
 DIGITS = ROOT / "examples" / "digits"
 SPEC = f"{DIGITS / 'digits_cnn.py'}:DigitsCNN"
@@ -77,7 +78,7 @@ def main() -> None:
     before = {"shifted": accuracy(base_onnx, d["test_shifted"]), "clean": accuracy(base_onnx, d["test_clean"])}
     rows = []
     for name, max_forget in [*((n, None) for n in STRATEGY_NAMES), ("auto", None), ("auto", MAX_FORGET)]:
-        cfg = AdaptConfig(strategy=name, replay=REPLAY, epochs=20, max_forget=max_forget)
+        cfg = AdaptConfig(strategy=name, replay=REPLAY, max_forget=max_forget, train=TrainSettings(epochs=20))
         t0 = time.perf_counter()
         result = adapt(base_torch, d["local"], config=cfg, original=d["original"], progress=False)
         seconds = time.perf_counter() - t0
@@ -101,7 +102,7 @@ def main() -> None:
     peaks = {r["strategy"]: r["peak_memory_mb"] for r in rows if r["strategy"] != "auto"}
     for budget in (round((peaks["bias-last"] + peaks["sparse"]) / 2, 1), round(min(peaks.values()) / 2, 1)):
         try:
-            r = adapt(base_torch, d["local"], config=AdaptConfig(memory_mb=budget, replay=REPLAY, epochs=20),
+            r = adapt(base_torch, d["local"], config=AdaptConfig(memory_mb=budget, replay=REPLAY, train=TrainSettings(epochs=20)),
                       original=d["original"], progress=False)
             budgets.append({"memory_mb": budget, "chosen": r.report["strategy"]["name"],
                             "measured_peak_mb": r.report["peak_memory_mb"],

@@ -44,7 +44,7 @@ from edgeopt.data import load_data  # noqa: E402
 from edgeopt.fileio import write_json  # noqa: E402
 from edgeopt.model import Model, load_model  # noqa: E402
 from edgeopt.text_data import TextExamples, WordVocab, text_dataset  # noqa: E402
-from edgeopt.training import TrainConfig, accuracy_torch, fit  # noqa: E402
+from edgeopt.training import TrainConfig, TrainSettings, accuracy_torch, fit  # noqa: E402
 from edgeopt.transforms.architectures import build_architecture  # noqa: E402
 from edgeopt.transforms.distill import Distill, distill  # noqa: E402
 from edgeopt.transforms.distill_text import DistillText, distill_text, halve_bert, make_bert_classifier  # noqa: E402
@@ -118,8 +118,7 @@ def vision(student: str, *, teacher_epochs: int, student_epochs: int, threads: i
     # stock ResNet-18 stem (stride 2 + max-pool): 37M MACs at 32x32, affordable on a shared CPU
     teacher = build_architecture("resnet18", input_size=(1, 32, 32), classes=10, small_input_stem=False)
     t0 = time.perf_counter()
-    tfit = fit(teacher, fit_part, config=TrainConfig(epochs=teacher_epochs, lr=1e-3, batch_size=64, seed=0,
-                                                     augment_shift=shift),
+    tfit = fit(teacher, fit_part, config=TrainConfig(augment_shift=shift, train=TrainSettings(epochs=teacher_epochs, lr=1e-3, batch_size=64, seed=0)),
                validation=val, description="teacher resnet18")
     teacher_seconds = time.perf_counter() - t0
     print(f"teacher: val {tfit.best_val_accuracy:.4f}, test {accuracy_torch(teacher, test):.4f}, "
@@ -131,8 +130,7 @@ def vision(student: str, *, teacher_epochs: int, student_epochs: int, threads: i
     for seed in seeds:
         for name, pixels in settings.items():
             t0 = time.perf_counter()
-            result = distill(teacher_model, fit_part, Distill(student=student, epochs=student_epochs, temperature=4.0,
-                                                              alpha=0.9, lr=2e-3, seed=seed, augment_shift=pixels),
+            result = distill(teacher_model, fit_part, Distill(student=student, temperature=4.0, alpha=0.9, augment_shift=pixels, train=TrainSettings(epochs=student_epochs, lr=2e-3, seed=seed)),
                              validation=val, test=test, baseline=True, threads=threads, bench_seconds=3.0)
             r = result.report
             distilled = next(c for c in r["candidates"] if c["teacher"] == "teacher")["test_accuracy"]
@@ -184,8 +182,7 @@ def text_teacher(train: TextExamples, test: TextExamples, *, max_len: int, epoch
                                    intermediate=4 * hidden, max_len=max_len, classes=2, seed=0)
     fit_part, val = text_dataset(train, vocab, max_len=max_len).split(0.85, seed=0)  # as distill_text splits
     t0 = time.perf_counter()
-    result = fit(teacher, fit_part, config=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size,
-                                                       optimizer="adamw", seed=0, warmup=0.1),
+    result = fit(teacher, fit_part, config=TrainConfig(optimizer="adamw", train=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=0, warmup=0.1)),
                  validation=val, description=description)
     seconds = time.perf_counter() - t0
     test_acc = accuracy_torch(teacher, text_dataset(test, vocab, max_len=max_len))
@@ -204,9 +201,7 @@ def text(*, teacher_epochs: int, student_epochs: int, threads: int, n_train: int
     runs = []
     report = None
     for seed in seeds:
-        result = distill_text(teacher, train, DistillText(epochs=student_epochs, temperature=2.0, alpha=0.7,
-                                                          hidden_weight=1.0, lr=lr / 2, batch_size=batch_size,
-                                                          max_len=max_len, seed=seed, warmup=0.1),
+        result = distill_text(teacher, train, DistillText(temperature=2.0, alpha=0.7, hidden_weight=1.0, max_len=max_len, train=TrainSettings(epochs=student_epochs, lr=lr / 2, batch_size=batch_size, seed=seed, warmup=0.1)),
                               vocab=vocab, test=test, baseline=True, threads=threads, bench_seconds=3.0)
         r = result.report
         distilled = next(c for c in r["candidates"] if c["teacher"] == "teacher")["test_accuracy"]
@@ -247,10 +242,8 @@ def text_scarce(*, threads: int, seeds: list[int], n_labels: int, pool_size: int
         torch.manual_seed(seed)
         labels_only = halve_bert(teacher)
         part, held = text_dataset(labelled, vocab, max_len=max_len).split(0.85, seed=seed)
-        fit(labels_only, part, config=TrainConfig(epochs=15, lr=3e-4, batch_size=32, optimizer="adamw", seed=seed,
-                                                  warmup=0.1), validation=held, description="student, labels only")
-        result = distill_text(teacher, unlabelled, DistillText(epochs=6, alpha=1.0, lr=3e-4, batch_size=32,
-                                                               max_len=max_len, seed=seed, warmup=0.1),
+        fit(labels_only, part, config=TrainConfig(optimizer="adamw", train=TrainSettings(epochs=15, lr=3e-4, batch_size=32, seed=seed, warmup=0.1)), validation=held, description="student, labels only")
+        result = distill_text(teacher, unlabelled, DistillText(alpha=1.0, max_len=max_len, train=TrainSettings(epochs=6, lr=3e-4, batch_size=32, seed=seed, warmup=0.1)),
                               vocab=vocab, test=test, baseline=False, threads=threads, bench_seconds=3.0)
         r = result.report
         runs.append({"seed": seed, "before_training": r["student"]["accuracy_before_training"],
@@ -276,8 +269,7 @@ def _capacity_seed(seed: int, epochs: str, time_budget: float | None, threads: i
     test = load_data(DIGITS / "test.npz")
     student = f"{ROOT / 'benchmarks' / 'digits_student.py'}:build"
     t0 = time.perf_counter()
-    r = distill(teacher, train, Distill(student=student, epochs=epochs if epochs == "auto" else int(epochs),
-                                        seed=seed, time_budget=time_budget),
+    r = distill(teacher, train, Distill(student=student, time_budget=time_budget, train=TrainSettings(epochs=epochs if epochs == "auto" else int(epochs), seed=seed)),
                 test=test, threads=threads, bench_seconds=2.0, progress=False).report
     by_name = {c["name"]: c for c in r["candidates"]}
     shipped, base = r["student"]["accuracy"], r["baseline"]["accuracy"]

@@ -50,6 +50,7 @@ from edgeopt.measure.bench import BenchSettings, compare, speedup_interval  # no
 from edgeopt.measure.evaluate import fidelity, predict  # noqa: E402
 from edgeopt.model import Model  # noqa: E402
 from edgeopt.runtimes.sessions import resolve_settings  # noqa: E402
+from edgeopt.training import TrainSettings
 from edgeopt.transforms.executorch import ExecutorchExport, to_executorch  # noqa: E402
 from edgeopt.transforms.export import OnnxExport, to_onnx  # noqa: E402
 from edgeopt.transforms.quantize import StaticInt8, quantize  # noqa: E402
@@ -256,7 +257,7 @@ def run_trained(seconds: float) -> dict[str, Any]:
 
     digits = ROOT / "examples" / "digits"
     train, test = load_data(digits / "train.npz"), load_data(digits / "test.npz")
-    config = TrainConfig(epochs=12, lr=3e-3, batch_size=64, seed=0, augment_shift=2)
+    config = TrainConfig(augment_shift=2, train=TrainSettings(epochs=12, lr=3e-3, batch_size=64, seed=0))
     torch.manual_seed(0)
     torch.set_num_threads(1)
     net = build_architecture("mobilenet_v2", input_size=(1, 32, 32), classes=10, small_input_stem=False)

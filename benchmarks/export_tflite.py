@@ -49,7 +49,12 @@ from edgeopt.fileio import write_json  # noqa: E402
 from edgeopt.measure.bench import BenchResult, BenchSettings, compare  # noqa: E402
 from edgeopt.measure.evaluate import evaluate  # noqa: E402
 from edgeopt.model import Model  # noqa: E402
-from edgeopt.training import TrainConfig, accuracy_torch, fit  # noqa: E402
+from edgeopt.training import (  # noqa: E402
+    TrainConfig,
+    TrainSettings,
+    accuracy_torch,
+    fit,
+)
 from edgeopt.transforms.architectures import build_architecture  # noqa: E402
 from edgeopt.transforms.export import OnnxExport, to_onnx  # noqa: E402
 from edgeopt.transforms.tflite import (  # noqa: E402
@@ -148,7 +153,7 @@ def train_mobilenet(train: Dataset, config: TrainConfig) -> tuple[torch.nn.Modul
 
 def trained_case(args: argparse.Namespace) -> dict[str, Any]:
     train, test = load_data(DIGITS / "train.npz"), load_data(DIGITS / "test.npz")
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=64, seed=0, augment_shift=2)
+    config = TrainConfig(augment_shift=2, train=TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=64, seed=0))
     net, training = train_mobilenet(train, config)
     training["pytorch_test_accuracy"] = accuracy_torch(net, test)
     source = Model.from_torch(net, source="mobilenet_v2 trained on digits (1x32x32, 10 classes)",

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeopt.training import TrainSettings
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 RESULT = ROOT / "benchmarks" / "results" / "prune.json"
@@ -99,11 +101,10 @@ def main(sections: list[str]) -> None:
     threads = 1
     torch.set_num_threads(2)
     runs = {
-        "digits_unstructured": lambda: _digits(UnstructuredPrune(sparsity=0.4, epochs=3, lr=5e-4, distill=True),
+        "digits_unstructured": lambda: _digits(UnstructuredPrune(sparsity=0.4, distill=True, train=TrainSettings(epochs=3, lr=5e-4)),
                                                threads),
-        "digits_structured": lambda: _digits(StructuredPrune(ratio=0.5, iterative_steps=2, epochs=6, lr=1e-3,
-                                                             distill=True), threads),
-        "digits_structured_one_shot": lambda: _digits(StructuredPrune(ratio=0.5, epochs=15, lr=1e-3, distill=True),
+        "digits_structured": lambda: _digits(StructuredPrune(ratio=0.5, iterative_steps=2, distill=True, train=TrainSettings(epochs=6, lr=1e-3)), threads),
+        "digits_structured_one_shot": lambda: _digits(StructuredPrune(ratio=0.5, distill=True, train=TrainSettings(epochs=15, lr=1e-3)),
                                                       threads),
         "resnet18": lambda: _torchvision("resnet18", 0.5, threads),
         "mobilenet_v2": lambda: _torchvision("mobilenet_v2", 0.5, threads),

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeopt.training import TrainSettings
+
 
 def assert_one_line(result, *needles: str) -> str:
     """Exit 2, one ``error:`` line on stderr holding every needle, no traceback anywhere."""
@@ -414,7 +416,7 @@ def test_failed_adapt_leaves_no_checkpoint_for_resume(tmp_path: Path, digits_fac
     model = load_model(digits_factory[0], weights=digits_factory[1])
     data = load_data(digits_test_npz).take(slice(0, 60))
     out = tmp_path / "a.onnx"
-    config = AdaptConfig(strategy="last-layer", epochs=1, seed=0)
+    config = AdaptConfig(strategy="last-layer", train=TrainSettings(epochs=1, seed=0))
     with pytest.raises(ModelError, match="export failed"):
         adapt(model, data, config=config, out=out, progress=False)
     assert not checkpoint_path(out).exists()

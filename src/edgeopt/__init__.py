@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     "EvalResult": "edgeopt.measure.evaluate",
     "Model": "edgeopt.model",
     "TensorSpec": "edgeopt.model",
+    "TrainSettings": "edgeopt.training",
     "benchmark": "edgeopt.measure.bench",
     "compare": "edgeopt.measure.bench",
     "config_from_dict": "edgeopt.transforms.config",

@@ -24,8 +24,8 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,56 +33,137 @@ from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import ConfigError, DataError
 
+AUTO_EPOCHS = "auto"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The training settings every technique that trains shares (prune fine-tune, distill, adapt, the loop).
+
+    A field left None takes the technique's own default (``Distill`` trains 10 epochs at lr 2e-3,
+    a prune fine-tune 0 epochs at 1e-3, ...): a config resolves its ``train`` against its
+    ``TRAIN_DEFAULTS`` when it is built, so ``Distill(train=TrainSettings(epochs=3))`` keeps
+    distillation's learning rate. ``patience`` None means no early stopping (every technique's
+    default); ``epochs`` is a count or ``"auto"`` where the technique trains until the validation
+    curve plateaus. Recipe JSON stores these fields flat beside the config's own (see
+    ``transforms/config.py``), as earlier versions wrote them.
+
+    Raises:
+        ConfigError: a value out of range, one line naming the CLI flag (``--epochs``, ``--lr`` ...).
+
+    Example:
+        >>> TrainSettings(epochs=3, lr=5e-4).over(TrainSettings(epochs=10, lr=2e-3, batch_size=64)).batch_size
+        64
+    """
+
+    epochs: int | str | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+    patience: int | None = None
+    weight_decay: float | None = None
+    warmup: float | None = None
+
+    def __post_init__(self) -> None:
+        e = self.epochs
+        if e is not None and e != AUTO_EPOCHS and (isinstance(e, bool) or not isinstance(e, int) or e < 0):
+            raise ConfigError(f"--epochs must be an integer >= 0 or 'auto', got {e!r}")
+        _check(self.lr, "--lr", lambda v: v > 0, "> 0")
+        _check(self.batch_size, "--batch-size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        _check(self.seed, "--seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+        _check(self.patience, "--patience", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        _check(self.weight_decay, "--weight-decay", lambda v: v >= 0, ">= 0")
+        _check(self.warmup, "--warmup", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+
+    def over(self, defaults: TrainSettings) -> TrainSettings:
+        """These settings with every field left None taken from ``defaults``."""
+        return replace(defaults, **{f.name: getattr(self, f.name) for f in fields(self)
+                                    if getattr(self, f.name) is not None})
+
+    def require_epochs(self, *, minimum: int = 0, auto: bool = False) -> None:
+        """What a technique accepts for ``epochs`` beyond the shared range (same error, same shape)."""
+        e = self.epochs
+        if e == AUTO_EPOCHS and auto:
+            return
+        if e == AUTO_EPOCHS or e is None or isinstance(e, str) or e < minimum:
+            allowed = f"an integer >= {minimum}" + (" or 'auto'" if auto else "")
+            raise ConfigError(f"--epochs must be {allowed}, got {e!r}")
+
+
+def _check(value: Any, flag: str, ok: Callable[[Any], bool], what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+        raise ConfigError(f"{flag} must be {what}, got {value!r}")
+
+
+def resolve_train(config: Any) -> None:
+    """In a frozen config's ``__post_init__``: its ``train`` (a TrainSettings, or a dict of its fields)
+    resolved against the config's ``TRAIN_DEFAULTS``."""
+    train = config.train
+    if isinstance(train, dict):
+        train = TrainSettings(**train)
+    if not isinstance(train, TrainSettings):
+        raise ConfigError(f"{type(config).__name__}: train must be a TrainSettings, got {type(train).__name__}")
+    object.__setattr__(config, "train", train.over(config.TRAIN_DEFAULTS))
+
+
+def flat_fields(config: Any) -> dict[str, Any]:
+    """``asdict(config)`` with its ``train`` settings inline, as recipes and reports store them
+    (``{"epochs": 2, "lr": 0.001, ...}`` beside the config's own fields, the shape earlier versions wrote)."""
+    from dataclasses import asdict
+
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, TrainSettings):
+            out.update(asdict(value))
+        else:
+            out[f.name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+    return out
+
+
+TRAIN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrainSettings))
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Epochs, optimizer and distillation settings.
+    """The training loop's settings: the shared ``train`` settings plus the loop's own.
 
     ``alpha`` weights the soft (teacher) loss against the hard (label) loss: 1.0 is pure
-    distillation, 0.0 ignores the teacher. ``patience`` stops after that many epochs without a
-    better validation accuracy (None: run all epochs). ``warmup`` is the fraction of all steps
+    distillation, 0.0 ignores the teacher. ``train.patience`` stops after that many epochs without a
+    better validation accuracy (None: run all epochs). ``train.warmup`` is the fraction of all steps
     over which the learning rate ramps up linearly; ``augment_shift`` moves each image by up to
-    that many pixels (edge-padded) in every batch. ``schedule`` is ``cosine`` (over ``epochs``) or
-    ``plateau`` (halve the rate when validation stalls; needs ``patience`` and validation data).
+    that many pixels (edge-padded) in every batch. ``schedule`` is ``cosine`` (over the epochs) or
+    ``plateau`` (halve the rate when validation stalls; needs a patience and validation data).
     """
 
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 64
-    weight_decay: float = 0.0
+    TRAIN_DEFAULTS: ClassVar[TrainSettings] = TrainSettings(epochs=5, lr=1e-3, batch_size=64, seed=0,
+                                                            weight_decay=0.0, warmup=0.0)
+
+    train: TrainSettings = TrainSettings()
     optimizer: str = "adam"
     temperature: float = 4.0
     alpha: float = 0.5
-    patience: int | None = None
-    seed: int = 0
     max_seconds: float | None = None
-    warmup: float = 0.0
     augment_shift: int = 0
     schedule: str = "cosine"
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
-        if self.lr <= 0:
-            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        resolve_train(self)
+        self.train.require_epochs(minimum=0)
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.optimizer not in ("adam", "sgd", "adamw"):
             raise ConfigError(f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"warm-up must be a fraction of the steps in [0, 1), got {self.warmup}")
         if self.augment_shift < 0:
             raise ConfigError(f"augment shift must be >= 0 pixels, got {self.augment_shift}")
         if self.schedule not in ("cosine", "plateau"):
             raise ConfigError(f"schedule must be cosine or plateau, got {self.schedule!r}")
-        if self.schedule == "plateau" and not self.patience:
+        if self.schedule == "plateau" and not self.train.patience:
             raise ConfigError("the plateau schedule needs a patience (epochs without a better validation accuracy)")
-        if self.patience is not None and self.patience < 1:
-            raise ConfigError(f"patience must be >= 1, got {self.patience}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"max_seconds must be > 0, got {self.max_seconds}")
 
@@ -212,28 +293,28 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
     if teacher_logits is not None and len(teacher_logits) != len(train):
         raise DataError("teacher logits must have one row per training sample")
     if train.labels is None and has_teacher and cfg.alpha < 1:
-        cfg = TrainConfig(**{**cfg.__dict__, "alpha": 1.0})
-    torch.manual_seed(cfg.seed)
+        cfg = replace(cfg, alpha=1.0)
+    torch.manual_seed(cfg.train.seed)
     trainable = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
     if not trainable:
         raise ConfigError("no trainable parameters")
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(trainable, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
     elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     else:
-        opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     tensors = _to_tensors(torch, train.inputs)
     if train.labels is not None:
         check_label_range(train.labels, output_classes(module, tensors), train.source)
     labels = torch.from_numpy(train.labels) if train.labels is not None else None
     soft = torch.from_numpy(teacher_logits.astype(np.float32)) if teacher_logits is not None else None
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
     n = len(train)
-    steps = (n + cfg.batch_size - 1) // cfg.batch_size
+    steps = (n + cfg.train.batch_size - 1) // cfg.train.batch_size
     plateau_scale = [1.0]  # the plateau schedule's multiplier, halved in the epoch loop
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps, plateau_scale))
-    shift = _Shift(torch, tensors, cfg.augment_shift, seed=cfg.seed + 1) if cfg.augment_shift else None
+    shift = _Shift(torch, tensors, cfg.augment_shift, seed=cfg.train.seed + 1) if cfg.augment_shift else None
 
     result = FitResult(epochs_run=0, best_epoch=0, best_val_accuracy=None)
     best_state = None
@@ -241,20 +322,20 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
     if cfg.schedule == "plateau" and not validated:
         raise ConfigError("the plateau schedule needs labelled validation data")
     if validated:
-        result.best_val_accuracy = accuracy_torch(module, validation, batch_size=cfg.batch_size)
+        result.best_val_accuracy = accuracy_torch(module, validation, batch_size=cfg.train.batch_size)
         best_state = copy.deepcopy(module.state_dict())
     since_best = 0
     start = time.perf_counter()
     from edgeopt.progress import progress_bar
 
     with progress_bar(enabled=progress and steps > 0, eta=True) as bar:
-        task = bar.add_task(description, total=cfg.epochs * steps)
-        for epoch in range(cfg.epochs):
+        task = bar.add_task(description, total=cfg.train.epochs * steps)
+        for epoch in range(cfg.train.epochs):
             module.train()
             perm = torch.randperm(n, generator=gen)
             total = 0.0
             for s in range(steps):
-                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                idx = perm[s * cfg.train.batch_size:(s + 1) * cfg.train.batch_size]
                 batch = {k: v[idx] for k, v in tensors.items()}
                 if shift is not None:
                     batch = shift(batch)
@@ -277,7 +358,7 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
             result.epochs_run = epoch + 1
             entry = {"epoch": epoch + 1, "loss": total / n}
             if validation is not None and validation.labels is not None:
-                acc = accuracy_torch(module, validation, batch_size=cfg.batch_size)
+                acc = accuracy_torch(module, validation, batch_size=cfg.train.batch_size)
                 entry["val_accuracy"] = acc
                 if result.best_val_accuracy is None or acc > result.best_val_accuracy:
                     result.best_val_accuracy, result.best_epoch = acc, epoch + 1
@@ -288,13 +369,13 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
             result.history.append(entry)
             if on_epoch_end is not None:
                 on_epoch_end(result)
-            if cfg.patience is not None and since_best >= cfg.patience:
+            if cfg.train.patience is not None and since_best >= cfg.train.patience:
                 result.stopped = "patience"
                 break
-            if cfg.schedule == "plateau" and since_best and since_best % max(1, cfg.patience // 2) == 0:
+            if cfg.schedule == "plateau" and since_best and since_best % max(1, cfg.train.patience // 2) == 0:
                 plateau_scale[0] *= 0.5
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
-                result.stopped = "time" if epoch + 1 < cfg.epochs else "epochs"
+                result.stopped = "time" if epoch + 1 < cfg.train.epochs else "epochs"
                 break
     if best_state is not None:
         module.load_state_dict(best_state)
@@ -305,13 +386,13 @@ def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, valid
 
 def _lr_factor(cfg: TrainConfig, steps_per_epoch: int, plateau_scale: list[float] | None = None
                ) -> Callable[[int], float]:
-    """Per-step LR multiplier: linear warm-up over ``cfg.warmup`` of all steps, times a cosine
+    """Per-step LR multiplier: linear warm-up over ``cfg.train.warmup`` of all steps, times a cosine
     decay that steps once per epoch (the schedule this loop always had), or for ``plateau`` the
     multiplier the epoch loop halves when validation stalls (warm-up over the first epoch's
-    ``cfg.warmup``: the number of epochs is not known)."""
-    epochs = max(1, cfg.epochs)
+    ``cfg.train.warmup``: the number of epochs is not known)."""
+    epochs = max(1, cfg.train.epochs)
     plateau = cfg.schedule == "plateau"
-    warm = int(cfg.warmup * (1 if plateau else cfg.epochs) * steps_per_epoch)
+    warm = int(cfg.train.warmup * (1 if plateau else cfg.train.epochs) * steps_per_epoch)
     scale = plateau_scale if plateau_scale is not None else [1.0]
 
     def factor(step: int) -> float:

@@ -35,6 +35,7 @@ from edgeopt.data import Dataset  # noqa: E402
 from edgeopt.errors import BudgetNotMet, ConfigError, DataError, ModelError  # noqa: E402
 from edgeopt.measure.evaluate import evaluate, predict  # noqa: E402
 from edgeopt.model import load_model  # noqa: E402
+from edgeopt.training import TrainSettings  # noqa: E402
 
 NET = textwrap.dedent('''
     from torch import nn
@@ -80,7 +81,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     spec = f"{root / 'net.py'}:build"
     torch.manual_seed(0)
     model = load_model(spec)
-    fit(model.module, patterns(240, seed=0, shifted=False), config=TrainConfig(epochs=15, lr=1e-2), progress=False)
+    fit(model.module, patterns(240, seed=0, shifted=False), config=TrainConfig(train=TrainSettings(epochs=15, lr=1e-2)), progress=False)
     weights = root / "net.pt"
     torch.save(model.module.state_dict(), weights)
     return spec, weights
@@ -156,7 +157,7 @@ def test_trial_peak_covers_a_whole_training_run(base) -> None:
     params = mark_trainable(real, FullFinetune())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof, \
             frozen_norm_statistics(real):
-        fit(real, data, config=TrainConfig(epochs=3, batch_size=32), validation=data.take(slice(0, 40)),
+        fit(real, data, config=TrainConfig(train=TrainSettings(epochs=3, batch_size=32)), validation=data.take(slice(0, 40)),
             params=params, progress=False)
     whole_run = _peak_live_bytes(prof) + trial.weights_bytes
     assert whole_run <= trial.peak_bytes * 1.05
@@ -172,11 +173,11 @@ def test_memory_budget_picks_most_capable_fitting_or_refuses(base, tmp_path) -> 
     too_small = trials["last-layer"].peak_mb / 2
     out = tmp_path / "never.onnx"
     with pytest.raises(BudgetNotMet, match="no strategy fits in --memory-mb") as err:
-        adapt(model, local, config=AdaptConfig(memory_mb=too_small, epochs=1), out=out, progress=False)
+        adapt(model, local, config=AdaptConfig(memory_mb=too_small, train=TrainSettings(epochs=1)), out=out, progress=False)
     assert err.value.exit_code == 3
     assert list(tmp_path.iterdir()) == []
     budget = (trials["last-layer"].peak_mb + trials["full"].peak_mb) / 2
-    result = adapt(model, local, config=AdaptConfig(memory_mb=budget, epochs=2), progress=False)
+    result = adapt(model, local, config=AdaptConfig(memory_mb=budget, train=TrainSettings(epochs=2)), progress=False)
     table = result.report["strategies"]
     assert [row["strategy"] for row in table] == ["last-layer", "bias-last", "sparse", "full"]
     fitting = [row["strategy"] for row in table if row["peak_mb"] <= budget]
@@ -198,7 +199,7 @@ def test_forgetting_exactly_the_limit_is_allowed() -> None:
 def test_auto_falls_back_to_a_less_capable_strategy_when_one_forgets(base) -> None:
     local = patterns(120, seed=1, shifted=True)
     original = patterns(90, seed=9, shifted=False)
-    cfg = AdaptConfig(epochs=15, lr=0.05, max_forget=0.05)  # at this rate full fine-tuning forgets the clean domain
+    cfg = AdaptConfig(max_forget=0.05, train=TrainSettings(epochs=15, lr=0.05))  # at this rate full fine-tuning forgets the clean domain
     r = adapt(load(base), local, original=original, config=cfg, progress=False).report
     assert [a["strategy"] for a in r["attempts"]] == ["full", "sparse"]
     full = r["attempts"][0]
@@ -217,7 +218,7 @@ def test_auto_falls_back_to_a_less_capable_strategy_when_one_forgets(base) -> No
 def test_rollback_when_nothing_to_gain_output_is_input(base) -> None:
     model = load(base)
     clean = patterns(60, seed=7, shifted=False)  # the model already gets these right
-    result = adapt(model, clean, config=AdaptConfig(strategy="full", epochs=2, lr=1e-2), progress=False)
+    result = adapt(model, clean, config=AdaptConfig(strategy="full", train=TrainSettings(epochs=2, lr=1e-2)), progress=False)
     assert result.rolled_back
     assert "no improvement" in result.report["rollback_reason"] or "worse" in result.report["rollback_reason"]
     for key, value in model.module.state_dict().items():
@@ -265,7 +266,7 @@ def test_onnx_input_converts_with_onnx2torch_or_says_what_to_pass(tmp_path) -> N
     rng = np.random.default_rng(0)
     local = Dataset(inputs={"input": rng.standard_normal((40, 1, 16, 16)).astype(np.float32)},
                     labels=np.arange(40) % 10, source="local")
-    result = adapt(onnx_model, local, config=AdaptConfig(strategy="last-layer", epochs=1), progress=False)
+    result = adapt(onnx_model, local, config=AdaptConfig(strategy="last-layer", train=TrainSettings(epochs=1)), progress=False)
     assert result.report["trainable_params"] == 8 * 10 + 10
     assert result.report["total_params"] == 8 * 9 + 8 + 90
     assert result.model.inputs[0].shape[1:] == (1, 16, 16)
@@ -285,7 +286,7 @@ def test_requantize_like_deployed_and_refuse_quantized_input(base, tmp_path) -> 
     # onnx2torch has no converter for ReduceMean-18, which the torch.export exporter emits for pooling.
     with pytest.raises(ModelError, match="ReduceMean.*pass the PyTorch model as file.py:factory"):
         adapt(fp32, local, progress=False)
-    result = adapt(load(base), local, deployed=int8, config=AdaptConfig(strategy="last-layer", epochs=8, lr=1e-2),
+    result = adapt(load(base), local, deployed=int8, config=AdaptConfig(strategy="last-layer", train=TrainSettings(epochs=8, lr=1e-2)),
                    progress=False)
     assert is_quantized(result.model)
     assert result.report["quantized"]["type"] == "StaticInt8"

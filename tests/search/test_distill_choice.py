@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 
 from edgeopt.errors import BadInput  # noqa: E402
 from edgeopt.search.distill_choice import KdCandidate, kd_settings, parse_epochs, pick, train_schedule  # noqa: E402
+from edgeopt.training import TrainSettings  # noqa: E402
 
 STUDENT_SRC = '''
 from torch import nn
@@ -128,8 +129,7 @@ def test_epochs_auto_stops_on_the_plateau(digits_onnx, digits400, student_py):
     from edgeopt.transforms.distill import Distill, distill
 
     result = distill(load_model(digits_onnx), load_data(digits400),
-                     Distill(student=student_py, epochs="auto", patience=1, lr=1e-2, temperature=2.0, alpha=0.5,
-                             assistant="none", time_budget=120),
+                     Distill(student=student_py, temperature=2.0, alpha=0.5, assistant="none", time_budget=120, train=TrainSettings(epochs="auto", patience=1, lr=1e-2)),
                      baseline=False, bench_seconds=0.05, progress=False)
     r = result.report
     assert r["config"]["train_schedule"] == {"epochs": 100, "patience": 1, "schedule": "plateau", "max_seconds": 120}
@@ -148,8 +148,7 @@ def test_notes_for_a_best_epoch_that_is_the_last_and_test_data_that_chose(digits
     from edgeopt.transforms.distill import Distill, distill
 
     data = load_data(digits400)
-    result = distill(load_model(digits_onnx), data, Distill(student=student_py, epochs=1, lr=1e-2, temperature=2.0,
-                                                            alpha=0.5, assistant="none"),
+    result = distill(load_model(digits_onnx), data, Distill(student=student_py, temperature=2.0, alpha=0.5, assistant="none", train=TrainSettings(epochs=1, lr=1e-2)),
                      test=data.take(slice(0, 50)), baseline=False, bench_seconds=0.05, progress=False)
     r = result.report
     assert r["student"]["best_epoch"] == r["student"]["epochs_run"] == 1
@@ -168,7 +167,7 @@ def test_takd_for_a_student_32x_smaller(digits_onnx, digits400, student_py):
     from edgeopt.transforms.distill import Distill, distill
 
     result = distill(load_model(digits_onnx), load_data(digits400),
-                     Distill(student=student_py, epochs=2, lr=1e-2, temperature=2.0, alpha=0.5),
+                     Distill(student=student_py, temperature=2.0, alpha=0.5, train=TrainSettings(epochs=2, lr=1e-2)),
                      bench_seconds=0.05, progress=False)
     r = result.report
     assert r["assistant"] == "cnn3_w32"

@@ -16,6 +16,7 @@ from edgeopt.measure.bench import BenchSettings
 from edgeopt.model import load_model
 from edgeopt.search.optimize import optimize
 from edgeopt.search.recipe import Recipe
+from edgeopt.training import TrainSettings
 from edgeopt.transforms import quantize
 
 FAST = BenchSettings(warmup=5, min_runs=50, min_seconds=0.3, max_seconds=3.0)
@@ -157,7 +158,7 @@ def test_pytorch_model_gets_pruning_recipes_judged_on_held_out_data(tmp_path, di
 
     names = [r.name for r in training_recipes(original, get_device("host"))]
     assert "prune-50-finetune-int8" in names and "prune-30-finetune" in names
-    plan = [Recipe("prune-50-int8", (StructuredPrune(ratio=0.5, epochs=3), OnnxExport(), quantize.StaticInt8()),
+    plan = [Recipe("prune-50-int8", (StructuredPrune(ratio=0.5, train=TrainSettings(epochs=3)), OnnxExport(), quantize.StaticInt8()),
                    needs=("torch", "train", "calibration"))]
     data = load_data(digits_train_npz).take(slice(0, 600))
     result = optimize(original, data, out_dir=tmp_path / "o", max_drop=0.05, recipes=plan, bench=FAST, threads=1,

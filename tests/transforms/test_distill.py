@@ -11,8 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edgeopt.data import Dataset, load_data  # noqa: E402
-from edgeopt.errors import BadInput, DataError  # noqa: E402
+from edgeopt.errors import BadInput, ConfigError, DataError  # noqa: E402
 from edgeopt.model import load_model  # noqa: E402
+from edgeopt.training import TrainSettings  # noqa: E402
 from edgeopt.transforms.config import TransformContext, apply_config, config_from_dict, config_to_dict  # noqa: E402
 from edgeopt.transforms.distill import Distill, distill  # noqa: E402
 
@@ -52,25 +53,29 @@ def small_train(tmp_path_factory, digits_train_npz) -> Path:
 
 
 def test_config_validates_and_round_trips():
-    cfg = Distill(student="squeezenet1_1", epochs=3, alpha=0.5, feature_weight=0.5, patience=2)
+    cfg = Distill(student="squeezenet1_1", alpha=0.5, feature_weight=0.5, train=TrainSettings(epochs=3, patience=2))
     assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
-    auto = Distill(student="cnn3_w16", epochs="auto", time_budget=60.0, assistant="none")  # T and alpha chosen
+    auto = Distill(student="cnn3_w16", time_budget=60.0, assistant="none", train=TrainSettings(epochs="auto"))  # T and alpha chosen
     assert config_from_dict(json.loads(json.dumps(config_to_dict(auto)))) == auto
-    for bad, message in [({"alpha": 1.5}, "--alpha must be in"), ({"epochs": 0}, "--epochs must be >= 1"),
-                         ({"temperature": 0}, "--temperature must be > 0"), ({"val_fraction": 1.0}, "--val-fraction"),
-                         ({"augment_shift": -1}, "--augment-shift must be >= 0"), ({"warmup": -0.1}, "--warmup"),
-                         ({"epochs": "forever"}, "--epochs must be a positive integer or 'auto'"),
+    for bad, message in [({"alpha": 1.5}, "--alpha must be in"), ({"temperature": 0}, "--temperature must be > 0"),
+                         ({"val_fraction": 1.0}, "--val-fraction"), ({"augment_shift": -1}, "--augment-shift must be >= 0"),
                          ({"time_budget": 0}, "--time-budget must be > 0")]:
         with pytest.raises(BadInput, match=message):
             Distill(**bad)
+    # the shared training settings: one check (TrainSettings), one error type, the flag named
+    for bad, message in [({"epochs": 0}, "--epochs must be an integer >= 1 or 'auto', got 0"),
+                         ({"epochs": "forever"}, "--epochs must be an integer >= 0 or 'auto', got 'forever'"),
+                         ({"warmup": -0.1}, r"--warmup must be in \[0, 1\), got -0.1"),
+                         ({"patience": 0}, "--patience must be an integer >= 1, got 0")]:
+        with pytest.raises(ConfigError, match=message):
+            Distill(train=TrainSettings(**bad))
 
 
 @pytest.mark.slow
 def test_distill_from_onnx_teacher_learns_and_reports(digits_onnx, small_train, student_py, digits_test_npz):
     teacher = load_model(digits_onnx)
     test = load_data(digits_test_npz).take(slice(0, 200))
-    result = distill(teacher, load_data(small_train), Distill(student=f"{student_py}:tiny", epochs=4, lr=1e-2,
-                                                              temperature=4.0, alpha=0.7, assistant="none"),
+    result = distill(teacher, load_data(small_train), Distill(student=f"{student_py}:tiny", temperature=4.0, alpha=0.7, assistant="none", train=TrainSettings(epochs=4, lr=1e-2)),
                      test=test, bench_seconds=0.2, progress=False)
     r = result.report
     assert r["teacher"]["accuracy"] > 0.97  # the bundled digits CNN
@@ -97,8 +102,7 @@ def test_feature_matching_with_a_torch_teacher(digits_factory, small_train):
     spec, weights = digits_factory
     teacher = load_model(spec, weights=weights)
     data = load_data(small_train)
-    result = distill(teacher, data, Distill(student="squeezenet1_1", epochs=1, feature_weight=1.0, temperature=2.0,
-                                            alpha=0.5),
+    result = distill(teacher, data, Distill(student="squeezenet1_1", feature_weight=1.0, temperature=2.0, alpha=0.5, train=TrainSettings(epochs=1)),
                      baseline=False, bench_seconds=0.1, progress=False)
     r = result.report
     assert r["config"]["feature_weight"] == 1.0 and r["baseline"] is None
@@ -126,8 +130,7 @@ def test_augmented_distillation_runs_an_onnx_teacher_on_each_shifted_batch(digit
     monkeypatch.setattr(distill_module, "teacher_function", counting)
     test = load_data(small_train).take(slice(300, 400))
     result = distill(load_model(digits_onnx), load_data(small_train).take(slice(0, 300)),
-                     Distill(student=f"{student_py}:tiny", epochs=3, lr=1e-2, augment_shift=2, warmup=0.1,
-                             temperature=4.0, alpha=0.7, assistant="none"),
+                     Distill(student=f"{student_py}:tiny", augment_shift=2, temperature=4.0, alpha=0.7, assistant="none", train=TrainSettings(epochs=3, lr=1e-2, warmup=0.1)),
                      test=test, bench_seconds=0.1, progress=False)
     r = result.report
     n = r["data"]["train"]
@@ -148,8 +151,7 @@ def test_augmented_distillation_runs_an_onnx_teacher_on_each_shifted_batch(digit
 
 
 def test_report_notes_a_student_that_did_not_learn_and_is_not_smaller(digits_onnx, small_train, student_py):
-    result = distill(load_model(digits_onnx), load_data(small_train), Distill(student=f"{student_py}:big", epochs=1,
-                                                                              lr=1e-9, temperature=4, alpha=0.7),
+    result = distill(load_model(digits_onnx), load_data(small_train), Distill(student=f"{student_py}:big", temperature=4, alpha=0.7, train=TrainSettings(epochs=1, lr=1e-9)),
                      baseline=False, bench_seconds=0.05, progress=False)
     r = result.report
     assert r["student"]["best_epoch"] == 0 and r["student"]["params"] == 414_010
@@ -176,7 +178,7 @@ def test_recipe_step_returns_the_student_onnx(digits_onnx, small_train, student_
     data = load_data(small_train)
     train, val = data.split(0.8, seed=0)
     teacher = load_model(digits_onnx)
-    config = Distill(student=f"{student_py}:tiny", epochs=1, temperature=2.0, alpha=0.5, assistant="none")
+    config = Distill(student=f"{student_py}:tiny", temperature=2.0, alpha=0.5, assistant="none", train=TrainSettings(epochs=1))
     out = apply_config(teacher, config, TransformContext(train=train, validation=val, progress=False))
     assert out.format == "onnx" and out.size_bytes < teacher.size_bytes / 10
     # the same rule as edgeopt distill: the labels-only student was a candidate

@@ -14,6 +14,7 @@ pytest.importorskip("torch_pruning")
 from edgeopt.data import Dataset, save_npz  # noqa: E402
 from edgeopt.errors import ConfigError, ModelError  # noqa: E402
 from edgeopt.model import load_model  # noqa: E402
+from edgeopt.training import TrainSettings  # noqa: E402
 from edgeopt.transforms.config import TransformContext, config_from_dict, config_to_dict  # noqa: E402
 from edgeopt.transforms.prune import StructuredPrune, UnstructuredPrune, prune_module  # noqa: E402
 
@@ -106,9 +107,29 @@ def test_config_validation_and_round_trip() -> None:
         UnstructuredPrune(scope="model")
     with pytest.raises(ConfigError, match="iterative steps must be >= 1"):
         StructuredPrune(iterative_steps=0)
-    cfg = StructuredPrune(ratio=0.3, skip=("conv1",), epochs=2, importance="l2")
+    cfg = StructuredPrune(ratio=0.3, skip=("conv1",), importance="l2", train=TrainSettings(epochs=2))
     again = config_from_dict(json.loads(json.dumps(config_to_dict(cfg))))
     assert again == cfg and again.skip == ("conv1",)
+
+
+def test_a_recipe_written_by_an_earlier_version_loads_the_same_config() -> None:
+    """Recipes stored the training fields flat beside the technique's own; they still do, and old files load."""
+    old = {"type": "StructuredPrune", "version": 1,
+           "fields": {"ratio": 0.3, "target_macs": None, "target_latency_ms": None, "importance": "l2",
+                      "skip": ["conv1"], "keep_head": True, "iterative_steps": 2, "round_to": None, "epochs": 2,
+                      "lr": 0.005, "distill": True, "batch_size": 32, "seed": 7}}
+    cfg = config_from_dict(json.loads(json.dumps(old)))
+    assert cfg == StructuredPrune(ratio=0.3, importance="l2", skip=("conv1",), iterative_steps=2,
+                                  train=TrainSettings(epochs=2, lr=0.005, batch_size=32, seed=7))
+    assert cfg.train.weight_decay == 0.0 and cfg.train.patience is None  # fields the old file lacks: defaults
+    written = config_to_dict(cfg)["fields"]
+    assert "train" not in written and {k: written[k] for k in old["fields"]} == old["fields"]  # flat, as before
+    assert config_from_dict({"type": "UnstructuredPrune", "fields": {"sparsity": 0.5, "epochs": 1}}) == \
+        UnstructuredPrune(sparsity=0.5, train=TrainSettings(epochs=1))
+    with pytest.raises(ConfigError, match="--lr must be > 0"):
+        config_from_dict({"type": "UnstructuredPrune", "fields": {"lr": 0}})
+    with pytest.raises(ConfigError, match="unknown field"):
+        config_from_dict({"type": "UnstructuredPrune", "fields": {"epochz": 1}})
 
 
 # -- unstructured -------------------------------------------------------------------------------
@@ -154,7 +175,7 @@ def test_iterative_fine_tuning_keeps_the_zeros_and_recovers(tiny_factory, tiny_d
     data, _ = tiny_data
     train, held = data.split(0.7, seed=0)
     module = _module(tiny_factory[0])
-    cfg = UnstructuredPrune(sparsity=0.4, iterative_steps=2, epochs=3, lr=5e-3, distill=False)
+    cfg = UnstructuredPrune(sparsity=0.4, iterative_steps=2, distill=False, train=TrainSettings(epochs=3, lr=5e-3))
     info = prune_module(module, cfg, example=_example(), train=train)
     assert [h["step"] for h in info["fine_tune"]] == [1, 2]
     for row in info["sparsity"]:
@@ -213,7 +234,7 @@ def test_recipe_prunes_tunes_then_exports(tiny_factory, tiny_data) -> None:
 
     data = tiny_data[0]
     model = load_model(tiny_factory[0], weights=tiny_factory[1])
-    recipe = Recipe("prune+export", steps=(StructuredPrune(ratio=0.5, epochs=1), OnnxExport()))
+    recipe = Recipe("prune+export", steps=(StructuredPrune(ratio=0.5, train=TrainSettings(epochs=1)), OnnxExport()))
     out = apply_recipe(model, recipe, TransformContext(train=data, teacher=model, progress=False))
     assert out.format == "onnx"
     weights = {i.name: i for i in out.onnx.graph.initializer}

@@ -24,9 +24,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edgeopt.adapt.checkpoint import checkpoint_path, load_checkpoint, restore_on_failure, save_checkpoint
 from edgeopt.adapt.memory import MemoryMeasurement, measure_training_memory
@@ -44,6 +44,7 @@ from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import BudgetNotMet, ConfigError, DataError, ModelError, first_line
 from edgeopt.model import Model
+from edgeopt.training import TrainSettings, flat_fields, resolve_train
 
 
 @dataclass(frozen=True)
@@ -53,39 +54,35 @@ class AdaptConfig:
     Args:
         strategy: ``auto`` or one of ``last-layer``, ``bias-last``, ``sparse``, ``full``.
         memory_mb: peak training memory allowed (measured, see ``adapt/memory.py``); None: no limit.
-        epochs, lr, batch_size: training settings for ``training.fit``.
+        train: the shared training settings for ``training.fit`` (defaults: 20 epochs, lr 1e-3, batch 32,
+            seed 0: the split, replay choice and training).
         val_fraction: share of the local data held out to judge the result (and roll back).
         replay: original-domain samples mixed into training (needs original data).
         max_forget: roll back when original-domain accuracy drops by more than this (0.02 = 2 pt).
         distill: weight of distillation from the starting model's own outputs (Learning without
             Forgetting, Li & Hoiem 2016): 0 trains on labels only, 0.5 blends both.
         quantize: re-quantize the exported ONNX (static INT8) even without a quantized reference.
-        seed: for the split, replay choice and training.
     """
 
     strategy: str = "auto"
     memory_mb: float | None = None
-    epochs: int = 20
-    lr: float = 1e-3
-    batch_size: int = 32
+    train: TrainSettings = TrainSettings()
     val_fraction: float = 0.2
     replay: int = 0
     max_forget: float | None = None
     distill: float = 0.0
     quantize: bool = False
-    seed: int = 0
+
+    TRAIN_DEFAULTS: ClassVar[TrainSettings] = TrainSettings(epochs=20, lr=1e-3, batch_size=32, seed=0,
+                                                            weight_decay=0.0, warmup=0.0)
 
     def __post_init__(self) -> None:
+        resolve_train(self)
+        self.train.require_epochs(minimum=1)
         if self.strategy != "auto" and self.strategy not in STRATEGY_NAMES:
             raise ConfigError(f"unknown strategy {self.strategy!r}: choose auto or one of {', '.join(STRATEGY_NAMES)}")
         if self.memory_mb is not None and not self.memory_mb > 0:
             raise ConfigError(f"--memory-mb must be > 0, got {self.memory_mb}")
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
         if self.replay < 0:
@@ -163,14 +160,13 @@ def adapt(model: Model, local: Dataset, *, config: AdaptConfig | None = None, or
     trials, fitting = _choose_strategy(module, train, cfg)
 
     def accuracies() -> dict[str, float | None]:
-        return {"local": accuracy_torch(module, local_val, batch_size=cfg.batch_size),
-                "original": accuracy_torch(module, original_check, batch_size=cfg.batch_size)
+        return {"local": accuracy_torch(module, local_val, batch_size=cfg.train.batch_size),
+                "original": accuracy_torch(module, original_check, batch_size=cfg.train.batch_size)
                 if original_check is not None else None}
 
     before = accuracies()
-    train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                            alpha=cfg.distill, temperature=2.0)
-    teacher = predict_torch(module, train, batch_size=cfg.batch_size) if cfg.distill > 0 else None
+    train_cfg = TrainConfig(train=cfg.train, alpha=cfg.distill, temperature=2.0)
+    teacher = predict_torch(module, train, batch_size=cfg.train.batch_size) if cfg.distill > 0 else None
     attempts: list[dict[str, Any]] = []
     for strategy in fitting:
         module.load_state_dict(start_state)
@@ -183,7 +179,7 @@ def adapt(model: Model, local: Dataset, *, config: AdaptConfig | None = None, or
                                 info={"complete": False, "epoch": result.epochs_run, "strategy": strategy.name,
                                       "runs": runs})
 
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.train.seed)
         with frozen_norm_statistics(module):
             fitted = fit(module, train, config=train_cfg, validation=local_val, params=params, progress=progress,
                          teacher_logits=teacher, description=f"adapting ({strategy.name})", on_epoch_end=on_epoch)
@@ -223,7 +219,7 @@ def adapt(model: Model, local: Dataset, *, config: AdaptConfig | None = None, or
         "output_accuracy": deployed_acc,
         "quantized": quantized_with,
         "training": {"epochs_run": fitted.epochs_run, "best_epoch": fitted.best_epoch, "seconds": round(fitted.seconds, 2),
-                     "history": fitted.history, "config": asdict(cfg)},
+                     "history": fitted.history, "config": flat_fields(cfg)},
         "resumed": resume,
         "runs": runs,
     }
@@ -275,7 +271,7 @@ def _split(local: Dataset, original: Dataset | None, cfg: AdaptConfig
     if len(local) < 10:
         raise DataError(f"{local.source} has {len(local)} samples; adapting needs at least 10 "
                         "(some are held out to check the result)")
-    local_train, local_val = local.split(1.0 - cfg.val_fraction, seed=cfg.seed)
+    local_train, local_val = local.split(1.0 - cfg.val_fraction, seed=cfg.train.seed)
     replay_set = original_check = None
     if cfg.replay and original is None:
         raise DataError("--replay takes its samples from the original data: pass --original-data too")
@@ -289,7 +285,7 @@ def _split(local: Dataset, original: Dataset | None, cfg: AdaptConfig
             if cfg.replay >= len(original):
                 raise DataError(f"--replay {cfg.replay} leaves no original samples for the held-out check "
                                 f"({original.source} has {len(original)})")
-            replay_set, original_check = original.split(cfg.replay / len(original), seed=cfg.seed)
+            replay_set, original_check = original.split(cfg.replay / len(original), seed=cfg.train.seed)
         else:
             original_check = original
     return local_train, local_val, replay_set, original_check
@@ -307,14 +303,14 @@ def _choose_strategy(module: Any, train: Dataset, cfg: AdaptConfig
                      ) -> tuple[list[MemoryMeasurement], list[Strategy]]:
     """Every strategy's measured peak, and those that fit the budget, most capable first."""
     candidates: tuple[Strategy, ...] = STRATEGIES if cfg.strategy == "auto" else (get_strategy(cfg.strategy),)
-    trials = [measure_training_memory(module, train, s, batch_size=cfg.batch_size, lr=cfg.lr) for s in candidates]
+    trials = [measure_training_memory(module, train, s, batch_size=cfg.train.batch_size, lr=cfg.train.lr) for s in candidates]
     fitting = [(s, t) for s, t in zip(candidates, trials, strict=True)
                if cfg.memory_mb is None or t.peak_mb <= cfg.memory_mb]
     if not fitting:
         cheapest = min(trials, key=lambda t: t.peak_mb)
         which = "no strategy fits" if cfg.strategy == "auto" else f"strategy {cfg.strategy} does not fit"
         raise BudgetNotMet(f"{which} in --memory-mb {cfg.memory_mb:g}: the lowest measured peak is "
-                           f"{cheapest.peak_mb:.1f} MB ({cheapest.strategy}, batch {cfg.batch_size}); "
+                           f"{cheapest.peak_mb:.1f} MB ({cheapest.strategy}, batch {cfg.train.batch_size}); "
                            "raise --memory-mb or lower --batch-size")
     return trials, [s for s, _ in reversed(fitting)]
 

@@ -83,7 +83,7 @@ def measure_training_memory(module: Any, data: Dataset, strategy: Strategy, *, b
         12.4
     """
     torch = require("torch", extra="torch")
-    from edgeopt.training import TrainConfig, fit
+    from edgeopt.training import TrainConfig, TrainSettings, fit
 
     if data.labels is None:
         raise DataError(f"{data.source} has no labels (y): adapting needs labelled local data")
@@ -92,7 +92,7 @@ def measure_training_memory(module: Any, data: Dataset, strategy: Strategy, *, b
     n = min(len(data), steps * batch_size)
     subset = data.take(slice(0, n))
     weights = sum(t.numel() * t.element_size() for t in [*trial.parameters(), *trial.buffers()])
-    config = TrainConfig(epochs=1, lr=lr, batch_size=batch_size)
+    config = TrainConfig(train=TrainSettings(epochs=1, lr=lr, batch_size=batch_size))
     from edgeopt.progress import native_stderr_silenced
 
     with native_stderr_silenced(), frozen_norm_statistics(trial), \

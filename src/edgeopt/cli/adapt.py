@@ -53,10 +53,12 @@ def adapt(
     from edgeopt.adapt import AdaptConfig
     from edgeopt.adapt import adapt as run_adapt
     from edgeopt.model import load_model
+    from edgeopt.training import TrainSettings
 
     check_onnx_output(out)
-    config = AdaptConfig(strategy=strategy, memory_mb=memory_mb, epochs=epochs, lr=lr, batch_size=batch_size,
-                         replay=replay, max_forget=max_forget, distill=distill, quantize=quantized, seed=seed)
+    config = AdaptConfig(strategy=strategy, memory_mb=memory_mb,
+                         train=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
+                         replay=replay, max_forget=max_forget, distill=distill, quantize=quantized)
     source = load_model(model, weights=weights, trust_pickle=trust_pickle)
     local = load_data_arg(data)
     original = load_data_arg(original_data) if original_data else None

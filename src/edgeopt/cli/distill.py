@@ -167,11 +167,6 @@ def distill(
     emit_json(json_out, report)
 
 
-def _given(**options: object) -> dict[str, object]:
-    """The options the user gave; the others keep the config's (vision or text) default."""
-    return {k: v for k, v in options.items() if v is not None}
-
-
 def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_path: Path, *, epochs: int | str,
                     temperature: float | None, alpha: float | None, feature_weight: float, patience: int | None,
                     val_fraction: float, test_data: str | None, lr: float | None, batch_size: int, seed: int,
@@ -183,12 +178,13 @@ def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_pa
     from edgeopt.cli.common import load_data_arg
     from edgeopt.fileio import atomic_path
     from edgeopt.model import load_model
+    from edgeopt.training import TrainSettings
     from edgeopt.transforms.distill import Distill, distill
 
-    config = Distill(student=student, epochs=epochs, temperature=temperature, alpha=alpha,
-                     feature_weight=feature_weight, batch_size=batch_size, patience=patience,
-                     val_fraction=val_fraction, seed=seed, augment_shift=augment_shift,
-                     time_budget=time_budget, assistant=assistant, **_given(lr=lr, warmup=warmup))
+    train = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience, warmup=warmup)
+    config = Distill(student=student, train=train, temperature=temperature, alpha=alpha,
+                     feature_weight=feature_weight, val_fraction=val_fraction, augment_shift=augment_shift,
+                     time_budget=time_budget, assistant=assistant)
     t_model = load_model(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
     dataset = load_data_arg(data)
     test = load_data_arg(test_data) if test_data else None
@@ -212,6 +208,7 @@ def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path
     from edgeopt.errors import BadInput
     from edgeopt.fileio import atomic_path, write_json
     from edgeopt.text_data import load_jsonl
+    from edgeopt.training import TrainSettings
     from edgeopt.transforms.distill_text import DistillText, distill_text, load_text_teacher
 
     if augment_shift:
@@ -219,10 +216,9 @@ def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path
     if student not in ("half", "every-other"):
         raise BadInput(f"for a transformer teacher the student is built from it: use --student half, not {student!r}")
     module, vocab = load_text_teacher(teacher, weights=teacher_weights, trust_pickle=trust_pickle)
-    config = DistillText(epochs=epochs, temperature=temperature, alpha=alpha,
-                         hidden_weight=feature_weight, batch_size=batch_size, patience=patience,
-                         val_fraction=val_fraction, seed=seed, max_len=max_len, time_budget=time_budget,
-                         **_given(lr=lr, warmup=warmup))
+    train = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience, warmup=warmup)
+    config = DistillText(train=train, temperature=temperature, alpha=alpha, hidden_weight=feature_weight,
+                         val_fraction=val_fraction, max_len=max_len, time_budget=time_budget)
     texts = load_jsonl(data)
     test = load_jsonl(test_data) if test_data else None
     result = distill_text(module, texts, config, vocab=vocab, test=test, baseline=baseline, device=device,

@@ -73,6 +73,7 @@ def prune(
     from edgeopt.fileio import write_json
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.model import load_model
+    from edgeopt.training import TrainSettings
     from edgeopt.transforms.prune import StructuredPrune, UnstructuredPrune, save_pruned, torch_module
     from edgeopt.transforms.prune import prune as run_prune
 
@@ -88,7 +89,7 @@ def prune(
     if structured and scope != "layer":
         raise BadInput("--scope applies to unstructured pruning")
     names = tuple(s.strip() for s in skip.split(",") if s.strip()) if skip else ()
-    tuning = {"epochs": epochs, "lr": lr, "distill": distill, "iterative_steps": steps}
+    tuning = {"train": TrainSettings(epochs=epochs, lr=lr), "distill": distill, "iterative_steps": steps}
     if structured:
         cfg: Any = StructuredPrune(ratio=sparsity, importance=importance, skip=names, target_macs=target_macs,
                                    target_latency_ms=target_latency_ms, round_to=round_to, **tuning)

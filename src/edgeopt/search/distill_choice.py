@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeopt.errors import BadInput
+from edgeopt.errors import ConfigError
 
 TEMPERATURES = (1.0, 2.0, 4.0)
 ALPHAS = (0.3, 0.7)
@@ -38,12 +38,11 @@ CAPACITY_GAP = 10.0  # student this many times smaller than the teacher: try a t
 
 
 def check_epochs(epochs: int | str) -> None:
-    """``epochs`` is a positive int or ``"auto"`` (train until the validation curve plateaus)."""
-    if isinstance(epochs, str):
-        if epochs != AUTO:
-            raise BadInput(f"--epochs must be a positive integer or 'auto', got {epochs!r}")
-    elif isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise BadInput(f"--epochs must be >= 1 or 'auto', got {epochs}")
+    """``epochs`` is a positive int or ``"auto"`` (train until the validation curve plateaus); the
+    one check is :class:`edgeopt.training.TrainSettings`'s."""
+    from edgeopt.training import TrainSettings
+
+    TrainSettings(epochs=epochs).require_epochs(minimum=1, auto=True)
 
 
 def parse_epochs(text: str) -> int | str:
@@ -54,7 +53,7 @@ def parse_epochs(text: str) -> int | str:
     try:
         epochs = int(value)
     except ValueError:
-        raise BadInput(f"--epochs must be a positive integer or 'auto', got {text!r}") from None
+        raise ConfigError(f"--epochs must be an integer >= 1 or 'auto', got {text!r}") from None
     check_epochs(epochs)
     return epochs
 

@@ -174,6 +174,7 @@ def training_recipes(model: Model, device: DeviceProfile, *, epochs: int = 15) -
     best on the validation split; it is trained once and reused by its INT8 variant."""
     if model.format != "torch" or not available("torch") or not _module_exists("edgeopt.transforms.prune"):
         return []
+    from edgeopt.training import TrainSettings
     from edgeopt.transforms.export import OnnxExport
     from edgeopt.transforms.prune import StructuredPrune
     from edgeopt.transforms.quantize import StaticInt8
@@ -181,7 +182,8 @@ def training_recipes(model: Model, device: DeviceProfile, *, epochs: int = 15) -
     int8 = "int8" in device.precisions
     recipes: list[Recipe] = []
     for ratio in (0.3, 0.5):
-        steps: tuple[Any, ...] = (StructuredPrune(ratio=ratio, epochs=epochs, distill=True), OnnxExport())
+        prune = StructuredPrune(ratio=ratio, train=TrainSettings(epochs=epochs), distill=True)
+        steps: tuple[Any, ...] = (prune, OnnxExport())
         name = f"prune-{int(ratio * 100)}-finetune"
         recipes.append(Recipe(name, steps, needs=("torch", "train")))
         if int8:
@@ -189,7 +191,7 @@ def training_recipes(model: Model, device: DeviceProfile, *, epochs: int = 15) -
     for student in smaller_students(model):
         from edgeopt.transforms.distill import Distill
 
-        steps = (Distill(student=student, epochs=2 * epochs, patience=5),)
+        steps = (Distill(student=student, train=TrainSettings(epochs=2 * epochs, patience=5)),)
         recipes.append(Recipe(f"distill-{student}", steps, needs=("torch", "train")))
         if int8:
             recipes.append(Recipe(f"distill-{student}-int8", (*steps, StaticInt8()),
@@ -268,10 +270,11 @@ def target_recipes(model: Model, device: DeviceProfile, target: str = "onnx", *,
     recipes = [Recipe(f"{target}-{name}", (cfg,), runtime=runtime, needs=("torch", "calibration"))
                for name, cfg in exports]
     if model.format == "torch" and available("torch") and _module_exists("edgeopt.transforms.prune"):
+        from edgeopt.training import TrainSettings
         from edgeopt.transforms.prune import StructuredPrune
 
         for ratio in (0.3, 0.5):
-            prune = StructuredPrune(ratio=ratio, epochs=epochs, distill=True)
+            prune = StructuredPrune(ratio=ratio, train=TrainSettings(epochs=epochs), distill=True)
             name = f"prune-{int(ratio * 100)}-finetune-{target}"
             recipes.append(Recipe(name, (prune, fp32), runtime=runtime, needs=("torch", "train")))
             if exports:

@@ -62,6 +62,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         if not f.metadata.get("serialize", True):
             continue
         value = getattr(config, f.name)
+        if _is_train_settings(value):  # stored flat, as earlier versions wrote them (see TrainSettings)
+            fields.update(dataclasses.asdict(value))
+            continue
         fields[f.name] = list(value) if isinstance(value, tuple) else value
     return {"type": name, "version": getattr(config, "VERSION", 1), "fields": fields}
 
@@ -78,6 +81,8 @@ def config_from_dict(payload: dict[str, Any]) -> Any:
         raise ConfigError(f"unknown transform config {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     fields = dict(payload.get("fields", {}))
     known = {f.name: f for f in dataclasses.fields(cls)}
+    if "train" in known:
+        fields = _nest_train(fields)
     unknown = sorted(set(fields) - set(known))
     if unknown:
         raise ConfigError(f"{name}: unknown field(s) {unknown}")
@@ -92,6 +97,30 @@ def config_from_dict(payload: dict[str, Any]) -> Any:
         return cls(**fields)
     except TypeError as exc:
         raise ConfigError(f"{name}: {exc}") from exc
+
+
+def _is_train_settings(value: Any) -> bool:
+    return type(value).__name__ == "TrainSettings" and dataclasses.is_dataclass(value)
+
+
+def _nest_train(fields: dict[str, Any]) -> dict[str, Any]:
+    """Flat training fields (``epochs``, ``lr`` ...: how recipes store them, then and now) gathered into
+    the config's ``train`` settings; a nested ``train`` object is accepted too."""
+    from edgeopt.training import TRAIN_FIELDS
+
+    nested = fields.pop("train", None)
+    if nested is not None and not isinstance(nested, dict):
+        raise ConfigError(f"'train' must be an object of training settings, got {nested!r}")
+    train = dict(nested or {})
+    for key in TRAIN_FIELDS:
+        if key in fields:
+            train[key] = fields.pop(key)
+    unknown = sorted(set(train) - set(TRAIN_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown training setting(s) {unknown}; known: {', '.join(TRAIN_FIELDS)}")
+    if train:
+        fields["train"] = train
+    return fields
 
 
 def _non_finite(value: Any) -> bool:

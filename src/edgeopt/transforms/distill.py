@@ -24,8 +24,8 @@ of the teacher and student ONNX exports timed interleaved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,25 +33,22 @@ from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import BadInput, DataError
 from edgeopt.model import Model
+from edgeopt.training import TrainSettings, resolve_train
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
 
 
 def check_kd_fields(config: Any) -> None:
-    """The checks every distillation config shares: epochs, temperature, alpha, val_fraction, patience,
-    warmup and time budget (temperature and alpha may be None: chosen on the validation split)."""
-    from edgeopt.search.distill_choice import check_epochs
-
-    check_epochs(config.epochs)
+    """The checks every distillation config shares beyond its ``train`` settings (resolved and checked by
+    :class:`edgeopt.training.TrainSettings`): temperature, alpha, val_fraction and time budget
+    (temperature and alpha may be None: chosen on the validation split)."""
+    resolve_train(config)
+    config.train.require_epochs(minimum=1, auto=True)
     if config.temperature is not None and config.temperature <= 0:
         raise BadInput(f"--temperature must be > 0, got {config.temperature}")
     if config.alpha is not None and not 0.0 <= config.alpha <= 1.0:
         raise BadInput(f"--alpha must be in [0, 1], got {config.alpha}")
     if not 0.0 < config.val_fraction < 0.5:
         raise BadInput(f"--val-fraction must be in (0, 0.5), got {config.val_fraction}")
-    if config.patience is not None and config.patience < 1:
-        raise BadInput(f"--patience must be >= 1, got {config.patience}")
-    if not 0.0 <= config.warmup < 1.0:
-        raise BadInput(f"--warmup must be a fraction in [0, 1), got {config.warmup}")
     if config.time_budget is not None and config.time_budget <= 0:
         raise BadInput(f"--time-budget must be > 0, got {config.time_budget}")
 
@@ -65,8 +62,9 @@ class Distill:
     (:mod:`edgeopt.search.distill_choice`), with the same student trained on labels alone as one
     more candidate; the best by validation accuracy ships. Given values are used as given.
     ``alpha`` weights the soft loss (1.0: teacher only, no labels needed); ``feature_weight`` > 0
-    adds feature matching (PyTorch teachers only); ``epochs`` is a count or ``"auto"`` (until the
-    validation curve plateaus, ``patience`` epochs without improvement); ``time_budget`` (seconds)
+    adds feature matching (PyTorch teachers only); ``train`` holds the shared training settings
+    (defaults: 10 epochs, lr 2e-3, batch 64): ``train.epochs`` is a count or ``"auto"`` (until the
+    validation curve plateaus, ``train.patience`` epochs without improvement); ``time_budget`` (seconds)
     bounds all candidates together; ``val_fraction`` of the data is held out for validation (and
     as much again for the test figures when no test data is given); ``augment_shift`` shifts
     images by up to that many pixels with the teacher seeing the same view (the labels-only
@@ -75,20 +73,17 @@ class Distill:
     """
 
     student: str = "mobilenet_v3_small"
-    epochs: int | str = 10
+    train: TrainSettings = TrainSettings()
     temperature: float | None = None
     alpha: float | None = None
     feature_weight: float = 0.0
-    lr: float = 2e-3
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    patience: int | None = None
     val_fraction: float = 0.15
-    seed: int = 0
     augment_shift: int = 0
-    warmup: float = 0.0
     time_budget: float | None = None
     assistant: str = "auto"
+
+    TRAIN_DEFAULTS: ClassVar[TrainSettings] = TrainSettings(epochs=10, lr=2e-3, batch_size=64, seed=0,
+                                                            weight_decay=0.0, warmup=0.0)
 
     def __post_init__(self) -> None:
         if not self.student:
@@ -275,11 +270,11 @@ def split_for_distillation(data: Dataset, cfg: Any, *, validation: Dataset | Non
                         f"{'validation and test splits' if need == 2 else 'a held-out split'}")
     val_fraction = cfg.val_fraction
     if test is None and hold_test:
-        train, test = train.split(1.0 - cfg.val_fraction, seed=cfg.seed + 1)
+        train, test = train.split(1.0 - cfg.val_fraction, seed=cfg.train.seed + 1)
         test = Dataset(test.inputs, test.labels, source=f"a held-out test split of {data.source} ({len(test)})")
         val_fraction = cfg.val_fraction / (1.0 - cfg.val_fraction)  # of what is left: the same share of data
     if validation is None:
-        train, validation = train.split(1.0 - val_fraction, seed=cfg.seed)
+        train, validation = train.split(1.0 - val_fraction, seed=cfg.train.seed)
     return train, validation, test
 
 
@@ -343,7 +338,7 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
         if part is not None and part.labels is not None and (part.labels.max(initial=0) >= classes or part.labels.min(initial=0) < 0):
             raise DataError(f"{part.source}: labels range {int(part.labels.min())}..{int(part.labels.max())} but "
                             f"the teacher has {classes} outputs")
-    student = build_student(cfg.student, input_size=input_size, classes=classes, seed=cfg.seed)
+    student = build_student(cfg.student, input_size=input_size, classes=classes, seed=cfg.train.seed)
     got = _output_size(torch, student, train.inputs)
     if got != classes:
         raise BadInput(f"student {cfg.student} has {got} outputs but the teacher has {classes}; build the "
@@ -362,26 +357,26 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
         assistant = cfg.assistant
     with_baseline = baseline and labels
     runs = len(settings) + int(with_baseline) + (2 if assistant else 0)
-    schedule = choice.train_schedule(cfg.epochs, patience=cfg.patience, time_budget=cfg.time_budget, runs=runs)
+    schedule = choice.train_schedule(cfg.train.epochs, patience=cfg.train.patience, time_budget=cfg.time_budget, runs=runs)
 
-    def train_cfg(temperature: float, alpha: float, seed: int = cfg.seed) -> Any:
-        return TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                           temperature=temperature, alpha=alpha, seed=seed, augment_shift=cfg.augment_shift,
-                           warmup=cfg.warmup, **schedule)
+    def train_cfg(temperature: float, alpha: float, seed: int = cfg.train.seed) -> Any:
+        return TrainConfig(train=replace(cfg.train, epochs=schedule["epochs"], patience=schedule["patience"], seed=seed),
+                           temperature=temperature, alpha=alpha, augment_shift=cfg.augment_shift,
+                           schedule=schedule["schedule"], max_seconds=schedule["max_seconds"])
 
     online = cfg.augment_shift > 0 or cfg.feature_weight > 0
     soft = None if online else teacher_logits(run_teacher, train)
     notes: list[str] = []
     views = None
     if cfg.augment_shift and validation.labels is not None:
-        views = teacher_on_shifted_views(run_teacher, validation, cfg.augment_shift, seed=cfg.seed)
+        views = teacher_on_shifted_views(run_teacher, validation, cfg.augment_shift, seed=cfg.train.seed)
         if views["shifted"] < views["plain"] - 0.05:
             notes.append(f"the teacher is {100 * views['shifted']:.1f}% accurate on images shifted by up to "
                          f"{cfg.augment_shift} px ({100 * views['plain']:.1f}% unshifted): its soft targets on the "
                          "shifted views are poor; train the teacher with the same shifts or lower --augment-shift")
 
     def fresh() -> Any:
-        module = build_student(cfg.student, input_size=input_size, classes=classes, seed=cfg.seed)
+        module = build_student(cfg.student, input_size=input_size, classes=classes, seed=cfg.train.seed)
         module.load_state_dict(initial)
         return module
 
@@ -427,7 +422,7 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
     student = chosen.module
     fitted = chosen.fit
     base = next((c for c in candidates if not c.distilled), None)
-    notes += choice.choice_notes(chosen, candidates, epochs=cfg.epochs,
+    notes += choice.choice_notes(chosen, candidates, epochs=cfg.train.epochs,
                                  test_source=test.source if test is not None else "")
     leak = choice.overlap_note(test, chose={"training": train, "validation": validation})
     if leak:
@@ -441,10 +436,10 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
     student_onnx, check = to_onnx(student_model, OnnxExport(atol=1e-3), data=validation)
     student_onnx = Model.from_onnx(student_onnx.onnx, source="student")
     report: dict[str, Any] = {
-        "config": {"student": cfg.student, "epochs": cfg.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
-                   "feature_weight": cfg.feature_weight, "patience": cfg.patience, "seed": cfg.seed,
-                   "lr": cfg.lr, "batch_size": cfg.batch_size, "augment_shift": cfg.augment_shift,
-                   "warmup": cfg.warmup, "time_budget": cfg.time_budget, "assistant": cfg.assistant,
+        "config": {"student": cfg.student, "epochs": cfg.train.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
+                   "feature_weight": cfg.feature_weight, "patience": cfg.train.patience, "seed": cfg.train.seed,
+                   "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "augment_shift": cfg.augment_shift,
+                   "warmup": cfg.train.warmup, "time_budget": cfg.time_budget, "assistant": cfg.assistant,
                    "train_schedule": schedule},
         "data": {"train": len(train), "validation": len(validation), "test": len(test) if test is not None else 0,
                  "test_source": test.source if test is not None else None},
@@ -489,7 +484,7 @@ def _via_assistant(assistant: str, candidates: list[Any], *, input_size: tuple[i
 
     direct = choice.pick([c for c in candidates if c.distilled])
     temperature, alpha = direct.temperature, direct.alpha
-    ta = build_student(assistant, input_size=input_size, classes=classes, seed=cfg.seed)
+    ta = build_student(assistant, input_size=input_size, classes=classes, seed=cfg.train.seed)
     ta_fit = distil_into(ta, temperature, alpha, run=run_teacher, logits=soft, torch_teacher=torch_teacher,
                          description=f"distilling the assistant {assistant}")
     ta.eval()

@@ -12,9 +12,9 @@ nothing is downloaded. Text comes from ``.jsonl`` via :mod:`edgeopt.text_data`.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -23,28 +23,28 @@ from edgeopt.errors import BadInput, DataError, ModelError, first_line
 from edgeopt.model import Model
 from edgeopt.search import distill_choice as choice
 from edgeopt.text_data import TextExamples, WordVocab, text_dataset
+from edgeopt.training import TrainSettings
 from edgeopt.transforms.distill import check_kd_fields, split_for_distillation, student_notes
 
 
 @dataclass(frozen=True)
 class DistillText:
     """Settings for :func:`distill_text`; ``hidden_weight`` 0 turns hidden-state matching off;
-    ``warmup`` is the fraction of steps with a linear learning-rate ramp (transformers need one).
-    ``temperature``/``alpha`` None are chosen on the validation split, ``epochs`` may be
+    ``train`` the shared training settings (defaults: 10 epochs, lr 1e-4, batch 32, and a warm-up
+    over 0.1 of the steps: transformers need a linear learning-rate ramp).
+    ``temperature``/``alpha`` None are chosen on the validation split, ``train.epochs`` may be
     ``"auto"``, as for vision (:class:`edgeopt.transforms.distill.Distill`)."""
 
-    epochs: int | str = 10
+    train: TrainSettings = TrainSettings()
     temperature: float | None = None
     alpha: float | None = None
     hidden_weight: float = 1.0
-    lr: float = 1e-4
-    batch_size: int = 32
-    patience: int | None = None
     val_fraction: float = 0.15
     max_len: int = 64
-    seed: int = 0
-    warmup: float = 0.1
     time_budget: float | None = None
+
+    TRAIN_DEFAULTS: ClassVar[TrainSettings] = TrainSettings(epochs=10, lr=1e-4, batch_size=32, seed=0,
+                                                            weight_decay=0.0, warmup=0.1)
 
     def __post_init__(self) -> None:
         check_kd_fields(self)
@@ -228,7 +228,7 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
         ModelError: a teacher that is not a BERT-style encoder classifier.
 
     Example:
-        >>> r = distill_text(teacher, load_jsonl("train.jsonl"), DistillText(epochs=3))  # doctest: +SKIP
+        >>> r = distill_text(teacher, load_jsonl("train.jsonl"), DistillText(train=TrainSettings(epochs=3)))  # doctest: +SKIP
     """
     torch = require("torch", extra="torch")
     from edgeopt.measure.bench import BenchSettings, compare
@@ -239,7 +239,7 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
     if cfg.alpha is not None and cfg.alpha < 1 and examples.labels is None:
         raise DataError(f"{examples.source} has no labels but alpha {cfg.alpha:g} < 1 asks for the hard-label "
                         "loss; pass --alpha 1 to learn from the teacher alone")
-    if cfg.epochs == choice.AUTO and examples.labels is None:
+    if cfg.train.epochs == choice.AUTO and examples.labels is None:
         raise DataError(f"{examples.source} has no labels: --epochs auto watches the validation accuracy; "
                         "give a number of epochs")
     vocab = vocab or WordVocab.build(examples.texts)
@@ -268,12 +268,13 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
     labels = train.labels is not None
     settings = choice.kd_settings(cfg.temperature, cfg.alpha, labels=labels, default_temperature=2.0)
     with_baseline = baseline and labels
-    schedule = choice.train_schedule(cfg.epochs, patience=cfg.patience, time_budget=cfg.time_budget,
+    schedule = choice.train_schedule(cfg.train.epochs, patience=cfg.train.patience, time_budget=cfg.time_budget,
                                      runs=len(settings) + int(with_baseline))
 
     def train_cfg(temperature: float, alpha: float) -> Any:
-        return TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, optimizer="adamw", temperature=temperature,
-                           alpha=alpha, seed=cfg.seed, warmup=cfg.warmup, **schedule)
+        return TrainConfig(train=replace(cfg.train, epochs=schedule["epochs"], patience=schedule["patience"]),
+                           optimizer="adamw", temperature=temperature, alpha=alpha, schedule=schedule["schedule"],
+                           max_seconds=schedule["max_seconds"])
 
     def fresh() -> Any:
         module = first if not candidates else halve_bert(teacher)
@@ -310,7 +311,7 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
     base = next((c for c in candidates if not c.distilled), None)
     base_module = base.module if base is not None else None
     base_acc = base.test_accuracy if base is not None else None
-    notes = choice.choice_notes(chosen, candidates, epochs=cfg.epochs, test_source=test_data.source)
+    notes = choice.choice_notes(chosen, candidates, epochs=cfg.train.epochs, test_source=test_data.source)
     leak = choice.overlap_note(test_data, chose={"training": train, "validation": validation})
     if leak:
         notes.append(leak)
@@ -330,9 +331,9 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
         return {k: round(v, 4) for k, v in r.latency_ms.items()}
 
     report: dict[str, Any] = {
-        "config": {"student": "half", "epochs": cfg.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
-                   "hidden_weight": cfg.hidden_weight, "lr": cfg.lr, "warmup": cfg.warmup, "max_len": max_len,
-                   "seed": cfg.seed, "time_budget": cfg.time_budget, "train_schedule": schedule},
+        "config": {"student": "half", "epochs": cfg.train.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
+                   "hidden_weight": cfg.hidden_weight, "lr": cfg.train.lr, "warmup": cfg.train.warmup, "max_len": max_len,
+                   "seed": cfg.train.seed, "time_budget": cfg.time_budget, "train_schedule": schedule},
         "data": {"train": len(train), "validation": len(validation), "test": len(test_data),
                  "test_source": test_data.source, "vocab_size": len(vocab)},
         "teacher": {"layers": len(_encoder_layers(teacher)), "params": n_params(teacher), "macs": None,

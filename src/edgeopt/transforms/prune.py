@@ -14,7 +14,7 @@ import copy
 import gzip
 import io
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -22,21 +22,22 @@ from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import ConfigError, DataError, ModelError, first_line
 from edgeopt.model import Model
+from edgeopt.training import TrainSettings, resolve_train
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
 
 Scope = Literal["layer", "global"]
 Importance = Literal["l1", "l2", "taylor"]
 
 
-def _check_tuning(epochs: int, lr: float, batch_size: int, steps: int) -> None:
-    if epochs < 0:
-        raise ConfigError(f"epochs must be >= 0, got {epochs}")
-    if not lr > 0:
-        raise ConfigError(f"learning rate must be > 0, got {lr}")
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    if steps < 1:
-        raise ConfigError(f"iterative steps must be >= 1, got {steps}")
+# A prune fine-tune: none unless asked (epochs 0), no early stopping by default.
+PRUNE_TRAIN = TrainSettings(epochs=0, lr=1e-3, batch_size=64, seed=0, weight_decay=0.0, warmup=0.0)
+
+
+def _check_tuning(config: Any) -> None:
+    resolve_train(config)
+    config.train.require_epochs(minimum=0)
+    if config.iterative_steps < 1:
+        raise ConfigError(f"iterative steps must be >= 1, got {config.iterative_steps}")
 
 
 def _check_fraction(value: float, name: str) -> None:
@@ -51,10 +52,10 @@ class UnstructuredPrune:
 
     ``layers`` names the modules to prune (default: every Conv and Linear weight), ``skip``
     removes some. ``iterative_steps`` reaches the sparsity in equal steps, fine-tuning
-    ``epochs`` after each when training data is given (``distill``: from the unpruned model).
+    ``train.epochs`` after each when training data is given (``distill``: from the unpruned model).
 
     Example:
-        >>> UnstructuredPrune(sparsity=0.4, scope="global", epochs=2)  # doctest: +SKIP
+        >>> UnstructuredPrune(sparsity=0.4, scope="global", train=TrainSettings(epochs=2))  # doctest: +SKIP
     """
 
     sparsity: float = 0.4
@@ -62,17 +63,16 @@ class UnstructuredPrune:
     layers: tuple[str, ...] | None = None
     skip: tuple[str, ...] = ()
     iterative_steps: int = 1
-    epochs: int = 0
-    lr: float = 1e-3
     distill: bool = True
-    batch_size: int = 64
-    seed: int = 0
+    train: TrainSettings = TrainSettings()
+
+    TRAIN_DEFAULTS: ClassVar[TrainSettings] = PRUNE_TRAIN
 
     def __post_init__(self) -> None:
         _check_fraction(self.sparsity, "sparsity")
         if self.scope not in ("layer", "global"):
             raise ConfigError(f"scope must be 'layer' or 'global', got {self.scope!r}")
-        _check_tuning(self.epochs, self.lr, self.batch_size, self.iterative_steps)
+        _check_tuning(self)
 
 
 @register_config
@@ -88,7 +88,7 @@ class StructuredPrune:
     to leave alone; ``round_to`` keeps channel counts multiples of it (SIMD-friendly).
 
     Example:
-        >>> StructuredPrune(ratio=0.5, importance="l2", epochs=3)  # doctest: +SKIP
+        >>> StructuredPrune(ratio=0.5, importance="l2", train=TrainSettings(epochs=3))  # doctest: +SKIP
     """
 
     ratio: float = 0.5
@@ -99,11 +99,10 @@ class StructuredPrune:
     keep_head: bool = True
     iterative_steps: int = 1
     round_to: int | None = None
-    epochs: int = 0
-    lr: float = 1e-3
     distill: bool = True
-    batch_size: int = 64
-    seed: int = 0
+    train: TrainSettings = TrainSettings()
+
+    TRAIN_DEFAULTS: ClassVar[TrainSettings] = PRUNE_TRAIN
 
     def __post_init__(self) -> None:
         _check_fraction(self.ratio, "ratio")
@@ -117,7 +116,7 @@ class StructuredPrune:
             raise ConfigError("give a MAC target or a latency target, not both")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"round_to must be >= 1, got {self.round_to}")
-        _check_tuning(self.epochs, self.lr, self.batch_size, self.iterative_steps)
+        _check_tuning(self)
 
 
 PruneConfig = UnstructuredPrune | StructuredPrune
@@ -219,18 +218,18 @@ def sparsity_table(module: Any, names: list[str]) -> list[dict[str, Any]]:
 
 def _fine_tuner(module: Any, train: Dataset | None, config: PruneConfig, teacher_logits: np.ndarray | None,
                 progress: bool) -> Any:
-    """A callable fine-tuning ``module`` for ``config.epochs`` (or None when there is nothing to do)."""
-    if train is None or config.epochs == 0:
+    """A callable fine-tuning ``module`` for ``config.train.epochs`` (or None when there is nothing to do)."""
+    if train is None or config.train.epochs == 0:
         return None
     from edgeopt.training import TrainConfig, fit
 
     fit_train, validation = train, None
     if train.labels is not None and len(train) >= 100:
-        fit_train, validation = train.split(0.9, seed=config.seed)
+        fit_train, validation = train.split(0.9, seed=config.train.seed)
         if teacher_logits is not None:
             keep = _positions(train, fit_train)
             teacher_logits = teacher_logits[keep]
-    cfg = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed)
+    cfg = TrainConfig(train=config.train)
     history: list[dict[str, Any]] = []
 
     def tune(step: int) -> None:
@@ -341,7 +340,7 @@ def _to_latency(module: Any, config: StructuredPrune, example: Any, channels: An
 
     def one_shot(target: Any, ratio: float) -> list[dict[str, Any]]:
         with torch.random.fork_rng(devices=[]):  # dropout in Taylor's gradients: the same channels every time
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.train.seed)
             return channels(target, ratio)
 
     search = LatencySearch(module, example, target_ms=config.target_latency_ms, timing=timing or LatencyTiming(),
@@ -407,9 +406,9 @@ def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eva
     runtime = None if device is not None else "onnxruntime"
     threads = threads if threads is not None or device is not None else 1
     tune_data = data
-    uses_data = config.epochs > 0 or getattr(config, "importance", None) == "taylor"
+    uses_data = config.train.epochs > 0 or getattr(config, "importance", None) == "taylor"
     if data is not None and eval_data is None and data.labels is not None and uses_data:
-        tune_data, eval_data = data.split(0.8, seed=config.seed)
+        tune_data, eval_data = data.split(0.8, seed=config.train.seed)
     elif data is not None and eval_data is None and data.labels is not None:
         eval_data = data
     example = _example(model, tune_data or eval_data)
@@ -419,7 +418,7 @@ def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eva
     base_onnx, _ = to_onnx(Model.from_torch(original, source=model.source, input_shape=input_shape), data=check_data)
     module = copy.deepcopy(original).eval()
     teacher = None
-    if tune_data is not None and config.epochs > 0 and config.distill:
+    if tune_data is not None and config.train.epochs > 0 and config.distill:
         teacher = teacher_logits_for(original, tune_data)
     timing = LatencyTiming(original=base_onnx, runtime=runtime, threads=threads, device=device,
                            settings=bench_settings)
@@ -519,7 +518,7 @@ def _apply(model: Model, config: PruneConfig, ctx: TransformContext) -> Model:
     example = _example(model, ctx.train or ctx.calibration)
     module = copy.deepcopy(original).eval()
     teacher = None
-    if ctx.train is not None and config.epochs > 0 and config.distill:
+    if ctx.train is not None and config.train.epochs > 0 and config.distill:
         teacher = teacher_logits_for(ctx.teacher if ctx.teacher is not None else original, ctx.train)
     prune_module(module, config, example=example, train=ctx.train, teacher_logits=teacher, progress=ctx.progress,
                  timing=LatencyTiming(device=ctx.device))

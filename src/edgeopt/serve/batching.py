@@ -10,6 +10,10 @@ While one batch runs, the next is collected and handed to the runtime thread, wh
 when the running batch ends, the next starts at once instead of after a round trip through the
 event loop (resolve the outputs, collect, submit). That round trip left the runtime idle about
 15 % of the time at concurrency 32. The waiting batch still counts towards ``queue_size``.
+
+The worker gives a batch to the runtime thread in the same loop step that collected it (a task
+then waits for the outputs): one event-loop hand-off less per request, which a lone request
+pays in full (benchmarks/serve_ab.py). Requests that arrive in the same step still batch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +67,9 @@ class _Pending:
         self.key = self.request.batch_key()
 
 
+_Started = tuple[list[_Pending], "asyncio.Future[Any] | None", int]
+
+
 class Batcher:
     """Queue and worker for one model.
 
@@ -93,6 +101,7 @@ class Batcher:
         self._carry: _Pending | None = None
         self._task: asyncio.Task[None] | None = None
         self._handed: list[int] = []  # requests per batch given to the runtime thread, oldest (running) first
+        self._last: asyncio.Future[None] | None = None  # the batch handed last (stop() waits for it)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edgeopt-{name}")
         self.arriving = 0
 
@@ -105,6 +114,8 @@ class Batcher:
         """Finish every queued request, then stop the worker and its thread."""
         if self._task is not None and self._queue is not None:
             await self._queue.join()
+            if self._last is not None:
+                await asyncio.wait([self._last])
             self._task.cancel()
             try:
                 await self._task
@@ -149,22 +160,33 @@ class Batcher:
 
     async def _worker(self) -> None:
         assert self._queue is not None
-        running: asyncio.Task[None] | None = None
         while True:
             first = self._carry if self._carry is not None else await self._queue.get()
             self._carry = None
             batch = await self._collect(first)
+            running = self._last
             self._handed.append(len(batch))
-            handed = asyncio.ensure_future(self._run_batch(batch))
+            self._last = asyncio.ensure_future(self._run_batch(batch, self._start_batch(batch)))
             self._on_depth(self.depth())
-            if running is not None:
+            if running is not None and not running.done():
                 await running  # at most two batches in the runtime thread: one running, one waiting
-            running = handed
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    def _start_batch(self, batch: list[_Pending]) -> _Started | Exception:
+        """Give ``batch`` to the runtime thread now: (live requests, the call, samples), or what went wrong."""
+        live = [p for p in batch if not p.future.done()]
+        try:
+            return (live, *self._call(live)) if live else (live, None, 0)
+        except Exception as exc:  # the worker must outlive anything one batch does
+            return exc
+
+    async def _run_batch(self, batch: list[_Pending], started: _Started | Exception) -> None:
         assert self._queue is not None
         try:
-            await self._execute(batch)
+            if isinstance(started, Exception):
+                raise started
+            live, call, total = started
+            if call is not None:
+                await self._finish(live, call, total)
         except Exception as exc:  # the worker must outlive anything one batch does
             log.exception("batch failed", extra={"model": self.name})
             for p in batch:
@@ -201,19 +223,25 @@ class Batcher:
             samples += item.request.batch
         return batch
 
-    async def _execute(self, batch: list[_Pending]) -> None:
-        live = [p for p in batch if not p.future.done()]
-        if not live:
-            return
-        loop = asyncio.get_running_loop()
+    def _call(self, live: list[_Pending]) -> tuple[asyncio.Future[Any], int]:
+        """Start one runtime call on the merged inputs of ``live``; (its future, samples)."""
         if len(live) == 1:
             feeds = live[0].request.feeds
         else:
             feeds = {name: np.concatenate([p.request.feeds[name] for p in live]) for name in live[0].request.feeds}
         total = sum(p.request.batch for p in live)
         self._on_batch(total)
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._run, feeds), total
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        live = [p for p in batch if not p.future.done()]
+        if live:
+            await self._finish(live, *self._call(live))
+
+    async def _finish(self, live: list[_Pending], call: asyncio.Future[Any], total: int) -> None:
+        """Wait for a runtime call and resolve its requests (one by one again if a merged call failed)."""
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, feeds)
+            outputs = await call
         except Exception as exc:  # a runtime failure must never take the server down
             if len(live) > 1:
                 log.warning("batch failed, retrying its requests one by one",

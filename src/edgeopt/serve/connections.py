@@ -19,14 +19,63 @@ included, answer 503. ASGI middleware cannot fix any of this: it runs after the 
   no request in progress is closed to make room (an idle socket can never lock a client out);
 - a request cap: above ``max_in_flight`` requests being handled, new requests get 503, except
   ``/v2/health/*``, which is always answered (a readiness probe keeps its slot).
+
+It also sends a small response in one write: uvicorn writes the head and the body separately,
+which costs a second send() and wakes the client twice for one answer (measured with
+benchmarks/serve_ab.py: part of the c=1 latency over the runtime alone).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 HEALTH_PREFIX = b"/v2/health/"
+COALESCE_MAX_BYTES = 64 * 1024  # larger bodies are written as they come: joining them would copy them
+
+
+class _OneWrite:
+    """One request's transport: holds the response head until the body's first write, then writes both at once.
+
+    A held head is written on its own by the end of the loop step (or at close), so an app that
+    sends a head and no body in the same step still answers. The 100-continue interim line is
+    never held. Everything else goes to the real transport.
+    """
+
+    __slots__ = ("_transport", "_held", "_done")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+        self._done = False  # the head has been seen: pass every later write through
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if len(data) <= COALESCE_MAX_BYTES:
+                self._transport.write(held + data)
+                return
+            self._transport.write(held)
+        elif not self._done and data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
+            self._done = True
+            self._held = data
+            asyncio.get_running_loop().call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def _plain_reply(status: int, reason: str, message: str) -> bytes:
@@ -156,6 +205,8 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
                 super().on_headers_complete()
             finally:
                 self.app = self._real_app
+            if self.cycle is not None:
+                self.cycle.transport = _OneWrite(self.transport)
             if not self.pipeline and self.cycle is not None:
                 self._arm(body_timeout, self._body_timed_out)
 

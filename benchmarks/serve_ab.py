@@ -110,9 +110,9 @@ def main() -> None:
                                 "mean_batch": round(r["samples"] / r["calls"], 2) if r["calls"] else None}
                 row["B_minus_A_p50_ms"] = round(row["B"]["p50_ms"] - row["A"]["p50_ms"], 3)
                 rounds.append(row)
-                print(f"round {i + 1}: runtime {row['runtime_p50_ms']} | A p50 {row['A']['p50_ms']} cpu "
-                      f"{row['A']['cpu_ms_per_request']} | B p50 {row['B']['p50_ms']} cpu {row['B']['cpu_ms_per_request']} "
-                      f"| load {row['loadavg']}", flush=True)
+                print(f"round {i + 1}: runtime {row['runtime_p50_ms']} | " + " | ".join(
+                    f"{arm} p50 {row[arm]['p50_ms']} rps {row[arm]['rps']} cpu {row[arm]['cpu_ms_per_request']} "
+                    f"batch {row[arm]['mean_batch']}" for arm in "AB") + f" | load {row['loadavg']}", flush=True)
         finally:
             for proc, _port in servers.values():
                 sl.stop_server(proc)
@@ -122,6 +122,7 @@ def main() -> None:
 
     summary = {arm: {"overhead_ms_median_of_rounds": med([r[arm]["overhead_ms"] for r in rounds]),
                      "p50_ms_median_of_rounds": med([r[arm]["p50_ms"] for r in rounds]),
+                     "rps_median_of_rounds": med([r[arm]["rps"] for r in rounds]),
                      "cpu_ms_per_request_median_of_rounds": med([r[arm]["cpu_ms_per_request"] for r in rounds])}
                for arm in arms}
     summary["B_minus_A_p50_ms_median"] = med([r["B_minus_A_p50_ms"] for r in rounds])

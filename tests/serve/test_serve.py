@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from edgeopt.errors import BadInput
 from edgeopt.serve import ServeConfig, create_app, load_served
-from edgeopt.serve.batching import Batcher, QueueFull
+from edgeopt.serve.batching import Batcher, ModelRunError, QueueFull
 from edgeopt.serve.protocol import InferRequest
 from tests.conftest import make_onnx_cnn
 
@@ -334,6 +334,46 @@ def test_next_batch_waits_in_the_runtime_thread_and_counts_towards_the_queue_lim
     assert depths == [1, 2, 0]
     assert started == [1.0, 2.0, 3.0]
     assert [float(o["y"][0, 0]) for o in outs] == [2.0, 4.0, 6.0]
+
+
+def test_a_request_alone_skips_the_queue_and_later_ones_still_batch_behind_it() -> None:
+    """``alone=True`` on an idle model runs at once without the queue; requests that come while it
+    runs are queued (alone or not) and merged into one call; a runtime failure of a lone request
+    reaches only that request."""
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def run(feeds):
+        calls.append(feeds["x"].shape[0])
+        if len(calls) == 1:
+            assert gate.wait(10)
+        if float(feeds["x"][0, 0]) < 0:
+            raise ValueError("negative input")
+        return [feeds["x"] * 2]
+
+    async def main() -> tuple[list[dict], int, str]:
+        b = Batcher("m", run, output_names=["y"], max_batch=8, max_delay=0.0, queue_size=8)
+        b.start()
+        queued: list[object] = []
+        b._queue.put_nowait = lambda item, put=b._queue.put_nowait: (queued.append(item), put(item))[1]
+        first = asyncio.ensure_future(b.submit(_request(1, 1.0), alone=True))
+        await _until(lambda: calls == [1])  # running, and never through the queue
+        assert queued == []
+        later = [asyncio.ensure_future(b.submit(_request(1, v), alone=True)) for v in (2.0, 3.0)]
+        await _until(lambda: len(queued) == 2)  # the model is busy: these two wait in the queue
+        gate.set()
+        outs = await asyncio.gather(first, *later)
+        with pytest.raises(ModelRunError) as failed:
+            await b.submit(_request(1, -1.0), alone=True)
+        ok = await b.submit(_request(1, 4.0), alone=True)
+        await b.stop()
+        return [*outs, ok], len(queued), str(failed.value)
+
+    outs, n_queued, message = asyncio.run(main())
+    assert calls == [1, 2, 1, 1]  # lone, the two queued ones merged, the failing one, the next lone one
+    assert n_queued == 2
+    assert [float(o["y"][0, 0]) for o in outs] == [2.0, 4.0, 6.0, 8.0]
+    assert message == "model 'm' failed on this input; the server log has the details"
 
 
 def test_batcher_keeps_different_shapes_apart_and_skips_delay_when_alone() -> None:

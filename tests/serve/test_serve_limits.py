@@ -401,3 +401,96 @@ def test_token_in_process_and_env_var(tiny_model: Path, monkeypatch) -> None:
     result = CliRunner().invoke(app, ["serve", str(tiny_model), "--port", "0"])
     assert result.exit_code == 2 and "--token must be printable ASCII without spaces" in result.stderr
     assert os.environ["EDGEOPT_SERVE_TOKEN"] == "has space"
+
+
+class _Recorder:
+    """A transport that records writes (what the client would receive, write by write)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+def test_a_small_response_leaves_in_one_write_and_nothing_is_held_or_reordered() -> None:
+    from edgeopt.serve.connections import COALESCE_MAX_BYTES, _OneWrite
+
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"
+
+    async def main() -> dict[str, object]:
+        seen: dict[str, object] = {}
+        t = _Recorder()
+        w = _OneWrite(t)
+        w.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # an interim line is never held
+        w.write(head)
+        seen["held"] = list(t.writes)
+        w.write(b"abcd")
+        w.write(b"more")  # later writes pass straight through
+        seen["small"] = t.writes
+        t2 = _Recorder()
+        w2 = _OneWrite(t2)
+        w2.write(head)  # a head whose body never comes in this step ...
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        seen["flushed"] = t2.writes  # ... is written by the end of the step
+        t3 = _Recorder()
+        w3 = _OneWrite(t3)
+        big = b"x" * (COALESCE_MAX_BYTES + 1)
+        w3.write(head)
+        w3.write(big)  # a large body is not copied to be joined
+        seen["big"] = [len(x) for x in t3.writes]
+        t4 = _Recorder()
+        w4 = _OneWrite(t4)
+        w4.write(head)
+        w4.close()  # closing sends what is held first
+        seen["closed"] = (t4.writes, t4.closed, w4.get_extra_info("peername"))
+        await asyncio.sleep(0)
+        seen["no_double"] = (len(t2.writes), len(t4.writes))
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen["held"] == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    assert seen["small"] == [b"HTTP/1.1 100 Continue\r\n\r\n", head + b"abcd", b"more"]
+    assert seen["flushed"] == [head]
+    assert seen["big"] == [len(head), COALESCE_MAX_BYTES + 1]
+    assert seen["closed"] == ([head], True, "info:peername")
+    assert seen["no_double"] == (1, 1)
+
+
+def test_the_server_answers_a_binary_request_in_one_segment(tiny_model: Path) -> None:
+    """Head and body of a small response arrive together: the client is woken once per answer."""
+    server = start_server(str(tiny_model))
+    try:
+        x = np.full((1, 1, 16, 16), 0.5, np.float32)
+        header = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        body = header + x.tobytes()
+        request = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                   f"Inference-Header-Content-Length: {len(header)}\r\n\r\n").encode() + body
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            firsts = []
+            for _ in range(5):
+                s.sendall(request)
+                data = s.recv(1 << 20)  # the first segment the server's answer arrives in
+                firsts.append(data)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"\r\ncontent-length: ")[1].split(b"\r\n")[0])
+                while len(rest) < length:
+                    rest += s.recv(1 << 20)
+        assert all(d.startswith(b"HTTP/1.1 200") for d in firsts)
+        # every answer's first segment already holds the whole body (40 bytes of logits after the JSON header)
+        assert all(len(d.partition(b"\r\n\r\n")[2]) == length for d in firsts)
+    finally:
+        stop(server)

@@ -22,6 +22,7 @@ from edgeopt.deps import require
 from edgeopt.errors import BadInput
 from edgeopt.model import Model, TensorSpec
 from edgeopt.serve.batching import Batcher, ModelRunError, QueueFull
+from edgeopt.serve.connections import IN_FLIGHT_KEY
 from edgeopt.serve.metrics import ServeMetrics
 from edgeopt.serve.protocol import (
     HEADER_LENGTH,
@@ -222,7 +223,10 @@ class _InferFastPath:
                 match = _INFER_PATH.match(scope["path"])
                 if match:
                     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-                    status, body, extra = await self.handler(match.group(1), match.group(2), headers, receive)
+                    in_flight = scope.get(IN_FLIGHT_KEY)  # set by the server's protocol (not by test clients)
+                    alone = in_flight is not None and in_flight() <= 1
+                    status, body, extra = await self.handler(match.group(1), match.group(2), headers, receive,
+                                                             alone)
                     await _send(send, status, body, extra)
                     return
         await self.app(scope, receive, send)
@@ -363,9 +367,11 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
     def error_body(status: int, message: str) -> tuple[int, bytes, dict[str, str]]:
         return status, json.dumps({"error": message}).encode(), {"content-type": "application/json"}
 
-    async def infer_core(name: str, version: str | None, headers: dict[str, str],
-                         receive: Any) -> tuple[int, bytes, dict[str, str]]:
-        """One inference request -> (status, body, headers); every failure becomes a JSON error."""
+    async def infer_core(name: str, version: str | None, headers: dict[str, str], receive: Any,
+                         alone: bool = False) -> tuple[int, bytes, dict[str, str]]:
+        """One inference request -> (status, body, headers); every failure becomes a JSON error.
+
+        ``alone``: no other request is in flight, so this one need not wait in the batching queue."""
         start = time.perf_counter()
         label = name if name in by_name else "_unknown"
         samples = 0
@@ -381,7 +387,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
             finally:
                 batcher.arrival_ended()
             samples = req.batch
-            results = await batcher.submit(req)
+            results = await batcher.submit(req, alone=alone)
             payload, out_headers = encode_response(model_name=served.name, version=VERSION, request=req,
                                                    results=results)
             answer = (200, payload, out_headers)

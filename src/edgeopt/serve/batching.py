@@ -11,17 +11,24 @@ when the running batch ends, the next starts at once instead of after a round tr
 event loop (resolve the outputs, collect, submit). That round trip left the runtime idle about
 15 % of the time at concurrency 32. The waiting batch still counts towards ``queue_size``.
 
-The worker gives a batch to the runtime thread in the same loop step that collected it (a task
-then waits for the outputs): one event-loop hand-off less per request, which a lone request
-pays in full (benchmarks/serve_ab.py). Requests that arrive in the same step still batch.
+A lone request pays every hand-off between the event loop and the runtime thread, so there are
+few (measured per phase with perf_counter_ns and benchmarks/serve_ab.py): the worker gives a
+batch to the thread in the same loop step that collected it, through a plain queue to one
+dedicated thread (not an executor and its futures), and that thread hands the outputs back with
+one ``call_soon_threadsafe`` that resolves the requests directly. Running the model on the event
+loop itself was slower: after a model run the interpreter's caches are cold, and the loop thread
+pays for that on its next Python code (about 0.15 ms more per request at ResNet18-64).
+A request the server knows is alone (``submit(..., alone=True)``: no other request in flight,
+so none could join its batch) skips the queue and worker when the model is idle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +74,6 @@ class _Pending:
         self.key = self.request.batch_key()
 
 
-_Started = tuple[list[_Pending], "asyncio.Future[Any] | None", int]
-
-
 class Batcher:
     """Queue and worker for one model.
 
@@ -101,14 +105,35 @@ class Batcher:
         self._carry: _Pending | None = None
         self._task: asyncio.Task[None] | None = None
         self._handed: list[int] = []  # requests per batch given to the runtime thread, oldest (running) first
-        self._last: asyncio.Future[None] | None = None  # the batch handed last (stop() waits for it)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edgeopt-{name}")
+        self._last: asyncio.Future[None] | None = None  # the batch handed last: done once it is resolved
+        self._collecting = False  # the worker holds requests it has not handed yet
+        self._jobs: queue.SimpleQueue[tuple[dict[str, np.ndarray], Callable[..., None]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.arriving = 0
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(maxsize=self.queue_size)
         self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._worker(), name=f"batcher-{self.name}")
+        self._thread = threading.Thread(target=self._runtime_thread, name=f"edgeopt-{self.name}", daemon=True)
+        self._thread.start()
+        self._task = self._loop.create_task(self._worker(), name=f"batcher-{self.name}")
+
+    def _runtime_thread(self) -> None:
+        """Run each job in order; its callback gets (outputs, None) or (None, error) on the event loop."""
+        assert self._loop is not None
+        while (job := self._jobs.get()) is not None:
+            feeds, callback = job
+            try:
+                result: tuple[Any, Any] = (self._run(feeds), None)
+            except Exception as exc:
+                result = (None, exc)
+            try:
+                self._loop.call_soon_threadsafe(callback, *result)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+            del feeds, callback, result  # hold no arrays while idle
 
     async def stop(self) -> None:
         """Finish every queued request, then stop the worker and its thread."""
@@ -121,7 +146,9 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
+        if self._thread is not None:
+            self._jobs.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def depth(self) -> int:
         """Requests waiting: queued, carried over, or in a batch waiting behind the running one."""
@@ -137,8 +164,11 @@ class Batcher:
         if self._wake is not None:
             self._wake.set()
 
-    async def submit(self, request: InferRequest) -> dict[str, np.ndarray]:
+    async def submit(self, request: InferRequest, *, alone: bool = False) -> dict[str, np.ndarray]:
         """Queue ``request`` and wait for its outputs (name -> array, batch first).
+
+        ``alone``: the caller knows no other request is in flight (none could join a batch); if the
+        model is idle too, the request goes straight to the runtime thread.
 
         Raises:
             QueueFull: the queue is full (answer 503).
@@ -147,6 +177,11 @@ class Batcher:
         if self._queue is None or self._wake is None:
             raise RuntimeError("Batcher.start() was not called")
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        if (alone and not self._handed and not self._collecting and self._carry is None and self.arriving <= 0
+                and self._queue.empty()):
+            self._handed.append(1)
+            self._last = self._hand([_Pending(request, future)], queued=False)
+            return await future
         full = QueueFull(f"model {self.name!r} has {self.queue_size} requests queued; retry later")
         if self.depth() >= self.queue_size:
             raise full
@@ -163,39 +198,80 @@ class Batcher:
         while True:
             first = self._carry if self._carry is not None else await self._queue.get()
             self._carry = None
-            batch = await self._collect(first)
+            self._collecting = True
+            try:
+                batch = await self._collect(first)
+            finally:
+                self._collecting = False
             running = self._last
             self._handed.append(len(batch))
-            self._last = asyncio.ensure_future(self._run_batch(batch, self._start_batch(batch)))
+            self._last = self._hand(batch)
             self._on_depth(self.depth())
             if running is not None and not running.done():
                 await running  # at most two batches in the runtime thread: one running, one waiting
 
-    def _start_batch(self, batch: list[_Pending]) -> _Started | Exception:
-        """Give ``batch`` to the runtime thread now: (live requests, the call, samples), or what went wrong."""
+    def _hand(self, batch: list[_Pending], *, queued: bool = True) -> asyncio.Future[None]:
+        """Give ``batch`` to the runtime thread now; the future is done once every request in it is resolved.
+
+        ``queued``: the requests came through the queue (each is marked done there when resolved)."""
+        assert self._loop is not None
+        finished: asyncio.Future[None] = self._loop.create_future()
         live = [p for p in batch if not p.future.done()]
         try:
-            return (live, *self._call(live)) if live else (live, None, 0)
-        except Exception as exc:  # the worker must outlive anything one batch does
-            return exc
-
-    async def _run_batch(self, batch: list[_Pending], started: _Started | Exception) -> None:
-        assert self._queue is not None
-        try:
-            if isinstance(started, Exception):
-                raise started
-            live, call, total = started
-            if call is not None:
-                await self._finish(live, call, total)
+            if live:
+                feeds, total = self._merge(live)
+                self._jobs.put((feeds, lambda outputs, exc: self._ran(batch, live, total, outputs, exc, finished,
+                                                                       queued)))
+                return finished
         except Exception as exc:  # the worker must outlive anything one batch does
             log.exception("batch failed", extra={"model": self.name})
             for p in batch:
                 _resolve_error(p, _run_error(self.name, exc))
-        finally:
-            self._handed.pop(0)
-            for _ in batch:
-                self._queue.task_done()
-            self._on_depth(self.depth())
+        self._settle(batch, finished, queued)
+        return finished
+
+    def _ran(self, batch: list[_Pending], live: list[_Pending], total: int, outputs: list[np.ndarray] | None,
+             exc: Exception | None, finished: asyncio.Future[None], queued: bool) -> None:
+        """On the event loop, when the runtime thread is done with ``batch``: resolve its requests."""
+        if exc is not None and len(live) > 1:
+            log.warning("batch failed, retrying its requests one by one",
+                        extra={"model": self.name, "batch": total, "error": _one_line(exc)})
+            retry = asyncio.ensure_future(self._retry_alone(live))
+            retry.add_done_callback(lambda _task: self._settle(batch, finished, queued))
+            return
+        try:
+            if exc is not None:
+                _resolve_error(live[0], _run_error(self.name, exc))
+            else:
+                self._split(live, total, outputs or [])
+        except Exception as err:  # e.g. fewer outputs than names: the requests fail, the server goes on
+            log.exception("batch failed", extra={"model": self.name})
+            for p in live:
+                _resolve_error(p, _run_error(self.name, err))
+        self._settle(batch, finished, queued)
+
+    def _settle(self, batch: list[_Pending], finished: asyncio.Future[None], queued: bool) -> None:
+        assert self._queue is not None
+        self._handed.pop(0)
+        for _ in batch if queued else ():
+            self._queue.task_done()
+        self._on_depth(self.depth())
+        if not finished.done():
+            finished.set_result(None)
+
+    async def _retry_alone(self, live: list[_Pending]) -> None:
+        """Run each request of a failed merged call on its own, so one bad input fails only itself."""
+        assert self._loop is not None
+        for p in live:
+            if p.future.done():
+                continue
+            done: asyncio.Future[tuple[Any, Any]] = self._loop.create_future()
+            self._jobs.put((p.request.feeds, lambda outputs, exc, done=done: done.set_result((outputs, exc))))
+            outputs, exc = await done
+            if exc is not None:
+                _resolve_error(p, _run_error(self.name, exc))
+            else:
+                _resolve(p, dict(zip(self._output_names, outputs, strict=True)))
 
     async def _collect(self, first: _Pending) -> list[_Pending]:
         assert self._queue is not None and self._wake is not None
@@ -223,34 +299,18 @@ class Batcher:
             samples += item.request.batch
         return batch
 
-    def _call(self, live: list[_Pending]) -> tuple[asyncio.Future[Any], int]:
-        """Start one runtime call on the merged inputs of ``live``; (its future, samples)."""
+    def _merge(self, live: list[_Pending]) -> tuple[dict[str, np.ndarray], int]:
+        """The inputs of ``live`` concatenated along the batch dimension, and their samples (counted in metrics)."""
         if len(live) == 1:
             feeds = live[0].request.feeds
         else:
             feeds = {name: np.concatenate([p.request.feeds[name] for p in live]) for name in live[0].request.feeds}
         total = sum(p.request.batch for p in live)
         self._on_batch(total)
-        return asyncio.get_running_loop().run_in_executor(self._executor, self._run, feeds), total
+        return feeds, total
 
-    async def _execute(self, batch: list[_Pending]) -> None:
-        live = [p for p in batch if not p.future.done()]
-        if live:
-            await self._finish(live, *self._call(live))
-
-    async def _finish(self, live: list[_Pending], call: asyncio.Future[Any], total: int) -> None:
-        """Wait for a runtime call and resolve its requests (one by one again if a merged call failed)."""
-        try:
-            outputs = await call
-        except Exception as exc:  # a runtime failure must never take the server down
-            if len(live) > 1:
-                log.warning("batch failed, retrying its requests one by one",
-                            extra={"model": self.name, "batch": total, "error": _one_line(exc)})
-                for p in live:
-                    await self._execute([p])
-                return
-            _resolve_error(live[0], _run_error(self.name, exc))
-            return
+    def _split(self, live: list[_Pending], total: int, outputs: list[np.ndarray]) -> None:
+        """Resolve each request with its rows of the merged outputs."""
         if len(live) == 1:
             _resolve(live[0], dict(zip(self._output_names, outputs, strict=True)))
             return

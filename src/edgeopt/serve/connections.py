@@ -32,6 +32,7 @@ import json
 from typing import Any
 
 HEALTH_PREFIX = b"/v2/health/"
+IN_FLIGHT_KEY = "edgeopt.requests_in_flight"  # ASGI scope extension: () -> requests being handled
 COALESCE_MAX_BYTES = 64 * 1024  # larger bodies are written as they come: joining them would copy them
 
 
@@ -200,6 +201,9 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
             self._disarm()
             path = self.url.split(b"?", 1)[0]
             busy_now = len(self.tasks) >= max_in_flight and not path.startswith(HEALTH_PREFIX)
+            # requests being handled server-wide (this one included once it starts): the app skips
+            # its batching queue for a request that is alone
+            self.scope[IN_FLIGHT_KEY] = self.tasks.__len__  # type: ignore[literal-required]
             self.app = busy if busy_now else self._real_app
             try:
                 super().on_headers_complete()

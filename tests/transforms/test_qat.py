@@ -1,7 +1,16 @@
 """QAT: fine-tune through INT8 fake quantization with the FP32 model as teacher, exported to the
-same INT8 ONNX graph as post-training quantization."""
+same INT8 ONNX graph as post-training quantization.
+
+The fixture (tests/transforms/qat_net.py) is a depthwise-separable CNN trained in ~10 s on real
+8x8 digits whose dead stem channels make the BN-folded depthwise weights span ~300x: per-channel
+PTQ keeps FP32 accuracy, per-tensor PTQ (a target without per-channel INT8 weights) loses ~30 pt
+whatever the calibration; QAT per tensor recovers it.
+"""
 
 from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,67 +20,97 @@ from edgeopt.errors import BadInput, ConfigError
 from edgeopt.measure.evaluate import accuracy_of, predict
 from edgeopt.model import Model
 from edgeopt.transforms.export import OnnxExport, to_onnx
-from edgeopt.transforms.qat import QatConfig, qat_finetune, qat_int8
 from edgeopt.transforms.quantize import StaticInt8, quantize
 
 torch = pytest.importorskip("torch")
-sklearn = pytest.importorskip("sklearn.datasets")
+pytest.importorskip("sklearn.datasets")
+
+from edgeopt.transforms.qat import QatConfig, fold_batchnorm, qat_finetune, qat_int8  # noqa: E402
+from tests.transforms import qat_net  # noqa: E402
+
+PER_TENSOR = StaticInt8(per_channel=False)
 
 
 @pytest.fixture(scope="module")
-def digits_cnn() -> tuple[object, Dataset, Dataset]:
-    """A small CNN trained for a few seconds on scikit-learn's real 8x8 digits (1,200 train, 597 test)."""
-    torch.manual_seed(0)
-    digits = sklearn.load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target.astype(np.int64)
-    idx = np.random.default_rng(0).permutation(len(x))
-    train, test = Dataset({"input": x[idx[:1200]]}, y[idx[:1200]], "digits-train"), \
-        Dataset({"input": x[idx[1200:]]}, y[idx[1200:]], "digits-test")
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(16, 32, 3, padding=1, stride=2), torch.nn.ReLU(),
-                              torch.nn.Flatten(), torch.nn.Linear(32 * 16, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    rng = np.random.default_rng(1)
-    for _ in range(8):
-        order = rng.permutation(1200)
-        for i in range(0, 1200, 64):
-            b = order[i:i + 64]
-            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(train.inputs["input"][b])),
-                                                     torch.from_numpy(train.labels[b]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval(), train, test
+def separable() -> dict:
+    """The trained net, its data, its FP32 ONNX graph and the PTQ baselines (~15 s on a loaded machine)."""
+    net, train, test = qat_net.trained()
+    cal = train.take(np.arange(128))
+    model = Model.from_torch(net, source="separable-net", input_shape=qat_net.INPUT_SHAPE)
+    fp32, _ = to_onnx(model, OnnxExport(atol=1e-3), data=cal)
+    return {"net": net, "train": train, "test": test, "cal": cal, "model": model, "fp32": fp32,
+            "acc": lambda m: accuracy_of(predict(m, test), test.labels)}
 
 
-def _ops(model: Model) -> list[str]:
-    return sorted(n.op_type for n in model.onnx.graph.node)
+def _ops(model: Model) -> Counter:
+    return Counter(n.op_type for n in model.onnx.graph.node)
+
+
+def _weight_bytes(model: Model) -> int:
+    return sum(len(i.raw_data) for i in model.onnx.graph.initializer)
+
+
+def test_fixture_breaks_per_tensor_ptq_only(separable) -> None:
+    """The honest finding: our best PTQ loses >= 2 pt only under per-tensor weights."""
+    acc, fp32, cal = separable["acc"], separable["fp32"], separable["cal"]
+    base = acc(fp32)
+    assert base > 0.97
+    assert qat_net.dead_stem_channels(separable["net"], separable["train"]) >= 1
+    assert acc(quantize(fp32, StaticInt8(), data=cal)) >= base - 0.005  # per-channel: fine
+    per_tensor = {c: acc(quantize(fp32, replace(PER_TENSOR, calibration=c), data=cal))
+                  for c in ("minmax", "percentile", "entropy")}
+    per_tensor["bias-corrected"] = acc(quantize(fp32, replace(PER_TENSOR, bias_correction=True), data=cal))
+    assert max(per_tensor.values()) <= base - 0.02, per_tensor
 
 
 @pytest.mark.slow
-def test_qat_int8_is_the_ptq_graph_and_keeps_accuracy(digits_cnn) -> None:
-    net, train, test = digits_cnn
-    cal = train.take(np.arange(128))
-    wrapped = Model.from_torch(net, source="digits-cnn", input_shape=(1, 1, 8, 8))
-    fp32, _ = to_onnx(wrapped, OnnxExport(atol=1e-3), data=cal)
-    ptq = quantize(fp32, StaticInt8(), data=cal)
-    qat = qat_int8(wrapped, train, cal, config=QatConfig(epochs=2))
-    assert _ops(qat) == _ops(ptq)  # same INT8 graph, so the same INT8 speed
-    assert qat.size_bytes == pytest.approx(ptq.size_bytes, rel=0.05)
-    acc_fp32 = accuracy_of(predict(fp32, test), test.labels)
-    acc_qat = accuracy_of(predict(qat, test), test.labels)
-    assert acc_fp32 > 0.93
-    assert acc_qat >= acc_fp32 - 0.015
+def test_qat_recovers_per_tensor_int8_in_the_ptq_graph(separable) -> None:
+    acc, fp32, cal = separable["acc"], separable["fp32"], separable["cal"]
+    ptq = quantize(fp32, PER_TENSOR, data=cal)
+    qat = qat_int8(separable["model"], separable["train"], cal, int8=PER_TENSOR, config=QatConfig(epochs=2))
+    base = acc(fp32)
+    assert acc(ptq) <= base - 0.02
+    assert acc(qat) >= base - 0.005  # within 0.5 pt of FP32
+    # the same INT8 graph (so the same kernels and speed) and the same weight bytes
+    assert _ops(qat) == _ops(ptq)
+    assert sum(_ops(qat).values()) == sum(_ops(ptq).values())
+    assert _weight_bytes(qat) == _weight_bytes(ptq)
     # the teacher is untouched
-    assert accuracy_of(predict(fp32, test), test.labels) == acc_fp32
+    assert acc(fp32) == base
 
 
-def test_qat_needs_labels_and_layers(digits_cnn) -> None:
-    net, train, _ = digits_cnn
+def test_fold_batchnorm_keeps_outputs_and_exposes_the_wide_range(separable) -> None:
+    net = separable["net"]
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original keeps its BN
+    x = torch.from_numpy(separable["test"].inputs["input"][:64])
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), atol=1e-4)
+    dw = next(m for m in folded.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
+    ranges = dw.weight.detach().abs().reshape(dw.weight.shape[0], -1).amax(dim=1)
+    assert float(ranges.max() / ranges.median()) > 30  # what one per-tensor scale cannot cover
+
+
+def test_per_tensor_clip_ignores_channels_without_input(separable) -> None:
+    """The QAT weight range skips a channel that never sees input, and the tuned weights are clamped to it."""
+    train = separable["train"].take(np.arange(256))
+    tuned = qat_finetune(separable["net"], train, config=QatConfig(epochs=1, per_channel=False))
+    dw = next(m for m in tuned.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
+    folded = next(m for m in fold_batchnorm(separable["net"]).modules()
+                  if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
+    assert float(dw.weight.detach().abs().max()) < float(folded.weight.detach().abs().max()) / 10
+
+
+def test_qat_needs_labels_layers_and_valid_settings(separable) -> None:
+    net, train = separable["net"], separable["train"]
     with pytest.raises(BadInput, match="labelled"):
         qat_finetune(net, Dataset(train.inputs, None, "unlabelled"))
     with pytest.raises(BadInput, match="no Conv2d or Linear"):
         qat_finetune(torch.nn.Sequential(torch.nn.Flatten()), train)
+    with pytest.raises(BadInput, match="PyTorch"):
+        qat_int8(separable["fp32"], train, separable["cal"])
     with pytest.raises(ConfigError, match="epochs"):
         QatConfig(epochs=0)
+    with pytest.raises(ConfigError, match="momentum"):
+        QatConfig(momentum=1.0)

@@ -296,6 +296,9 @@ MetricOpt = Annotated[str, typer.Option("--metric", help="What the budget judges
                                         "embeddings where the original's neighbour is clear).")]
 MinCosineOpt = Annotated[float, typer.Option("--min-cosine", callback=opt.cosine, help="Never choose a variant whose "
                                              "mean cosine to the original is below this, whatever the metric.")]
+QatEpochsOpt = Annotated[int | None, typer.Option("--qat-epochs", callback=opt.qat_epochs, help="PyTorch model with "
+                                                  "labelled --data: epochs of the QAT recovery step, run when no "
+                                                  "all-INT8 variant meets the budget (default 3; 0: no QAT).")]
 
 
 def resolve_threads(threads: int | None, device: Any = None) -> int:

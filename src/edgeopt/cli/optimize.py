@@ -16,6 +16,7 @@ from edgeopt.cli.common import (
     MaxDropOpt,
     MetricOpt,
     MinCosineOpt,
+    QatEpochsOpt,
     SecondsOpt,
     ThreadsOpt,
     TrustCodeOpt,
@@ -53,6 +54,8 @@ def optimize(
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="ray:// address; default: a local cluster.")] = None,
     recipes: Annotated[Path | None, typer.Option("--recipes", help="JSON list of recipes to try instead of the default space.")] = None,
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", callback=opt.open_fraction, help="Share of --data held out for judging.")] = 0.5,
+    per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor", help="--per-tensor: a target without per-channel INT8 weight scales (every INT8 step per tensor, QAT too).")] = None,
+    qat_epochs: QatEpochsOpt = None,
     seconds: SecondsOpt = SECONDS,
     weights: WeightsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -84,14 +87,16 @@ def optimize(
             min_cosine=min_cosine, objective=objective, device=name, threads=threads, time_budget_min=time_budget,
             executor=executor, ray_address=ray_address, recipes=plan, eval_fraction=eval_fraction,
             bench=BenchSettings(min_seconds=seconds, min_runs=100, max_seconds=max(20.0, seconds)),
-            weights=str(weights) if weights else None, trust_pickle=trust_pickle, target=target), out, json_out)
+            weights=str(weights) if weights else None, trust_pickle=trust_pickle, target=target,
+            per_channel=per_channel, qat_epochs=3 if qat_epochs is None else qat_epochs), out, json_out)
         return
     result = run_optimize(model, load_data_arg(data), out_dir=out, max_drop=max_drop, metric=metric, min_cosine=min_cosine,
                           objective=objective,
                           device=device, threads=threads, time_budget_min=time_budget, executor=executor,
                           ray_address=ray_address, recipes=plan, eval_fraction=eval_fraction,
                           bench=BenchSettings(min_seconds=seconds, min_runs=100, max_seconds=max(20.0, seconds)),
-                          weights=str(weights) if weights else None, trust_pickle=trust_pickle, target=target)
+                          weights=str(weights) if weights else None, trust_pickle=trust_pickle, target=target,
+                          per_channel=per_channel, qat_epochs=3 if qat_epochs is None else qat_epochs)
     payload = result.to_dict()
     table = Table(title=f"edgeopt optimize: {model} on {result.device.name} (objective {objective})")
     for col in ("candidate", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy",

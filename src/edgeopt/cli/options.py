@@ -96,3 +96,4 @@ classes = number(1, 1_000_000)                  # a classifier head's outputs
 temperature = number(0, 100, lo_open=True)      # distillation softmax temperature
 warmup = number(0, 1, hi_open=True)             # share of steps with a learning-rate warm-up
 max_len = number(1, 8192)                       # tokens per text example
+qat_epochs = number(0, 100)                     # QAT recovery: a few epochs from a trained model

@@ -17,6 +17,7 @@ from edgeopt.cli.common import (
     MaxDropOpt,
     MetricOpt,
     MinCosineOpt,
+    QatEpochsOpt,
     SecondsOpt,
     ThreadsOpt,
     TrustPickleOpt,
@@ -35,6 +36,8 @@ from edgeopt.cli.common import (
 )
 from edgeopt.fileio import report_path
 
+# QAT epochs of the recovery step when --qat-epochs is not given
+DEFAULT_QAT_EPOCHS = 3
 MODES = ("auto", "dynamic", "static", "fp16", "bf16", "int4")
 # Without data, dynamic non-batch dimensions (a transformer's sequence length) are timed at this size.
 DEFAULT_DYNAMIC_DIM = 128
@@ -63,7 +66,8 @@ def _config(mode: str, *, fmt: str, per_channel: bool | None, calibration: str, 
 @user_errors
 @image_folder_flags
 def quantize(
-    model: Annotated[str, typer.Argument(help="FP32 ONNX model (export PyTorch models first).")],
+    model: Annotated[str, typer.Argument(help="FP32 ONNX model; --mode auto also takes PyTorch file.py:factory "
+                                         "with --weights (exported first; with labelled --data, QAT can run).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output .onnx (a .report.json is written beside it).")],
     mode: Annotated[str, typer.Option("--mode", help="auto (measure variants, keep the fastest within budget), "
                                       "dynamic, static, fp16, bf16 (OpenVINO run hint) or int4.")] = "auto",
@@ -77,13 +81,14 @@ def quantize(
     min_cosine: MinCosineOpt = 0.99,
     runtime: Annotated[str | None, typer.Option("--runtime", help="auto: only try this runtime (onnxruntime or openvino).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="static: qdq or qoperator.")] = "qdq",
-    per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = None,
+    per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor; auto --per-tensor: a target without per-channel INT8 (only per-tensor variants, QAT per tensor).")] = None,
     calibration: Annotated[str, typer.Option("--calibration", help="static: minmax, entropy or percentile.")] = "minmax",
     activation_type: Annotated[str, typer.Option("--activation-type", help="static: u8 or s8.")] = "u8",
     weight_type: Annotated[str, typer.Option("--weight-type", help="s8 or u8.")] = "s8",
     samples: Annotated[int, typer.Option("--samples", callback=opt.at_least_one, help="static: calibration samples used.")] = 128,
     exclude: Annotated[str | None, typer.Option("--exclude", help="static, dynamic: comma-separated node names kept in float.")] = None,
     block_size: Annotated[int, typer.Option("--block-size", callback=opt.at_least_one, help="int4: weights per scale.")] = 32,
+    qat_epochs: QatEpochsOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     seconds: SecondsOpt = SECONDS,
@@ -111,6 +116,8 @@ def quantize(
     if runtime is not None and mode != "auto":
         raise BadInput("--runtime applies to --mode auto; the other modes produce ONNX Runtime models "
                        "(bf16: OpenVINO)")
+    if qat_epochs is not None and mode != "auto":
+        raise BadInput("--qat-epochs applies to --mode auto (QAT is one of its recovery steps)")
     check_onnx_output(out)
     cfg = None if mode == "auto" else _config(mode, fmt=fmt, per_channel=per_channel, calibration=calibration,
                                                activation_type=activation_type, weight_type=weight_type,
@@ -118,7 +125,8 @@ def quantize(
     original = load_model(model, weights=weights, trust_pickle=trust_pickle)
     from edgeopt.transforms.quantize import check_quantizable
 
-    check_quantizable(original)
+    if not (mode == "auto" and original.format == "torch"):  # auto exports a PyTorch model itself
+        check_quantizable(original)
     dataset = load_data_arg(data) if data else None
     held = load_data_arg(eval_data) if eval_data else None
     if dataset is not None:
@@ -134,7 +142,8 @@ def quantize(
     report = report_path(out)
     if mode == "auto":
         _auto(original, dataset, held, out=out, report=report, max_drop=max_drop, metric=metric,
-              min_cosine=min_cosine, runtime=runtime, device=device, threads=threads, bench=bench, json_out=json_out)
+              min_cosine=min_cosine, runtime=runtime, device=device, threads=threads, bench=bench, json_out=json_out,
+              per_channel=per_channel, qat_epochs=DEFAULT_QAT_EPOCHS if qat_epochs is None else qat_epochs)
         return
     from edgeopt.transforms.quantize import quantize as run_quantize
 
@@ -208,7 +217,7 @@ def _print_one(p: dict[str, Any]) -> None:
 
 def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, max_drop: float, metric: str,
           min_cosine: float, runtime: str | None, device: str | None, threads: int | None, bench: Any,
-          json_out: str | None) -> None:
+          json_out: str | None, per_channel: bool | None = None, qat_epochs: int = 0) -> None:
     from edgeopt.errors import BudgetNotMet
     from edgeopt.fileio import write_json
     from edgeopt.search.auto_quantize import auto_quantize
@@ -216,7 +225,8 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
     with console.status("building and measuring quantization variants..."):
         result = auto_quantize(original, dataset, eval_data=held, max_drop=max_drop, metric=metric,
                                min_cosine=min_cosine, device=device, threads=threads,
-                               runtimes=(runtime,) if runtime else None, bench=bench)
+                               runtimes=(runtime,) if runtime else None, bench=bench, per_channel=per_channel,
+                               qat_epochs=qat_epochs)
     payload = {"mode": "auto", "source": original.source, **result.to_dict(),
                "output": str(out) if result.model is not None else None}
     from edgeopt.devices import get_device

@@ -11,7 +11,7 @@ only when every plain INT8 variant misses the budget.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgeopt.data import Dataset, load_data
@@ -30,7 +30,7 @@ from edgeopt.search.engine import (
     time_candidates,
 )
 from edgeopt.search.recipe import Recipe
-from edgeopt.search.space import post_training_recipes, transformer_recipes
+from edgeopt.search.space import post_training_recipes, transformer_recipes, weights_per_tensor
 from edgeopt.transforms.config import TransformContext
 from edgeopt.transforms.quantize import (
     StaticInt8,
@@ -88,12 +88,15 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
                   metric: str = "auto", min_cosine: float = DEFAULT_MIN_COSINE,
                   device: str | DeviceProfile | None = None, threads: int | None = None,
                   runtimes: tuple[str, ...] | list[str] | None = None, bench: BenchSettings | None = None,
-                  seed: int = 0, mixed: bool = True) -> AutoQuantizeResult:
+                  seed: int = 0, mixed: bool = True, per_channel: bool | None = None,
+                  qat_epochs: int = 3) -> AutoQuantizeResult:
     """Build the relevant quantization variants, measure them against FP32, return the fastest within budget.
 
     Args:
-        model: an FP32 ONNX model (file or Model).
+        model: an FP32 ONNX model (file or Model), or a PyTorch Model (``file.py:factory`` loaded with
+            its weights): exported to ONNX first, and the QAT step can fine-tune it.
         data: calibration data; also the source of the held-out judging half when ``eval_data`` is None.
+            With labels and a PyTorch model, the calibration part also trains the QAT step.
         eval_data: separate data to judge accuracy/agreement on.
         max_drop: allowed drop in absolute points of ``metric`` (0.01 = 1 pt).
         metric: ``auto`` follows the output (accuracy/agreement for class scores, cosine for
@@ -103,6 +106,10 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
         runtimes: runtimes whose variants are tried (default: onnxruntime, and openvino when installed).
         bench: timing settings for the interleaved comparison.
         mixed: add calibration-method and mixed-precision variants when plain INT8 misses the budget.
+        per_channel: False for a target without per-channel INT8 weight scales (only per-tensor
+            variants are tried, and QAT trains per tensor); None or True: both.
+        qat_epochs: epochs of the QAT step (PyTorch model, labelled data, no all-INT8 variant within
+            budget); 0 leaves it out.
 
     Returns:
         AutoQuantizeResult; ``model`` and ``chosen`` are None when no variant is faster than the
@@ -120,12 +127,21 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
     unknown = [r for r in chosen_runtimes if r not in RUNTIMES]
     if unknown:
         raise BadInput(f"--runtime for quantization must be onnxruntime or openvino, got {', '.join(unknown)}")
+    if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
+        raise BadInput(f"--qat-epochs must be an integer >= 0, got {qat_epochs!r}")
     profile = get_device(device)
     original = load_model(model)
+    torch_original: Model | None = None
+    if original.format == "torch":
+        torch_original = original
+        original = _exported(original, load_data(data))
     check_quantizable(original)
     dataset = load_data(data).feeds_for(original)
     held = load_data(eval_data).feeds_for(original) if eval_data is not None else None
     calibration, evaluation, notes = _split(dataset, held, seed)
+    if torch_original is not None:
+        notes.append(f"PyTorch model exported to ONNX ({torch_original.source}); every variant starts from that "
+                     "FP32 graph, QAT from the PyTorch weights")
     baseline = original.with_metadata(runtime="onnxruntime")
     ctx = TransformContext(calibration=calibration, device=profile, seed=seed, progress=False)
     base, base_out, base_metric = baseline_result(baseline, evaluation, budget, device=profile, threads=threads)
@@ -151,6 +167,10 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
         results = run(transformer_recipes(original, profile, runtimes=chosen_runtimes))
     else:
         plain = plain_recipes(original, runtimes=chosen_runtimes, device=profile)
+        if per_channel is False:
+            plain = weights_per_tensor(plain)
+            notes.append("--per-tensor: the target has no per-channel INT8 weight scales; only per-tensor weight "
+                         "variants were tried (NNCF's per-channel INT8 left out)")
         by_name = {r.name: r for r in plain}
         results = run(plain)
     int8_ok = any(r.meets_budget and r.model is not None and r.name.startswith("int8-") for r in results)
@@ -169,9 +189,21 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
             notes.append(f"no plain INT8 variant met the budget: recovery steps from {start.name} (calibration, "
                          "bias correction, mixed precision by measured cost and gain"
                          + (", NNCF accuracy control" if "openvino" in chosen_runtimes else "") + ")")
+            run_torch = None
+            if torch_original is not None and calibration.labels is not None and qat_epochs > 0:
+                run_torch = _torch_runner(torch_original, replace(ctx, train=calibration), evaluation, budget,
+                                          base_out, base_metric, profile, threads)
+                notes.append(f"QAT (step 5) trains on the {len(calibration)} labelled calibration samples; the "
+                             "held-out samples only judge")
+            elif torch_original is not None and qat_epochs > 0:
+                notes.append("QAT not tried: --data has no labels")
+            elif qat_epochs > 0:
+                notes.append("QAT not tried: it fine-tunes PyTorch models (pass file.py:factory with --weights)")
             results += recover(original, calibration, evaluation, budget, start=start, start_config=start_cfg,
-                               run=run, runtimes=chosen_runtimes, threads=threads, steps=steps, notes=notes,
-                               baseline_outputs=base_out, baseline_metric=base_metric)
+                               run=run, runtimes=chosen_runtimes if per_channel is not False else
+                               tuple(r for r in chosen_runtimes if r != "openvino"), threads=threads, steps=steps,
+                               notes=notes, baseline_outputs=base_out, baseline_metric=base_metric,
+                               run_torch=run_torch, qat_epochs=qat_epochs)
     bench = bench or BenchSettings(warmup=10, min_runs=100, min_seconds=1.0, max_seconds=20.0)
     time_candidates(base, results, bench=bench, device=profile, threads=threads, data=evaluation)
     chosen = _choose_not_slower_than_fp32_on_its_runtime(base, results, budget)
@@ -199,6 +231,25 @@ def _transformer_mixed(original: Model, calibration: Dataset, evaluation: Datase
                  "per-layer error of dynamic INT8 ranks the MatMuls; the fewest most harmful stay float)")
     return mixed_precision(original, calibration, evaluation, start, DynamicInt8(per_channel=True), run=run,
                            threads=threads, steps=steps, notes=notes)
+
+
+def _torch_runner(torch_model: Model, ctx: TransformContext, evaluation: Dataset, budget: Budget, base_out: Any,
+                  base_metric: float, profile: DeviceProfile, threads: int | None) -> Any:
+    """Build recipes from the PyTorch original (QAT) and judge them like every other variant."""
+
+    def run_torch(recipes: list[Recipe]) -> list[CandidateResult]:
+        return [result_for(build_one(torch_model, recipe, ctx), key=recipe.key(), eval_data=evaluation,
+                           budget=budget, baseline_outputs=base_out, baseline_metric=base_metric, device=profile,
+                           threads=threads) for recipe in recipes]
+
+    return run_torch
+
+
+def _exported(model: Model, data: Dataset) -> Model:
+    """The FP32 ONNX graph of a PyTorch model (the baseline every variant is built from)."""
+    from edgeopt.transforms.export import OnnxExport, to_onnx
+
+    return to_onnx(model, OnnxExport(), data=data.take(slice(0, min(len(data), 64))))[0]
 
 
 def judge_noise_notes(chosen: CandidateResult | None, results: list[CandidateResult], budget: Budget) -> list[str]:

@@ -163,7 +163,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
              time_budget_min: float | None = None, executor: str = "local", ray_address: str | None = None,
              recipes: list[Recipe] | None = None, eval_fraction: float = 0.5, seed: int = 0,
              bench: BenchSettings | None = None, progress: bool = True, weights: str | None = None,
-             trust_pickle: bool = False, write_reports: bool = True, target: str = "onnx") -> OptimizeResult:
+             trust_pickle: bool = False, write_reports: bool = True, target: str = "onnx",
+             per_channel: bool | None = None, qat_epochs: int = 3) -> OptimizeResult:
     """Find the smallest/fastest model within the accuracy budget, measured on the device profile.
 
     Args:
@@ -179,6 +180,9 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         executor: ``local`` or ``ray`` (candidates built in parallel on a Ray cluster; timing stays local).
         target: the format every candidate ends in: ``onnx`` (default), ``executorch`` (.pte, judged
             against the FP32 .pte) or ``tflite`` (against the FP32 .tflite); ``edgeopt check`` for it runs first.
+        per_channel: False for a target without per-channel INT8 weight scales: every INT8 step is per tensor.
+        qat_epochs: epochs of the QAT recovery step (PyTorch model, labelled data, no INT8 candidate within
+            budget; search/recovery.py); 0 leaves it out.
 
     Returns:
         OptimizeResult; ``chosen`` is None when no candidate met the budget.
@@ -200,6 +204,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         raise BadInput(f"eval fraction must be in [0.05, 0.95], got {eval_fraction}")
     if target not in TARGET_SUFFIX:
         raise BadInput(f"--target must be one of {', '.join(TARGET_SUFFIX)}, got {target!r}")
+    if isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or qat_epochs < 0:
+        raise BadInput(f"--qat-epochs must be an integer >= 0, got {qat_epochs!r}")
     budget = Budget(metric=metric, max_drop=max_drop, min_cosine=min_cosine)  # type: ignore[arg-type]
     profile = get_device(device)
     out = check_writable_dir(out_dir)
@@ -215,6 +221,11 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
                  "held out for judging (never used to build a candidate)")
     bench = bench or BenchSettings(warmup=10, min_runs=100, min_seconds=1.0, max_seconds=20.0)
     plan = recipes if recipes is not None else target_recipes(original, profile, target)
+    if per_channel is False:
+        from edgeopt.search.space import weights_per_tensor
+
+        plan = weights_per_tensor(plan)
+        notes.append("--per-tensor: the target has no per-channel INT8 weight scales; every INT8 step is per tensor")
     if not plan:
         raise BadInput("no recipes apply to this model and device profile")
 
@@ -291,9 +302,15 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
     results.sort(key=lambda r: order.get(r.name, len(order)))
     recovery_steps: list[dict[str, Any]] = []
     if target == "onnx" and recipes is None and (deadline is None or time.perf_counter() + reserve < deadline):
+        qat = original.format == "torch" and split.train is not None and split.train.labels is not None \
+            and qat_epochs > 0
         results += _int8_recovery(baseline_model, split, budget, plan, results, base_out, base_metric,
                                   run=lambda rs: [finish(r, candidate_key(original.sha256, r.key(), fp, settings_key),
                                                          build_one(baseline_model, r, ctx)) for r in rs],
+                                  run_torch=(lambda rs: [finish(r, candidate_key(original.sha256, r.key(), fp,
+                                                                                 settings_key),
+                                                                build_one(original, r, ctx)) for r in rs])
+                                  if qat else None, qat_epochs=qat_epochs,
                                   threads=threads, steps=recovery_steps, notes=notes)
 
     timing_name = candidate_key(original.sha256, ",".join(sorted(r.key for r in results)), fp,
@@ -332,7 +349,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
 
 def _int8_recovery(baseline_model: Model, split: Any, budget: Budget, plan: list[Recipe],
                    results: list[CandidateResult], base_out: Any, base_metric: float, *, run: Any,
-                   threads: int | None, steps: list[dict[str, Any]], notes: list[str]) -> list[CandidateResult]:
+                   threads: int | None, steps: list[dict[str, Any]], notes: list[str], run_torch: Any = None,
+                   qat_epochs: int = 0) -> list[CandidateResult]:
     """The INT8 recovery steps of ``quantize --mode auto`` (search/recovery.py) when no INT8 candidate
     meets the budget and an ONNX Runtime static INT8 candidate exists to start from (CNNs; transformers
     have their own space)."""
@@ -351,10 +369,10 @@ def _int8_recovery(baseline_model: Model, split: Any, budget: Budget, plan: list
 
     start, cfg = min(statics, key=lambda t: (t[0].drop if t[0].drop is not None else 1.0, -(t[0].cosine or 0.0)))
     notes.append(f"no INT8 candidate met the budget: INT8 recovery steps from {start.name} (calibration, bias "
-                 "correction, mixed precision by measured cost and gain)")
+                 "correction, mixed precision by measured cost and gain" + (", QAT" if run_torch else "") + ")")
     out = recover(baseline_model, split.tune, split.evaluation, budget, start=start, start_config=cfg, run=run,
                   runtimes=("onnxruntime",), threads=threads, steps=steps, notes=notes, baseline_outputs=base_out,
-                  baseline_metric=base_metric)
+                  baseline_metric=base_metric, run_torch=run_torch, qat_epochs=qat_epochs)
     notes.extend(f"recovery {s['step']}: {s.get('variant')} {s.get('status')}, cosine "
                  f"{(s.get('cosine') or 0):.4f}" + (f", float layers {len(s['float_layers'])}"
                                                     if s.get("float_layers") else "") for s in steps)

@@ -13,6 +13,10 @@
    ONNX Runtime's CPU provider has no faster BF16 convolution.
 4. **NNCF accuracy control** (``nncf.quantize_with_accuracy_control``) beside it, when OpenVINO
    is among the runtimes: NNCF's own search for the quantizers to drop, judged by the same metric.
+5. **QAT** (transforms/qat.py), for PyTorch models with labelled data: a few epochs through INT8
+   fake quantization with the FP32 model as teacher, starting from the best all-INT8 step's
+   calibration settings and exported to the same INT8 graph, so it keeps all-INT8 speed where
+   mixed precision pays for accuracy with float layers. It trains on the calibration part only.
 
 Each step appends a row to ``steps`` (what was tried, its agreement/accuracy, cosine, drop with
 the 90 % interval, float layers); the variants each step keeps go to the interleaved timing.
@@ -59,9 +63,10 @@ def step_row(step: str, r: CandidateResult, **extra: Any) -> dict[str, Any]:
 def recover(original: Model, calibration: Dataset, evaluation: Dataset, budget: Budget, *, start: CandidateResult,
             start_config: StaticInt8, run: Run, runtimes: tuple[str, ...], threads: int | None,
             steps: list[dict[str, Any]], notes: list[str], baseline_outputs: np.ndarray,
-            baseline_metric: float) -> list[CandidateResult]:
+            baseline_metric: float, run_torch: Run | None = None, qat_epochs: int = 0) -> list[CandidateResult]:
     """Run the recovery steps from ``start`` (the best plain ONNX Runtime static INT8 variant, built
-    with ``start_config``).
+    with ``start_config``). ``run_torch`` builds recipes from the PyTorch original with labelled
+    training data (None: no QAT step); ``qat_epochs`` 0 leaves QAT out.
 
     Returns the candidates to time (the best of each step, the mixed-precision result, NNCF's);
     every try is recorded in ``steps``.
@@ -121,7 +126,25 @@ def recover(original: Model, calibration: Dataset, evaluation: Dataset, budget: 
         keep.append(_nncf_accuracy_control(original, calibration, evaluation, budget,
                                            baseline_outputs=baseline_outputs, baseline_metric=baseline_metric,
                                            steps=steps))
+
+    # 5. QAT from the best all-INT8 settings, for PyTorch models with labels
+    if run_torch is not None and qat_epochs > 0:
+        keep += qat_step(_cfg(best), run_torch=run_torch, epochs=qat_epochs, steps=steps)
     return keep
+
+
+def qat_step(cfg: StaticInt8, *, run_torch: Run, epochs: int, steps: list[dict[str, Any]]) -> list[CandidateResult]:
+    """Step 5: QAT with the FP32 model as teacher, quantized with ``cfg`` (the PTQ settings it starts from)."""
+    from edgeopt.transforms.export import OnnxExport
+    from edgeopt.transforms.qat import QatConfig
+
+    qat = QatConfig(epochs=epochs, per_channel=cfg.per_channel)
+    recipe = Recipe(f"int8-qat-{epochs}ep-{'perchannel' if cfg.per_channel else 'pertensor'}",
+                    (qat, OnnxExport(), cfg), needs=("torch", "train", "calibration"))
+    r = run_torch([recipe])[0]
+    steps.append(step_row("5 QAT", r, config=cfg.label, epochs=epochs,
+                          build_seconds=round(r.build_seconds, 1) if r.build_seconds else None))
+    return [r] if r.model is not None else []
 
 
 def _recipe(tag: str, cfg: StaticInt8) -> Recipe:

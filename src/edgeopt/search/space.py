@@ -94,6 +94,26 @@ def post_training_recipes(model: Model, device: DeviceProfile, *, runtimes: tupl
     return recipes
 
 
+def weights_per_tensor(recipes: list[Recipe]) -> list[Recipe]:
+    """The recipes for a target without per-channel INT8 weight scales (many NPUs and DSPs): every
+    per-channel step becomes per-tensor (renamed), duplicates go, and NNCF's INT8 (per-channel
+    weights, not configurable here) is left out."""
+    import dataclasses
+
+    out: list[Recipe] = []
+    seen: set[str] = set()
+    for recipe in recipes:
+        if any(type(s).__name__ in ("NncfInt8", "NncfWeightsInt8") for s in recipe.steps):
+            continue
+        steps = tuple(dataclasses.replace(s, per_channel=False) if getattr(s, "per_channel", False) else s
+                      for s in recipe.steps)
+        changed = dataclasses.replace(recipe, name=recipe.name.replace("perchannel", "pertensor"), steps=steps)
+        if changed.key() not in seen:
+            seen.add(changed.key())
+            out.append(changed)
+    return out
+
+
 # SmoothQuant strengths auto builds for transformers; the judge on held-out data picks among them.
 SMOOTHQUANT_ALPHAS = (0.5, 0.75)
 # Block sizes of the INT8 weight-only MatMulNBits variants (weights and run-time activation scales per

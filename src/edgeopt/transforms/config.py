@@ -25,7 +25,7 @@ TRANSFORM_MODULES = (
     "edgeopt.transforms.quantize", "edgeopt.transforms.export",
     "edgeopt.transforms.nncf_quantize", "edgeopt.transforms.prune", "edgeopt.transforms.distill",
     "edgeopt.transforms.tflite", "edgeopt.transforms.transformer",
-    "edgeopt.transforms.smooth_quant", "edgeopt.transforms.executorch",
+    "edgeopt.transforms.smooth_quant", "edgeopt.transforms.executorch", "edgeopt.transforms.qat",
 )
 
 

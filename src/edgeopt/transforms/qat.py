@@ -1,12 +1,23 @@
 """Quantization-aware fine-tuning (QAT) of a PyTorch model, exported to the same INT8 ONNX as PTQ.
 
 When post-training INT8 loses accuracy no calibration or float layer can buy back cheaply, a few
-epochs of training *through* the INT8 rounding let the weights adapt to it. Every Conv2d/Linear
-is wrapped so that, in training, its input goes through u8 fake quantization (per tensor, range
-tracked by a moving min/max as ONNX Runtime's MinMax calibration would see it) and its weight
-through s8 per-output-channel fake quantization, with straight-through gradients. The FP32
-model is the teacher: the loss is the distillation KL at temperature T mixed with cross-entropy
-on the labels. Afterwards the wrappers are removed (the module is an ordinary float module again,
+epochs of training *through* the INT8 rounding let the weights adapt to it. BatchNorm is first
+folded into the conv before it (eval statistics, ``torch.fx`` fusion), because ONNX Runtime folds
+it before quantizing: the weights trained through fake quantization must be the weights that are
+quantized. Every Conv2d/Linear is then wrapped so that, in training, its input goes through u8
+fake quantization (per tensor, range tracked by a moving min/max as ONNX Runtime's MinMax
+calibration would see it) and its weight through s8 fake quantization (per output channel, or
+one scale per tensor for targets without per-channel INT8), with straight-through gradients.
+
+One scale per tensor is where PTQ breaks on depthwise convs: a channel whose input is dead has a
+folded weight hundreds of times larger than the others and sets the scale. So the per-tensor
+weight range is a clip chosen from the calibration samples, the one minimizing the weight
+rounding error weighted by each input channel's mean square activation (a channel that never
+sees input costs nothing when clipped), re-chosen every epoch; the exported weights are clamped
+to it, so ONNX Runtime's min/max weight scale is the scale trained through.
+
+The FP32 model is the teacher: the loss is the distillation KL at temperature T mixed with
+cross-entropy on the labels. Afterwards the wrappers are removed (an ordinary float module again,
 with weights that round well), it is exported to ONNX and quantized by the same static INT8 path
 as post-training quantization, so the INT8 graph, and its speed, are the PTQ graph's.
 """
@@ -23,7 +34,7 @@ from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import BadInput, ConfigError
 from edgeopt.model import Model
-from edgeopt.transforms.config import register_config
+from edgeopt.transforms.config import TransformContext, register_config, register_transform
 
 
 @register_config
@@ -61,12 +72,16 @@ class QatConfig:
             raise ConfigError(f"QatConfig momentum must be in [0, 1), got {self.momentum}")
 
 
+# per-tensor weight clips tried: absmax * 2^(-k/4), down to absmax / 1024
+CLIP_STEPS = 41
+
+
 def _fake_quant_wrapper(torch: Any) -> Any:
     nn = torch.nn
     functional = torch.nn.functional
 
     class FakeQuant(nn.Module):
-        """Wraps a Conv2d/Linear: u8 fake-quantized input (tracked range), s8 per-channel weight."""
+        """Wraps a Conv2d/Linear: u8 fake-quantized input (tracked range), s8 weight (per channel or clipped per tensor)."""
 
         def __init__(self, layer: Any, momentum: float, per_channel: bool) -> None:
             super().__init__()
@@ -76,6 +91,13 @@ def _fake_quant_wrapper(torch: Any) -> Any:
             self.register_buffer("lo", torch.tensor(0.0))
             self.register_buffer("hi", torch.tensor(0.0))
             self.register_buffer("seen", torch.tensor(False))
+            self.register_buffer("clip", torch.tensor(0.0))  # per-tensor weight range; 0: absmax
+            self.register_buffer("energy", torch.zeros(self._in_channels()))  # mean x^2 per input channel
+            self.register_buffer("batches", torch.tensor(0))
+
+        def _in_channels(self) -> int:
+            layer = self.layer
+            return int(layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels)
 
         def _observe(self, x: Any) -> None:
             lo, hi = x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0)
@@ -87,6 +109,58 @@ def _fake_quant_wrapper(torch: Any) -> Any:
                 self.lo.mul_(self.momentum).add_((1 - self.momentum) * lo)
                 self.hi.mul_(self.momentum).add_((1 - self.momentum) * hi)
 
+        def observe_energy(self, x: Any) -> None:
+            dims = [d for d in range(x.dim()) if d != 1]
+            self.energy.add_((x.detach() ** 2).mean(dim=dims))
+            self.batches.add_(1)
+
+        def weight_energy(self) -> Any:
+            """Each weight's input-channel energy, shaped like the weight."""
+            w = self.layer.weight
+            e = self.energy / max(int(self.batches), 1)
+            if isinstance(self.layer, nn.Linear):
+                return e.reshape(1, -1).expand_as(w)
+            groups = self.layer.groups
+            per_group_in, per_group_out = w.shape[1], w.shape[0] // groups
+            index = (torch.arange(w.shape[0]) // per_group_out).reshape(-1, 1) * per_group_in \
+                + torch.arange(per_group_in).reshape(1, -1)
+            return e[index].reshape(*w.shape[:2], *([1] * (w.dim() - 2))).expand_as(w)
+
+        def choose_clip(self) -> None:
+            """The per-tensor range minimizing the energy-weighted rounding error of the weights."""
+            if self.per_channel:
+                return
+            w = self.layer.weight.detach()
+            e = self.weight_energy()
+            absmax = float(w.abs().max())
+            best, best_err = absmax, None
+            for k in range(CLIP_STEPS):
+                c = absmax * 2.0 ** (-k / 4)
+                if c <= 0:
+                    break
+                s = c / 127.5
+                err = float((e * (w - torch.clamp(torch.round(w / s), -128, 127) * s) ** 2).sum())
+                if best_err is None or err < best_err:
+                    best, best_err = c, err
+            self.clip.fill_(best)
+
+        def quantized_weight(self) -> Any:
+            w = self.layer.weight
+            if self.per_channel:
+                absmax = w.detach().abs().reshape(w.shape[0], -1).max(dim=1).values.clamp(min=1e-12)
+                wscale = (absmax / 127.5).reshape(-1, *([1] * (w.dim() - 1)))
+            else:
+                clip = self.clip if float(self.clip) > 0 else w.detach().abs().max()
+                wscale = (clip / 127.5).clamp(min=1e-12)
+            wq = torch.clamp(torch.round(w / wscale), -128, 127) * wscale
+            return w + (wq - w).detach()
+
+        def clamp_weight(self) -> None:
+            """Clamp the float weights to the trained range, so ONNX Runtime's min/max scale is that range."""
+            if not self.per_channel and float(self.clip) > 0:
+                with torch.no_grad():
+                    self.layer.weight.clamp_(-float(self.clip), float(self.clip))
+
         def forward(self, x: Any) -> Any:
             if self.training:
                 self._observe(x)
@@ -94,19 +168,28 @@ def _fake_quant_wrapper(torch: Any) -> Any:
             zero = torch.round(-self.lo / scale).clamp(0, 255)
             xq = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
             x = x + (xq - x).detach()
-            w = self.layer.weight
-            absmax = w.detach().abs().reshape(w.shape[0], -1).max(dim=1).values.clamp(min=1e-12)
-            if not self.per_channel:
-                absmax = absmax.max().expand_as(absmax)
-            wscale = (absmax / 127.5).reshape(-1, *([1] * (w.dim() - 1)))
-            wq = torch.clamp(torch.round(w / wscale), -128, 127) * wscale
-            w = w + (wq - w).detach()
+            w = self.quantized_weight()
             if isinstance(self.layer, nn.Linear):
                 return functional.linear(x, w, self.layer.bias)
             c = self.layer
             return functional.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
     return FakeQuant
+
+
+def fold_batchnorm(module: Any) -> Any:
+    """An eval-mode copy of ``module`` with every Conv -> BatchNorm folded into the conv (``torch.fx``).
+
+    ONNX Runtime folds BatchNorm before quantizing, so QAT must train the folded weights. A module
+    torch.fx cannot trace is returned unfolded (a copy): QAT still runs, on the unfolded weights.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    copy_ = copy.deepcopy(module).eval()
+    try:
+        return fuse(copy_, inplace=True)
+    except Exception:  # noqa: BLE001 - tracing is an optimization here, not a requirement
+        return copy_
 
 
 def _swap(module: Any, torch: Any, wrapper: Any, momentum: float, per_channel: bool) -> int:
@@ -154,21 +237,27 @@ def qat_finetune(module: Any, train: Dataset, *, calibration: Dataset | None = N
         raise BadInput(f"QAT needs labelled data; {train.source} has no labels")
     torch.manual_seed(cfg.seed)
     teacher = module.eval()
-    student = copy.deepcopy(module)
+    student = fold_batchnorm(module)
     wrapper = _fake_quant_wrapper(torch)
     if _swap(student, torch, wrapper, cfg.momentum, cfg.per_channel) == 0:
         raise BadInput("QAT found no Conv2d or Linear layer to quantize")
+    fakes = [m for m in student.modules() if isinstance(m, wrapper)]
+    handles = [f.register_forward_pre_hook(lambda m, args: m.observe_energy(args[0])) for f in fakes]
     x_all = next(iter(train.inputs.values()))
     y_all = np.asarray(train.labels)
     cal = next(iter((calibration or train).inputs.values()))
     student.train()
-    with torch.no_grad():  # first ranges from the calibration samples, as PTQ would see them
+    with torch.no_grad():  # first ranges (and input energies) from the calibration samples, as PTQ sees them
         for i in range(0, len(cal), cfg.batch_size):
             student(torch.from_numpy(np.ascontiguousarray(cal[i:i + cfg.batch_size])))
+    for h in handles:
+        h.remove()
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     t = cfg.temperature
     for _ in range(cfg.epochs):
+        for f in fakes:
+            f.choose_clip()
         order = rng.permutation(len(x_all))
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
@@ -182,8 +271,37 @@ def qat_finetune(module: Any, train: Dataset, *, calibration: Dataset | None = N
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    for f in fakes:
+        f.clamp_weight()
     _unswap(student, wrapper)
     return student.eval()
+
+
+def qat(model: Model, config: QatConfig | None = None, *, train: Dataset, calibration: Dataset | None = None) -> Model:
+    """A PyTorch Model fine-tuned through INT8 fake quantization (BatchNorm folded), still float.
+
+    Export it to ONNX and quantize it with the same :class:`StaticInt8` as PTQ (as :func:`qat_int8`
+    does, and as a recipe ``(QatConfig, OnnxExport, StaticInt8)`` does in ``optimize`` and
+    ``quantize --mode auto``).
+
+    Raises:
+        BadInput: not a PyTorch model, no labels, or no Conv2d/Linear.
+    """
+    if model.format != "torch":
+        raise BadInput(f"QAT fine-tunes PyTorch models; {model.source} is {model.format}")
+    tuned = qat_finetune(model.module, train, calibration=calibration, config=config)
+    sample = next(iter((calibration or train).inputs.values()))
+    shape = tuple(model.inputs[0].shape) if model.inputs else (1, *sample.shape[1:])
+    return Model.from_torch(tuned, source=f"{model.source} [qat]",
+                            input_shape=tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape))
+
+
+@register_transform(QatConfig)
+def _apply(model: Model, config: QatConfig, ctx: TransformContext) -> Model:
+    train = ctx.train if ctx.train is not None else ctx.calibration
+    if train is None:
+        raise BadInput("QAT needs labelled training data: pass --data with labels")
+    return qat(model, config, train=train, calibration=ctx.calibration)
 
 
 def qat_int8(model: Model, train: Dataset, calibration: Dataset, *, int8: Any = None,
@@ -193,18 +311,23 @@ def qat_int8(model: Model, train: Dataset, calibration: Dataset, *, int8: Any = 
     Args:
         model: a PyTorch Model (``Model.from_torch`` / ``load_model("net.py:Factory", weights=...)``).
         train: labelled training samples; ``calibration``: the static INT8 calibration samples.
-        int8: the :class:`StaticInt8` settings (default ``StaticInt8()``), the same as PTQ's.
+        int8: the :class:`StaticInt8` settings (default ``StaticInt8()``), the same as PTQ's; QAT
+            trains with its weight scales (per channel or per tensor).
 
     Returns:
         The INT8 ONNX Model.
+
+    Example:
+        >>> q = qat_int8(load_model("net.py:Net", weights="w.pt"), train, cal,
+        ...              int8=StaticInt8(per_channel=False))  # doctest: +SKIP
     """
+    from dataclasses import replace
+
     from edgeopt.transforms.export import OnnxExport, to_onnx
     from edgeopt.transforms.quantize import StaticInt8, quantize
 
-    if model.format != "torch":
-        raise BadInput(f"QAT fine-tunes PyTorch models; {model.source} is {model.format}")
-    tuned = qat_finetune(model.module, train, calibration=calibration, config=config)
-    sample = next(iter(calibration.inputs.values()))
-    torch_model = Model.from_torch(tuned, source=f"{model.source} [qat]", input_shape=(1, *sample.shape[1:]))
-    exported, _ = to_onnx(torch_model, OnnxExport(atol=1e-3), data=calibration)
-    return quantize(exported, int8 or StaticInt8(), data=calibration)
+    int8 = int8 or StaticInt8()
+    cfg = replace(config or QatConfig(), per_channel=int8.per_channel)
+    tuned = qat(model, cfg, train=train, calibration=calibration)
+    exported, _ = to_onnx(tuned, OnnxExport(atol=1e-3), data=calibration)
+    return quantize(exported, int8, data=calibration)

@@ -30,7 +30,12 @@ from edgeopt.search.engine import (
     time_candidates,
 )
 from edgeopt.search.recipe import Recipe
-from edgeopt.search.space import post_training_recipes, transformer_recipes, weights_per_tensor
+from edgeopt.search.space import (
+    SAME_OUTPUTS_AS,
+    post_training_recipes,
+    transformer_recipes,
+    weights_per_tensor,
+)
 from edgeopt.transforms.config import TransformContext
 from edgeopt.transforms.quantize import (
     StaticInt8,
@@ -164,7 +169,16 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
                      "Softmax, LayerNorm, GELU and the residual stream in float (dynamic INT8, SmoothQuant, fused "
                      "attention, MatMul-only static INT8, INT8 and INT4 weight-only, NNCF transformer mode, NNCF "
                      "INT8 weight compression)")
-        results = run(transformer_recipes(original, profile, runtimes=chosen_runtimes))
+        recipes = transformer_recipes(original, profile, runtimes=chosen_runtimes)
+        later = [r for r in recipes if r.name in SAME_OUTPUTS_AS]
+        results = run([r for r in recipes if r.name not in SAME_OUTPUTS_AS])
+        for recipe in later:  # a float-exact rewrite before the same quantization: it can only pass where that did
+            twin = next((r for r in results if r.name == SAME_OUTPUTS_AS[recipe.name]), None)
+            if twin is None or twin.meets_budget:
+                results += run([recipe])
+            else:
+                notes.append(f"{recipe.name} not built: its outputs are those of {twin.name} (a float-exact "
+                             f"rewrite before the same quantization), which misses the budget")
     else:
         plain = plain_recipes(original, runtimes=chosen_runtimes, device=profile)
         if per_channel is False:
@@ -205,7 +219,15 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
                                notes=notes, baseline_outputs=base_out, baseline_metric=base_metric,
                                run_torch=run_torch, qat_epochs=qat_epochs)
     bench = bench or BenchSettings(warmup=10, min_runs=100, min_seconds=1.0, max_seconds=20.0)
-    time_candidates(base, results, bench=bench, device=profile, threads=threads, data=evaluation)
+    # only variants within the budget can be chosen: the others are not timed (their size is still given)
+    timed = [r for r in results if r.meets_budget]
+    time_candidates(base, timed, bench=bench, device=profile, threads=threads, data=evaluation)
+    for r in results:
+        if r.model is not None and not r.meets_budget:
+            r.size_bytes = r.model.size_bytes
+            r.size_ratio = round(base.size_bytes / r.size_bytes, 3) if r.size_bytes else None
+    if len(timed) < len([r for r in results if r.model is not None]):
+        notes.append("variants that miss the budget were judged but not timed (they cannot be chosen)")
     chosen = _choose_not_slower_than_fp32_on_its_runtime(base, results, budget)
     notes += judge_noise_notes(chosen, results, budget)
     model_out = chosen.model if chosen is not None else None

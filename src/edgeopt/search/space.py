@@ -125,6 +125,11 @@ INT8_WEIGHT_BLOCKS = (32, 64)
 OPENVINO_DQ_GROUPS = (None, 64, 128)
 
 
+# Recipes whose outputs are those of another recipe (a float-exact graph rewrite, e.g. ORT's transformer
+# fusions, before the same quantization): auto builds them only when that recipe meets the budget.
+SAME_OUTPUTS_AS = {"int8-dynamic-perchannel-fused": "int8-dynamic-perchannel"}
+
+
 def _x86() -> bool:
     import platform
 

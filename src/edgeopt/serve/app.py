@@ -225,9 +225,8 @@ class _InferFastPath:
                     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                     in_flight = scope.get(IN_FLIGHT_KEY)  # set by the server's protocol (not by test clients)
                     alone = in_flight is not None and in_flight() <= 1
-                    status, body, extra = await self.handler(match.group(1), match.group(2), headers, receive,
-                                                             alone)
-                    await _send(send, status, body, extra)
+                    await self.handler(match.group(1), match.group(2), headers, receive,
+                                       lambda status, body, extra: _send(send, status, body, extra), alone)
                     return
         await self.app(scope, receive, send)
 
@@ -368,8 +367,10 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         return status, json.dumps({"error": message}).encode(), {"content-type": "application/json"}
 
     async def infer_core(name: str, version: str | None, headers: dict[str, str], receive: Any,
-                         alone: bool = False) -> tuple[int, bytes, dict[str, str]]:
-        """One inference request -> (status, body, headers); every failure becomes a JSON error.
+                         respond: Any, alone: bool = False) -> None:
+        """One inference request, answered with ``await respond(status, body, headers)``; every failure
+        becomes a JSON error. Metrics and the log line come after the answer is written (off the
+        client's wait).
 
         ``alone``: no other request is in flight, so this one need not wait in the batching queue."""
         start = time.perf_counter()
@@ -402,6 +403,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
             answer = error_body(500, "internal error; the server log has the details")
         status = answer[0]
         seconds = time.perf_counter() - start
+        await respond(*answer)
         metrics.observe_request(label, status, seconds)
         level = logging.INFO if status < 500 else logging.ERROR
         if log.isEnabledFor(level):
@@ -410,12 +412,16 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
             if status != 200:
                 extra["error"] = answer[1].decode(errors="replace")[:300]
             log.log(level, "infer", extra=extra)
-        return answer
 
     async def infer(request: Request) -> Response:
         name, version = _path(request)
-        status, body, headers = await infer_core(name, version, dict(request.headers), request.receive)
-        return Response(body, status_code=status, headers=headers)
+        answer: list[Response] = []
+
+        async def respond(status: int, body: bytes, headers: dict[str, str]) -> None:
+            answer.append(Response(body, status_code=status, headers=headers))
+
+        await infer_core(name, version, dict(request.headers), request.receive, respond)
+        return answer[0]
 
     async def prometheus(request: Request) -> Response:
         for m in models:

@@ -1,0 +1,254 @@
+"""Where one request's time goes in `edgeopt serve`: perf_counter_ns at each step of its path, A/B.
+
+A lone client (concurrency 1, keep-alive) sends requests one after another; the server runs with
+trace points wrapped around its own functions from outside (nothing in src/ changes): HTTP head
+begun and body complete (uvicorn protocol), decode start and end, model run start and end (the
+runtime thread), outputs resolved, response encoded, response written. The client stamps send
+and receive with the same monotonic clock (CLOCK_MONOTONIC is system-wide), so each request gives
+its phases end to end, and **latency minus its own model run**: the server's overhead, paired per
+request, so the run time's variance under machine load drops out. Two source trees (--a, --b)
+are traced in alternating blocks (ABBA) and compared by the median of each phase.
+
+Run:
+  .venv/bin/python benchmarks/serve_trace.py --a /path/to/old/src --b src --onnx resnet18_64.onnx
+Writes benchmarks/results/serve_trace.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+# (from, to) event pairs reported, in path order
+PHASES = [("client_send", "head_begun"), ("head_begun", "body_complete"), ("body_complete", "decode_start"),
+          ("decode_start", "decode_end"), ("decode_end", "run_start"), ("run_start", "run_end"),
+          ("run_end", "resolved"), ("resolved", "encode_start"), ("encode_start", "encode_end"),
+          ("encode_end", "written"), ("written", "client_received")]
+
+
+# ---------------------------------------------------------------- inside the server process
+
+def traced_server(argv: list[str]) -> None:
+    """Install the trace points, then run ``edgeopt serve argv``; events go to $EDGEOPT_TRACE_OUT at exit."""
+    events: list[tuple[str, int]] = []
+
+    def mark(name: str) -> None:
+        events.append((name, time.perf_counter_ns()))
+
+    import edgeopt.serve.app as app
+    import edgeopt.serve.batching as batching
+    import edgeopt.serve.connections as connections
+    import edgeopt.serve.server as server
+
+    make_protocol = connections.guarded_protocol
+
+    def guarded_protocol(**kwargs: Any) -> type:
+        base = make_protocol(**kwargs)
+
+        class Traced(base):  # type: ignore[misc, valid-type]
+            def on_message_begin(self) -> None:
+                mark("head_begun")
+                super().on_message_begin()
+
+            def on_message_complete(self) -> None:
+                mark("body_complete")
+                super().on_message_complete()
+
+        return Traced
+
+    server.guarded_protocol = guarded_protocol
+    parse, encode, send = app.parse_infer_request, app.encode_response, app._send
+
+    def parse_traced(*args: Any, **kwargs: Any) -> Any:
+        mark("decode_start")
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            mark("decode_end")
+
+    def encode_traced(**kwargs: Any) -> Any:
+        mark("encode_start")
+        try:
+            return encode(**kwargs)
+        finally:
+            mark("encode_end")
+
+    async def send_traced(*args: Any, **kwargs: Any) -> None:
+        await send(*args, **kwargs)
+        mark("written")
+
+    app.parse_infer_request, app.encode_response, app._send = parse_traced, encode_traced, send_traced
+    init, resolve = batching.Batcher.__init__, batching._resolve
+
+    def init_traced(self: Any, name: str, run: Any, **kwargs: Any) -> None:
+        def run_traced(feeds: Any) -> Any:
+            mark("run_start")
+            try:
+                return run(feeds)
+            finally:
+                mark("run_end")
+        init(self, name, run_traced, **kwargs)
+
+    def resolve_traced(p: Any, value: Any) -> None:
+        mark("resolved")
+        resolve(p, value)
+
+    batching.Batcher.__init__, batching._resolve = init_traced, resolve_traced
+    out = os.environ["EDGEOPT_TRACE_OUT"]
+    atexit.register(lambda: Path(out).write_text(json.dumps(events)))
+    from edgeopt.cli import main
+
+    sys.argv = ["edgeopt", "serve", *argv]
+    main()
+
+
+# ---------------------------------------------------------------- the driver
+
+def start(src: Path, model: Path, trace_out: Path, threads: int) -> tuple[subprocess.Popen, int]:
+    import serve_load as sl
+
+    env = {**os.environ, "PYTHONPATH": f"{src.resolve()}", "OMP_NUM_THREADS": "1",
+           "EDGEOPT_TRACE_OUT": str(trace_out)}
+    proc = subprocess.Popen([sys.executable, __file__, "--server", f"m={model}", "--port", "0", "--threads",
+                             str(threads), "--max-batch", "16", "--max-delay-ms", "2", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "http://" not in line:
+        proc.kill()
+        raise RuntimeError(f"traced server from {src} did not start: {line!r}")
+    port = int(line.split(f"http://{sl.HOST}:")[1].split()[0])
+    time.sleep(1.0)
+    return proc, port
+
+
+async def lone_client(port: int, request: bytes, n: int) -> list[tuple[int, int]]:
+    import serve_load as sl
+
+    reader, writer = await asyncio.open_connection(sl.HOST, port)
+    stamps = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            match = sl._LENGTH.search(head)
+            await reader.readexactly(int(match.group(1)) if match else 0)
+            stamps.append((t0, time.perf_counter_ns()))
+            if head[9:12] != b"200":
+                raise RuntimeError(f"server answered {head[:60]!r}")
+    finally:
+        writer.close()
+    return stamps
+
+
+def requests_of(events: list[list[Any]]) -> list[dict[str, int]]:
+    """The server's events grouped per inference request (a group starts at a request head)."""
+    groups: list[dict[str, int]] = []
+    for name, t in events:
+        if name == "head_begun":
+            groups.append({})
+        if groups and name not in groups[-1]:
+            groups[-1][name] = t
+    return [g for g in groups if "decode_start" in g and "written" in g]
+
+
+def main() -> None:
+    import numpy as np
+    import serve_load as sl
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a", required=True, help="source tree of arm A (the folder holding edgeopt/)")
+    parser.add_argument("--b", help="source tree of arm B (omit to trace A alone)")
+    parser.add_argument("--model", default="resnet18_64", choices=sorted(sl.MODELS))
+    parser.add_argument("--onnx", help="use this exported model file instead of exporting --model")
+    parser.add_argument("--encoding", default="binary", choices=["binary", "json"])
+    parser.add_argument("--requests", type=int, default=200, help="measured requests per arm and block")
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_trace.json"))
+    args = parser.parse_args()
+    arms = {"A": Path(args.a)} | ({"B": Path(args.b)} if args.b else {})
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.onnx) if args.onnx else sl.model_file(args.model, Path(tmp))
+        x = np.random.default_rng(0).standard_normal((1, *sl.MODELS[args.model][1])).astype(np.float32)
+        servers = {arm: start(src, model, Path(tmp) / f"{arm}.json", args.threads) for arm, src in arms.items()}
+        stamps: dict[str, list[tuple[int, int]]] = {arm: [] for arm in arms}
+        blocks: dict[str, list[tuple[int, int]]] = {arm: [] for arm in arms}  # measured index ranges
+        counts = dict.fromkeys(arms, 0)
+        try:
+            for i in range(args.blocks):
+                for arm in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
+                    _proc, port = servers[arm]
+                    request = sl.infer_request(port, "m", x, binary=args.encoding == "binary")
+                    got = asyncio.run(lone_client(port, request, args.requests + 20))  # 20 warm-up
+                    blocks[arm].append((counts[arm] + 20, counts[arm] + len(got)))
+                    counts[arm] += len(got)
+                    stamps[arm] += got
+        finally:
+            for proc, _port in servers.values():
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+        result: dict[str, Any] = {}
+        for arm in arms:
+            groups = requests_of(json.loads((Path(tmp) / f"{arm}.json").read_text()))
+            if len(groups) != len(stamps[arm]):
+                raise RuntimeError(f"arm {arm}: {len(groups)} traced requests for {len(stamps[arm])} sent")
+            rows = []
+            for lo, hi in blocks[arm]:
+                for g, (t0, t1) in zip(groups[lo:hi], stamps[arm][lo:hi], strict=True):
+                    rows.append({**g, "client_send": t0, "client_received": t1})
+            phases = {f"{a} -> {b}": round(float(np.median([(r[b] - r[a]) / 1e3 for r in rows])), 1)
+                      for a, b in PHASES}
+            overhead = [(r["client_received"] - r["client_send"] - (r["run_end"] - r["run_start"])) / 1e6 for r in rows]
+            per_block = []
+            for lo, hi in blocks[arm]:
+                part = [(s[1] - s[0] - (g["run_end"] - g["run_start"])) / 1e6
+                        for g, s in zip(groups[lo:hi], stamps[arm][lo:hi], strict=True)]
+                per_block.append(round(float(np.median(part)), 3))
+            result[arm] = {"source": str(arms[arm]), "requests": len(rows),
+                           "latency_p50_ms": round(float(np.median([(r["client_received"] - r["client_send"]) / 1e6
+                                                                    for r in rows])), 3),
+                           "run_p50_ms": round(float(np.median([(r["run_end"] - r["run_start"]) / 1e6 for r in rows])), 3),
+                           "overhead_p50_ms": round(float(np.median(overhead)), 3),
+                           "overhead_p50_ms_per_block": per_block, "phases_p50_us": phases}
+    print(f"{'phase (median, us)':<36}" + "".join(f"{arm:>10}" for arm in arms))
+    for a, b in PHASES:
+        key = f"{a} -> {b}"
+        print(f"{key:<36}" + "".join(f"{result[arm]['phases_p50_us'][key]:>10}" for arm in arms))
+    for what in ("latency_p50_ms", "run_p50_ms", "overhead_p50_ms"):
+        print(f"{what:<36}" + "".join(f"{result[arm][what]:>10}" for arm in arms))
+    for arm in arms:
+        print(f"overhead per block {arm}: {result[arm]['overhead_p50_ms_per_block']}")
+    payload = {"benchmark": "serve_trace", "command": "python benchmarks/serve_trace.py " + " ".join(sys.argv[1:]),
+               "settings": {"model": args.model, "encoding": args.encoding, "requests_per_block": args.requests,
+                            "blocks": args.blocks, "threads": args.threads, "concurrency": 1},
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_at_start": load_start,
+                           "loadavg_at_end": os.getloadavg(),
+                           "note": "shared 2-core machine; overhead = latency minus the request's own model run"},
+               "arms": result}
+    from edgeopt.fileio import write_json
+
+    write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    if len(sys.argv) > 1 and sys.argv[1] == "--server":
+        traced_server(sys.argv[2:])
+    else:
+        main()

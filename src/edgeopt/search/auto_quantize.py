@@ -25,6 +25,7 @@ from edgeopt.search.engine import (
     baseline_result,
     build_one,
     choose,
+    evaluate_candidate,
     has_text_mask,
     result_for,
     time_candidates,
@@ -161,6 +162,32 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
                            baseline_outputs=base_out, baseline_metric=base_metric, device=profile, threads=threads)
                 for recipe in recipes]
 
+    screened_out: list[CandidateResult] = []
+
+    def run_screened(recipes: list[Recipe]) -> list[CandidateResult]:
+        """Build all, time briefly, judge only those faster than FP32 (the others cannot be chosen)."""
+        built = [build_one(baseline, recipe, ctx) for recipe in recipes]
+        pending = [CandidateResult(name=c.recipe.name, recipe=c.recipe.to_dict(),
+                                   build_seconds=round(c.build_seconds, 2), key=c.recipe.key(), model=c.model)
+                   for c in built if c.model is not None]
+        screened = _quick_screen(base, pending, device=profile, threads=threads, data=evaluation, notes=notes)
+        screened_out.extend(screened)
+        out = []
+        for c in built:
+            if c.model is None:
+                out.append(result_for(c, key=c.recipe.key(), eval_data=evaluation, budget=budget,
+                                      baseline_outputs=base_out, baseline_metric=base_metric))
+                continue
+            r = next(p for p in pending if p.name == c.recipe.name)
+            if not any(r is x for x in screened):
+                try:
+                    evaluate_candidate(r, c.model, eval_data=evaluation, budget=budget, baseline_outputs=base_out,
+                                       baseline_metric=base_metric, device=profile, threads=threads)
+                except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the search
+                    r.status, r.reason, r.model = "failed", f"failed: {exc}", None
+            out.append(r)
+        return out
+
     steps: list[dict[str, Any]] = []
     by_name: dict[str, Recipe] = {}
     transformer = is_transformer(original)
@@ -186,7 +213,7 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
             notes.append("--per-tensor: the target has no per-channel INT8 weight scales; only per-tensor weight "
                          "variants were tried (NNCF's per-channel INT8 left out)")
         by_name = {r.name: r for r in plain}
-        results = run(plain)
+        results = run_screened(plain)
     int8_ok = any(r.meets_budget and r.model is not None and r.name.startswith("int8-") for r in results)
     if mixed and transformer and not any(r.meets_budget and r.model is not None for r in results):
         results += _transformer_mixed(original, calibration, evaluation, results, run=run, threads=threads,
@@ -217,7 +244,9 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
                                run=run, runtimes=chosen_runtimes if per_channel is not False else
                                tuple(r for r in chosen_runtimes if r != "openvino"), threads=threads, steps=steps,
                                notes=notes, baseline_outputs=base_out, baseline_metric=base_metric,
-                               run_torch=run_torch, qat_epochs=qat_epochs)
+                               run_torch=run_torch, qat_epochs=qat_epochs, device=profile,
+                               openvino_start=next((r for r in results if r.name == "openvino-nncf-int8"
+                                                    and r.model is not None), None))
     bench = bench or BenchSettings(warmup=10, min_runs=100, min_seconds=1.0, max_seconds=20.0)
     # only variants within the budget can be chosen: the others are not timed (their size is still given)
     timed = [r for r in results if r.meets_budget]
@@ -228,7 +257,8 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
             r.size_ratio = round(base.size_bytes / r.size_bytes, 3) if r.size_bytes else None
     if len(timed) < len([r for r in results if r.model is not None]):
         notes.append("variants that miss the budget were judged but not timed (they cannot be chosen)")
-    chosen = _choose_not_slower_than_fp32_on_its_runtime(base, results, budget)
+    chosen = _choose_not_slower_than_fp32_on_its_runtime(
+        base, [r for r in results if all(r is not x for x in screened_out)], budget)
     notes += judge_noise_notes(chosen, results, budget)
     model_out = chosen.model if chosen is not None else None
     return AutoQuantizeResult(model_out, chosen, base, results, budget, notes, steps)
@@ -272,6 +302,30 @@ def _exported(model: Model, data: Dataset) -> Model:
     from edgeopt.transforms.export import OnnxExport, to_onnx
 
     return to_onnx(model, OnnxExport(), data=data.take(slice(0, min(len(data), 64))))[0]
+
+
+# The quick timing before judging: a few runs each, interleaved with FP32. A variant whose p50 is
+# not below FP32's cannot be chosen (the engine never picks a model slower than the original), so
+# it is not judged: on EfficientNet-Lite1, judging ONNX Runtime's dynamic INT8 (ConvInteger) alone
+# took 193 s of a loaded machine, FP16 on the CPU 31 s.
+QUICK = BenchSettings(warmup=2, min_runs=8, min_seconds=0.1, max_seconds=2.0)
+
+
+def _quick_screen(base: CandidateResult, pending: list[CandidateResult], *, device: DeviceProfile,
+                  threads: int | None, data: Dataset, notes: list[str]) -> list[CandidateResult]:
+    """Time ``pending`` briefly beside FP32; mark and return those slower than FP32 (not judged)."""
+    if not pending:
+        return []
+    time_candidates(replace(base), pending, bench=QUICK, device=device, threads=threads, data=data)
+    slow = [r for r in pending if r.speedup is not None and r.speedup < 1.0]
+    for r in slow:
+        r.status = "rejected"
+        r.reason = f"slower than FP32 in a quick timing ({r.speedup:.2f}x, {QUICK.min_runs}+ runs); not judged"
+        r.model = None
+    if slow:
+        notes.append(f"quick timing before judging: {len(slow)} variant(s) slower than FP32, not judged: "
+                     + ", ".join(f"{r.name} {r.speedup:.2f}x" for r in slow))
+    return slow
 
 
 def judge_noise_notes(chosen: CandidateResult | None, results: list[CandidateResult], budget: Budget) -> list[str]:

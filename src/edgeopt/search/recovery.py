@@ -1,18 +1,26 @@
 """INT8 recovery for ``quantize --mode auto`` when plain INT8 misses the budget: measured steps, in order.
 
-1. **calibration**: percentile ranges (and entropy on small graphs: ONNX Runtime's histogram
-   calibrators cost minutes on a 65-layer CNN) and a smaller sample count, each built and judged;
-   the best ranges go on.
+1. **calibration**: percentile ranges, entropy and a smaller sample count, each built and
+   judged; the best ranges go on. Only on graphs of at most ``HISTOGRAM_MAX_LAYERS`` weight
+   layers: ONNX Runtime's histogram calibrators are Python loops, minutes on a 65-layer CNN,
+   which alone would break auto's 5-minute bound (the step says so in the report).
 2. **repairs**: empirical bias correction (each layer's own INT8 mean shift given back through its
-   bias, transforms/bias_correction.py); kept only when the judge says it helped.
+   bias, transforms/bias_correction.py); kept only when the judge says it helped. Same size
+   limit (it re-quantizes); NNCF's INT8 already carries NNCF's fast bias correction.
 3. **mixed precision by measured cost and gain**: the one-pass per-layer error
    (transforms/layer_error.py) ranks every weight layer; ONNX Runtime's profiler says how much
    time each layer's INT8 kernel saves over FP32 (measure/layer_times.py). Layers are reverted to
    float in order of error per millisecond saved, 1, 2, 4, ... then bisected, so the fewest layers
-   that meet the budget stay float and those that keep INT8's speed stay INT8. Float means FP32:
-   ONNX Runtime's CPU provider has no faster BF16 convolution.
-4. **NNCF accuracy control** (``nncf.quantize_with_accuracy_control``) beside it, when OpenVINO
-   is among the runtimes: NNCF's own search for the quantizers to drop, judged by the same metric.
+   that meet the budget stay float and those that keep INT8's speed stay INT8. For static (QDQ)
+   INT8 each try is a graph edit of the INT8 model already built (transforms/float_layers.py:
+   milliseconds, no re-calibration), done from the best ONNX Runtime INT8 variant and from NNCF's
+   OpenVINO INT8 variant when there is one (OpenVINO's INT8 is the faster on x86, leaving more
+   room for float layers). Float means FP32: ONNX Runtime's CPU provider has no faster BF16
+   convolution, and in OpenVINO BF16 float layers cap the gain (measured), so reverted OpenVINO
+   models carry the f32 hint.
+4. **NNCF accuracy control** (``nncf.quantize_with_accuracy_control``), when OpenVINO is among
+   the runtimes and step 3 found nothing within the budget: NNCF's own search for the quantizers
+   to drop, judged by the same metric (it re-quantizes: a minute or more on a real CNN).
 5. **QAT** (transforms/qat.py), for PyTorch models with labelled data: a few epochs through INT8
    fake quantization with the FP32 model as teacher, starting from the best all-INT8 step's
    calibration settings and exported to the same INT8 graph, so it keeps all-INT8 speed where
@@ -38,13 +46,15 @@ from edgeopt.search.engine import Candidate, CandidateResult
 from edgeopt.search.recipe import Recipe
 from edgeopt.transforms.quantize import DynamicInt8, StaticInt8, prepared, weight_nodes
 
-# ONNX Runtime's entropy calibrator builds a histogram per tensor in Python; beyond this many weight
-# layers it is left out (measured: 4 min for EfficientNet-Lite1 on a loaded 2-core machine).
-ENTROPY_MAX_LAYERS = 32
+# ONNX Runtime's percentile/entropy calibrators build a histogram per tensor in Python; beyond this
+# many weight layers they (and the re-quantizing bias correction) are left out (measured: 4 min for
+# EfficientNet-Lite1's 65 layers on a loaded 2-core machine).
+HISTOGRAM_MAX_LAYERS = 32
 # Mixed precision keeps at most this share of the weight layers float.
 MAX_FLOAT_SHARE = 0.5
 
 Run = Callable[[list[Recipe]], list[CandidateResult]]
+Judge = Callable[[Recipe, Model, float], CandidateResult]
 
 
 def _quality(r: CandidateResult) -> tuple[int, float, float]:
@@ -63,10 +73,12 @@ def step_row(step: str, r: CandidateResult, **extra: Any) -> dict[str, Any]:
 def recover(original: Model, calibration: Dataset, evaluation: Dataset, budget: Budget, *, start: CandidateResult,
             start_config: StaticInt8, run: Run, runtimes: tuple[str, ...], threads: int | None,
             steps: list[dict[str, Any]], notes: list[str], baseline_outputs: np.ndarray,
-            baseline_metric: float, run_torch: Run | None = None, qat_epochs: int = 0) -> list[CandidateResult]:
+            baseline_metric: float, run_torch: Run | None = None, qat_epochs: int = 0,
+            openvino_start: CandidateResult | None = None, device: Any = None) -> list[CandidateResult]:
     """Run the recovery steps from ``start`` (the best plain ONNX Runtime static INT8 variant, built
     with ``start_config``). ``run_torch`` builds recipes from the PyTorch original with labelled
-    training data (None: no QAT step); ``qat_epochs`` 0 leaves QAT out.
+    training data (None: no QAT step); ``qat_epochs`` 0 leaves QAT out. ``openvino_start``: NNCF's
+    OpenVINO INT8 variant, a second start for mixed precision.
 
     Returns the candidates to time (the best of each step, the mixed-precision result, NNCF's);
     every try is recorded in ``steps``.
@@ -82,50 +94,74 @@ def recover(original: Model, calibration: Dataset, evaluation: Dataset, budget: 
     def _cfg(r: CandidateResult) -> StaticInt8:
         return configs[id(r)]
 
+    def judge(recipe: Recipe, model: Model, seconds: float) -> CandidateResult:
+        from edgeopt.search.engine import result_for
+
+        return result_for(Candidate(recipe, model, build_seconds=seconds), key=recipe.key(), eval_data=evaluation,
+                          budget=budget, baseline_outputs=baseline_outputs, baseline_metric=baseline_metric,
+                          device=device, threads=threads)
+
     base_cfg = start_config
     layers = weight_nodes(prepared(original))
     keep: list[CandidateResult] = []
     best = start
     steps.append(step_row("0 plain", start, config=base_cfg.label))
+    if openvino_start is not None:
+        steps.append(step_row("0 plain", openvino_start, config="NNCF INT8 (OpenVINO)"))
+        if openvino_start.meets_budget:
+            return keep
+    small = len(layers) <= HISTOGRAM_MAX_LAYERS
+    skipped = (f"skipped: {len(layers)} weight layers; ONNX Runtime's histogram calibrators and re-quantizing "
+               f"cost minutes beyond {HISTOGRAM_MAX_LAYERS}")
 
     # 1. calibration method and sample count
-    tries: list[Recipe] = [_recipe("percentile", replace(base_cfg, calibration="percentile",
-                                                             samples=min(base_cfg.samples, 32)))]
-    if len(layers) <= ENTROPY_MAX_LAYERS:
-        tries.append(_recipe("entropy", replace(base_cfg, calibration="entropy", samples=min(base_cfg.samples, 64))))
+    if small:
+        tries: list[Recipe] = [_recipe("percentile", replace(base_cfg, calibration="percentile",
+                                                                 samples=min(base_cfg.samples, 32))),
+                               _recipe("entropy", replace(base_cfg, calibration="entropy",
+                                                          samples=min(base_cfg.samples, 64)))]
+        if base_cfg.samples > 32 and len(calibration) > 32:
+            tries.append(_recipe("minmax-32-samples", replace(base_cfg, samples=32)))
+        for r in run_cfg(tries):
+            steps.append(step_row("1 calibration", r, config=_cfg(r).label if r.model else None,
+                                  samples=_cfg(r).samples if r.model else None))
+            if r.model is not None and _quality(r) < _quality(best):
+                best = r
+        if best is not start:
+            keep.append(best)
     else:
-        notes.append(f"entropy calibration skipped: {len(layers)} weight layers (ONNX Runtime's histogram "
-                     f"calibrator is minutes per model beyond {ENTROPY_MAX_LAYERS})")
-    if base_cfg.samples > 32 and len(calibration) > 32:
-        tries.append(_recipe("minmax-32-samples", replace(base_cfg, samples=32)))
-    for r in run_cfg(tries):
-        steps.append(step_row("1 calibration", r, config=_cfg(r).label if r.model else None,
-                              samples=_cfg(r).samples if r.model else None))
-        if r.model is not None and _quality(r) < _quality(best):
-            best = r
-    if best is not start:
-        keep.append(best)
+        steps.append({"step": "1 calibration", "variant": None, "status": skipped})
+        notes.append(f"recovery 1 calibration {skipped}")
 
     # 2. data-free repairs: bias correction
     if best.meets_budget:
         return keep
-    corrected = run_cfg([_recipe("bias-corrected", replace(_cfg(best), bias_correction=True))])[0]
-    steps.append(step_row("2 bias correction", corrected))
-    if corrected.model is not None and _quality(corrected) < _quality(best):
-        best = corrected
-        keep.append(best)
-    if best.meets_budget:
-        return keep
+    if small:
+        corrected = run_cfg([_recipe("bias-corrected", replace(_cfg(best), bias_correction=True))])[0]
+        steps.append(step_row("2 bias correction", corrected))
+        if corrected.model is not None and _quality(corrected) < _quality(best):
+            best = corrected
+            keep.append(best)
+        if best.meets_budget:
+            return keep
+    else:
+        steps.append({"step": "2 bias correction", "variant": None,
+                      "status": skipped + " (NNCF's INT8 carries NNCF's fast bias correction)"})
 
-    # 3. mixed precision by measured cost and gain
-    keep += _mixed(original, calibration, evaluation, best, _cfg(best), run=run, threads=threads, steps=steps,
-                   notes=notes)
+    # 3. mixed precision by measured cost and gain, from ONNX Runtime's INT8 and from NNCF's
+    mixed = _mixed(original, calibration, evaluation, best, _cfg(best), run=run, threads=threads, steps=steps,
+                   notes=notes, judge=judge, openvino_start=openvino_start)
+    keep += mixed
 
-    # 4. NNCF accuracy control beside it
+    # 4. NNCF accuracy control, when mixed precision found nothing within the budget
     if "openvino" in runtimes:
-        keep.append(_nncf_accuracy_control(original, calibration, evaluation, budget,
-                                           baseline_outputs=baseline_outputs, baseline_metric=baseline_metric,
-                                           steps=steps))
+        if any(r.meets_budget for r in mixed):
+            steps.append({"step": "4 NNCF accuracy control", "variant": None,
+                          "status": "skipped: mixed precision met the budget (NNCF re-quantizes: a minute or more)"})
+        else:
+            keep.append(_nncf_accuracy_control(original, calibration, evaluation, budget,
+                                               baseline_outputs=baseline_outputs, baseline_metric=baseline_metric,
+                                               steps=steps))
 
     # 5. QAT from the best all-INT8 settings, for PyTorch models with labels
     if run_torch is not None and qat_epochs > 0:
@@ -178,7 +214,8 @@ def mixed_precision(original: Model, calibration: Dataset, evaluation: Dataset, 
 
 def _mixed(original: Model, calibration: Dataset, evaluation: Dataset, best: CandidateResult,
            cfg: StaticInt8 | DynamicInt8, *, run: Run, threads: int | None, steps: list[dict[str, Any]],
-           notes: list[str]) -> list[CandidateResult]:
+           notes: list[str], judge: Judge | None = None,
+           openvino_start: CandidateResult | None = None) -> list[CandidateResult]:
     from edgeopt.measure.layer_times import layer_times, node_times
     from edgeopt.transforms.layer_error import layer_errors
 
@@ -188,45 +225,102 @@ def _mixed(original: Model, calibration: Dataset, evaluation: Dataset, best: Can
         errors = layer_errors(original, calibration, judged, config=cfg, threads=threads or 1)
         proto = prepared(original)
         names = [e.node for e in errors]
-        fp32_ms = layer_times(node_times(original, evaluation, threads=threads or 1), proto, names)
-        int8_ms = layer_times(node_times(best.model, evaluation, threads=threads or 1), proto, names)  # type: ignore[arg-type]
+        profiled = evaluation.take(np.arange(min(len(evaluation), 4)))  # node_times runs the first sample
+        fp32_ms = layer_times(node_times(original, profiled, threads=threads or 1, runs=10), proto, names)
+        int8_ms = layer_times(node_times(best.model, profiled, threads=threads or 1, runs=10), proto, names)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - an extra step; the variants so far still stand
         steps.append({"step": "3 mixed precision", "status": "failed", "reason": f"per-layer analysis: {exc}"})
         return []
     saved = {n: fp32_ms[n] - int8_ms[n] for n in names}
-    order = layer_priority(errors, saved)
+    order = [n for n, *_ in layer_priority(errors, saved)]
     notes.append(f"one-pass per-layer error: {len(errors)} layers ranked in {time.perf_counter() - started:.0f} s "
                  f"(profiled INT8 saves {sum(max(v, 0) for v in saved.values()):.2f} ms a call over the weight layers)")
-    limit = max(1, int(len(order) * MAX_FLOAT_SHARE))
+    if judge is None or not isinstance(cfg, StaticInt8) or cfg.format != "qdq":
+        found = _requantize_search(best, cfg, order, saved, run=run, steps=steps)
+        return [found] if found is not None else []
+    out = []
+    starts: list[tuple[CandidateResult, StaticInt8 | None, Model]] = [
+        (best, cfg, Model.from_onnx(proto, source=original.source))]
+    if openvino_start is not None and openvino_start.model is not None:
+        starts.append((openvino_start, None, original))
+    for start, start_cfg, reference in starts:
+        found = _revert_search(start, start_cfg, reference, order, saved, judge=judge, steps=steps)
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def _fewest(probe: Callable[[int], CandidateResult], n: int) -> CandidateResult | None:
+    """Probe 1, 2, 4, ... float layers, then bisect: the fewest that meet the budget (or the best
+    try when none of up to ``MAX_FLOAT_SHARE`` of the ``n`` layers does)."""
+    limit = max(1, int(n * MAX_FLOAT_SHARE))
     tried: dict[int, CandidateResult] = {}
 
-    def probe(k: int) -> CandidateResult:
+    def once(k: int) -> CandidateResult:
         if k not in tried:
-            float_nodes = tuple(n for n, *_ in order[:k])
-            kind = "int8-dynamic" if isinstance(cfg, DynamicInt8) else "int8"
-            r = run([Recipe(f"{kind}-mixed-{k}-float", (replace(cfg, exclude_nodes=float_nodes),),
-                            needs=() if isinstance(cfg, DynamicInt8) else ("calibration",))])[0]
-            steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes),
-                                  int8_ms_saved_by_float_layers=round(sum(saved[n] for n in float_nodes), 3)))
-            tried[k] = r
+            tried[k] = probe(k)
         return tried[k]
 
     k, last_miss = 1, 0
-    while k <= limit and not probe(k).meets_budget:
+    while k <= limit and not once(k).meets_budget:
         last_miss, k = k, k * 2
     if k > limit:
         k = limit
-        if not probe(k).meets_budget:
+        if not once(k).meets_budget:
             best_try = min(tried.values(), key=_quality)
-            return [best_try] if best_try.model is not None else []
+            return best_try if best_try.model is not None else None
     low, high = last_miss, k  # low misses (0 = the start), high meets
     while high - low > 1:
         mid = (low + high) // 2
-        if probe(mid).meets_budget:
+        if once(mid).meets_budget:
             high = mid
         else:
             low = mid
-    return [probe(high)]
+    return once(high)
+
+
+def _requantize_search(best: CandidateResult, cfg: StaticInt8 | DynamicInt8, order: list[str],
+                       saved: dict[str, float], *, run: Run, steps: list[dict[str, Any]]) -> CandidateResult | None:
+    """Each try re-quantized with ``exclude_nodes`` (dynamic INT8 has no Q/DQ pairs to edit)."""
+
+    def probe(k: int) -> CandidateResult:
+        float_nodes = tuple(order[:k])
+        kind = "int8-dynamic" if isinstance(cfg, DynamicInt8) else "int8"
+        r = run([Recipe(f"{kind}-mixed-{k}-float", (replace(cfg, exclude_nodes=float_nodes),),
+                        needs=() if isinstance(cfg, DynamicInt8) else ("calibration",))])[0]
+        steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes), start=best.name,
+                              int8_ms_saved_by_float_layers=round(sum(saved.get(n, 0.0) for n in float_nodes), 3)))
+        return r
+
+    return _fewest(probe, len(order))
+
+
+def _revert_search(start: CandidateResult, cfg: StaticInt8 | None, reference: Model, order: list[str],
+                   saved: dict[str, float], *, judge: Judge, steps: list[dict[str, Any]]) -> CandidateResult | None:
+    """Each try reverts the first k layers of ``order`` to float in ``start``'s model (a graph edit).
+    ``cfg`` None: ``start`` is NNCF's OpenVINO INT8 (recipes record ``NncfInt8.ignored_scope``)."""
+    from edgeopt.transforms.float_layers import revert_to_float
+    from edgeopt.transforms.nncf_quantize import NncfInt8
+
+    def probe(k: int) -> CandidateResult:
+        began = time.perf_counter()
+        float_nodes = tuple(order[:k])
+        if cfg is None:
+            recipe = Recipe(f"openvino-nncf-int8-mixed-{k}-float", (NncfInt8(ignored_scope=float_nodes),),
+                            runtime="openvino", runtime_options={"precision": "f32"}, needs=("calibration",))
+        else:
+            recipe = Recipe(f"int8-mixed-{k}-float", (replace(cfg, exclude_nodes=float_nodes),),
+                            needs=("calibration",))
+        try:
+            model = revert_to_float(start.model, reference, float_nodes)  # type: ignore[arg-type]
+            r = judge(recipe, model, time.perf_counter() - began)
+        except Exception as exc:  # noqa: BLE001 - one failed try is a failed row, not a crash
+            r = CandidateResult(name=recipe.name, recipe=recipe.to_dict(), status="failed", reason=f"failed: {exc}")
+        steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes), start=start.name,
+                              int8_ms_saved_by_float_layers=round(sum(saved.get(n, 0.0) for n in float_nodes), 3)))
+        return r
+
+    return _fewest(probe, len(order))
 
 
 def _nncf_accuracy_control(original: Model, calibration: Dataset, evaluation: Dataset, budget: Budget, *,

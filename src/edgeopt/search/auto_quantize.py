@@ -308,16 +308,25 @@ def _exported(model: Model, data: Dataset) -> Model:
 # not below FP32's cannot be chosen (the engine never picks a model slower than the original), so
 # it is not judged: on EfficientNet-Lite1, judging ONNX Runtime's dynamic INT8 (ConvInteger) alone
 # took 193 s of a loaded machine, FP16 on the CPU 31 s.
+# Only where judging costs (FP32 p50 of at least SCREEN_MIN_MS: sub-millisecond models are judged in
+# moments and their quick timings are noise) and only clear losers (below SCREEN_BELOW x FP32 speed).
 QUICK = BenchSettings(warmup=2, min_runs=8, min_seconds=0.1, max_seconds=2.0)
+SCREEN_MIN_MS = 1.0
+SCREEN_BELOW = 0.9
 
 
 def _quick_screen(base: CandidateResult, pending: list[CandidateResult], *, device: DeviceProfile,
                   threads: int | None, data: Dataset, notes: list[str]) -> list[CandidateResult]:
-    """Time ``pending`` briefly beside FP32; mark and return those slower than FP32 (not judged)."""
+    """Time ``pending`` briefly beside FP32; mark and return the clearly slower ones (not judged)."""
     if not pending:
         return []
-    time_candidates(replace(base), pending, bench=QUICK, device=device, threads=threads, data=data)
-    slow = [r for r in pending if r.speedup is not None and r.speedup < 1.0]
+    probe = replace(base)
+    time_candidates(probe, pending, bench=QUICK, device=device, threads=threads, data=data)
+    if probe.latency_ms.get("p50", 0.0) < SCREEN_MIN_MS:
+        for r in pending:  # judged and timed as usual
+            r.latency_ms, r.speedup, r.speedup_interval = {}, None, None
+        return []
+    slow = [r for r in pending if r.speedup is not None and r.speedup < SCREEN_BELOW]
     for r in slow:
         r.status = "rejected"
         r.reason = f"slower than FP32 in a quick timing ({r.speedup:.2f}x, {QUICK.min_runs}+ runs); not judged"

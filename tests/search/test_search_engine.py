@@ -65,6 +65,16 @@ def test_ties_within_noise_go_to_the_more_accurate() -> None:
     assert "within 5%" in a.reason
 
 
+def test_sizes_a_few_bytes_apart_are_one_size_and_the_faster_wins() -> None:
+    # the same weights with another run-time setting: a few metadata bytes apart, tied on speed and accuracy
+    slower = result("dq64", p50=0.50, size=100_000, acc=0.99, drop=0.0)
+    faster = result("dq128", p50=0.48, size=100_001, acc=0.99, drop=0.0)
+    assert choose(BASE, [slower, faster], objective="latency", budget=Budget(max_drop=0.01)) is faster
+    # a really smaller one (2 %) still wins the tie
+    smaller = result("small", p50=0.50, size=98_000, acc=0.99, drop=0.0)
+    assert choose(BASE, [smaller, faster], objective="latency", budget=Budget(max_drop=0.01)) is smaller
+
+
 def test_nothing_qualifies_returns_none() -> None:
     r = result("x", p50=0.5, size=300, acc=0.5, drop=0.49, ok_budget=False)
     assert choose(BASE, [r], objective="latency", budget=Budget()) is None

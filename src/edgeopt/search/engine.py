@@ -32,6 +32,7 @@ from edgeopt.transforms.config import TransformContext
 # equally fast, and the tie is broken by accuracy, then size, so noise cannot flip the choice.
 MIN_GAIN = 0.03
 TIE = 0.05
+SIZE_TIE = 0.01
 
 
 @dataclass
@@ -338,7 +339,11 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
     best = min(tied, key=lambda r: (_quality_lost(r), r.size_bytes, order[id(r)]))
     noise = _tell_apart(best)
     within = [r for r in tied if _quality_lost(r) - _quality_lost(best) <= noise + 1e-12]
-    chosen = sorted(within, key=lambda r: (r.size_bytes, _objective_value(r, "latency"), order[id(r)]))[0]
+    # sizes within SIZE_TIE are one size (the same weights with other run-time settings differ by a few
+    # metadata bytes): among those the faster wins
+    smallest = min(r.size_bytes for r in within)
+    same_size = [r for r in within if r.size_bytes <= smallest * (1 + SIZE_TIE)]
+    chosen = sorted(same_size, key=lambda r: (_objective_value(r, "latency"), r.size_bytes, order[id(r)]))[0]
     for r in qualified:
         if r is chosen:
             r.status = "chosen"

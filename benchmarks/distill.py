@@ -43,11 +43,12 @@ sys.path.insert(0, str(ROOT / "src"))
 from edgeopt.data import load_data  # noqa: E402
 from edgeopt.fileio import write_json  # noqa: E402
 from edgeopt.model import Model, load_model  # noqa: E402
+from edgeopt.report.distill import distill, distill_text  # noqa: E402
 from edgeopt.text_data import TextExamples, WordVocab, text_dataset  # noqa: E402
 from edgeopt.training import TrainConfig, TrainSettings, accuracy_torch, fit  # noqa: E402
 from edgeopt.transforms.architectures import build_architecture  # noqa: E402
-from edgeopt.transforms.distill import Distill, distill  # noqa: E402
-from edgeopt.transforms.distill_text import DistillText, distill_text, halve_bert, make_bert_classifier  # noqa: E402
+from edgeopt.transforms.distill import Distill  # noqa: E402
+from edgeopt.transforms.distill_text import DistillText, halve_bert, make_bert_classifier  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "distill.json"
 DIGITS = ROOT / "examples" / "digits"

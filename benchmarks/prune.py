@@ -36,7 +36,7 @@ def _digits(config: Any, threads: int) -> dict[str, Any]:
     from edgeopt.data import load_data
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.model import load_model
-    from edgeopt.transforms.prune import prune
+    from edgeopt.report.prune import prune
 
     model = load_model(f"{DIGITS / 'digits_cnn.py'}:DigitsCNN", weights=DIGITS / "digits_cnn.pt")
     train, test = load_data(DIGITS / "train.npz"), load_data(DIGITS / "test.npz")
@@ -51,7 +51,8 @@ def _torchvision(name: str, ratio: float, threads: int) -> dict[str, Any]:
 
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.model import Model
-    from edgeopt.transforms.prune import StructuredPrune, prune
+    from edgeopt.report.prune import prune
+    from edgeopt.transforms.prune import StructuredPrune
 
     torch.manual_seed(0)
     module = getattr(torchvision.models, name)(weights=None).eval()
@@ -67,8 +68,9 @@ def _latency_target(name: str, fraction: float, ceiling: float, threads: int) ->
 
     from edgeopt.measure.bench import BenchSettings, benchmark
     from edgeopt.model import Model
+    from edgeopt.report.prune import prune
     from edgeopt.transforms.export import to_onnx
-    from edgeopt.transforms.prune import StructuredPrune, prune
+    from edgeopt.transforms.prune import StructuredPrune
 
     torch.manual_seed(0)
     module = getattr(torchvision.models, name)(weights=None).eval()

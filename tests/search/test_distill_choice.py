@@ -126,7 +126,8 @@ def test_when_the_baseline_wins_the_cli_ships_it_and_says_so(cli, tmp_path, wron
 def test_epochs_auto_stops_on_the_plateau(digits_onnx, digits400, student_py):
     from edgeopt.data import load_data
     from edgeopt.model import load_model
-    from edgeopt.transforms.distill import Distill, distill
+    from edgeopt.report.distill import distill
+    from edgeopt.transforms.distill import Distill
 
     result = distill(load_model(digits_onnx), load_data(digits400),
                      Distill(student=student_py, temperature=2.0, alpha=0.5, assistant="none", time_budget=120, train=TrainSettings(epochs="auto", patience=1, lr=1e-2)),
@@ -145,7 +146,8 @@ def test_epochs_auto_stops_on_the_plateau(digits_onnx, digits400, student_py):
 def test_notes_for_a_best_epoch_that_is_the_last_and_test_data_that_chose(digits_onnx, digits400, student_py):
     from edgeopt.data import load_data
     from edgeopt.model import load_model
-    from edgeopt.transforms.distill import Distill, distill
+    from edgeopt.report.distill import distill
+    from edgeopt.transforms.distill import Distill
 
     data = load_data(digits400)
     result = distill(load_model(digits_onnx), data, Distill(student=student_py, temperature=2.0, alpha=0.5, assistant="none", train=TrainSettings(epochs=1, lr=1e-2)),
@@ -164,7 +166,8 @@ def test_takd_for_a_student_32x_smaller(digits_onnx, digits400, student_py):
     """A catalogue network between the two (cnn3_w32, 94K) is distilled first and teaches the student."""
     from edgeopt.data import load_data
     from edgeopt.model import load_model
-    from edgeopt.transforms.distill import Distill, distill
+    from edgeopt.report.distill import distill
+    from edgeopt.transforms.distill import Distill
 
     result = distill(load_model(digits_onnx), load_data(digits400),
                      Distill(student=student_py, temperature=2.0, alpha=0.5, train=TrainSettings(epochs=2, lr=1e-2)),

@@ -13,9 +13,10 @@ torch = pytest.importorskip("torch")
 from edgeopt.data import Dataset, load_data  # noqa: E402
 from edgeopt.errors import BadInput, ConfigError, DataError  # noqa: E402
 from edgeopt.model import load_model  # noqa: E402
+from edgeopt.report.distill import distill  # noqa: E402
 from edgeopt.training import TrainSettings  # noqa: E402
 from edgeopt.transforms.config import TransformContext, apply_config, config_from_dict, config_to_dict  # noqa: E402
-from edgeopt.transforms.distill import Distill, distill  # noqa: E402
+from edgeopt.transforms.distill import Distill  # noqa: E402
 
 STUDENT_SRC = '''
 from torch import nn

@@ -178,8 +178,9 @@ def _distill_vision(teacher: str, student: str, data: str, out: Path, weights_pa
     from edgeopt.cli.common import load_data_arg
     from edgeopt.fileio import atomic_path
     from edgeopt.model import load_model
+    from edgeopt.report.distill import distill
     from edgeopt.training import TrainSettings
-    from edgeopt.transforms.distill import Distill, distill
+    from edgeopt.transforms.distill import Distill
 
     train = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=patience, warmup=warmup)
     config = Distill(student=student, train=train, temperature=temperature, alpha=alpha,
@@ -207,9 +208,10 @@ def _distill_text(teacher: str, student: str, data: str, out: Path, weights_path
 
     from edgeopt.errors import BadInput
     from edgeopt.fileio import atomic_path, write_json
+    from edgeopt.report.distill import distill_text
     from edgeopt.text_data import load_jsonl
     from edgeopt.training import TrainSettings
-    from edgeopt.transforms.distill_text import DistillText, distill_text, load_text_teacher
+    from edgeopt.transforms.distill_text import DistillText, load_text_teacher
 
     if augment_shift:
         raise BadInput("--augment-shift shifts images; it does not apply to text")

@@ -73,9 +73,10 @@ def prune(
     from edgeopt.fileio import write_json
     from edgeopt.measure.bench import BenchSettings
     from edgeopt.model import load_model
+    from edgeopt.report.prune import prune as run_prune
+    from edgeopt.report.prune import save_pruned
     from edgeopt.training import TrainSettings
-    from edgeopt.transforms.prune import StructuredPrune, UnstructuredPrune, save_pruned, torch_module
-    from edgeopt.transforms.prune import prune as run_prune
+    from edgeopt.transforms.prune import StructuredPrune, UnstructuredPrune, torch_module
 
     check_threads(threads)
     if epochs > 0 and data is None:

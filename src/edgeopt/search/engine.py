@@ -207,8 +207,10 @@ def baseline_result(baseline: Model, eval_data: Dataset, budget: Budget, *, devi
 
 def time_candidates(baseline: CandidateResult, results: list[CandidateResult], *, bench: BenchSettings | None,
                     device: str | DeviceProfile | None = None, threads: int | None = None,
-                    data: Dataset | None = None) -> None:
-    """Time the baseline and every built candidate interleaved; fill latency, speedup, size and memory."""
+                    data: Dataset | None = None) -> list[BenchResult]:
+    """Time the baseline and every built candidate interleaved; fill latency, speedup, size and memory.
+
+    Returns the harness's results (baseline first, then the timed candidates in order)."""
     timed = [baseline] + [r for r in results if r.model is not None]
     models = [r.model for r in timed]
     run_settings = [resolve_settings(m, device=device, threads=threads) for m in models]
@@ -225,6 +227,7 @@ def time_candidates(baseline: CandidateResult, results: list[CandidateResult], *
         r.model_memory_mb = b.model_memory_mb
         r.peak_rss_mb = b.peak_rss_mb
         r.runtime, r.threads = b.runtime, b.threads
+    return bench_results
 
 
 def result_for(cand: Candidate, *, key: str, eval_data: Dataset, budget: Budget, baseline_outputs: np.ndarray,

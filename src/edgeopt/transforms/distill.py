@@ -107,6 +107,11 @@ class DistillResult:
     baseline: Any = None
     history: list[dict[str, float]] = field(default_factory=list)
     candidates: list[Any] = field(default_factory=list)
+    # what the report step (report/distill.py) measures on: the split the figures come from
+    validation: Dataset | None = field(default=None, repr=False)
+    test: Dataset | None = field(default=None, repr=False)
+    input_size: tuple[int, ...] = ()
+    student_module: Any = field(default=None, repr=False)
 
 
 def build_student(spec: str, *, input_size: tuple[int, ...], classes: int, seed: int = 0) -> Any:
@@ -251,7 +256,8 @@ def _feature_loss(torch: Any, student: Any, teacher: Any, train: Dataset, weight
     return extra, list(proj.parameters()), [s_cap.handle, t_cap.handle]
 
 
-def _onnx_params(model: Model) -> int:
+def onnx_params(model: Model) -> int:
+    """Parameters stored in an ONNX graph (its initializers)."""
     from onnx import numpy_helper
 
     return int(sum(numpy_helper.to_array(t).size for t in model.onnx.graph.initializer))
@@ -282,10 +288,14 @@ def _params(module: Any) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 
-def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, validation: Dataset | None = None,
-            test: Dataset | None = None, baseline: bool = True, device: Any = None, threads: int | None = None,
-            bench_seconds: float = 2.0, progress: bool = True, measure: bool = True) -> DistillResult:
-    """Distill ``teacher`` into ``config.student`` on ``data``; ship the best candidate; measure it.
+def distilled_model(teacher: Model, data: Dataset, config: Distill | None = None, *,
+                    validation: Dataset | None = None, test: Dataset | None = None, baseline: bool = True,
+                    progress: bool = True, hold_test: bool = True) -> DistillResult:
+    """The technique: distill ``teacher`` into ``config.student`` on ``data`` and ship the best candidate.
+
+    Nothing here exports the teacher or times anything: :func:`edgeopt.report.distill.distill` measures
+    the shipped student against the teacher through the shared step (measure/outcome.py), and a
+    recipe's candidate is measured once, by the search.
 
     Candidates (all from the same initial weights): the student on labels alone, the student
     distilled at each (temperature, alpha) the config leaves open (a small grid) or gives, and,
@@ -300,21 +310,20 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
         test: data the report's accuracies are measured on, which chose nothing (default: another
             ``val_fraction`` of ``data``).
         baseline: also train the same student without the teacher as a candidate (needs labels).
-        device, threads: where latency is measured (teacher and student interleaved).
-        measure: False skips the teacher export, test evaluation and timing (the search does its own).
+        hold_test: hold a test split out of ``data`` when ``test`` is None (the search judges on its own).
 
     Returns:
         a :class:`DistillResult`; ``report`` holds every candidate (validation and test accuracy,
-        epochs, stop reason), which one shipped, teacher vs student params, MACs, size, latency
-        (with the speed-up ratio) and accuracy, the labels-only baseline and notes.
+        epochs, stop reason), which one shipped, the student's params and export check, the
+        labels-only baseline and notes.
 
     Raises:
         BadInput: a student whose output size differs from the teacher's, an unknown architecture.
         DataError: no labels when alpha < 1 asks for the hard-label loss.
 
     Example:
-        >>> r = distill(load_model("teacher.onnx"), load_data("train.npz"), Distill(student="squeezenet1_1"))  # doctest: +SKIP
-        >>> r.report["chosen"], r.report["student"]["accuracy"], r.report["baseline"]["accuracy"]
+        >>> r = distilled_model(load_model("teacher.onnx"), load_data("train.npz"), Distill(student="cnn3_w16"))  # doctest: +SKIP
+        >>> r.report["chosen"], r.report["baseline"]["accuracy"]
     """
     torch = require("torch", extra="torch")
     from edgeopt.search import distill_choice as choice
@@ -328,8 +337,8 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
         raise BadInput("feature matching needs a PyTorch teacher (file.py:factory), not an ONNX one")
     if len(data.inputs) != 1:
         raise DataError(f"{data.source}: vision distillation takes one input array 'x'; for text use a .jsonl file")
-    judged = measure or test is not None  # the search judges the student on its own held-out data
-    train, validation, test = split_for_distillation(data, cfg, validation=validation, test=test, hold_test=judged)
+    train, validation, test = split_for_distillation(data, cfg, validation=validation, test=test,
+                                                      hold_test=hold_test or test is not None)
     input_size = tuple(next(iter(train.inputs.values())).shape[1:])
 
     run_teacher = teacher_function(teacher)
@@ -344,7 +353,7 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
         raise BadInput(f"student {cfg.student} has {got} outputs but the teacher has {classes}; build the "
                        f"student with {classes} classes")
     initial = {k: v.clone() for k, v in student.state_dict().items()}
-    t_params = _params(teacher.module) if teacher.format == "torch" else _onnx_params(teacher)
+    t_params = _params(teacher.module) if teacher.format == "torch" else onnx_params(teacher)
     s_params = _params(student)
 
     labels = train.labels is not None
@@ -458,20 +467,12 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
         report["baseline"] = {"description": "same student, same init/epochs/seed/augmentation, trained on labels only",
                               "accuracy": base.test_accuracy, "epochs_run": base.epochs_run,
                               "best_val_accuracy": base.val_accuracy}
-    if measure and test is not None:
-        _measure(report, teacher, student, student_onnx, input_size=input_size, validation=validation, test=test,
-                 device=device, threads=threads, bench_seconds=bench_seconds)
-        s_acc = report["student"]["accuracy"]
-        if base is not None and base.test_accuracy is not None and s_acc is not None:
-            report["distillation_gain_pt"] = round(100 * (s_acc - base.test_accuracy), 3)
-            best_distilled = choice.pick([c for c in candidates if c.distilled]) if len(candidates) > 1 else None
-            if best_distilled is not None and best_distilled.test_accuracy is not None:
-                report["best_distilled_gain_pt"] = round(100 * (best_distilled.test_accuracy - base.test_accuracy), 3)
     if views is not None:
         report.setdefault("teacher", {})["validation_accuracy_on_views"] = views
     return DistillResult(student=student_model, student_onnx=student_onnx, report=report,
                          baseline=base.module if base is not None else None, history=fitted.history,
-                         candidates=candidates)
+                         candidates=candidates, validation=validation, test=test, input_size=input_size,
+                         student_module=student)
 
 
 def _via_assistant(assistant: str, candidates: list[Any], *, input_size: tuple[int, ...], classes: int,
@@ -504,47 +505,6 @@ def _via_assistant(assistant: str, candidates: list[Any], *, input_size: tuple[i
     return c
 
 
-def _measure(report: dict[str, Any], teacher: Model, student: Any, student_onnx: Model, *,
-             input_size: tuple[int, ...], validation: Dataset, test: Dataset, device: Any, threads: int | None,
-             bench_seconds: float) -> None:
-    """Teacher vs shipped student on the test data, and their latency interleaved (fills ``report``)."""
-    from edgeopt.measure.bench import BenchSettings, compare
-    from edgeopt.measure.complexity import count_macs_params
-    from edgeopt.measure.evaluate import evaluate
-    from edgeopt.transforms.export import OnnxExport, to_onnx
-
-    if teacher.format == "torch":
-        teacher_onnx, _ = to_onnx(Model.from_torch(teacher.module.eval(), source=teacher.source,
-                                                   input_shape=(1, *input_size)), OnnxExport(atol=1e-3), data=validation)
-        teacher_onnx = Model.from_onnx(teacher_onnx.onnx, source="teacher")
-        t_macs, t_params = count_macs_params(teacher.module, np.zeros((1, *input_size), np.float32))
-    else:
-        teacher_onnx = Model.from_onnx(teacher.onnx, source="teacher")
-        t_macs, t_params = None, _onnx_params(teacher)
-    s_macs, s_params = count_macs_params(student, np.zeros((1, *input_size), np.float32))
-    t_eval = evaluate(teacher_onnx, test, threads=threads, device=device)
-    s_eval = evaluate(student_onnx, test, reference=teacher_onnx, threads=threads, device=device)
-    timings = compare([teacher_onnx, student_onnx], settings=BenchSettings(
-        warmup=10, min_runs=50, min_seconds=bench_seconds, max_seconds=max(10.0, 5 * bench_seconds)),
-        threads=threads, device=device)
-
-    def lat(r: Any) -> dict[str, Any]:
-        return {k: round(v, 4) for k, v in r.latency_ms.items()}
-
-    report["teacher"] = {"source": teacher.source, "format": teacher.format, "params": t_params, "macs": t_macs,
-                         "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": lat(timings[0]),
-                         "accuracy": t_eval.accuracy}
-    report["student"].update({"params": s_params, "macs": s_macs, "onnx_bytes": student_onnx.size_bytes,
-                              "latency_ms": lat(timings[1]), "accuracy": s_eval.accuracy,
-                              "agreement": s_eval.agreement})
-    report["ratios"] = {"params": t_params / s_params, "macs": (t_macs / s_macs) if t_macs else None,
-                        "size": teacher_onnx.size_bytes / student_onnx.size_bytes,
-                        "speedup_p50": timings[0].latency_ms["p50"] / timings[1].latency_ms["p50"]}
-    report["latency"] = {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True}
-    if s_eval.accuracy is not None and t_eval.accuracy is not None:
-        report["accuracy_drop_pt"] = round(100 * (t_eval.accuracy - s_eval.accuracy), 3)
-
-
 _RECIPE_MEMO: dict[str, Model] = {}  # the search applies the same distill step in several recipes (+ INT8)
 
 
@@ -574,8 +534,8 @@ def _apply(model: Model, config: Distill, ctx: TransformContext) -> Model:
     teacher = ctx.teacher if ctx.teacher is not None else model
     key = _memo_key(teacher, config, ctx.train, ctx.validation)
     if key not in _RECIPE_MEMO:
-        result = distill(teacher, ctx.train, config, validation=ctx.validation, baseline=True,
-                         device=ctx.device, progress=ctx.progress, measure=False)
+        result = distilled_model(teacher, ctx.train, config, validation=ctx.validation, baseline=True,
+                                 progress=ctx.progress, hold_test=False)
         student = result.student_onnx.with_metadata(distill_chosen=result.report["chosen"])
         while len(_RECIPE_MEMO) >= 4:
             _RECIPE_MEMO.pop(next(iter(_RECIPE_MEMO)))

@@ -203,13 +203,17 @@ class TextDistillResult:
     vocab: WordVocab
     report: dict[str, Any]
     baseline_module: Any = None
+    teacher_onnx: Model | None = None  # what the report step (report/distill.py) measures on
+    test_data: Any = None
 
 
-def distill_text(teacher: Any, examples: TextExamples, config: DistillText | None = None, *,
-                 vocab: WordVocab | None = None, test: TextExamples | None = None, baseline: bool = True,
-                 device: Any = None, threads: int | None = None, bench_seconds: float = 2.0,
-                 progress: bool = True) -> TextDistillResult:
-    """Distill a BERT-family classifier into its every-other-layer student and measure both.
+def distilled_text_model(teacher: Any, examples: TextExamples, config: DistillText | None = None, *,
+                         vocab: WordVocab | None = None, test: TextExamples | None = None, baseline: bool = True,
+                         progress: bool = True) -> TextDistillResult:
+    """The technique: distill a BERT-family classifier into its every-other-layer student; export both.
+
+    Nothing here evaluates the exports or times them: :func:`edgeopt.report.distill.distill_text`
+    measures student against teacher through the shared step (measure/outcome.py).
 
     Args:
         teacher: a ``transformers`` sequence classifier (e.g. ``BertForSequenceClassification``).
@@ -220,19 +224,17 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
         baseline: also train the same initialised student on labels alone.
 
     Returns:
-        a :class:`TextDistillResult` with the student, its verified ONNX export and the report
-        (layers, params, size, interleaved batch-1 latency, accuracy, the baseline).
+        a :class:`TextDistillResult` with the student, its verified ONNX export (and the teacher's) and
+        the report (layers, params, sizes, candidates, the baseline).
 
     Raises:
         DataError: no labels with alpha < 1; labels outside the teacher's classes.
         ModelError: a teacher that is not a BERT-style encoder classifier.
 
     Example:
-        >>> r = distill_text(teacher, load_jsonl("train.jsonl"), DistillText(train=TrainSettings(epochs=3)))  # doctest: +SKIP
+        >>> r = distilled_text_model(teacher, load_jsonl("train.jsonl"), DistillText(train=TrainSettings(epochs=3)))  # doctest: +SKIP
     """
     torch = require("torch", extra="torch")
-    from edgeopt.measure.bench import BenchSettings, compare
-    from edgeopt.measure.evaluate import evaluate
     from edgeopt.training import TrainConfig, accuracy_torch, fit, predict_torch
 
     cfg = config or DistillText()
@@ -318,37 +320,29 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
 
     teacher_onnx = export_text_classifier(teacher, validation, source="teacher")
     student_onnx = export_text_classifier(student, validation, source="student")
-    t_eval = evaluate(teacher_onnx, test_data, threads=threads, device=device)
-    s_eval = evaluate(student_onnx, test_data, reference=teacher_onnx, threads=threads, device=device)
-    timings = compare([teacher_onnx, student_onnx], data=test_data, threads=threads, device=device,
-                      settings=BenchSettings(warmup=10, min_runs=50, min_seconds=bench_seconds,
-                                             max_seconds=max(10.0, 5 * bench_seconds)))
 
     def n_params(m: Any) -> int:
         return int(sum(p.numel() for p in m.parameters()))
 
-    def lat(r: Any) -> dict[str, float]:
-        return {k: round(v, 4) for k, v in r.latency_ms.items()}
-
     report: dict[str, Any] = {
         "config": {"student": "half", "epochs": cfg.train.epochs, "temperature": cfg.temperature, "alpha": cfg.alpha,
-                   "hidden_weight": cfg.hidden_weight, "lr": cfg.train.lr, "warmup": cfg.train.warmup, "max_len": max_len,
-                   "seed": cfg.train.seed, "time_budget": cfg.time_budget, "train_schedule": schedule},
+                   "hidden_weight": cfg.hidden_weight, "lr": cfg.train.lr, "warmup": cfg.train.warmup,
+                   "max_len": max_len, "seed": cfg.train.seed, "time_budget": cfg.time_budget,
+                   "train_schedule": schedule},
         "data": {"train": len(train), "validation": len(validation), "test": len(test_data),
                  "test_source": test_data.source, "vocab_size": len(vocab)},
         "teacher": {"layers": len(_encoder_layers(teacher)), "params": n_params(teacher), "macs": None,
-                    "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": lat(timings[0]), "accuracy": t_eval.accuracy},
+                    "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": None, "accuracy": None},
         "student": {"layers": len(_encoder_layers(student)), "params": n_params(student), "macs": None,
-                    "onnx_bytes": student_onnx.size_bytes, "latency_ms": lat(timings[1]),
-                    "accuracy": s_eval.accuracy, "accuracy_before_training": initial_acc,
-                    "agreement": s_eval.agreement, "epochs_run": fitted.epochs_run,
+                    "onnx_bytes": student_onnx.size_bytes, "latency_ms": None,
+                    "accuracy": None, "accuracy_before_training": initial_acc,
+                    "agreement": None, "epochs_run": fitted.epochs_run,
                     "best_epoch": fitted.best_epoch, "best_val_accuracy": fitted.best_val_accuracy,
                     "stopped": fitted.stopped, "distilled": chosen.distilled, "temperature": chosen.temperature,
                     "alpha": chosen.alpha},
         "ratios": {"params": n_params(teacher) / n_params(student),
-                   "size": teacher_onnx.size_bytes / student_onnx.size_bytes,
-                   "speedup_p50": timings[0].latency_ms["p50"] / timings[1].latency_ms["p50"]},
-        "latency": {"runtime": timings[0].runtime, "threads": timings[0].threads, "batch": 1, "interleaved": True},
+                   "size": teacher_onnx.size_bytes / student_onnx.size_bytes, "speedup_p50": None},
+        "latency": None,
         "baseline": None if base_module is None else {
             "description": "same every-other-layer student, trained on labels only", "accuracy": base_acc},
         "chosen": chosen.name,
@@ -356,12 +350,8 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
         "candidates": [c.to_dict() for c in candidates],
         "notes": notes + student_notes(fitted, student_params=n_params(student), teacher_params=n_params(teacher)),
     }
-    if base_acc is not None and s_eval.accuracy is not None:
-        report["distillation_gain_pt"] = round(100 * (s_eval.accuracy - base_acc), 3)
-    if t_eval.accuracy and s_eval.accuracy is not None:
-        report["accuracy_retained"] = s_eval.accuracy / t_eval.accuracy
     return TextDistillResult(student_module=student, student_onnx=student_onnx, vocab=vocab, report=report,
-                             baseline_module=base_module)
+                             baseline_module=base_module, teacher_onnx=teacher_onnx, test_data=test_data)
 
 
 def predict_text(module: Any, examples: TextExamples, vocab: WordVocab, *, max_len: int = 64) -> np.ndarray:

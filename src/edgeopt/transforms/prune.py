@@ -1,5 +1,9 @@
 """Pruning: unstructured L1 magnitude sparsity and structured channel removal, with fine-tuning.
 
+This module is the technique only (surgery and fine-tuning): :func:`pruned_model` returns the pruned
+model and its facts. Export, the before/after measurement and the files the ``prune`` command
+writes are in :mod:`edgeopt.report.prune`.
+
 Unstructured pruning zeroes weights; dense runtimes do not skip zeros, so it makes a model
 smaller only once compressed (gzip of the weights) and no faster: the report says so with
 measured numbers. Structured pruning (``prune_structured``, over torch-pruning) removes whole
@@ -11,9 +15,7 @@ the data the result is judged on never overlaps the tuning data.
 from __future__ import annotations
 
 import copy
-import gzip
-import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -122,15 +124,6 @@ class StructuredPrune:
 PruneConfig = UnstructuredPrune | StructuredPrune
 
 
-@dataclass
-class PruneResult:
-    """The pruned PyTorch model, its verified ONNX export, and the report (as written to JSON)."""
-
-    model: Model
-    onnx: Model
-    report: dict[str, Any] = field(default_factory=dict)
-
-
 # -- the mechanics -------------------------------------------------------------------------------
 def torch_module(model: Model) -> Any:
     """The nn.Module of a PyTorch Model; ModelError explaining how to give one otherwise."""
@@ -142,7 +135,8 @@ def torch_module(model: Model) -> Any:
     return model.module
 
 
-def _example(model: Model, data: Dataset | None) -> Any:
+def example_input(model: Model, data: Dataset | None) -> Any:
+    """One batch-1 input tensor for ``model`` (from ``data`` when given); DataError when it does not fit."""
     torch = require("torch", extra="torch")
     from edgeopt.transforms.export import example_inputs
 
@@ -349,164 +343,34 @@ def _to_latency(module: Any, config: StructuredPrune, example: Any, channels: An
     return (one_shot(module, ratio) if ratio > 0 else []), search.report()
 
 
-# -- the public API ------------------------------------------------------------------------------
-def _state_dict_bytes(module: Any) -> bytes:
-    torch = require("torch", extra="torch")
-    buf = io.BytesIO()
-    torch.save(module.state_dict(), buf)
-    return buf.getvalue()
-
-
-def _sizes(onnx_model: Model, module: Any) -> dict[str, int]:
-    onnx_bytes = onnx_model.serialized()
-    state = _state_dict_bytes(module)
-    return {"onnx_bytes": len(onnx_bytes), "onnx_gzip_bytes": len(gzip.compress(onnx_bytes, 6)),
-            "state_dict_bytes": len(state), "state_dict_gzip_bytes": len(gzip.compress(state, 6))}
-
-
-def prune(model: Model, config: PruneConfig, *, data: Dataset | None = None, eval_data: Dataset | None = None,
-          threads: int | None = None, device: Any = None, latency: bool = True, bench_settings: Any = None,
-          progress: bool = False) -> PruneResult:
-    """Prune a PyTorch model, fine-tune it on ``data``, export it to ONNX and measure the effect.
+# -- the technique -------------------------------------------------------------------------------
+def pruned_model(model: Model, config: PruneConfig, *, train: Dataset | None = None, example_data: Dataset | None = None,
+                 teacher: Model | Any = None, progress: bool = False, timing: Any = None) -> tuple[Model, dict[str, Any]]:
+    """The technique: ``model`` pruned (and, with ``train`` and ``train.epochs`` > 0, fine-tuned), and its facts.
 
     Args:
-        model: a PyTorch Model (``file.py:factory`` + weights, or ``.pt2``); it is not changed.
+        model: a PyTorch Model; it is not changed.
         config: :class:`UnstructuredPrune` or :class:`StructuredPrune`.
-        data: fine-tuning data (and Taylor gradients). Without ``eval_data``, a labelled ``data``
-            used for either is split 80/20 (stratified) so the result is judged on samples it was
-            not tuned on; when ``data`` is not used for tuning, it is only judged on.
-        eval_data: the data accuracy before/after is judged on (never used for tuning).
-        threads: intra-op threads for timing and evaluation; default: ``device``'s, else 1.
-        device: a device profile (name, .yaml or DeviceProfile) whose runtime and threads time
-            the models; default: ONNX Runtime.
-        latency: time the original and pruned ONNX models interleaved (``measure.compare``).
-        bench_settings: ``BenchSettings`` for that timing and for ``target_latency_ms``'s.
+        train: fine-tuning data (and Taylor gradients).
+        example_data: data that gives the input shape when ``train`` is None.
+        teacher: distil the fine-tune from this model (default: the unpruned original) when ``config.distill``.
+        timing: a ``prune_latency.LatencyTiming`` for ``target_latency_ms`` (its defaults when None).
 
     Returns:
-        PruneResult with the pruned torch Model, its verified ONNX export and the report:
-        MACs/params before and after, per-layer sparsity or shapes, sizes and gzip sizes,
-        latency before/after and accuracy before/after (when labels exist); for a latency
-        target, ``target_latency`` (every timing, the original's and the reached latency) and
-        ``target_latency_met``.
-
-    Raises:
-        ModelError: the model is not PyTorch.
-        ConfigError: invalid layers or settings.
-
-    Example:
-        >>> r = prune(load_model("net.py:build", weights="w.pt"), StructuredPrune(ratio=0.5))  # doctest: +SKIP
-        >>> r.report["macs"]["reduction_pct"]
+        (the pruned torch Model, facts: the per-layer sparsity table or shapes, the pruning steps,
+        the fine-tune history, the latency-target search). Nothing here is evaluated or timed for
+        the report: :func:`edgeopt.measure.outcome.measure_outcome` does that, for every technique.
     """
-    from edgeopt.measure.complexity import count_macs_params
-    from edgeopt.measure.evaluate import evaluate
-    from edgeopt.transforms.export import to_onnx
-    from edgeopt.transforms.prune_latency import LatencyTiming
-
     original = torch_module(model)
-    runtime = None if device is not None else "onnxruntime"
-    threads = threads if threads is not None or device is not None else 1
-    tune_data = data
-    uses_data = config.train.epochs > 0 or getattr(config, "importance", None) == "taylor"
-    if data is not None and eval_data is None and data.labels is not None and uses_data:
-        tune_data, eval_data = data.split(0.8, seed=config.train.seed)
-    elif data is not None and eval_data is None and data.labels is not None:
-        eval_data = data
-    example = _example(model, tune_data or eval_data)
-    input_shape = tuple(example.shape)
-    macs0, params0 = count_macs_params(original, example)
-    check_data = eval_data or tune_data
-    base_onnx, _ = to_onnx(Model.from_torch(original, source=model.source, input_shape=input_shape), data=check_data)
+    example = example_input(model, train or example_data)
     module = copy.deepcopy(original).eval()
-    teacher = None
-    if tune_data is not None and config.train.epochs > 0 and config.distill:
-        teacher = teacher_logits_for(original, tune_data)
-    timing = LatencyTiming(original=base_onnx, runtime=runtime, threads=threads, device=device,
-                           settings=bench_settings)
-    info = prune_module(module, config, example=example, train=tune_data, teacher_logits=teacher, progress=progress,
+    logits = None
+    if train is not None and config.train.epochs > 0 and config.distill:
+        logits = teacher_logits_for(teacher if teacher is not None else original, train)
+    info = prune_module(module, config, example=example, train=train, teacher_logits=logits, progress=progress,
                         timing=timing)
     module.eval()
-    macs1, params1 = count_macs_params(module, example)
-    pruned = Model.from_torch(module, source=f"{model.source} (pruned)", input_shape=input_shape)
-    pruned_onnx, check = to_onnx(pruned, data=check_data)
-    report: dict[str, Any] = {
-        "model": model.source, **info, "config": _config_dict(config),
-        "macs": {"before": macs0, "after": macs1, "reduction_pct": round(100.0 * (1 - macs1 / macs0), 2)
-                 if macs0 else None},
-        "params": {"before": params0, "after": params1,
-                   "reduction_pct": round(100.0 * (1 - params1 / params0), 2) if params0 else None},
-        "sizes": {"before": _sizes(base_onnx, original), "after": _sizes(pruned_onnx, module)},
-        "export_check": check.to_dict(),
-        "data": {"tuned_on": tune_data.source if tune_data is not None and uses_data else None,
-                 "judged_on": eval_data.source if eval_data is not None else None},
-    }
-    if isinstance(config, UnstructuredPrune):
-        report["note"] = ("unstructured zeros are still stored and multiplied by dense runtimes: the model "
-                          "shrinks only when compressed (gzip sizes), and latency is as measured, not assumed")
-    if eval_data is not None and eval_data.labels is not None:
-        before = evaluate(base_onnx, eval_data, threads=threads, device=device, keep_outputs=True)
-        after = evaluate(pruned_onnx, eval_data, threads=threads, device=device, reference=before.outputs)
-        report["accuracy"] = {"before": before.accuracy, "after": after.accuracy,
-                              "drop_pts": round(100.0 * (before.accuracy - after.accuracy), 3),
-                              "agreement": after.agreement, "samples": after.n}
-    if latency:
-        report["latency"] = _latency(base_onnx, pruned_onnx, timing)
-    return PruneResult(model=pruned, onnx=pruned_onnx, report=report)
-
-
-def _config_dict(config: PruneConfig) -> dict[str, Any]:
-    from edgeopt.transforms.config import config_to_dict
-
-    return config_to_dict(config)
-
-
-def _latency(base: Model, pruned: Model, timing: Any) -> dict[str, Any]:
-    """Batch-1 latency of both models, interleaved in one run (ONNX Runtime unless a device says otherwise)."""
-    from edgeopt.measure.bench import BenchSettings, compare
-
-    cfg = timing.settings or BenchSettings(min_runs=100, min_seconds=1.0)
-    before, after = compare([base, pruned], settings=cfg, batch=1, runtime=timing.runtime, threads=timing.threads,
-                            device=timing.device)
-    p0, p1 = before.latency_ms["p50"], after.latency_ms["p50"]
-    return {"runtime": before.runtime, "threads": before.threads, "batch": 1, "interleaved": True,
-            "before_ms": before.latency_ms, "after_ms": after.latency_ms,
-            "speedup_p50": round(p0 / p1, 3) if p1 > 0 else None, "runs": [before.runs, after.runs]}
-
-
-def save_pruned(result: PruneResult, out: Any) -> dict[str, str]:
-    """Write OUT (.onnx), OUT.pt (state_dict), OUT.pt2 (torch.export, reloadable architecture).
-
-    A structured-pruned state_dict only fits the pruned architecture, which the .pt2 carries.
-    """
-    from pathlib import Path
-
-    torch = require("torch", extra="torch")
-    from edgeopt.fileio import atomic_path
-
-    target = Path(out)
-    module = result.model.module.eval()
-    shape = result.model.inputs[0].shape if result.model.inputs else None
-    example = torch.zeros((2, *shape[1:])) if shape else None
-    paths = {"onnx": str(target), "state_dict": str(target.with_suffix(".pt")), "pt2": str(target.with_suffix(".pt2"))}
-    if example is None:
-        raise ModelError(f"{result.model.source}: input shape unknown; cannot write the .pt2 archive")
-    try:
-        program = torch.export.export(module, (example,),
-                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
-    except Exception as exc:
-        from edgeopt.errors import UnsupportedOperation
-
-        raise UnsupportedOperation(f"torch.export of the pruned model failed: {first_line(exc)}") from exc
-    with atomic_path(paths["pt2"]) as tmp:
-        staged = tmp.with_suffix(".pt2")  # torch.export.save wants the .pt2 suffix
-        try:
-            torch.export.save(program, str(staged))
-            staged.replace(tmp)
-        finally:
-            staged.unlink(missing_ok=True)
-    with atomic_path(paths["state_dict"]) as tmp:
-        torch.save(module.state_dict(), str(tmp))
-    result.onnx.save(target)
-    return paths
+    return Model.from_torch(module, source=f"{model.source} (pruned)", input_shape=tuple(example.shape)), info
 
 
 # -- recipe steps --------------------------------------------------------------------------------
@@ -514,16 +378,9 @@ def _apply(model: Model, config: PruneConfig, ctx: TransformContext) -> Model:
     """Recipe step: torch Model in, pruned (and, with ctx.train, fine-tuned) torch Model out."""
     from edgeopt.transforms.prune_latency import LatencyTiming
 
-    original = torch_module(model)
-    example = _example(model, ctx.train or ctx.calibration)
-    module = copy.deepcopy(original).eval()
-    teacher = None
-    if ctx.train is not None and config.train.epochs > 0 and config.distill:
-        teacher = teacher_logits_for(ctx.teacher if ctx.teacher is not None else original, ctx.train)
-    prune_module(module, config, example=example, train=ctx.train, teacher_logits=teacher, progress=ctx.progress,
-                 timing=LatencyTiming(device=ctx.device))
-    module.eval()
-    return Model.from_torch(module, source=f"{model.source} (pruned)", input_shape=tuple(example.shape))
+    pruned, _ = pruned_model(model, config, train=ctx.train, example_data=ctx.calibration, teacher=ctx.teacher,
+                             progress=ctx.progress, timing=LatencyTiming(device=ctx.device))
+    return pruned
 
 
 register_transform(UnstructuredPrune)(_apply)

@@ -175,10 +175,15 @@ def test_unlabelled_data_with_hard_loss_is_refused(digits_onnx):
 
 
 @pytest.mark.slow
-def test_recipe_step_returns_the_student_onnx(digits_onnx, small_train, student_py):
+def test_recipe_step_returns_the_student_onnx(digits_onnx, small_train, student_py, monkeypatch):
+    import importlib
+
+    bench = importlib.import_module("edgeopt.measure.bench")
     data = load_data(small_train)
     train, val = data.split(0.8, seed=0)
     teacher = load_model(digits_onnx)
+    # a recipe's student is timed once, by the search: the step itself times nothing
+    monkeypatch.setattr(bench, "compare", lambda *a, **k: pytest.fail("the distill step timed a model"))
     config = Distill(student=f"{student_py}:tiny", temperature=2.0, alpha=0.5, assistant="none", train=TrainSettings(epochs=1))
     out = apply_config(teacher, config, TransformContext(train=train, validation=val, progress=False))
     assert out.format == "onnx" and out.size_bytes < teacher.size_bytes / 10

@@ -242,6 +242,35 @@ def test_recipe_prunes_tunes_then_exports(tiny_factory, tiny_data) -> None:
     assert model.module.conv3.out_channels == 32  # the original is untouched
 
 
+def _no_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing or evaluating anything from here on fails the test: a technique must not measure itself."""
+    import importlib
+
+    bench, evaluate = (importlib.import_module(f"edgeopt.measure.{m}") for m in ("bench", "evaluate"))
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a technique timed or evaluated a model")
+
+    for module, names in ((bench, ("compare", "benchmark")), (evaluate, ("evaluate", "predict"))):
+        for name in names:
+            monkeypatch.setattr(module, name, refuse)
+
+
+def test_the_technique_returns_a_model_and_its_facts_and_measures_nothing(tiny_factory, tiny_data,
+                                                                          monkeypatch) -> None:
+    from edgeopt.transforms.prune import pruned_model
+
+    model = load_model(tiny_factory[0], weights=tiny_factory[1])
+    _no_measuring(monkeypatch)
+    pruned, facts = pruned_model(model, UnstructuredPrune(sparsity=0.5, train=TrainSettings(epochs=1)),
+                                 train=tiny_data[0])
+    assert pruned.format == "torch" and pruned.module is not model.module
+    rows = {r["layer"]: r for r in facts["sparsity"]}
+    assert set(rows) == {"conv1", "conv2", "conv3", "fc"} and rows["conv3"]["sparsity_pct"] == pytest.approx(50.0)
+    assert facts["fine_tune"][0]["epochs_run"] == 1  # the technique's own fact: its training history
+    assert "latency" not in facts and "accuracy" not in facts
+
+
 # -- CLI ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_unstructured_writes_model_weights_archive_and_report(cli, tiny_factory, tiny_data, tmp_path) -> None:

@@ -237,7 +237,7 @@ class Batcher:
             log.warning("batch failed, retrying its requests one by one",
                         extra={"model": self.name, "batch": total, "error": _one_line(exc)})
             retry = asyncio.ensure_future(self._retry_alone(live))
-            retry.add_done_callback(lambda _task: self._settle(batch, finished, queued))
+            retry.add_done_callback(lambda _task: self._settle(batch, finished, queued, total))
             return
         try:
             if exc is not None:
@@ -248,10 +248,14 @@ class Batcher:
             log.exception("batch failed", extra={"model": self.name})
             for p in live:
                 _resolve_error(p, _run_error(self.name, err))
-        self._settle(batch, finished, queued)
+        # the bookkeeping waits one loop step: the resolved requests' tasks (encode, write) go first
+        asyncio.get_running_loop().call_soon(self._settle, batch, finished, queued, total)
 
-    def _settle(self, batch: list[_Pending], finished: asyncio.Future[None], queued: bool) -> None:
+    def _settle(self, batch: list[_Pending], finished: asyncio.Future[None], queued: bool, total: int = 0) -> None:
+        """A batch is resolved: count it (metrics, queue, depth) and release the worker waiting on it."""
         assert self._queue is not None
+        if total:
+            self._on_batch(total)
         self._handed.pop(0)
         for _ in batch if queued else ():
             self._queue.task_done()
@@ -265,6 +269,7 @@ class Batcher:
         for p in live:
             if p.future.done():
                 continue
+            self._on_batch(p.request.batch)
             done: asyncio.Future[tuple[Any, Any]] = self._loop.create_future()
             self._jobs.put((p.request.feeds, lambda outputs, exc, done=done: done.set_result((outputs, exc))))
             outputs, exc = await done
@@ -300,14 +305,12 @@ class Batcher:
         return batch
 
     def _merge(self, live: list[_Pending]) -> tuple[dict[str, np.ndarray], int]:
-        """The inputs of ``live`` concatenated along the batch dimension, and their samples (counted in metrics)."""
+        """The inputs of ``live`` concatenated along the batch dimension, and their samples."""
         if len(live) == 1:
             feeds = live[0].request.feeds
         else:
             feeds = {name: np.concatenate([p.request.feeds[name] for p in live]) for name in live[0].request.feeds}
-        total = sum(p.request.batch for p in live)
-        self._on_batch(total)
-        return feeds, total
+        return feeds, sum(p.request.batch for p in live)
 
     def _split(self, live: list[_Pending], total: int, outputs: list[np.ndarray]) -> None:
         """Resolve each request with its rows of the merged outputs."""

@@ -133,6 +133,7 @@ def test_train_settings_one_check_for_every_technique():
     from edgeopt.transforms.distill import Distill
     from edgeopt.transforms.distill_text import DistillText
     from edgeopt.transforms.prune import StructuredPrune, UnstructuredPrune
+    from edgeopt.transforms.qat import QatConfig
 
     bad = [({"lr": 0}, "--lr must be > 0, got 0"), ({"batch_size": 0}, "--batch-size must be an integer >= 1, got 0"),
            ({"seed": -1}, "--seed must be an integer >= 0, got -1"), ({"patience": 0}, "--patience must be an integer >= 1"),
@@ -140,7 +141,7 @@ def test_train_settings_one_check_for_every_technique():
     for fields, message in bad:
         with pytest.raises(ConfigError, match=message):
             TrainSettings(**fields)
-    for cls in (TrainConfig, UnstructuredPrune, StructuredPrune, Distill, DistillText, AdaptConfig):
+    for cls in (TrainConfig, UnstructuredPrune, StructuredPrune, Distill, DistillText, AdaptConfig, QatConfig):
         with pytest.raises(ConfigError, match="--lr must be > 0"):
             cls(train={"lr": -1.0})
     # fields left out keep each technique's own defaults

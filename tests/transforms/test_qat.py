@@ -25,6 +25,7 @@ from edgeopt.transforms.quantize import StaticInt8, quantize
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn.datasets")
 
+from edgeopt.training import TrainSettings  # noqa: E402
 from edgeopt.transforms.qat import QatConfig, fold_batchnorm, qat_finetune, qat_int8  # noqa: E402
 from tests.transforms import qat_net  # noqa: E402
 
@@ -67,7 +68,7 @@ def test_fixture_breaks_per_tensor_ptq_only(separable) -> None:
 def test_qat_recovers_per_tensor_int8_in_the_ptq_graph(separable) -> None:
     acc, fp32, cal = separable["acc"], separable["fp32"], separable["cal"]
     ptq = quantize(fp32, PER_TENSOR, data=cal)
-    qat = qat_int8(separable["model"], separable["train"], cal, int8=PER_TENSOR, config=QatConfig(epochs=2))
+    qat = qat_int8(separable["model"], separable["train"], cal, int8=PER_TENSOR, config=QatConfig(train=TrainSettings(epochs=2)))
     base = acc(fp32)
     assert acc(ptq) <= base - 0.02
     assert acc(qat) >= base - 0.005  # within 0.5 pt of FP32
@@ -95,7 +96,7 @@ def test_fold_batchnorm_keeps_outputs_and_exposes_the_wide_range(separable) -> N
 def test_per_tensor_clip_ignores_channels_without_input(separable) -> None:
     """The QAT weight range skips a channel that never sees input, and the tuned weights are clamped to it."""
     train = separable["train"].take(np.arange(256))
-    tuned = qat_finetune(separable["net"], train, config=QatConfig(epochs=1, per_channel=False))
+    tuned = qat_finetune(separable["net"], train, config=QatConfig(per_channel=False, train=TrainSettings(epochs=1)))
     dw = next(m for m in tuned.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
     folded = next(m for m in fold_batchnorm(separable["net"]).modules()
                   if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
@@ -111,6 +112,15 @@ def test_qat_needs_labels_layers_and_valid_settings(separable) -> None:
     with pytest.raises(BadInput, match="PyTorch"):
         qat_int8(separable["fp32"], train, separable["cal"])
     with pytest.raises(ConfigError, match="epochs"):
-        QatConfig(epochs=0)
+        QatConfig(train=TrainSettings(epochs=0))
     with pytest.raises(ConfigError, match="momentum"):
         QatConfig(momentum=1.0)
+    with pytest.raises(ConfigError, match="leave --patience and --warmup unset"):
+        QatConfig(train=TrainSettings(patience=2))
+    from edgeopt.transforms.config import config_from_dict, config_to_dict
+
+    flat = {"type": "QatConfig", "fields": {"epochs": 2, "lr": 0.0005, "batch_size": 32, "temperature": 2.0,
+                                            "alpha": 0.5, "momentum": 0.9, "per_channel": False, "seed": 1}}
+    cfg = config_from_dict(flat)  # a recipe written before TrainSettings
+    assert cfg == QatConfig(per_channel=False, train=TrainSettings(epochs=2, lr=5e-4, batch_size=32, seed=1))
+    assert {k: config_to_dict(cfg)["fields"][k] for k in flat["fields"]} == flat["fields"]

@@ -171,10 +171,11 @@ def recover(original: Model, calibration: Dataset, evaluation: Dataset, budget: 
 
 def qat_step(cfg: StaticInt8, *, run_torch: Run, epochs: int, steps: list[dict[str, Any]]) -> list[CandidateResult]:
     """Step 5: QAT with the FP32 model as teacher, quantized with ``cfg`` (the PTQ settings it starts from)."""
+    from edgeopt.training import TrainSettings
     from edgeopt.transforms.export import OnnxExport
     from edgeopt.transforms.qat import QatConfig
 
-    qat = QatConfig(epochs=epochs, per_channel=cfg.per_channel)
+    qat = QatConfig(train=TrainSettings(epochs=epochs), per_channel=cfg.per_channel)
     recipe = Recipe(f"int8-qat-{epochs}ep-{'perchannel' if cfg.per_channel else 'pertensor'}",
                     (qat, OnnxExport(), cfg), needs=("torch", "train", "calibration"))
     r = run_torch([recipe])[0]

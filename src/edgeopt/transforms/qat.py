@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import BadInput, ConfigError
 from edgeopt.model import Model
+from edgeopt.training import TrainSettings, resolve_train
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
 
 
@@ -43,31 +44,31 @@ class QatConfig:
     """Settings of the QAT fine-tune.
 
     Args:
-        epochs: passes over the labelled data (a few: it starts from the trained model).
-        lr: Adam learning rate.
-        batch_size: samples per step.
+        train: the shared training settings (defaults: 3 epochs, a few: it starts from the trained model;
+            Adam at lr 1e-3, batch 64, seed 0 for shuffling and initialization). QAT's loop has no
+            validation split and no warm-up, so ``patience`` and ``warmup`` are refused.
         temperature, alpha: distillation from the FP32 model: ``alpha * T^2 * KL + (1 - alpha) * CE``.
         momentum: of the moving min/max of each activation range.
         per_channel: weight scales per output channel (as ``StaticInt8.per_channel``; match the PTQ settings).
-        seed: shuffling and initialization.
     """
 
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 64
+    train: TrainSettings = TrainSettings()
     temperature: float = 2.0
     alpha: float = 0.5
     momentum: float = 0.9
     per_channel: bool = True
-    seed: int = 0
+
+    TRAIN_DEFAULTS: ClassVar[TrainSettings] = TrainSettings(epochs=3, lr=1e-3, batch_size=64, seed=0,
+                                                            weight_decay=0.0, warmup=0.0)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"QatConfig {name} must be an integer >= 1, got {v!r}")
-        if not self.lr > 0 or not self.temperature > 0 or not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError("QatConfig needs lr > 0, temperature > 0 and 0 <= alpha <= 1")
+        resolve_train(self)
+        self.train.require_epochs(minimum=1)
+        if self.train.patience is not None or self.train.warmup:
+            raise ConfigError("QAT fine-tunes a fixed number of epochs without a validation split or warm-up: "
+                              "leave --patience and --warmup unset")
+        if not self.temperature > 0 or not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError("QatConfig needs temperature > 0 and 0 <= alpha <= 1")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"QatConfig momentum must be in [0, 1), got {self.momentum}")
 
@@ -229,13 +230,13 @@ def qat_finetune(module: Any, train: Dataset, *, calibration: Dataset | None = N
         BadInput: no labels, or no Conv2d/Linear to quantize.
 
     Example:
-        >>> tuned = qat_finetune(net, load_data("train.npz"), config=QatConfig(epochs=3))  # doctest: +SKIP
+        >>> tuned = qat_finetune(net, load_data("train.npz"), config=QatConfig(train=TrainSettings(epochs=3)))  # doctest: +SKIP
     """
     torch = require("torch", extra="torch")
     cfg = config or QatConfig()
     if train.labels is None:
         raise BadInput(f"QAT needs labelled data; {train.source} has no labels")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     teacher = module.eval()
     student = fold_batchnorm(module)
     wrapper = _fake_quant_wrapper(torch)
@@ -248,19 +249,19 @@ def qat_finetune(module: Any, train: Dataset, *, calibration: Dataset | None = N
     cal = next(iter((calibration or train).inputs.values()))
     student.train()
     with torch.no_grad():  # first ranges (and input energies) from the calibration samples, as PTQ sees them
-        for i in range(0, len(cal), cfg.batch_size):
-            student(torch.from_numpy(np.ascontiguousarray(cal[i:i + cfg.batch_size])))
+        for i in range(0, len(cal), cfg.train.batch_size):
+            student(torch.from_numpy(np.ascontiguousarray(cal[i:i + cfg.train.batch_size])))
     for h in handles:
         h.remove()
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    rng = np.random.default_rng(cfg.seed)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    rng = np.random.default_rng(cfg.train.seed)
     t = cfg.temperature
-    for _ in range(cfg.epochs):
+    for _ in range(cfg.train.epochs):
         for f in fakes:
             f.choose_clip()
         order = rng.permutation(len(x_all))
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
+        for i in range(0, len(order), cfg.train.batch_size):
+            idx = order[i:i + cfg.train.batch_size]
             xb = torch.from_numpy(np.ascontiguousarray(x_all[idx]))
             yb = torch.from_numpy(y_all[idx]).long()
             with torch.no_grad():

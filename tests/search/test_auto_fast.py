@@ -138,3 +138,19 @@ def test_symmetric_minmax_ranges_come_from_the_asymmetric_cache_and_match_a_fres
         tq._symmetric_from_minmax = real
     assert calls == [True, True]  # no cache before, written from the asymmetric one
     np.testing.assert_array_equal(derived, fresh)
+
+
+def test_revert_search_from_ort_qdq_run_by_openvino_keeps_openvino_in_the_recipe() -> None:
+    model, data = deep_mlp(4), _data()
+    start = _started(model, data)
+    start.model = start.model.with_metadata(runtime="openvino")
+    start.recipe = Recipe("int8-qdq-u8s8-perchannel-openvino", (StaticInt8(),), runtime="openvino").to_dict()
+    order = [f"fc{i}" for i in range(4)]
+
+    def judge(recipe: Recipe, m, seconds: float) -> CandidateResult:
+        return CandidateResult(name=recipe.name, recipe=recipe.to_dict(), model=m, meets_budget=True, drop=0.0)
+
+    found = _revert_search(start, StaticInt8(), model, order, {}, judge=judge, steps=[])
+    assert found is not None and found.name == "int8-mixed-1-float-openvino"
+    assert found.recipe["runtime"] == "openvino" and found.recipe["runtime_options"] == {"precision": "f32"}
+    assert found.recipe["steps"][0]["fields"]["exclude_nodes"] == ["fc0"]

@@ -256,7 +256,14 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
             r.size_bytes = r.model.size_bytes
             r.size_ratio = round(base.size_bytes / r.size_bytes, 3) if r.size_bytes else None
     if len(timed) < len([r for r in results if r.model is not None]):
-        notes.append("variants that miss the budget were judged but not timed (they cannot be chosen)")
+        quick = any(r.latency_ms for r in results if r.model is not None and not r.meets_budget)
+        notes.append("variants that miss the budget were judged but not timed interleaved (they cannot be chosen)"
+                     + ("; their p50 is from the quick timing before judging" if quick else ""))
+    timed_by_name = {r.name: r for r in results if r.latency_ms}
+    for s in steps:  # each recovery step's latency beside its fidelity, where it was timed
+        r = timed_by_name.get(s.get("variant") or "")
+        if r is not None:
+            s["p50_ms"], s["speedup"] = r.latency_ms.get("p50"), r.speedup
     chosen = _choose_not_slower_than_fp32_on_its_runtime(
         base, [r for r in results if all(r is not x for x in screened_out)], budget)
     notes += judge_noise_notes(chosen, results, budget)

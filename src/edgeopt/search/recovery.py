@@ -309,6 +309,9 @@ def _revert_search(start: CandidateResult, cfg: StaticInt8 | None, reference: Mo
         if cfg is None:
             recipe = Recipe(f"openvino-nncf-int8-mixed-{k}-float", (NncfInt8(ignored_scope=float_nodes),),
                             runtime="openvino", runtime_options={"precision": "f32"}, needs=("calibration",))
+        elif start.recipe.get("runtime") == "openvino":  # ORT's QDQ model run by OpenVINO
+            recipe = Recipe(f"int8-mixed-{k}-float-openvino", (replace(cfg, exclude_nodes=float_nodes),),
+                            runtime="openvino", runtime_options={"precision": "f32"}, needs=("calibration",))
         else:
             recipe = Recipe(f"int8-mixed-{k}-float", (replace(cfg, exclude_nodes=float_nodes),),
                             needs=("calibration",))

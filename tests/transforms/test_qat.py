@@ -124,3 +124,16 @@ def test_qat_needs_labels_layers_and_valid_settings(separable) -> None:
     cfg = config_from_dict(flat)  # a recipe written before TrainSettings
     assert cfg == QatConfig(per_channel=False, train=TrainSettings(epochs=2, lr=5e-4, batch_size=32, seed=1))
     assert {k: config_to_dict(cfg)["fields"][k] for k in flat["fields"]} == flat["fields"]
+
+
+def test_qat_recipe_round_trips_for_apply() -> None:
+    """optimize's QAT candidate is a recipe ``edgeopt apply`` can replay from report.json."""
+    import json
+
+    from edgeopt.search.recipe import Recipe
+
+    recipe = Recipe("int8-qat-2ep-pertensor", (QatConfig(train=TrainSettings(epochs=2), per_channel=False), OnnxExport(), PER_TENSOR),
+                    needs=("torch", "train", "calibration"))
+    again = Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))
+    assert again == recipe and again.key() == recipe.key()
+    assert again.steps[0] == QatConfig(train=TrainSettings(epochs=2), per_channel=False)

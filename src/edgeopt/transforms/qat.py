@@ -297,12 +297,22 @@ def qat(model: Model, config: QatConfig | None = None, *, train: Dataset, calibr
                             input_shape=tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape))
 
 
+# The last fine-tune, keyed by the objects it came from (kept alive in the value, so their ids stay
+# theirs): the INT8 variants of one QAT step (search/recovery.py) train once.
+_LAST: dict[tuple[int, QatConfig, int, int], tuple[Model, tuple[Any, ...]]] = {}
+
+
 @register_transform(QatConfig)
 def _apply(model: Model, config: QatConfig, ctx: TransformContext) -> Model:
     train = ctx.train if ctx.train is not None else ctx.calibration
     if train is None:
         raise BadInput("QAT needs labelled training data: pass --data with labels")
-    return qat(model, config, train=train, calibration=ctx.calibration)
+    key = (id(model), config, id(train), id(ctx.calibration))
+    if key not in _LAST:
+        tuned = qat(model, config, train=train, calibration=ctx.calibration)
+        _LAST.clear()
+        _LAST[key] = (tuned, (model, train, ctx.calibration))
+    return _LAST[key][0]
 
 
 def qat_int8(model: Model, train: Dataset, calibration: Dataset, *, int8: Any = None,

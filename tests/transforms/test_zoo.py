@@ -106,3 +106,22 @@ def test_students_batchnorm_settles_in_short_training() -> None:
     net = build_architecture("mobilenet_v3_small", input_size=(1, 32, 32), classes=10)
     momenta = {m.momentum for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     assert momenta == {BN_MOMENTUM}
+
+
+
+def test_zoo_times_each_network_once_interleaved(tmp_path, monkeypatch):
+    """zoo is a catalogue listing, not a before/after pair: every uncached network is timed once, all in
+    one interleaved harness run (measure.compare), and a cached listing times nothing."""
+    import importlib
+
+    bench = importlib.import_module("edgeopt.measure.bench")
+    real, calls = bench.compare, []
+    monkeypatch.setattr(bench, "compare", lambda models, **kw: calls.append([m.source for m in models])
+                        or real(models, **kw))
+    monkeypatch.setenv("EDGEOPT_CACHE", str(tmp_path))
+    names = ["shufflenet_v2_x0_5", "squeezenet1_1"]
+    first = zoo(input_size=(1, 32, 32), classes=10, names=names, threads=1, bench_seconds=0.1)
+    assert calls == [names] and all(e.latency_ms["p50"] > 0 for e in first)
+    again = zoo(input_size=(1, 32, 32), classes=10, names=names, threads=1, bench_seconds=0.1)
+    assert len(calls) == 1 and all(e.cached for e in again)  # from the cache: timed again nowhere
+    assert [e.latency_ms for e in again] == [e.latency_ms for e in first]

@@ -161,26 +161,23 @@ def quantize(
 
 def _measure_one(original: Any, result: Any, *, mode: str, cfg: Any, judge: Any, threads: int | None,
                  device: str | None, bench: Any) -> dict[str, Any]:
-    from edgeopt.measure.bench import compare
-    from edgeopt.measure.evaluate import evaluate
+    from edgeopt.measure.outcome import measure_outcome
     from edgeopt.transforms.config import config_to_dict
 
     payload: dict[str, Any] = {"mode": mode, "config": config_to_dict(cfg), "source": original.source}
-    with console.status("timing FP32 and the quantized model, interleaved..."):
-        timed = compare([original, result], settings=bench, threads=threads, device=device, data=judge)
-    payload["fp32"] = {"size_bytes": original.size_bytes, "latency_ms": timed[0].latency_ms,
-                       "runtime": timed[0].runtime, "threads": timed[0].threads}
-    payload["quantized"] = {"size_bytes": result.size_bytes, "latency_ms": timed[1].latency_ms,
-                            "runtime": timed[1].runtime, "threads": timed[1].threads,
-                            "runtime_options": timed[1].options}
+    with console.status("judging and timing FP32 and the quantized model, interleaved..."):
+        outcome = measure_outcome(original, result, data=judge, bench=bench, device=device, threads=threads,
+                                  timing_data=judge, name=mode)
+    fp32, quant = outcome.before, outcome.after
+    payload["fp32"] = {"size_bytes": original.size_bytes, "latency_ms": fp32.latency_ms,
+                       "runtime": fp32.runtime, "threads": fp32.threads}
+    payload["quantized"] = {"size_bytes": result.size_bytes, "latency_ms": quant.latency_ms,
+                            "runtime": quant.runtime, "threads": quant.threads,
+                            "runtime_options": outcome.timed[1].options}
     payload["size_ratio"] = round(original.size_bytes / result.size_bytes, 3)
-    payload["speedup"] = round(timed[0].latency_ms["p50"] / timed[1].latency_ms["p50"], 3)
+    payload["speedup"] = round(fp32.latency_ms["p50"] / quant.latency_ms["p50"], 3)  # of the two reported timings
     if judge is not None:
-        base = evaluate(original, judge, threads=threads, device=device)
-        ev = evaluate(result, judge, reference=original, threads=threads, device=device)
-        payload["evaluation"] = {"data": judge.source, "fp32_accuracy": base.accuracy, **ev.to_dict(),
-                                 "drop": None if base.accuracy is None or ev.accuracy is None
-                                 else round(base.accuracy - ev.accuracy, 6)}
+        payload["evaluation"] = outcome.evaluation_block()
     payload["notes"] = ["figures measured on this machine; latency batch 1, interleaved with the FP32 model"]
     if judge is None:
         payload["notes"].append("no --data: size and latency only; accuracy and fidelity were not measured "

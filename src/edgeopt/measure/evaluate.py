@@ -16,7 +16,7 @@ from edgeopt.data import Dataset
 from edgeopt.devices import DeviceProfile
 from edgeopt.errors import DataError
 from edgeopt.measure import harness
-from edgeopt.measure.judge import fidelity_of, output_kind, token_mask
+from edgeopt.measure.judge import Fidelity, fidelity_of, output_kind, token_mask
 from edgeopt.model import Model
 from edgeopt.runtimes.sessions import RunSettings, open_session, resolve_settings
 
@@ -87,7 +87,9 @@ def accuracy_of(outputs: np.ndarray, labels: np.ndarray, *, k: int = 1) -> float
     logits = outputs.reshape(len(outputs), -1)
     if k == 1:
         return float(np.mean(np.argmax(logits, axis=1) == labels))
-    top = np.argsort(-logits, axis=1)[:, :k]
+    # the k highest scores in any order: a partition, not a sort (linear in the outputs, so wide
+    # outputs such as token states cost no more to judge than the rest of the figures)
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
     return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
@@ -107,6 +109,35 @@ def fidelity(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float, 
     return agreement, float(np.mean(cos)), float(np.min(cos))
 
 
+def figures_of(outputs: np.ndarray, data: Dataset, *, fid: Fidelity | None = None,
+               check_labels: bool = True) -> EvalResult:
+    """The figures of ``outputs`` on ``data``: accuracy and top-5 against its labels (checked to fit
+    the outputs) and, with ``fid`` (their fidelity to a reference's outputs), every fidelity figure.
+
+    The one place these figures are gathered: ``evaluate`` and the search engine's judging
+    (``search/engine.py``, which every command's measure-and-report step uses) both call it.
+    ``check_labels=False``: no DataError for labels the outputs cannot have (the search engine's
+    lenient judging, whose callers check first where it matters).
+    """
+    accuracy = top5 = None
+    if data.labels is not None:
+        n_classes = int(np.prod(outputs.shape[1:]))
+        if check_labels and (data.labels.max(initial=0) >= n_classes or data.labels.min(initial=0) < 0):
+            raise DataError(f"{data.source}: labels range {int(data.labels.min())}..{int(data.labels.max())} but the "
+                            f"model has {n_classes} outputs")
+        accuracy = accuracy_of(outputs, data.labels)
+        top5 = accuracy_of(outputs, data.labels, k=5) if n_classes > 5 else None
+    result = EvalResult(n=len(data), accuracy=accuracy, top5=top5)
+    if fid is not None:
+        result.agreement, result.cosine, result.min_cosine = fid.agreement, fid.cosine, fid.min_cosine
+        result.cosine_p5, result.kind = fid.cosine_p5, fid.kind
+        result.confident_agreement, result.n_confident, result.kl = fid.confident_agreement, fid.n_confident, fid.kl
+        result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
+        result.nn_confident_agreement, result.n_nn_confident = fid.nn_confident_agreement, fid.n_nn_confident
+        result.nn_tie_agreement = fid.nn_tie_agreement
+    return result
+
+
 def evaluate(model: Model, data: Dataset, *, reference: Model | np.ndarray | None = None,
              runtime: str | None = None, threads: int | None = None,
              device: str | DeviceProfile | None = None, settings: RunSettings | None = None,
@@ -121,27 +152,16 @@ def evaluate(model: Model, data: Dataset, *, reference: Model | np.ndarray | Non
         raise DataError(f"{data.source} is empty")
     rs = settings or resolve_settings(model, runtime=runtime, threads=threads, device=device)
     outputs = predict(model, data, settings=rs)
-    accuracy = top5 = None
-    if data.labels is not None:
-        n_classes = int(np.prod(outputs.shape[1:]))
-        if data.labels.max(initial=0) >= n_classes or data.labels.min(initial=0) < 0:
-            raise DataError(f"{data.source}: labels range {int(data.labels.min())}..{int(data.labels.max())} but the "
-                            f"model has {n_classes} outputs")
-        accuracy = accuracy_of(outputs, data.labels)
-        top5 = accuracy_of(outputs, data.labels, k=5) if n_classes > 5 else None
-    result = EvalResult(n=len(data), accuracy=accuracy, top5=top5, outputs=outputs if keep_outputs else None)
+    fid = None
     if reference is not None:
         ref_out = reference if isinstance(reference, np.ndarray) else predict(
             reference, data, settings=resolve_settings(reference, device=rs.remote) if rs.remote else None)
         name = model.outputs[0].name if model.outputs else None
         fid = fidelity_of(outputs, ref_out, kind=output_kind(ref_out, name=name),
                           mask=token_mask(ref_out, data.feeds_for(model).inputs))
-        result.agreement, result.cosine, result.min_cosine = fid.agreement, fid.cosine, fid.min_cosine
-        result.cosine_p5, result.kind = fid.cosine_p5, fid.kind
-        result.confident_agreement, result.n_confident, result.kl = fid.confident_agreement, fid.n_confident, fid.kl
-        result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
-        result.nn_confident_agreement, result.n_nn_confident = fid.nn_confident_agreement, fid.n_nn_confident
-        result.nn_tie_agreement = fid.nn_tie_agreement
+    result = figures_of(outputs, data, fid=fid)
+    if keep_outputs:
+        result.outputs = outputs
     if rs.remote is not None:
         from edgeopt.runtimes.remote import remote_device
 

@@ -7,7 +7,8 @@ interleaved in one run, through the search engine's own measurement (``search/en
 ``baseline_result``, ``evaluate_candidate``, ``time_candidates``), so a model a command reports and
 a candidate ``optimize`` chooses are measured the same way. The report blocks keep the fields the
 commands have always written (``accuracy``: before/after/drop_pts/agreement/samples; ``latency``:
-runtime/threads/batch/interleaved/before_ms/after_ms/speedup_p50/runs).
+runtime/threads/batch/interleaved/before_ms/after_ms/speedup_p50/runs; ``evaluation``: quantize's
+every-figure block, gathered by ``measure/evaluate.py`` ``figures_of`` inside the engine's judging).
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ class Outcome:
     after: Any
     samples: int | None = None
     runs: tuple[int, int] | None = None
+    timed: list[Any] | None = None  # the harness's BenchResults (original, result) when timed
+    data_source: str | None = None  # the judged data's source
+
+    def evaluation_block(self) -> dict[str, Any] | None:
+        """Every figure of the result against the original on the judged data (None without data):
+        the original's accuracy, the result's ``EvalResult`` figures (accuracy, top5, agreement,
+        cosine, min_cosine, cosine_p5, the output kind's own ...) and the accuracy drop."""
+        if self.after.figures is None:
+            return None
+        base, ev = self.before.figures.accuracy, self.after.figures.accuracy
+        return {"data": self.data_source, "fp32_accuracy": base, **self.after.figures.to_dict(),
+                "drop": None if base is None or ev is None else round(base - ev, 6)}
 
     def accuracy_block(self) -> dict[str, Any] | None:
         """Accuracy before/after on the labels (None without labels) and top-1 agreement with the original."""
@@ -66,6 +79,7 @@ def measure_outcome(original: Model, result: Model, *, data: Dataset | None = No
         >>> o.accuracy_block()["drop_pts"], o.latency_block()["speedup_p50"]
     """
     from edgeopt.measure.bench import BenchSettings
+    from edgeopt.measure.evaluate import figures_of
     from edgeopt.search.budget import Budget
     from edgeopt.search.engine import CandidateResult, baseline_result, evaluate_candidate, time_candidates
 
@@ -73,14 +87,16 @@ def measure_outcome(original: Model, result: Model, *, data: Dataset | None = No
     after = CandidateResult(name=name, recipe={}, model=result, size_bytes=result.size_bytes)
     if data is not None:
         before, outputs, metric = baseline_result(original, data, budget, device=device, threads=threads)
+        before.figures = figures_of(outputs, data)  # labels the outputs cannot have: one clear DataError
         evaluate_candidate(after, result, eval_data=data, budget=budget, baseline_outputs=outputs,
                            baseline_metric=metric, device=device, threads=threads)
     else:
         before = CandidateResult(name="original", recipe={}, model=original, size_bytes=original.size_bytes,
                                  status="baseline")
-    runs = None
+    runs = timed = None
     if latency:
         timed = time_candidates(before, [after], bench=bench or BenchSettings(min_runs=100, min_seconds=1.0),
                                 device=device, threads=threads, data=timing_data)
         runs = (timed[0].runs, timed[1].runs)
-    return Outcome(before=before, after=after, samples=len(data) if data is not None else None, runs=runs)
+    return Outcome(before=before, after=after, samples=len(data) if data is not None else None, runs=runs,
+                   timed=timed, data_source=data.source if data is not None else None)

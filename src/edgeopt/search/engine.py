@@ -19,7 +19,7 @@ from edgeopt.data import Dataset
 from edgeopt.devices import DeviceProfile
 from edgeopt.errors import EdgeoptError
 from edgeopt.measure.bench import BenchResult, BenchSettings, compare, speedup_interval
-from edgeopt.measure.evaluate import accuracy_of, predict
+from edgeopt.measure.evaluate import EvalResult, accuracy_of, figures_of, predict
 from edgeopt.measure.judge import Fidelity, fidelity_of, output_kind, token_mask
 from edgeopt.model import Model
 from edgeopt.runtimes.sessions import resolve_settings
@@ -77,17 +77,20 @@ class CandidateResult:
     build_seconds: float = 0.0
     key: str = ""
     model: Model | None = field(default=None, repr=False)
+    # every figure of the judging (top-5, minimum cosine, confident counts ...: measure/evaluate.py
+    # figures_of); kept out of to_dict, reports that show them take them from here
+    figures: EvalResult | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.status != "failed"
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "model"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("model", "figures")}
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> CandidateResult:
-        known = set(cls.__dataclass_fields__) - {"model"}
+        known = set(cls.__dataclass_fields__) - {"model", "figures"}
         return cls(**{k: v for k, v in payload.items() if k in known})
 
 
@@ -174,8 +177,8 @@ def evaluate_candidate(result: CandidateResult, model: Model, *, eval_data: Data
     result.confident_agreement, result.kl = fid.confident_agreement, fid.kl
     result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
     result.nn_tie_agreement = fid.nn_tie_agreement
-    if eval_data.labels is not None:
-        result.accuracy = accuracy_of(outputs, eval_data.labels)
+    result.figures = figures_of(outputs, eval_data, fid=fid, check_labels=False)
+    result.accuracy = result.figures.accuracy
     result.drop = judged.drop(baseline_metric, value)
     result.meets_budget = judged.allows(baseline_metric, value, cosine=fid.cosine)
     low, high, result.judged = _drop_interval(judged.metric, outputs, baseline_outputs, eval_data, fid)
@@ -193,8 +196,9 @@ def baseline_result(baseline: Model, eval_data: Dataset, budget: Budget, *, devi
     settings = resolve_settings(baseline, device=device, threads=threads)
     outputs = predict(baseline, eval_data, settings=settings)
     _, fid, metric = _judge(budget, outputs, eval_data, outputs, _output_name(baseline))
+    figures = figures_of(outputs, eval_data, check_labels=False)
     result = CandidateResult(name="original", recipe=Recipe("original").to_dict(), size_bytes=baseline.size_bytes,
-                             accuracy=accuracy_of(outputs, eval_data.labels) if eval_data.labels is not None else None,
+                             accuracy=figures.accuracy, figures=figures,
                              agreement=1.0, cosine=1.0, cosine_p5=1.0, drop=0.0, meets_budget=True, status="baseline",
                              confident_agreement=1.0 if fid.confident_agreement is not None else None,
                              kl=0.0 if fid.kl is not None else None, nn_agreement=fid.nn_agreement,

@@ -176,8 +176,8 @@ def main() -> None:
         "data": data_note,
         "fp32": {"p50_ms": round(base_p50, 3), "size_bytes": fp32.size_bytes, "runtime": results[0].runtime},
         "bench_settings": {"batch": 1, "threads": 1, "interleaved": True, "min_runs": bench.min_runs},
-        "note": ("shared 2-core machine under heavy load from other engineers (load averages recorded beside "
-                 "auto); ratios come from one interleaved measure.compare run"),
+        "note": ("2-core machine, possibly shared (load averages recorded beside auto); ratios come from one "
+                 "interleaved measure.compare run"),
         "variants": rows,
         "total_seconds": round(time.perf_counter() - started, 1),
     }

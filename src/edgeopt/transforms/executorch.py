@@ -26,11 +26,10 @@ import numpy as np
 
 from edgeopt.data import Dataset
 from edgeopt.deps import require
-from edgeopt.errors import BadInput, ModelError, UnsupportedOperation, first_line
-from edgeopt.measure.evaluate import fidelity
+from edgeopt.errors import BadInput, UnsupportedOperation, first_line
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
-from edgeopt.transforms.export import check_converter_fields
+from edgeopt.transforms.export import ConverterCheck, check_converter_fields, compare_converted, torch_outputs
 
 QUANTIZE_MODES = ("none", "int8")
 DEFAULT_MIN_COSINE = {"none": 0.999, "int8": 0.98}
@@ -99,22 +98,13 @@ class Delegation:
 
 
 @dataclass
-class ExecutorchCheck:
+class ExecutorchCheck(ConverterCheck):
     """How the ``.pte``'s outputs in ``executorch.runtime`` compare with the source model's."""
 
-    quantize: str
-    reference: str
-    cosine: float
-    min_cosine: float
-    max_abs_diff: float
-    agreement: float
-    samples: int
     delegation: Delegation
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quantize": self.quantize, "reference": self.reference, "cosine": self.cosine,
-                "min_cosine": self.min_cosine, "max_abs_diff": self.max_abs_diff,
-                "agreement": self.agreement, "samples": self.samples, "delegation": self.delegation.to_dict()}
+        return {**super().to_dict(), "delegation": self.delegation.to_dict()}
 
 
 # -- the steps, usable on their own (edgeopt check lowers without verifying) ---------------------
@@ -294,28 +284,18 @@ def _verify_inputs(model: Model, pte: Model, data: Dataset | None, n: int) -> li
 def verify(model: Model, module: Any, pte: Model, cfg: ExecutorchExport, data: Dataset | None,
            delegation: Delegation) -> ExecutorchCheck:
     """Run the ``.pte`` in ``executorch.runtime`` and the source module in PyTorch on the same inputs."""
-    torch = require("torch", extra="torch")
     from edgeopt.runtimes.executorch import ExecutorchRuntime
 
     inputs = _verify_inputs(model, pte, data, cfg.verify_samples)
-    with torch.no_grad():
-        ref = module(*[torch.from_numpy(a) for a in inputs])
-    ref = ref.logits if hasattr(ref, "logits") else ref
-    ref = (ref[0] if isinstance(ref, list | tuple) else ref).float().numpy()
+    ref = torch_outputs(module, inputs)
     session = ExecutorchRuntime().load(pte, threads=None)  # the pool as it is: it is process-wide
     got = session.run(dict(zip(session.input_names, inputs, strict=True)))[0]
-    if got.shape != ref.shape:
-        raise ModelError(f"ExecuTorch outputs have shape {got.shape}, PyTorch's {ref.shape}")
-    agreement, cos, _min = fidelity(got, ref)
-    diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
-    check = ExecutorchCheck(quantize=cfg.quantize, reference="pytorch" if model.format == "torch" else "onnx2torch",
-                            cosine=cos, min_cosine=_min, max_abs_diff=diff, agreement=agreement,
-                            samples=len(got), delegation=delegation)
-    if not cos >= cfg.cosine_floor:
-        raise BadInput(f"ExecuTorch {cfg.quantize} export does not match PyTorch: cosine {cos:.5f} < "
-                       f"{cfg.cosine_floor:g} (max abs diff {diff:.3g}); try --quantize none or more "
-                       "representative --data")
-    return check
+    agreement, cos, min_cos, diff = compare_converted(
+        got, ref, floor=cfg.cosine_floor, what=f"ExecuTorch {cfg.quantize}", ref_label="PyTorch",
+        shape_ref="PyTorch's", hint="try --quantize none or more representative --data")
+    return ExecutorchCheck(quantize=cfg.quantize, reference="pytorch" if model.format == "torch" else "onnx2torch",
+                           cosine=cos, min_cosine=min_cos, max_abs_diff=diff, agreement=agreement,
+                           samples=len(got), delegation=delegation)
 
 
 @register_transform(ExecutorchExport)

@@ -58,6 +58,49 @@ def example_inputs(model: Model, data: Dataset | None, *, batch: int = 2) -> dic
     return out
 
 
+@dataclass
+class ConverterCheck:
+    """How a converted model's outputs (TFLite, ``.pte``) compare with its reference's on the same inputs."""
+
+    quantize: str
+    reference: str
+    cosine: float
+    min_cosine: float
+    max_abs_diff: float
+    agreement: float
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quantize": self.quantize, "reference": self.reference, "cosine": self.cosine,
+                "min_cosine": self.min_cosine, "max_abs_diff": self.max_abs_diff,
+                "agreement": self.agreement, "samples": self.samples}
+
+
+def compare_converted(got: np.ndarray, ref: np.ndarray, *, floor: float, what: str, ref_label: str,
+                      shape_ref: str, hint: str) -> tuple[float, float, float, float]:
+    """Agreement, mean and min cosine, max abs diff of a converter's outputs against the reference's;
+    BadInput when the mean cosine is below ``floor`` (``what``, ``ref_label``, ``shape_ref`` and ``hint``
+    word the messages for the converter)."""
+    if got.shape != ref.shape:
+        raise ModelError(f"{what} outputs have shape {got.shape}, {shape_ref} {ref.shape}")
+    agreement, cos, min_cos = fidelity(got, ref)
+    diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
+    if not cos >= floor:
+        raise BadInput(f"{what} export does not match {ref_label}: cosine {cos:.5f} < {floor:g} "
+                       f"(max abs diff {diff:.3g}); {hint}")
+    return agreement, cos, min_cos, diff
+
+
+def torch_outputs(module: Any, inputs: list[np.ndarray]) -> np.ndarray:
+    """The first output of ``module`` on ``inputs`` as float numpy (``.logits`` of a Hugging Face output)."""
+    torch = require("torch", extra="torch")
+    with torch.no_grad():
+        out = module(*[torch.from_numpy(a) for a in inputs])
+    out = out.logits if hasattr(out, "logits") else out
+    out = out[0] if isinstance(out, list | tuple) else out
+    return out.float().numpy()
+
+
 def check_converter_fields(config: Any, *, modes: tuple[str, ...], flag: str = "--quantize") -> None:
     """The checks the converter configs (TfliteExport, ExecutorchExport) share: a known quantize mode, a
     cosine floor in [-1, 1] when given, and at least one calibration and one verification sample."""

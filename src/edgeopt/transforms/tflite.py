@@ -25,10 +25,16 @@ import numpy as np
 from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import BadInput, DataError, ModelError, UnsupportedOperation, first_line
-from edgeopt.measure.evaluate import fidelity
 from edgeopt.model import Model
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
-from edgeopt.transforms.export import batch1_args, check_converter_fields, module_for_export
+from edgeopt.transforms.export import (
+    ConverterCheck,
+    batch1_args,
+    check_converter_fields,
+    compare_converted,
+    module_for_export,
+    torch_outputs,
+)
 
 QUANTIZE_MODES = ("none", "dynamic", "int8", "fp16")
 # Default fidelity floor (mean cosine vs the reference) per mode.
@@ -59,21 +65,8 @@ class TfliteExport:
 
 
 @dataclass
-class TfliteCheck:
+class TfliteCheck(ConverterCheck):
     """How a ``.tflite`` variant's LiteRT outputs compare with the reference's on the same inputs."""
-
-    quantize: str
-    reference: str
-    cosine: float
-    min_cosine: float
-    max_abs_diff: float
-    agreement: float
-    samples: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"quantize": self.quantize, "reference": self.reference, "cosine": self.cosine,
-                "min_cosine": self.min_cosine, "max_abs_diff": self.max_abs_diff,
-                "agreement": self.agreement, "samples": self.samples}
 
 
 def to_tflite(model: Model, config: TfliteExport | None = None, *, data: Dataset | None = None
@@ -274,28 +267,17 @@ def _reference_outputs(model: Model, float_model: Model, inputs: list[np.ndarray
 
         session = open_session(model, resolve_settings(model, runtime="onnxruntime", threads=1))
         return session.run(dict(zip(session.input_names, inputs, strict=True)))[0]
-    torch = require("torch", extra="torch")
-    with torch.no_grad():
-        out = model.module(*[torch.from_numpy(a) for a in inputs])
-    out = out.logits if hasattr(out, "logits") else out
-    out = out[0] if isinstance(out, list | tuple) else out
-    return out.float().numpy()
+    return torch_outputs(model.module, inputs)
 
 
 def _check(model: Model, cfg: TfliteExport, inputs: list[np.ndarray], ref: np.ndarray,
            ref_name: str) -> TfliteCheck:
     got = _run_litert(model, inputs)
-    if got.shape != ref.shape:
-        raise ModelError(f"TFLite {cfg.quantize} outputs have shape {got.shape}, the reference's {ref.shape}")
-    agreement, cos, _min = fidelity(got, ref)
-    diff = float(np.max(np.abs(got.astype(np.float64) - ref)))
-    check = TfliteCheck(quantize=cfg.quantize, reference=ref_name, cosine=cos, min_cosine=_min,
-                        max_abs_diff=diff, agreement=agreement, samples=len(got))
-    if not cos >= cfg.cosine_floor:
-        raise BadInput(f"TFLite {cfg.quantize} export does not match {ref_name}: cosine {cos:.5f} < "
-                       f"{cfg.cosine_floor:g} (max abs diff {diff:.3g}); try another --quantize mode or "
-                       "more representative --data")
-    return check
+    agreement, cos, min_cos, diff = compare_converted(
+        got, ref, floor=cfg.cosine_floor, what=f"TFLite {cfg.quantize}", ref_label=ref_name,
+        shape_ref="the reference's", hint="try another --quantize mode or more representative --data")
+    return TfliteCheck(quantize=cfg.quantize, reference=ref_name, cosine=cos, min_cosine=min_cos,
+                       max_abs_diff=diff, agreement=agreement, samples=len(got))
 
 
 @register_transform(TfliteExport)

@@ -21,7 +21,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,28 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def start(src: Path, path: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     """`edgeopt serve` from the source tree ``src`` (PYTHONPATH), ready to answer."""
     env = {**os.environ, "PYTHONPATH": str(src.resolve()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeopt", "serve", f"{args.model}={path}", "--port", "0", "--threads",
-         str(args.threads), "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-         "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "http://" not in line:
-        proc.kill()
-        raise RuntimeError(f"server from {src} did not start: {line!r}")
-    port = int(line.split(f"http://{sl.HOST}:")[1].split()[0])
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            ready = sl.send_raw(port, [("r", b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")])
-            if ready.get("r", {}).get(200):
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server from {src} did not become ready")
+    argv = [sys.executable, "-m", "edgeopt", "serve",
+            *sl.serve_args(args.model, path, args.max_batch, args.max_delay_ms, args.threads)]
+    proc, port = sl.launch(argv, env, what=f"server from {src}")
+    sl.wait_ready(proc, port, what=f"server from {src}")
+    return proc, port
 
 
 def main() -> None:

@@ -245,23 +245,43 @@ def send_raw(port: int, requests: list[tuple[str, bytes]]) -> dict[str, dict[int
 
 # ---------------------------------------------------------------- servers and models
 
-def start_server(path: Path, name: str, max_batch: int, max_delay_ms: float, threads: int) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeopt", "serve", f"{name}={path}", "--port", "0", "--threads", str(threads),
-         "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def launch(argv: list[str], env: dict[str, str], what: str = "server") -> tuple[subprocess.Popen, int]:
+    """Start a server process that prints its URL (``--port 0``) and return it with its port."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stdout is not None
     line = proc.stdout.readline()
-    port = int(line.split(f"http://{HOST}:")[1].split()[0])
+    if "http://" not in line:
+        proc.kill()
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return proc, int(line.split(f"http://{HOST}:")[1].split()[0])
+
+
+def wait_ready(proc: subprocess.Popen, port: int, what: str = "server") -> None:
+    """Poll /v2/health/ready until it answers 200 (2 minutes at most: models load first)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             if send_raw(port, [("ready", b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")]).get("ready", {}).get(200):
-                return proc, port
+                return
         except OSError:
             pass
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("server did not become ready")
+    raise RuntimeError(f"{what} did not become ready")
+
+
+def serve_args(model: str, path: Path, max_batch: int, max_delay_ms: float, threads: int) -> list[str]:
+    """The arguments of `edgeopt serve` every serving benchmark uses (free port, quiet log)."""
+    return [f"{model}={path}", "--port", "0", "--threads", str(threads), "--max-batch", str(max_batch),
+            "--max-delay-ms", str(max_delay_ms), "--log-level", "warning"]
+
+
+def start_server(path: Path, name: str, max_batch: int, max_delay_ms: float, threads: int) -> tuple[subprocess.Popen, int]:
+    proc, port = launch([sys.executable, "-m", "edgeopt", "serve", *serve_args(name, path, max_batch, max_delay_ms,
+                                                                                threads)],
+                        {**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_ready(proc, port)
+    return proc, port
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -122,15 +122,8 @@ def start(src: Path, model: Path, trace_out: Path, threads: int) -> tuple[subpro
 
     env = {**os.environ, "PYTHONPATH": f"{src.resolve()}", "OMP_NUM_THREADS": "1",
            "EDGEOPT_TRACE_OUT": str(trace_out)}
-    proc = subprocess.Popen([sys.executable, __file__, "--server", f"m={model}", "--port", "0", "--threads",
-                             str(threads), "--max-batch", "16", "--max-delay-ms", "2", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "http://" not in line:
-        proc.kill()
-        raise RuntimeError(f"traced server from {src} did not start: {line!r}")
-    port = int(line.split(f"http://{sl.HOST}:")[1].split()[0])
+    argv = [sys.executable, __file__, "--server", *sl.serve_args("m", model, 16, 2, threads)]
+    proc, port = sl.launch(argv, env, what=f"traced server from {src}")
     time.sleep(1.0)
     return proc, port
 

@@ -149,8 +149,8 @@ def recover(original: Model, calibration: Dataset, evaluation: Dataset, budget: 
                       "status": skipped + " (NNCF's INT8 carries NNCF's fast bias correction)"})
 
     # 3. mixed precision by measured cost and gain, from ONNX Runtime's INT8 and from NNCF's
-    mixed = _mixed(original, calibration, evaluation, best, _cfg(best), run=run, threads=threads, steps=steps,
-                   notes=notes, judge=judge, openvino_start=openvino_start)
+    mixed = mixed_precision(original, calibration, evaluation, best, _cfg(best), run=run, threads=threads,
+                            steps=steps, notes=notes, judge=judge, openvino_start=openvino_start)
     keep += mixed
 
     # 4. NNCF accuracy control, when mixed precision found nothing within the budget
@@ -214,18 +214,14 @@ def layer_priority(errors: list[Any], saved_ms: dict[str, float]) -> list[tuple[
     return sorted(rows, key=lambda t: -t[3])
 
 
-def mixed_precision(original: Model, calibration: Dataset, evaluation: Dataset, start: CandidateResult,
+def mixed_precision(original: Model, calibration: Dataset, evaluation: Dataset, best: CandidateResult,
                     cfg: StaticInt8 | DynamicInt8, *, run: Run, threads: int | None, steps: list[dict[str, Any]],
-                    notes: list[str]) -> list[CandidateResult]:
-    """Step 3 alone, from ``start`` built with ``cfg`` (static INT8, or dynamic INT8 for transformers,
-    whose per-layer error then quantizes each twin's input at run time as dynamic INT8 does)."""
-    return _mixed(original, calibration, evaluation, start, cfg, run=run, threads=threads, steps=steps, notes=notes)
-
-
-def _mixed(original: Model, calibration: Dataset, evaluation: Dataset, best: CandidateResult,
-           cfg: StaticInt8 | DynamicInt8, *, run: Run, threads: int | None, steps: list[dict[str, Any]],
-           notes: list[str], judge: Judge | None = None,
-           openvino_start: CandidateResult | None = None) -> list[CandidateResult]:
+                    notes: list[str], judge: Judge | None = None,
+                    openvino_start: CandidateResult | None = None) -> list[CandidateResult]:
+    """Step 3, from ``best`` built with ``cfg`` (static INT8, or dynamic INT8 for transformers, whose
+    per-layer error then quantizes each twin's input at run time as dynamic INT8 does). With ``judge``
+    and a QDQ ``cfg`` each try is a graph edit of ``best`` (and of ``openvino_start``, NNCF's INT8, when
+    given); otherwise each try is re-quantized with ``exclude_nodes``."""
     from edgeopt.measure.layer_times import layer_times, node_times
     from edgeopt.transforms.layer_error import layer_errors
 

@@ -75,10 +75,16 @@ def distill(teacher: Model, data: Dataset, config: Distill | None = None, *, val
     return result
 
 
+def _bench(seconds: float) -> Any:
+    """How long teacher and student are timed: at least ``seconds`` each, interleaved."""
+    from edgeopt.measure.bench import BenchSettings
+
+    return BenchSettings(warmup=10, min_runs=50, min_seconds=seconds, max_seconds=max(10.0, 5 * seconds))
+
+
 def _measure(report: dict[str, Any], teacher: Model, result: DistillResult, *, device: Any, threads: int | None,
              bench_seconds: float) -> None:
     """Teacher vs shipped student on the test data, and their latency interleaved (fills ``report``)."""
-    from edgeopt.measure.bench import BenchSettings
     from edgeopt.measure.complexity import count_macs_params
     from edgeopt.measure.outcome import measure_outcome
     from edgeopt.transforms.distill import onnx_params
@@ -97,8 +103,7 @@ def _measure(report: dict[str, Any], teacher: Model, result: DistillResult, *, d
     student_onnx = result.student_onnx
     s_macs, s_params = count_macs_params(result.student_module, np.zeros((1, *input_size), np.float32))
     outcome = measure_outcome(teacher_onnx, student_onnx, data=result.test, device=device, threads=threads,
-                              name="student", bench=BenchSettings(warmup=10, min_runs=50, min_seconds=bench_seconds,
-                                                                  max_seconds=max(10.0, 5 * bench_seconds)))
+                              name="student", bench=_bench(bench_seconds))
     t, s = outcome.before, outcome.after
     report["teacher"] = {"source": teacher.source, "format": teacher.format, "params": t_params, "macs": t_macs,
                          "onnx_bytes": teacher_onnx.size_bytes, "latency_ms": t.latency_ms,
@@ -139,7 +144,6 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
     Example:
         >>> r = distill_text(teacher, load_jsonl("train.jsonl"), DistillText(train=TrainSettings(epochs=3)))  # doctest: +SKIP
     """
-    from edgeopt.measure.bench import BenchSettings
     from edgeopt.measure.outcome import measure_outcome
     from edgeopt.transforms.distill_text import distilled_text_model
 
@@ -148,8 +152,7 @@ def distill_text(teacher: Any, examples: TextExamples, config: DistillText | Non
     report = result.report
     outcome = measure_outcome(result.teacher_onnx, result.student_onnx, data=result.test_data,
                               timing_data=result.test_data, device=device, threads=threads, name="student",
-                              bench=BenchSettings(warmup=10, min_runs=50, min_seconds=bench_seconds,
-                                                  max_seconds=max(10.0, 5 * bench_seconds)))
+                              bench=_bench(bench_seconds))
     t, s = outcome.before, outcome.after
     report["teacher"].update({"latency_ms": t.latency_ms, "accuracy": t.accuracy})
     report["student"].update({"latency_ms": s.latency_ms, "accuracy": s.accuracy, "agreement": s.agreement})

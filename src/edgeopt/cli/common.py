@@ -57,15 +57,13 @@ def user_errors(func: F) -> F:
 def _check_threads_here(kwargs: dict[str, Any]) -> None:
     """--threads beyond this host's cap is allowed only for a remote --device (it may have more cores)."""
     from edgeopt.devices import MAX_THREADS, get_device
+    from edgeopt.runtimes.sessions import check_threads
 
     threads = kwargs.get("threads")
     if not isinstance(threads, int) or threads <= MAX_THREADS:
         return
     names = [d for d in str(kwargs.get("device") or "").split(",") if d]  # optimize takes several
-    if names and all(get_device(name).ssh for name in names):
-        return
-    raise BadInput(f"--threads must be in [1, {MAX_THREADS}] (4 x the {os.cpu_count() or 1} CPU(s) here; a "
-                   f"remote --device may take more), got {threads}")
+    check_threads(threads, remote=bool(names) and all(get_device(name).ssh for name in names))
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,16 +33,22 @@ class RunSettings:
         return out
 
 
+def check_threads(threads: int | None, *, remote: bool) -> None:
+    """Intra-op threads for a run here are capped at 4 x this host's CPUs; a remote device may have more
+    cores than this host (the flag's own bound, 1024, is checked where it is parsed)."""
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+    if threads is not None and threads > MAX_THREADS and not remote:
+        raise BadInput(f"--threads must be in [1, {MAX_THREADS}] (4 x the {os.cpu_count() or 1} CPU(s) here; a "
+                       f"remote --device may take more), got {threads}")
+
+
 def resolve_settings(model: Model, *, runtime: str | None = None, threads: int | None = None,
                      device: str | DeviceProfile | None = None,
                      options: dict[str, Any] | None = None) -> RunSettings:
     """Explicit arguments win, then the model's stored ``edgeopt.*`` metadata, then the device profile."""
     profile = get_device(device)
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads must be >= 1, got {threads}")
-    if threads is not None and threads > MAX_THREADS and not profile.ssh:
-        raise BadInput(f"--threads must be <= {MAX_THREADS} (4 x the CPUs here; a remote --device may take "
-                       f"more), got {threads}")
+    check_threads(threads, remote=bool(profile.ssh))
     rt = runtime_for(model, runtime, device_runtime=profile.runtime)
     merged: dict[str, Any] = {}
     if runtime is None or runtime == model.runtime_hint():

@@ -107,6 +107,14 @@ def traced_server(argv: list[str]) -> None:
         resolve(p, value)
 
     batching.Batcher.__init__, batching._resolve = init_traced, resolve_traced
+    inline = getattr(batching.Batcher, "_run_inline", None)
+    if inline is not None:  # a lone request run on the event loop is resolved when the run returns
+        def inline_traced(self: Any, request: Any) -> Any:
+            try:
+                return inline(self, request)
+            finally:
+                mark("resolved")
+        batching.Batcher._run_inline = inline_traced
     out = os.environ["EDGEOPT_TRACE_OUT"]
     atexit.register(lambda: Path(out).write_text(json.dumps(events)))
     from edgeopt.cli import main
@@ -173,6 +181,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_trace.json"))
+    parser.add_argument("--rows", action="store_true", help="also write every request's event times (ns)")
     args = parser.parse_args()
     arms = {"A": Path(args.a)} | ({"B": Path(args.b)} if args.b else {})
     load_start = os.getloadavg()
@@ -219,6 +228,8 @@ def main() -> None:
                            "run_p50_ms": round(float(np.median([(r["run_end"] - r["run_start"]) / 1e6 for r in rows])), 3),
                            "overhead_p50_ms": round(float(np.median(overhead)), 3),
                            "overhead_p50_ms_per_block": per_block, "phases_p50_us": phases}
+            if args.rows:
+                result[arm]["rows"] = rows
     print(f"{'phase (median, us)':<36}" + "".join(f"{arm:>10}" for arm in arms))
     for a, b in PHASES:
         key = f"{a} -> {b}"

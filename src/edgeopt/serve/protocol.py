@@ -22,6 +22,10 @@ try:  # in the [serve] extra; the standard parser is 5-10x slower on tensors of 
     import orjson
 except ImportError:  # pragma: no cover - an install without the extra's newest member
     orjson = None
+try:  # in the [serve] extra: a flat numeric JSON array straight into a typed buffer, no Python float per value
+    import simdjson
+except ImportError:  # pragma: no cover - then every body goes through orjson
+    simdjson = None
 
 # OIP v2 datatype name <-> numpy dtype name (BYTES and BF16 are not served: no model here takes them).
 DATATYPES: dict[str, str] = {
@@ -90,7 +94,9 @@ def parse_infer_request(body: bytes, *, header_length: str | None, inputs: list[
         ...                           outputs=m.outputs)  # doctest: +SKIP
     """
     json_part, binary = _split_body(body, header_length)
-    doc = loads(json_part)
+    doc = _loads_typed(json_part) if isinstance(json_part, bytes) else None
+    if doc is None:
+        doc = loads(json_part)
     if not isinstance(doc, dict):
         raise ProtocolError(400, "request body must be a JSON object with an 'inputs' list")
     req_id = doc.get("id")
@@ -148,6 +154,101 @@ def loads(data: bytes | memoryview) -> Any:
         return json.loads(bytes(data))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(400, f"request body is not valid JSON: {exc}") from None
+
+
+class _Untyped(Exception):
+    """The body is not the plain shape the typed parse handles: parse it the general way."""
+
+
+def _loads_typed(body: bytes) -> Any:
+    """The body as :func:`loads` gives it, but each input's flat numeric ``data`` as one numpy array.
+
+    orjson makes one Python float per value and numpy then reads them back one by one: about 0.85 ms
+    for 12,288 values, 22 ms for 150,528 (ResNet18-64 and 224x224 bodies). pysimdjson parses the body
+    once and copies a numeric array into a buffer of int64 or float64 (0.33 ms / 6 ms), which is
+    what the general path's ``np.asarray`` of those values holds: all integers -> int64, else
+    float64, each number correctly rounded like orjson's. Anything else goes the general way (None):
+    no simdjson, not a JSON object, a number or string simdjson refuses, integers beyond int64,
+    non-numbers, and nested ``data``, whose regular shape only the general path checks. Flatness is
+    exact: the top-level length must equal the number of values, and the body may hold no ``[``
+    beyond the arrays the document has outside ``data``, so an element that is itself a list (even
+    ``[1, [2]]``) sends the body the general way.
+    """
+    if simdjson is None:
+        return None
+    try:
+        root = simdjson.Parser().parse(body)
+        if not isinstance(root, simdjson.Object):
+            return None
+        arrays = [0, 0]  # arrays outside the typed data, typed data arrays
+        doc = {}
+        for key in _keys(root):
+            value = root[key]
+            if key == "inputs" and isinstance(value, simdjson.Array):
+                arrays[0] += 1
+                doc[key] = [_typed_input(t, arrays) for t in value]
+            else:
+                doc[key] = _plain(value, arrays)
+        if body.count(b"[") != arrays[0] + arrays[1]:
+            return None  # a list inside some data (or a "[" in a string): the general path decides
+        return doc
+    except (_Untyped, ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def _keys(obj: Any) -> list[str]:
+    """An object's keys; a key given twice is _Untyped (orjson keeps the last, simdjson's lookup the first)."""
+    keys = list(obj.keys())
+    if len(set(keys)) != len(keys):
+        raise _Untyped
+    return keys
+
+
+def _typed_input(tensor: Any, arrays: list[int]) -> Any:
+    if not isinstance(tensor, simdjson.Object):
+        return _plain(tensor, arrays)
+    out = {}
+    for key in _keys(tensor):
+        value = tensor[key]
+        if key == "data" and isinstance(value, simdjson.Array):
+            out[key] = _typed_array(value)
+            arrays[1] += 1
+        else:
+            out[key] = _plain(value, arrays)
+    return out
+
+
+def _typed_array(value: Any) -> np.ndarray:
+    """A flat array of numbers as int64 (all integers in range) or float64; else _Untyped."""
+    n = len(value)
+    if n == 0:
+        raise _Untyped
+    try:
+        arr = np.frombuffer(value.as_buffer(of_type="i"), dtype=np.int64)
+    except TypeError:  # a number with a fraction or exponent (or a non-number: then "d" refuses too)
+        arr = np.frombuffer(value.as_buffer(of_type="d"), dtype=np.float64)
+    if arr.size != n:
+        raise _Untyped  # nested
+    return arr
+
+
+def _plain(value: Any, arrays: list[int]) -> Any:
+    """A (small) simdjson value as the Python objects orjson makes; its lists are counted into ``arrays[0]``."""
+    if isinstance(value, simdjson.Object):
+        value = value.as_dict()  # later duplicate keys win, as with orjson
+    elif isinstance(value, simdjson.Array):
+        value = value.as_list()
+    else:
+        return value
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            arrays[0] += 1
+            pending.extend(v for v in item if isinstance(v, list | dict))
+        elif isinstance(item, dict):
+            pending.extend(v for v in item.values() if isinstance(v, list | dict))
+    return value
 
 
 def dumps(doc: dict[str, Any]) -> bytes:
@@ -274,12 +375,15 @@ def _tensor(tensor: dict[str, Any], spec: TensorSpec, binary: bytes, offset: int
 
 
 def _from_json(data: Any, name: str, shape: tuple[int, ...], count: int, dtype: np.dtype) -> np.ndarray:
-    if not isinstance(data, list):
+    if isinstance(data, np.ndarray):  # parsed straight into an array (_loads_typed): the same checks follow
+        raw = data
+    elif not isinstance(data, list):
         raise ProtocolError(400, f"input {name!r}: 'data' must be a list")
-    try:
-        raw = np.asarray(data)
-    except (ValueError, TypeError, RecursionError, OverflowError):
-        raise ProtocolError(400, f"input {name!r}: 'data' is a ragged nested list") from None
+    else:
+        try:
+            raw = np.asarray(data)
+        except (ValueError, TypeError, RecursionError, OverflowError):
+            raise ProtocolError(400, f"input {name!r}: 'data' is a ragged nested list") from None
     if raw.size != count:
         raise ProtocolError(400, f"input {name!r}: shape {list(shape)} needs {count} values, got {raw.size}")
     allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]

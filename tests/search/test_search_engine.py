@@ -75,6 +75,24 @@ def test_sizes_a_few_bytes_apart_are_one_size_and_the_faster_wins() -> None:
     assert choose(BASE, [smaller, faster], objective="latency", budget=Budget(max_drop=0.01)) is smaller
 
 
+def test_ties_on_speed_size_and_judge_go_to_the_more_faithful() -> None:
+    # a saturated judge (both keep every neighbour), one size, 3 % apart on p50: what the harness cannot tell
+    # apart; the variant whose outputs are closer to the original's wins (cosine loss 0.0005 vs 0.0011)
+    plain = result("dq128", p50=0.480, size=100_000, acc=0.99, drop=0.0)
+    smooth = result("smoothquant-dq128", p50=0.494, size=100_001, acc=0.99, drop=0.0)
+    plain.cosine, smooth.cosine = 0.9989, 0.9995
+    assert choose(BASE, [plain, smooth], objective="latency", budget=Budget(max_drop=0.01)) is smooth
+    assert "further from the original than (mean cosine 0.99890 vs 0.99950)" in plain.reason
+    # cosine losses within 10 % of each other are equally faithful: the faster wins
+    smooth.cosine = 0.99885
+    assert choose(BASE, [plain, smooth], objective="latency", budget=Budget(max_drop=0.01)) is plain
+    assert smooth.reason.endswith("but slower than the chosen one")
+    # more than 5 % slower is not a tie: the faster wins however faithful the other
+    smooth.cosine, smooth.latency_ms, smooth.speedup = 0.9999, {"p50": 0.52, "p99": 0.52}, 1 / 0.52
+    assert choose(BASE, [plain, smooth], objective="latency", budget=Budget(max_drop=0.01)) is plain
+    assert "worse on latency" in smooth.reason
+
+
 def test_nothing_qualifies_returns_none() -> None:
     r = result("x", p50=0.5, size=300, acc=0.5, drop=0.49, ok_budget=False)
     assert choose(BASE, [r], objective="latency", budget=Budget()) is None

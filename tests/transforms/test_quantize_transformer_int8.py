@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edgeopt.data import load_data
+from edgeopt.errors import ConfigError
 from edgeopt.measure.evaluate import evaluate
 from edgeopt.model import load_model
 from edgeopt.search.budget import Budget
@@ -217,6 +218,73 @@ def test_nncf_int8_weight_compression_runs_in_openvino(encoder) -> None:
         return float(np.dot(x, ref) / np.linalg.norm(x) / np.linalg.norm(ref))
 
     assert cos(off.run(feeds)[0].ravel()) >= cos(on.run(feeds)[0].ravel()) - 1e-7
+
+
+def _with_layernorm_outlier(model, factor: float = 10.0):
+    """``model`` with hidden channel 5 of every LayerNorm's scale ``factor`` times larger: the outlier
+    channel of BERT's residual stream, which every MatMul reading a LayerNorm output sees."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.onnx)
+    for init in proto.graph.initializer:
+        if init.name.endswith("ln.g") or init.name.endswith("ln1.g") or init.name.endswith("ln2.g"):
+            g = numpy_helper.to_array(init).copy()
+            g[5] *= factor
+            init.CopyFrom(numpy_helper.from_array(g, init.name))
+    return type(model).from_onnx(proto, source="ln_outlier.onnx")
+
+
+def test_smoothquant_folded_into_layernorms_is_exact_and_adds_no_op_before_the_matmuls(encoder) -> None:
+    model, data = encoder
+    smoothed = smooth_quant(model, SmoothQuant(alpha=0.5, placement="layernorm"), data=data)
+    # the 4 LayerNorm outputs read by MatMuls (embeddings -> l0 QKV, l0.ln1 -> FFN, l0.ln2 -> l1 QKV,
+    # l1.ln1 -> FFN); the attention context and GELU outputs are left alone
+    assert smoothed.metadata["edgeopt.smoothquant"] == "alpha=0.5,placement=layernorm,matmul_inputs=4"
+    producers = {o: n for n in smoothed.onnx.graph.node for o in n.output}
+    assert all(producers[n.input[0]].op_type != "Mul" or not producers[n.input[0]].name.startswith("edgeopt_")
+               for n in smoothed.onnx.graph.node if n.op_type == "MatMul" and n.input[0] in producers)
+    restores = [n for n in smoothed.onnx.graph.node if n.name.endswith("_restore_mul")]
+    assert len(restores) == 4 and all(producers[n.input[0]].op_type == "Add" for n in restores)
+    assert not any(n.name.endswith("_other_mul") for n in smoothed.onnx.graph.node)  # folded into the dense
+    assert evaluate(smoothed, data, reference=model, threads=1).cosine > 0.99999  # the same function in float
+    with pytest.raises(ConfigError, match="placement"):
+        SmoothQuant(placement="before")
+
+
+def test_smoothquant_before_openvino_weight_compression_keeps_an_outlier_out_of_the_run_time_groups(encoder) -> None:
+    pytest.importorskip("nncf")
+    pytest.importorskip("openvino")
+    import json
+
+    from edgeopt.devices import get_device
+    from edgeopt.search.recipe import apply_recipe
+    from edgeopt.search.space import transformer_recipes
+    from edgeopt.transforms.config import TransformContext
+    from edgeopt.transforms.nncf_quantize import NncfWeightsInt8, nncf_compress_weights
+
+    original, data = encoder
+    model = _with_layernorm_outlier(original)
+    recipes = {r.name: r for r in transformer_recipes(model, get_device(None), runtimes=("openvino",))}
+    recipe = recipes["openvino-nncf-int8-weights-smoothquant-0.5-dq128"]
+    assert "openvino-nncf-int8-weights-smoothquant-0.75-dq64" in recipes and recipe.needs == ("calibration",)
+    built = apply_recipe(model, recipe, TransformContext(calibration=data, progress=False))
+    assert built.metadata["edgeopt.runtime"] == "openvino"
+    assert json.loads(built.metadata["edgeopt.runtime_options"])["dynamic_quantization_group_size"] == 128
+    assert sum(n.name.endswith("_restore_mul") for n in built.onnx.graph.node) == 4
+    # the smoothing is measured once and reused by the same alpha's other run-time settings
+    config = SmoothQuant(alpha=0.5, placement="layernorm")
+    assert smooth_quant(model, config, data=data) is smooth_quant(model, config, data=data)
+
+    def loss(m) -> float:  # run-time activation groups of 32 (the hidden size): one scale per token and MatMul
+        m = m.with_metadata(runtime="openvino", runtime_options=json.dumps(
+            {"precision": "f32", "dynamic_quantization_group_size": 32}))
+        return 1 - evaluate(m, data, reference=model, threads=1).cosine
+
+    plain = loss(nncf_compress_weights(model, NncfWeightsInt8(mode="int8_asym")))
+    smoothed = loss(nncf_compress_weights(smooth_quant(model, config, data=data), NncfWeightsInt8(mode="int8_asym")))
+    assert 0 < smoothed < 0.6 * plain  # measured: 3.3e-5 vs 7.7e-5
 
 
 def test_optimize_searches_the_transformer_space_too(encoder, digits_onnx) -> None:

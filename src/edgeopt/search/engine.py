@@ -33,6 +33,11 @@ from edgeopt.transforms.config import TransformContext
 MIN_GAIN = 0.03
 TIE = 0.05
 SIZE_TIE = 0.01
+# Among candidates tied on the objective, the judged metric and size, those whose cosine loss (1 - mean
+# cosine to the original) is within this fraction of the smallest are equally faithful; the faster of
+# them wins. A saturated judge (every variant keeps every neighbour) must not hand the choice to timing
+# noise when one variant's outputs are measurably closer to the original.
+FAITHFUL_TIE = 0.1
 
 
 @dataclass
@@ -298,7 +303,8 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
     at least MIN_GAIN faster, for size at least MIN_GAIN smaller. Among the rest, those within
     TIE of the best objective value are equivalent; among those, the candidates whose judged
     quality is within the judge's noise of the most accurate (:func:`edgeopt.measure.noise.tell_apart`
-    on the samples judged) are equivalent too, and the smallest (then fastest) of them wins.
+    on the samples judged) are equivalent too, and the smallest of them wins; among equal sizes, the
+    most faithful (mean cosine to the original, losses within FAITHFUL_TIE are equal), then the fastest.
     "Faster" for the latency objective is judged on the lower bound of the speed-up's interval
     from paired interleaved rounds where there is one, so noise on a loaded machine cannot pass
     as a gain.
@@ -347,9 +353,10 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
     noise = _tell_apart(best)
     within = [r for r in tied if _quality_lost(r) - _quality_lost(best) <= noise + 1e-12]
     # sizes within SIZE_TIE are one size (the same weights with other run-time settings differ by a few
-    # metadata bytes): among those the faster wins
+    # metadata bytes): among those the most faithful (mean cosine to the original, within FAITHFUL_TIE)
+    # and then the faster wins
     smallest = min(r.size_bytes for r in within)
-    same_size = [r for r in within if r.size_bytes <= smallest * (1 + SIZE_TIE)]
+    same_size = _most_faithful([r for r in within if r.size_bytes <= smallest * (1 + SIZE_TIE)])
     chosen = sorted(same_size, key=lambda r: (_objective_value(r, "latency"), r.size_bytes, order[id(r)]))[0]
     for r in qualified:
         if r is chosen:
@@ -362,13 +369,24 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
             r.status = "rejected"
             if r in within:
                 r.reason = (f"as good on {objective} (within {int(TIE * 100)}%) and on accuracy within the judge's "
-                            f"noise ({100 * noise:.2f} pt on {best.judged or '?'} samples) but larger or slower than "
-                            "the chosen one")
+                            f"noise ({100 * noise:.2f} pt on {best.judged or '?'} samples) but "
+                            + ("larger than" if r.size_bytes > smallest * (1 + SIZE_TIE) else
+                               f"further from the original than (mean cosine {r.cosine:.5f} vs {chosen.cosine:.5f})"
+                               if r not in same_size else "slower than") + " the chosen one")
             elif r in tied:
                 r.reason = f"as good on {objective} (within {int(TIE * 100)}%) but less accurate than the chosen one"
             else:
                 r.reason = f"within budget but worse on {objective} than the chosen one"
     return chosen
+
+
+def _most_faithful(tied: list[CandidateResult]) -> list[CandidateResult]:
+    """Of candidates the objective, the judge and size cannot tell apart, those whose cosine loss is within
+    FAITHFUL_TIE of the smallest (all of them when some have no cosine)."""
+    if any(r.cosine is None for r in tied):
+        return tied
+    least = min(1.0 - r.cosine for r in tied)
+    return [r for r in tied if 1.0 - r.cosine <= least * (1 + FAITHFUL_TIE) + 1e-9]
 
 
 def pareto_front(results: list[CandidateResult]) -> list[CandidateResult]:

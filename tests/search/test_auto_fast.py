@@ -154,3 +154,39 @@ def test_revert_search_from_ort_qdq_run_by_openvino_keeps_openvino_in_the_recipe
     assert found is not None and found.name == "int8-mixed-1-float-openvino"
     assert found.recipe["runtime"] == "openvino" and found.recipe["runtime_options"] == {"precision": "f32"}
     assert found.recipe["steps"][0]["fields"]["exclude_nodes"] == ["fc0"]
+
+
+@pytest.mark.parametrize("better", [True, False])
+def test_nncf_start_gets_its_weights_rounded_and_kept_only_when_the_judge_says_closer(better: bool) -> None:
+    from edgeopt.measure.evaluate import fidelity
+    from edgeopt.search.recovery import _rounded_start
+    from tests.transforms.test_weight_rounding import depthwise_cnn, smooth_images
+
+    model, cal, held = depthwise_cnn(), smooth_images(32, seed=1), smooth_images(32, seed=2)
+    int8 = quantize(model, StaticInt8(), data=cal).with_metadata(runtime="openvino")
+    ref = predict(model, held)
+    _, cosine, _ = fidelity(predict(int8, held), ref)
+    start = CandidateResult(name="openvino-nncf-int8", recipe={"runtime": "openvino"}, model=int8, drop=0.0,
+                            cosine=cosine)
+
+    def judge(recipe: Recipe, m, seconds: float) -> CandidateResult:
+        _, cos, _ = fidelity(predict(m, held), ref)
+        return CandidateResult(name=recipe.name, recipe=recipe.to_dict(), model=m, drop=0.0 if better else 0.05,
+                               cosine=cos)
+
+    steps: list[dict] = []
+    got = _rounded_start(start, model, cal, judge=judge, steps=steps)
+    row = steps[0]
+    assert row["step"] == "3 weight rounding" and row["variant"] == "openvino-nncf-int8-rounded"
+    assert row["start"] == "openvino-nncf-int8" and row["cosine"] is not None
+    if better:
+        assert got.name == "openvino-nncf-int8-rounded" and row["kept"] == "start of the float-layer search"
+        assert got.cosine > cosine  # re-rounded weights: closer to FP32 on held-out samples
+        assert got.recipe["steps"][0]["fields"]["weight_rounding"] is True
+        found = _revert_search(got, None, model, ["project"], {}, judge=lambda r, m, s: CandidateResult(
+            name=r.name, recipe=r.to_dict(), model=m, meets_budget=True, drop=0.0), steps=steps)
+        assert found is not None and found.name == "openvino-nncf-int8-rounded-mixed-1-float"
+        assert found.recipe["steps"][0]["fields"] == {**found.recipe["steps"][0]["fields"],
+                                                       "ignored_scope": ["project"], "weight_rounding": True}
+    else:
+        assert got is start and row["kept"] == "no: openvino-nncf-int8 is as good"

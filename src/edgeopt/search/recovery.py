@@ -15,7 +15,8 @@
    INT8 each try is a graph edit of the INT8 model already built (transforms/float_layers.py:
    milliseconds, no re-calibration), done from the best ONNX Runtime INT8 variant and from NNCF's
    OpenVINO INT8 variant when there is one (OpenVINO's INT8 is the faster on x86, leaving more
-   room for float layers). Float means FP32: ONNX Runtime's CPU provider has no faster BF16
+   room for float layers); NNCF's INT8 first gets its weights re-rounded against each layer's
+   input statistics (transforms/weight_rounding.py), kept when the judge says it is closer. Float means FP32: ONNX Runtime's CPU provider has no faster BF16
    convolution, and in OpenVINO BF16 float layers cap the gain (measured), so reverted OpenVINO
    models carry the f32 hint.
 4. **NNCF accuracy control** (``nncf.quantize_with_accuracy_control``), when OpenVINO is among
@@ -248,12 +249,43 @@ def mixed_precision(original: Model, calibration: Dataset, evaluation: Dataset, 
     starts: list[tuple[CandidateResult, StaticInt8 | None, Model]] = [
         (best, cfg, Model.from_onnx(proto, source=original.source))]
     if openvino_start is not None and openvino_start.model is not None:
-        starts.append((openvino_start, None, original))
+        ov_start = _rounded_start(openvino_start, original, calibration, judge=judge, steps=steps)
+        if ov_start.meets_budget:
+            out.append(ov_start)
+        else:
+            starts.append((ov_start, None, original))
     for start, start_cfg, reference in starts:
         found = _revert_search(start, start_cfg, reference, order, saved, judge=judge, steps=steps)
         if found is not None:
             out.append(found)
     return out
+
+
+ROUNDED = "openvino-nncf-int8-rounded"
+
+
+def _rounded_start(start: CandidateResult, original: Model, calibration: Dataset, *, judge: Judge,
+                   steps: list[dict[str, Any]]) -> CandidateResult:
+    """NNCF's INT8 with its weights re-rounded against each layer's input statistics
+    (transforms/weight_rounding.py: same scales, kernels and speed), judged; it replaces ``start``
+    as the start of the float-layer search when the judge finds it better. Measured on
+    EfficientNet-Lite1 (300 unseen crops): all-INT8 cosine 0.9847 -> 0.9882, with 8 layers FP32
+    0.9934 -> 0.9952 at the same speed (0.46x FP32): float layers alone plateau at 0.993."""
+    from edgeopt.transforms.nncf_quantize import NncfInt8
+    from edgeopt.transforms.weight_rounding import round_weights
+
+    began = time.perf_counter()
+    recipe = Recipe(ROUNDED, (NncfInt8(weight_rounding=True),), runtime=start.recipe.get("runtime") or "openvino",
+                    runtime_options=start.recipe.get("runtime_options") or {}, needs=("calibration",))
+    try:
+        model = round_weights(start.model, original, calibration)  # type: ignore[arg-type]
+        r = judge(recipe, model, time.perf_counter() - began)
+    except Exception as exc:  # noqa: BLE001 - an extra try; NNCF's own INT8 still stands
+        r = CandidateResult(name=recipe.name, recipe=recipe.to_dict(), status="failed", reason=f"failed: {exc}")
+    kept = r.model is not None and _quality(r) < _quality(start)
+    steps.append(step_row("3 weight rounding", r, start=start.name, build_seconds=round(time.perf_counter() - began, 1),
+                          kept="start of the float-layer search" if kept else f"no: {start.name} is as good"))
+    return r if kept else start
 
 
 def _fewest(probe: Callable[[int], CandidateResult], n: int) -> CandidateResult | None:
@@ -312,7 +344,9 @@ def _revert_search(start: CandidateResult, cfg: StaticInt8 | None, reference: Mo
         began = time.perf_counter()
         float_nodes = tuple(order[:k])
         if cfg is None:
-            recipe = Recipe(f"openvino-nncf-int8-mixed-{k}-float", (NncfInt8(ignored_scope=float_nodes),),
+            rounded = start.name == ROUNDED
+            recipe = Recipe(f"openvino-nncf-int8{'-rounded' if rounded else ''}-mixed-{k}-float",
+                            (NncfInt8(ignored_scope=float_nodes, weight_rounding=rounded),),
                             runtime="openvino", runtime_options={"precision": "f32"}, needs=("calibration",))
         elif start.recipe.get("runtime") == "openvino":  # ORT's QDQ model run by OpenVINO
             recipe = Recipe(f"int8-mixed-{k}-float-openvino", (replace(cfg, exclude_nodes=float_nodes),),

@@ -13,9 +13,10 @@ CPU seconds and load average recorded: on a machine shared by many jobs the wall
 waiting), then measures on the reported sentences, side by side in one
 process: FP32, auto's choice, ONNX Runtime ``quantize_dynamic`` with its defaults, NNCF with its
 defaults, NNCF transformer mode (SmoothQuant inside), the block-wise INT8 weight-only variant and
-NNCF's INT8 weight compression in OpenVINO (OpenVINO's default run-time activation groups, and
-with them off). auto judges this text encoder by the nearest-neighbour agreement of its pooled
-embeddings (near-ties allowed; ``--metric neighbours``, what ``auto`` resolves to here).
+NNCF's INT8 weight compression in OpenVINO (OpenVINO's default run-time activation groups; groups
+of 128 without SmoothQuant, what auto chose before the smoothed variants; and groups off). auto
+judges this text encoder by the nearest-neighbour agreement of its pooled embeddings (near-ties
+allowed; ``--metric neighbours``, what ``auto`` resolves to here).
 Figures: mean / 5th-percentile cosine of the hidden states (padding left out), mean cosine of
 the mean-pooled sentence embeddings, nearest-neighbour agreement of those embeddings (does each
 sentence's nearest other sentence stay the same?), the same with near-ties allowed (a change to a
@@ -163,6 +164,9 @@ def peers(fp32: Model, calibration: Any) -> dict[str, Model]:
         ("nncf-transformer", lambda: nncf_quantize(fp32, NncfInt8(model_type="transformer"), data=calibration)),
         ("edgeopt-int8-weight-only-block32", lambda: quantize(fp32, Int8WeightOnly(block_size=32))),
         ("nncf-int8-weights-asym (OpenVINO)", lambda: nncf_compress_weights(fp32, NncfWeightsInt8(mode="int8_asym"))),
+        ("nncf-int8-weights-asym (OpenVINO, groups of 128, no SmoothQuant)",
+         lambda: nncf_compress_weights(fp32, NncfWeightsInt8(mode="int8_asym")).with_metadata(
+             runtime="openvino", runtime_options=json.dumps({"precision": "f32", "dynamic_quantization_group_size": 128}))),
         ("nncf-int8-weights-asym (OpenVINO, run-time activation quantization off)",
          lambda: nncf_compress_weights(fp32, NncfWeightsInt8(mode="int8_asym")).with_metadata(
              runtime="openvino", runtime_options=json.dumps({"precision": "f32", "dynamic_quantization_group_size": 0}))),

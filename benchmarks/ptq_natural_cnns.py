@@ -17,7 +17,8 @@ layer scale 1e-6), and a harder task (scikit-image's brick / grass / gravel text
 train and test from disjoint halves of each photo).
 
 Data: scikit-learn digits (1,200 train / 597 held-out, ``tests/transforms/qat_net.digits``).
-Accuracy only (no timing): each row is FP32 vs its INT8 variants on the same held-out samples.
+Accuracy only (no timing): each row is FP32 vs its INT8 variants on the same held-out samples, and
+the activation spread (``activation_spread``) that explains them.
 
 Run: PYTHONPATH=src .venv/bin/python benchmarks/ptq_natural_cnns.py [--seeds 0,1] [--only NAME,...]
 Writes benchmarks/results/ptq_natural_cnns.json.
@@ -262,6 +263,27 @@ def train(net: nn.Module, data: Dataset, v: Variant, seed: int) -> nn.Module:
     return net.eval()
 
 
+def activation_spread(net: nn.Module, x: np.ndarray) -> float:
+    """The widest per-tensor activation spread at any Conv2d/Linear input on ``x``: the largest
+    channel's range (max |value|) over the median live channel's. One u8 scale per tensor costs the
+    median channel log2 of this many bits; PTQ breaks when it reaches ~50-100x (MobileNets on ImageNet)."""
+    ranges: list[np.ndarray] = []
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        t = args[0].detach()
+        if t.shape[1] > 1:
+            ranges.append(t.abs().amax(dim=[d for d in range(t.dim()) if d != 1]).numpy())
+
+    handles = [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            net(torch.from_numpy(x))
+    finally:
+        for h in handles:
+            h.remove()
+    return round(max(float(r.max() / np.median(r[r > 0])) for r in ranges if (r > 0).any()), 2)
+
+
 def run_variant(v: Variant, seed: int, datasets: dict[str, tuple[Dataset, Dataset]]) -> dict[str, Any]:
     started = time.perf_counter()
     tr, te = datasets[v.data]
@@ -281,6 +303,7 @@ def run_variant(v: Variant, seed: int, datasets: dict[str, tuple[Dataset, Datase
     a = acc(fp32)
     return {"variant": v.name, "seed": seed, "fp32": a, "per_channel": per_channel,
             "per_tensor_minmax": acc(quantize(fp32, replace(base, per_channel=False), data=cal)),
+            "activation_spread": activation_spread(net, tr.inputs["input"][:128]),
             "best_per_channel_drop_pt": round(a - max(per_channel.values()), 2),
             "default_minmax_drop_pt": round(a - per_channel["minmax"], 2),
             "heldout_samples": len(te), "calibration_samples": v.calibration_samples,
@@ -307,7 +330,8 @@ def main() -> None:
             rows.append(run_variant(v, seed, datasets))
             r = rows[-1]
             print(f"{v.name:24s} seed {seed}: FP32 {r['fp32']:.2f} %, per-channel {r['per_channel']}, "
-                  f"per-tensor {r['per_tensor_minmax']:.2f} %, best per-channel drop {r['best_per_channel_drop_pt']:+.2f} pt",
+                  f"per-tensor {r['per_tensor_minmax']:.2f} %, best per-channel drop {r['best_per_channel_drop_pt']:+.2f} pt, "
+                  f"activation spread {r['activation_spread']:.1f}x",
                   flush=True)
     import onnxruntime
 
@@ -319,6 +343,7 @@ def main() -> None:
                               "epochs": v.epochs, "data": v.data} for v in chosen},
         "max_best_per_channel_drop_pt": max(r["best_per_channel_drop_pt"] for r in rows),
         "max_default_minmax_drop_pt": max(r["default_minmax_drop_pt"] for r in rows),
+        "max_activation_spread": max(r["activation_spread"] for r in rows),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
                     "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
         "rows": rows,

@@ -253,6 +253,39 @@ def test_smoothquant_folded_into_layernorms_is_exact_and_adds_no_op_before_the_m
         SmoothQuant(placement="before")
 
 
+def test_smoothquant_leaves_a_residual_add_of_two_smoothed_layernorms_alone() -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeopt.data import Dataset
+    from edgeopt.errors import UnsupportedOperation
+    from edgeopt.model import Model
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+             [("ga", np.ones(8)), ("ba", np.zeros(8)), ("gb", np.ones(8)), ("bb", np.zeros(8)),
+              ("wa", rng.standard_normal((8, 4))), ("wb", rng.standard_normal((8, 4)))]]
+    nodes = [helper.make_node("LayerNormalization", ["a", "ga", "ba"], ["la"], name="lna", axis=-1),
+             helper.make_node("LayerNormalization", ["b", "gb", "bb"], ["lb"], name="lnb", axis=-1),
+             helper.make_node("MatMul", ["la", "wa"], ["ya"], name="mma"),
+             helper.make_node("MatMul", ["lb", "wb"], ["yb"], name="mmb"),
+             helper.make_node("Add", ["la", "lb"], ["s"], name="sum")]
+    spec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 8]) for n in ("a", "b")]
+    outs = [helper.make_tensor_value_info("ya", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("yb", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, ["n", 8])]
+    proto = helper.make_model(helper.make_graph(nodes, "two_ln", spec, outs, initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    model = Model.from_onnx(proto, source="two_ln.onnx")
+    data = Dataset({"a": rng.standard_normal((16, 8)).astype(np.float32),
+                    "b": rng.standard_normal((16, 8)).astype(np.float32)}, None, "rand")
+    # both LayerNorm outputs meet at one Add: folding either would need the other unscaled there
+    with pytest.raises(UnsupportedOperation, match="reading a LayerNorm output"):
+        smooth_quant(model, SmoothQuant(placement="layernorm"), data=data)
+    assert evaluate(smooth_quant(model, SmoothQuant(), data=data), data, reference=model, threads=1).cosine > 0.99999
+
+
 def test_smoothquant_before_openvino_weight_compression_keeps_an_outlier_out_of_the_run_time_groups(encoder) -> None:
     pytest.importorskip("nncf")
     pytest.importorskip("openvino")

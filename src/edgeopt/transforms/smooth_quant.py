@@ -162,6 +162,10 @@ def _smooth(model: Model, cfg: SmoothQuant, data: Dataset) -> Model:
     folds: dict[str, _Fold] = {}
     if cfg.placement == "layernorm":
         folds = {a: f for a, users in targets.items() if (f := _layernorm_fold(proto, a, users)) is not None}
+        adds = [f.add for f in folds.values()]
+        # one fold per residual Add, and none whose Add's other operand is itself being folded
+        folds = {a: f for a, f in folds.items() if adds.count(f.add) == 1
+                 and proto.graph.node[f.add].input[f.other] not in folds}
         targets = {a: users for a, users in targets.items() if a in folds}
     if not targets:
         raise UnsupportedOperation(f"{model.source} has no MatMul with a constant 2-D weight to smooth"

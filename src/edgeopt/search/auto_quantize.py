@@ -195,7 +195,7 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
         notes.append("transformer graph (self-attention + LayerNorm): tried the transformer space, which keeps "
                      "Softmax, LayerNorm, GELU and the residual stream in float (dynamic INT8, SmoothQuant, fused "
                      "attention, MatMul-only static INT8, INT8 and INT4 weight-only, NNCF transformer mode, NNCF "
-                     "INT8 weight compression)")
+                     "INT8 weight compression, alone and after SmoothQuant folded into the LayerNorms)")
         recipes = transformer_recipes(original, profile, runtimes=chosen_runtimes)
         later = [r for r in recipes if r.name in SAME_OUTPUTS_AS]
         results = run([r for r in recipes if r.name not in SAME_OUTPUTS_AS])

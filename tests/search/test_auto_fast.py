@@ -156,8 +156,8 @@ def test_revert_search_from_ort_qdq_run_by_openvino_keeps_openvino_in_the_recipe
     assert found.recipe["steps"][0]["fields"]["exclude_nodes"] == ["fc0"]
 
 
-@pytest.mark.parametrize("better", [True, False])
-def test_nncf_start_gets_its_weights_rounded_and_kept_only_when_the_judge_says_closer(better: bool) -> None:
+@pytest.mark.parametrize("drop", [0.0, 1 / 87, 0.1])
+def test_nncf_start_gets_its_weights_rounded_and_kept_only_when_the_judge_says_closer(drop: float) -> None:
     from edgeopt.measure.evaluate import fidelity
     from edgeopt.search.recovery import _rounded_start
     from tests.transforms.test_weight_rounding import depthwise_cnn, smooth_images
@@ -171,15 +171,15 @@ def test_nncf_start_gets_its_weights_rounded_and_kept_only_when_the_judge_says_c
 
     def judge(recipe: Recipe, m, seconds: float) -> CandidateResult:
         _, cos, _ = fidelity(predict(m, held), ref)
-        return CandidateResult(name=recipe.name, recipe=recipe.to_dict(), model=m, drop=0.0 if better else 0.05,
-                               cosine=cos)
+        # one flipped sample of 87 is within the judge's noise (the cosine decides); 10 pt of 87 is not
+        return CandidateResult(name=recipe.name, recipe=recipe.to_dict(), model=m, drop=drop, judged=87, cosine=cos)
 
     steps: list[dict] = []
     got = _rounded_start(start, model, cal, judge=judge, steps=steps)
     row = steps[0]
     assert row["step"] == "3 weight rounding" and row["variant"] == "openvino-nncf-int8-rounded"
     assert row["start"] == "openvino-nncf-int8" and row["cosine"] is not None
-    if better:
+    if drop < 0.1:
         assert got.name == "openvino-nncf-int8-rounded" and row["kept"] == "start of the float-layer search"
         assert got.cosine > cosine  # re-rounded weights: closer to FP32 on held-out samples
         assert got.recipe["steps"][0]["fields"]["weight_rounding"] is True

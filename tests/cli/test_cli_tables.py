@@ -118,3 +118,22 @@ def test_zoo_no_latency_at_80_columns_shows_no_empty_columns(cli, narrow, tmp_pa
     _check(result, "mobilenet_v3_small", "shufflenet_v2_x0_5", "60.13M")
     for column in ("p50 ms", "runtime/thr", "ONNX size", "cached"):
         assert column not in result.stdout
+
+
+def test_recovery_steps_table_says_whether_the_rounded_int8_was_kept(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import edgeopt.cli.quantize as cq
+
+    console = Console(width=400, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    monkeypatch.setattr(cq, "console", console)
+    steps = [{"step": "3 weight rounding", "variant": "openvino-nncf-int8-rounded", "status": "misses budget",
+              "agreement": 0.99, "cosine": 0.98724, "drop": 0.0115, "kept": "start of the float-layer search"},
+             {"step": "3 mixed precision", "variant": "openvino-nncf-int8-rounded-mixed-2-float",
+              "status": "meets budget", "agreement": 1.0, "cosine": 0.99309, "drop": 0.0,
+              "float_layers": ["node_Conv_1135", "node_Conv_1147"]}]
+    cq._print_steps(SimpleNamespace(results=[], steps=steps))
+    text = console.export_text()
+    assert "misses budget; kept: start of the float-layer search" in text
+    assert "0.9872" in text and "0.9931" in text and "2: node_Conv_1135, node_Conv_1147" in text
+    assert "meets budget; kept" not in text

@@ -360,7 +360,8 @@ def _print_steps(result: Any) -> None:
             f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
         r = timed.get(s.get("variant") or "")
         floats = s.get("float_layers") or []
-        table.add_row(s["step"], s.get("variant") or "-", s.get("status") or "-", fmt_pct(agreement),
+        status = (s.get("status") or "-") + (f"; kept: {s['kept']}" if s.get("kept") else "")
+        table.add_row(s["step"], s.get("variant") or "-", status, fmt_pct(agreement),
                       "-" if s.get("cosine") is None else f"{s['cosine']:.4f}", drop,
                       f"{r.latency_ms['p50']:.2f}" if r is not None else "-",
                       (f"{len(floats)}: " + ", ".join(floats[:3]) + (" ..." if len(floats) > 3 else "")) if floats

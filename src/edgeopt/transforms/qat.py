@@ -79,7 +79,6 @@ CLIP_STEPS = 41
 
 def _fake_quant_wrapper(torch: Any) -> Any:
     nn = torch.nn
-    functional = torch.nn.functional
 
     class FakeQuant(nn.Module):
         """Wraps a Conv2d/Linear: u8 fake-quantized input (tracked range), s8 weight (per channel or clipped per tensor)."""
@@ -169,11 +168,9 @@ def _fake_quant_wrapper(torch: Any) -> Any:
             zero = torch.round(-self.lo / scale).clamp(0, 255)
             xq = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
             x = x + (xq - x).detach()
-            w = self.quantized_weight()
-            if isinstance(self.layer, nn.Linear):
-                return functional.linear(x, w, self.layer.bias)
-            c = self.layer
-            return functional.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+            # the layer's own forward with the fake-quantized weight: a Conv2d subclass that pads
+            # first (TensorFlow-style "same" padding, as EfficientNet ports have) keeps its padding
+            return torch.func.functional_call(self.layer, {"weight": self.quantized_weight()}, (x,))
 
     return FakeQuant
 
@@ -184,13 +181,22 @@ def fold_batchnorm(module: Any) -> Any:
     ONNX Runtime folds BatchNorm before quantizing, so QAT must train the folded weights. A module
     torch.fx cannot trace is returned unfolded (a copy): QAT still runs, on the unfolded weights.
     """
+    import torch
     from torch.fx.experimental.optimization import fuse
+
+    def layers(m: Any) -> int:
+        return sum(isinstance(x, (torch.nn.Conv2d, torch.nn.Linear)) for x in m.modules())
 
     copy_ = copy.deepcopy(module).eval()
     try:
-        return fuse(copy_, inplace=True)
+        fused = fuse(copy.deepcopy(copy_), inplace=True)
     except Exception:  # noqa: BLE001 - tracing is an optimization here, not a requirement
         return copy_
+    # tracing inlines a user-defined Conv2d subclass into a bare conv call on its weight, which QAT
+    # could no longer wrap: keep the unfolded copy then (with per-channel scales folding changes
+    # nothing QAT trains: BN scales each output channel, and each has its own scale)
+    bn = sum(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in copy_.modules())
+    return fused if layers(fused) == layers(copy_) and bn else copy_
 
 
 def _swap(module: Any, torch: Any, wrapper: Any, momentum: float, per_channel: bool) -> int:
@@ -248,6 +254,9 @@ def qat_finetune(module: Any, train: Dataset, *, calibration: Dataset | None = N
     y_all = np.asarray(train.labels)
     cal = next(iter((calibration or train).inputs.values()))
     student.train()
+    for m in student.modules():  # BatchNorm left unfolded keeps its eval statistics: ORT folds those
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
     with torch.no_grad():  # first ranges (and input energies) from the calibration samples, as PTQ sees them
         for i in range(0, len(cal), cfg.train.batch_size):
             student(torch.from_numpy(np.ascontiguousarray(cal[i:i + cfg.train.batch_size])))

@@ -6,7 +6,7 @@ Three models, each behind its own server (ONNX Runtime, 1 intra-op thread, --max
 concurrency (1, 8, 32) the rounds interleave the runtime's own figure (measure.benchmark: batch-1
 p50 at c=1, batch-16 throughput at c=32), a JSON load and a binary-tensor load, so machine load
 hits all three alike and every round gives paired ratios. The load generator is a separate
-process: closed-loop asyncio clients on keep-alive HTTP/1.1 connections sending pre-built
+process: closed-loop asyncio clients (on uvloop like the server; `--client-loop asyncio` for the stdlib loop) on keep-alive HTTP/1.1 connections sending pre-built
 requests (JSON bodies as a browser or `tritonclient` with binary_data=False writes them: float32
 values in float64 notation). Throughput counts the responses completed inside the measured
 window. The server's CPU per request comes from /proc, the batch sizes from its /metrics, and the
@@ -90,9 +90,20 @@ async def _client(port: int, request: bytes, concurrency: int, warmup: float, se
 
 
 def client_main(args: list[str]) -> None:
-    port, conc, warmup, seconds, max_requests, body_file = args
+    """The load client's process: ``loop`` is ``uvloop`` (the server's own loop, default: the client's
+    overhead then stays a small part of what c=1 measures) or ``asyncio`` (the stdlib loop)."""
+    port, conc, warmup, seconds, max_requests, body_file, loop = args
     request = Path(body_file).read_bytes()
-    result = asyncio.run(_client(int(port), request, int(conc), float(warmup), float(seconds), int(max_requests)))
+    cpu0 = time.process_time()
+    main = _client(int(port), request, int(conc), float(warmup), float(seconds), int(max_requests))
+    if loop == "uvloop":
+        import uvloop
+
+        result = uvloop.run(main)
+    else:
+        result = asyncio.run(main)
+    result["client_cpu_s"] = time.process_time() - cpu0
+    result["client_loop"] = loop
     sys.stdout.write(json.dumps(result))
 
 
@@ -116,12 +127,15 @@ def batch_totals(port: int) -> tuple[float, float]:
     return float(found.get(b"sum", 0)), float(found.get(b"count", 0))
 
 
+CLIENT_LOOP = ["uvloop"]  # set from --client-loop
+
+
 def run_load(port: int, request_file: Path, concurrency: int, warmup: float, seconds: float,
              max_requests: int, server_pid: int) -> dict[str, Any]:
     samples0, calls0 = batch_totals(port)
     cpu0 = cpu_seconds(server_pid)
     out = subprocess.run([sys.executable, __file__, "--client", str(port), str(concurrency), str(warmup),
-                          str(seconds), str(max_requests), str(request_file)],
+                          str(seconds), str(max_requests), str(request_file), CLIENT_LOOP[0]],
                          capture_output=True, text=True, timeout=warmup + seconds + 60, check=True)
     result = json.loads(out.stdout)
     result["server_cpu_s"] = cpu_seconds(server_pid) - cpu0
@@ -325,13 +339,15 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for r in runs:
         for k, v in r["codes"].items():
             codes[str(k)] = codes.get(str(k), 0) + v
-    cpu_ms = 1000.0 * sum(r["server_cpu_s"] for r in runs) / max(1, sum(r["requests_total"] for r in runs))
+    requests = max(1, sum(r["requests_total"] for r in runs))
+    cpu_ms = 1000.0 * sum(r["server_cpu_s"] for r in runs) / requests
+    client_ms = 1000.0 * sum(r.get("client_cpu_s", 0.0) for r in runs) / requests
     calls = sum(r["calls"] for r in runs)
     if not lat.size:
         return {"requests_measured": 0, "status_codes": codes}
     return {"requests_measured": int(lat.size), "throughput_rps": round(lat.size / window, 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3),
-            "server_cpu_ms_per_request": round(cpu_ms, 3),
+            "server_cpu_ms_per_request": round(cpu_ms, 3), "client_cpu_ms_per_request": round(client_ms, 3),
             "mean_samples_per_runtime_call": round(sum(r["samples"] for r in runs) / calls, 2) if calls else None,
             "status_codes": codes, "per_round_rps": [round(len(r["latencies"]) / r["window_s"], 1) for r in runs],
             "loadavg_1min_per_round": [r["loadavg"] for r in runs]}
@@ -509,9 +525,12 @@ def main() -> None:
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--max-requests", type=int, default=20_000, help="cap per round")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="the load client's event loop (uvloop: its own overhead a small part of c=1)")
     parser.add_argument("--malformed", type=int, default=1000)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = parser.parse_args()
+    CLIENT_LOOP[0] = args.client_loop
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -531,7 +550,7 @@ def main() -> None:
                     "note": "shared 2-core machine, other engineers' jobs running; see loadavg per round"},
         "settings": {"threads": args.threads, "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
                      "rounds": args.rounds, "seconds_per_round": args.seconds, "warmup_s": args.warmup,
-                     "client": "separate process, closed-loop asyncio, keep-alive HTTP/1.1",
+                     "client": f"separate process, closed-loop asyncio on {args.client_loop}, keep-alive HTTP/1.1",
                      "weights": "random (torchvision, seed 0): speed only", "server_log_level": "warning"},
         "models": results,
         "malformed": malformed,

@@ -19,10 +19,10 @@ Variants, each run in the runtime it targets:
   budget's metric (agreement where FP32 is clear), max drop 1 pt, run in OpenVINO;
 - ``openvino-bf16``: the FP32 model in OpenVINO with a BF16 precision hint;
 - ``edgeopt-auto``: ``auto_quantize(..., max_drop=0.01, threads=1)`` = ``edgeopt quantize --mode auto
-  --max-drop 0.01 --threads 1``, its wall time and the load average beside it;
-- ``edgeopt-auto-min-cosine-0.995``: the same with ``--min-cosine 0.995`` (no variant whose mean
-  cosine to FP32 on the judge crops is below 0.995 may be chosen): what a user asking for the
-  issue's fidelity target gets. ``--min-cosine`` sets the floors run (one auto run each).
+  --max-drop 0.01 --threads 1``, its wall time and the load average beside it. No labels, so the
+  budget is agreement and the default cosine floor 1 - 0.01 / 2 = 0.995 (search/budget.default_floor);
+- ``edgeopt-auto-min-cosine-F``: the same with ``--min-cosine F``, one auto run per floor given
+  (e.g. ``--min-cosine 0.99``: the plain floor auto used before the floor followed the budget).
 
 All variants are timed INTERLEAVED in one ``measure.compare`` run at batch 1, 1 thread. Figures on
 the report crops: mean/min cosine of the logits to FP32, top-1 agreement, and agreement where FP32
@@ -55,7 +55,6 @@ from edgeopt.fileio import write_json  # noqa: E402
 from edgeopt.measure import BenchSettings, compare, predict  # noqa: E402
 from edgeopt.measure.judge import CONFIDENT_MARGIN, probabilities  # noqa: E402
 from edgeopt.model import Model  # noqa: E402
-from edgeopt.search.budget import DEFAULT_MIN_COSINE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quantize_cnn_recovery.json"
@@ -90,9 +89,9 @@ def main() -> None:
     parser.add_argument("--split", choices=("crops", "photos"), default="crops",
                         help="hold out disjoint crops of all photos (default) or whole photos")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--min-cosine", type=float, nargs="+", default=[DEFAULT_MIN_COSINE, 0.995],
-                        help="run auto once per cosine floor (quantize --min-cosine; default: auto's default "
-                             "0.99, and 0.995, the issue's unseen-image target)")
+    parser.add_argument("--min-cosine", type=float, nargs="*", default=[],
+                        help="also run auto once per cosine floor given (quantize --min-cosine), beside the "
+                             "run with auto's default floor")
     args = parser.parse_args()
     out_path = args.out or (OUT if args.split == "crops" else OUT.with_name("quantize_cnn_recovery_photos.json"))
     n_cal, n_judge, n_report = (32, 48, 48) if args.quick else (128, 200, 300)
@@ -141,14 +140,14 @@ def main() -> None:
             row["_model"] = model
         print(name, row.get("build_seconds", row.get("error")), flush=True)
 
-    for floor in args.min_cosine:
-        name = "edgeopt-auto" if floor == DEFAULT_MIN_COSINE else f"edgeopt-auto-min-cosine-{floor:g}"
+    for floor in [None, *args.min_cosine]:
+        name = "edgeopt-auto" if floor is None else f"edgeopt-auto-min-cosine-{floor:g}"
         load_before = os.getloadavg()
         start, cpu_start = time.perf_counter(), time.process_time()
         auto = auto_quantize(fp32, cal, eval_data=judge, max_drop=0.01, min_cosine=floor, threads=1)
         auto_seconds, auto_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         load_after = os.getloadavg()
-        auto_row: dict[str, Any] = {"variant": name, "min_cosine": floor, "build_seconds": round(auto_seconds, 1),
+        auto_row: dict[str, Any] = {"variant": name, "min_cosine": auto.budget.floor, "build_seconds": round(auto_seconds, 1),
                                     "cpu_seconds": round(auto_cpu, 1),
                                     "chosen": auto.chosen.name if auto.chosen else None,
                                     "load_average_before": [round(v, 2) for v in load_before],

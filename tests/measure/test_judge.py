@@ -22,7 +22,7 @@ from edgeopt.measure.judge import (
     pooled,
 )
 from edgeopt.model import load_model
-from edgeopt.search.budget import Budget
+from edgeopt.search.budget import Budget, judge_note
 from edgeopt.search.engine import Candidate, baseline_result, choose, result_for
 from edgeopt.search.recipe import Recipe
 from tests.conftest import make_onnx_transformer
@@ -179,3 +179,20 @@ def test_cli_rejects_a_bad_cosine_floor_and_metric(cli, tiny_transformer, tmp_pa
     res = cli("quantize", enc_path, "-o", tmp_path / "q.onnx", "--data", npz, "--metric", "f1")
     assert res.exit_code == 2 and "--metric must be one of auto, accuracy, agreement, cosine, neighbours" in res.output
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_the_note_says_which_floor_holds_and_why() -> None:
+    logits = np.log(np.tile([0.9, 0.05, 0.05], (6, 1)))
+    budget = Budget(max_drop=0.01).for_outputs(logits, None)
+    note = judge_note("auto", budget, logits, labelled=False)
+    assert "below 0.995 is chosen" in note and "agreement cannot see near-ties" in note
+    labelled = Budget(max_drop=0.01).for_outputs(logits, np.zeros(6, dtype=int))
+    assert "below 0.99 is chosen" in judge_note("auto", labelled, logits, labelled=True)
+    own = Budget(max_drop=0.01, min_cosine=0.99).for_outputs(logits, None)
+    assert "below 0.99 is chosen" in judge_note("auto", own, logits, labelled=False)
+    assert "near-ties;" not in judge_note("auto", own, logits, labelled=False)
+
+
+def test_cli_help_gives_the_floor_rule(cli) -> None:
+    res = cli("quantize", "--help")
+    assert res.exit_code == 0 and "0.995 at 1 pt" in " ".join(res.output.split())

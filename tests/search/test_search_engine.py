@@ -116,6 +116,33 @@ def test_budget_validation() -> None:
     assert not Budget(max_drop=0.01).allows(0.99, 0.979)
 
 
+def test_default_floor_follows_the_budget_where_agreement_cannot_see_near_ties() -> None:
+    # agreement counts clear samples only: the floor carries the budget there (1 - max_drop / 2)
+    tight = Budget(metric="agreement", max_drop=0.01)
+    assert tight.floor == 0.995
+    assert not tight.allows(1.0, 1.0, cosine=0.9935) and tight.allows(1.0, 1.0, cosine=0.9951)
+    assert Budget(metric="agreement", max_drop=0.03).floor == 0.99  # never below the plain floor
+    assert Budget(metric="agreement", max_drop=0.0).floor == 0.999  # capped: a float copy still qualifies
+    for metric in ("accuracy", "cosine", "neighbours", "auto"):
+        assert Budget(metric=metric, max_drop=0.01).floor == 0.99  # type: ignore[arg-type]
+    # the user's own floor wins either way
+    assert Budget(metric="agreement", max_drop=0.01, min_cosine=0.99).allows(1.0, 1.0, cosine=0.9935)
+    assert Budget(metric="accuracy", max_drop=0.01, min_cosine=0.999).floor == 0.999
+    with pytest.raises(ConfigError, match="min-cosine"):
+        Budget(min_cosine=1.5)
+
+
+def test_auto_resolves_to_the_agreement_floor_without_labels() -> None:
+    import numpy as np
+
+    scores = np.eye(10, dtype=np.float32)[np.arange(20) % 10] * 5.0
+    labels = np.arange(20) % 10
+    assert Budget(max_drop=0.01).for_outputs(scores, None).floor == 0.995
+    assert Budget(max_drop=0.01).for_outputs(scores, labels).floor == 0.99
+    embeddings = np.random.default_rng(0).normal(size=(20, 3, 8)).astype(np.float32)
+    assert Budget(max_drop=0.01).for_outputs(embeddings, None).floor == 0.99
+
+
 @register_config
 @dataclass(frozen=True)
 class _ToyConfig:

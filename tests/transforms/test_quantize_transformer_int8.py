@@ -78,7 +78,7 @@ def test_auto_searches_the_transformer_space_and_judges_by_neighbours(encoder) -
     model, data = encoder
     r = auto_quantize(model, data, runtimes=("onnxruntime",), threads=1, max_drop=0.01,
                       bench=BenchSettings(warmup=2, min_runs=5, min_seconds=0.05, max_seconds=1.0))
-    assert r.budget.metric == "neighbours" and r.budget.min_cosine == 0.99
+    assert r.budget.metric == "neighbours" and r.budget.floor == 0.99
     assert any("transformer graph" in n for n in r.notes)
     assert any("judged by nearest-neighbour agreement" in n for n in r.notes)
     names = {x.name for x in r.results}

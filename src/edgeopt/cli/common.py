@@ -292,8 +292,10 @@ MetricOpt = Annotated[str, typer.Option("--metric", help="What the budget judges
                                         "with an attention mask: neighbours; other outputs: cosine), accuracy, "
                                         "agreement, cosine or neighbours (nearest-neighbour agreement of the pooled "
                                         "embeddings where the original's neighbour is clear).")]
-MinCosineOpt = Annotated[float, typer.Option("--min-cosine", callback=opt.cosine, help="Never choose a variant whose "
-                                             "mean cosine to the original is below this, whatever the metric.")]
+MinCosineOpt = Annotated[float | None, typer.Option("--min-cosine", callback=opt.cosine, help="Never choose a variant "
+                                                    "whose mean cosine to the original is below this, whatever the "
+                                                    "metric [default: 0.99; judged by agreement: 1 - max-drop/2, "
+                                                    "e.g. 0.995 at 1 pt].", show_default=False)]
 QatEpochsOpt = Annotated[int | None, typer.Option("--qat-epochs", callback=opt.qat_epochs, help="PyTorch model with "
                                                   "labelled --data: epochs of the QAT recovery step, run when no "
                                                   "all-INT8 variant meets the budget (default 3; 0: no QAT).")]

@@ -43,7 +43,7 @@ def optimize(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")],
     max_drop: MaxDropOpt = 0.01,
     metric: MetricOpt = "auto",
-    min_cosine: MinCosineOpt = 0.99,
+    min_cosine: MinCosineOpt = None,
     objective: Annotated[str, typer.Option("--objective", help="latency, size or memory.")] = "latency",
     target: Annotated[str, typer.Option("--target", help="Format every candidate ends in: onnx, executorch (.pte) "
                                                          "or tflite; its operator check runs first.")] = "onnx",

@@ -78,7 +78,7 @@ def quantize(
                                                   "static also calibrates on).")] = None,
     max_drop: MaxDropOpt = 0.01,
     metric: MetricOpt = "auto",
-    min_cosine: MinCosineOpt = 0.99,
+    min_cosine: MinCosineOpt = None,
     runtime: Annotated[str | None, typer.Option("--runtime", help="auto: only try this runtime (onnxruntime or openvino).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="static: qdq or qoperator.")] = "qdq",
     per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor; auto --per-tensor: a target without per-channel INT8 (only per-tensor variants, QAT per tensor).")] = None,
@@ -213,7 +213,7 @@ def _print_one(p: dict[str, Any]) -> None:
 
 
 def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, max_drop: float, metric: str,
-          min_cosine: float, runtime: str | None, device: str | None, threads: int | None, bench: Any,
+          min_cosine: float | None, runtime: str | None, device: str | None, threads: int | None, bench: Any,
           json_out: str | None, per_channel: bool | None = None, qat_epochs: int = 0) -> None:
     from edgeopt.errors import BudgetNotMet
     from edgeopt.fileio import write_json

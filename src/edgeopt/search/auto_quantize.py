@@ -19,7 +19,7 @@ from edgeopt.devices import DeviceProfile, get_device
 from edgeopt.errors import BadInput, DataError
 from edgeopt.measure.bench import BenchSettings
 from edgeopt.model import Model, load_model
-from edgeopt.search.budget import DEFAULT_MIN_COSINE, Budget, judge_note
+from edgeopt.search.budget import Budget, judge_note
 from edgeopt.search.engine import (
     CandidateResult,
     baseline_result,
@@ -64,7 +64,7 @@ class AutoQuantizeResult:
             "chosen": self.chosen.name if self.chosen else None,
             "chosen_recipe": self.chosen.recipe if self.chosen else None,
             "budget": {"metric": self.budget.metric, "max_drop": self.budget.max_drop,
-                       "min_cosine": self.budget.min_cosine},
+                       "min_cosine": self.budget.floor},
             "baseline": self.baseline.to_dict(),
             "variants": [r.to_dict() for r in self.results],
             "recovery_steps": list(self.steps),
@@ -91,7 +91,7 @@ def _split(data: Dataset, eval_data: Dataset | None, seed: int) -> tuple[Dataset
 
 def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str] | Dataset, *,
                   eval_data: str | os.PathLike[str] | Dataset | None = None, max_drop: float = 0.01,
-                  metric: str = "auto", min_cosine: float = DEFAULT_MIN_COSINE,
+                  metric: str = "auto", min_cosine: float | None = None,
                   device: str | DeviceProfile | None = None, threads: int | None = None,
                   runtimes: tuple[str, ...] | list[str] | None = None, bench: BenchSettings | None = None,
                   seed: int = 0, mixed: bool = True, per_channel: bool | None = None,
@@ -107,7 +107,8 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
         max_drop: allowed drop in absolute points of ``metric`` (0.01 = 1 pt).
         metric: ``auto`` follows the output (accuracy/agreement for class scores, cosine for
             embeddings and other outputs), or ``accuracy``, ``agreement``, ``cosine``.
-        min_cosine: no variant whose mean cosine to FP32 is below this is chosen, whatever the metric.
+        min_cosine: no variant whose mean cosine to FP32 is below this is chosen, whatever the metric
+            (None: 0.99, or 1 - max_drop / 2 when judged by agreement: search/budget.default_floor).
         device: device profile; ``threads`` overrides its thread count (timing and evaluation).
         runtimes: runtimes whose variants are tried (default: onnxruntime, and openvino when installed).
         bench: timing settings for the interleaved comparison.

@@ -321,7 +321,7 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
         smaller = (r.size_ratio or 0.0) >= 1 + MIN_GAIN
         if budget is not None and r.cosine is not None and not budget.cosine_ok(r.cosine):
             r.status, r.reason = "rejected", (f"mean cosine to the original {r.cosine:.4f} is below the floor "
-                                              f"{budget.min_cosine:g} (--min-cosine), whatever its {metric}")
+                                              f"{budget.floor:g} (--min-cosine), whatever its {metric}")
         elif not r.meets_budget:
             r.status = "rejected"
             r.reason = (f"{metric} drop {100 * (r.drop or 0):.2f} pt exceeds the budget"

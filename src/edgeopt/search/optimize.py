@@ -21,7 +21,7 @@ from edgeopt.errors import BadInput, BudgetNotMet, DataError
 from edgeopt.fileio import check_writable_dir
 from edgeopt.measure.bench import BenchSettings
 from edgeopt.model import Model, load_model
-from edgeopt.search.budget import DEFAULT_MIN_COSINE, Budget, check_objective, judge_note
+from edgeopt.search.budget import Budget, check_objective, judge_note
 from edgeopt.search.cache import CandidateCache, candidate_key, data_fingerprint
 from edgeopt.search.engine import (
     Candidate,
@@ -73,7 +73,7 @@ class OptimizeResult:
             "model": str(self.model_path) if self.chosen else None,
             "target": self.target,
             "budget": {"metric": self.budget.metric, "max_drop": self.budget.max_drop,
-                       "min_cosine": self.budget.min_cosine},
+                       "min_cosine": self.budget.floor},
             "objective": self.objective,
             "device": self.device.to_dict(),
             "baseline": self.baseline.to_dict(),
@@ -158,7 +158,7 @@ def pre_check(model: Model, target: str, data: Dataset) -> list[str]:
 
 def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str] | Dataset, *,
              out_dir: str | os.PathLike[str], max_drop: float = 0.01, metric: str = "auto",
-             min_cosine: float = DEFAULT_MIN_COSINE,
+             min_cosine: float | None = None,
              objective: str = "latency", device: str | DeviceProfile | None = None, threads: int | None = None,
              time_budget_min: float | None = None, executor: str = "local", ray_address: str | None = None,
              recipes: list[Recipe] | None = None, eval_fraction: float = 0.5, seed: int = 0,
@@ -174,7 +174,8 @@ def optimize(model: str | os.PathLike[str] | Model, data: str | os.PathLike[str]
         max_drop: the budget in absolute points of ``metric`` (0.01 = 1 point).
         metric: ``auto`` follows the output (accuracy/agreement for class scores, cosine for
             embeddings and other outputs), or ``accuracy``, ``agreement``, ``cosine``.
-        min_cosine: no candidate whose mean cosine to the original is below this is chosen.
+        min_cosine: no candidate whose mean cosine to the original is below this is chosen (None: 0.99,
+            or 1 - max_drop / 2 when judged by agreement: search/budget.default_floor).
         objective: ``latency``, ``size`` or ``memory``.
         time_budget_min: stop building candidates when this many minutes have passed; keep the best so far.
         executor: ``local`` or ``ray`` (candidates built in parallel on a Ray cluster; timing stays local).

@@ -249,18 +249,7 @@ def train(net: nn.Module, data: Dataset, v: Variant, seed: int) -> nn.Module:
     opt = (torch.optim.SGD(net.parameters(), v.lr, momentum=0.9, weight_decay=v.weight_decay) if v.optimizer == "sgd"
            else torch.optim.Adam(net.parameters(), v.lr, weight_decay=v.weight_decay))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, v.lr, total_steps=v.epochs * steps)
-    rng = np.random.default_rng(seed + 1)
-    for _ in range(v.epochs):
-        net.train()
-        order = rng.permutation(len(x))
-        for i in range(0, len(x), 64):
-            b = order[i:i + 64]
-            loss = nn.functional.cross_entropy(net(torch.from_numpy(x[b])), torch.from_numpy(y[b]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return net.eval()
+    return qat_net.fit(net, x, y, opt, sched, epochs=v.epochs, seed=seed)
 
 
 def activation_spread(net: nn.Module, x: np.ndarray) -> float:

@@ -67,19 +67,25 @@ def train_net(train: Any, *, epochs: int = 8, lr: float = 0.5, seed: int = 0, wi
         steps = (len(x) + 63) // 64
         opt = torch.optim.SGD(net.parameters(), lr, momentum=0.9, weight_decay=4e-5)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps)
-        rng = np.random.default_rng(seed + 1)
-        for _ in range(epochs):
-            net.train()
-            order = rng.permutation(len(x))
-            for i in range(0, len(x), 64):
-                b = order[i:i + 64]
-                loss = nn.functional.cross_entropy(net(torch.from_numpy(x[b])), torch.from_numpy(y[b]))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
+        fit(net, x, y, opt, sched, epochs=epochs, seed=seed)
     finally:
         torch.set_num_threads(threads)
+    return net.eval()
+
+
+def fit(net: nn.Module, x: np.ndarray, y: np.ndarray, opt: Any, sched: Any, *, epochs: int, seed: int) -> nn.Module:
+    """Cross-entropy epochs in batches of 64, shuffled by ``seed + 1``, the schedule stepped per batch."""
+    rng = np.random.default_rng(seed + 1)
+    for _ in range(epochs):
+        net.train()
+        order = rng.permutation(len(x))
+        for i in range(0, len(x), 64):
+            b = order[i:i + 64]
+            loss = nn.functional.cross_entropy(net(torch.from_numpy(x[b])), torch.from_numpy(y[b]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
     return net.eval()
 
 

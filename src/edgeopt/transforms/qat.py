@@ -34,7 +34,7 @@ from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import BadInput, ConfigError
 from edgeopt.model import Model
-from edgeopt.training import TrainSettings, resolve_train
+from edgeopt.training import TrainSettings, kd_loss, resolve_train
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
 
 
@@ -274,10 +274,8 @@ def qat_finetune(module: Any, train: Dataset, *, calibration: Dataset | None = N
             xb = torch.from_numpy(np.ascontiguousarray(x_all[idx]))
             yb = torch.from_numpy(y_all[idx]).long()
             with torch.no_grad():
-                soft = torch.softmax(teacher(xb) / t, dim=1)
-            logits = student(xb)
-            kd = torch.nn.functional.kl_div(torch.log_softmax(logits / t, dim=1), soft, reduction="batchmean")
-            loss = cfg.alpha * t * t * kd + (1 - cfg.alpha) * torch.nn.functional.cross_entropy(logits, yb)
+                teacher_logits = teacher(xb)
+            loss = kd_loss(student(xb), teacher_logits, yb, temperature=t, alpha=cfg.alpha)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

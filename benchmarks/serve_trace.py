@@ -67,6 +67,10 @@ def traced_server(argv: list[str]) -> None:
                 mark("body_complete")
                 super().on_message_complete()
 
+            def data_received(self, data: bytes) -> None:
+                super().data_received(data)
+                mark("data_received")  # after: the chunk that begins a request counts towards it
+
         return Traced
 
     server.guarded_protocol = guarded_protocol
@@ -161,7 +165,9 @@ def requests_of(events: list[list[Any]]) -> list[dict[str, int]]:
     groups: list[dict[str, int]] = []
     for name, t in events:
         if name == "head_begun":
-            groups.append({})
+            groups.append({"reads": 0})
+        if groups and name == "data_received":
+            groups[-1]["reads"] += 1  # socket reads (data_received calls) that carried this request
         if groups and name not in groups[-1]:
             groups[-1][name] = t
     return [g for g in groups if "decode_start" in g and "written" in g]
@@ -227,14 +233,15 @@ def main() -> None:
                                                                     for r in rows])), 3),
                            "run_p50_ms": round(float(np.median([(r["run_end"] - r["run_start"]) / 1e6 for r in rows])), 3),
                            "overhead_p50_ms": round(float(np.median(overhead)), 3),
-                           "overhead_p50_ms_per_block": per_block, "phases_p50_us": phases}
+                           "overhead_p50_ms_per_block": per_block, "phases_p50_us": phases,
+                           "socket_reads_per_request_p50": float(np.median([r["reads"] for r in rows]))}
             if args.rows:
                 result[arm]["rows"] = rows
     print(f"{'phase (median, us)':<36}" + "".join(f"{arm:>10}" for arm in arms))
     for a, b in PHASES:
         key = f"{a} -> {b}"
         print(f"{key:<36}" + "".join(f"{result[arm]['phases_p50_us'][key]:>10}" for arm in arms))
-    for what in ("latency_p50_ms", "run_p50_ms", "overhead_p50_ms"):
+    for what in ("latency_p50_ms", "run_p50_ms", "overhead_p50_ms", "socket_reads_per_request_p50"):
         print(f"{what:<36}" + "".join(f"{result[arm][what]:>10}" for arm in arms))
     for arm in arms:
         print(f"overhead per block {arm}: {result[arm]['overhead_p50_ms_per_block']}")

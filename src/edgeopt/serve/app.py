@@ -22,7 +22,7 @@ from edgeopt.deps import require
 from edgeopt.errors import BadInput
 from edgeopt.model import Model, TensorSpec
 from edgeopt.serve.batching import Batcher, ModelRunError, QueueFull
-from edgeopt.serve.connections import IN_FLIGHT_KEY
+from edgeopt.serve.connections import IN_FLIGHT_KEY, RESPOND_KEY
 from edgeopt.serve.metrics import ServeMetrics
 from edgeopt.serve.protocol import (
     HEADER_LENGTH,
@@ -225,8 +225,9 @@ class _InferFastPath:
                     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                     in_flight = scope.get(IN_FLIGHT_KEY)  # set by the server's protocol (not by test clients)
                     alone = in_flight is not None and in_flight() <= 1
+                    direct = scope.get(RESPOND_KEY)  # set by the server's protocol: one write, no ASGI messages
                     await self.handler(match.group(1), match.group(2), headers, receive,
-                                       lambda status, body, extra: _send(send, status, body, extra), alone)
+                                       lambda status, body, extra: _send(send, status, body, extra, direct), alone)
                     return
         await self.app(scope, receive, send)
 
@@ -234,7 +235,11 @@ class _InferFastPath:
         return getattr(self.app, name)
 
 
-async def _send(send: Any, status: int, body: bytes, headers: dict[str, str]) -> None:
+async def _send(send: Any, status: int, body: bytes, headers: dict[str, str], direct: Any = None) -> None:
+    """Answer through the protocol's one-call writer (``direct``, when the server offers it and takes
+    this response), else through the two ASGI messages."""
+    if direct is not None and direct(status, headers, body):
+        return
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     raw.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -23,6 +23,11 @@ included, answer 503. ASGI middleware cannot fix any of this: it runs after the 
 It also sends a small response in one write: uvicorn writes the head and the body separately,
 which costs a second send() and wakes the client twice for one answer (measured with
 benchmarks/serve_ab.py: part of the c=1 latency over the runtime alone).
+
+And it offers the app a way to answer in one call (``scope[RESPOND_KEY](status, headers, body)``,
+see :func:`_respond_now`): the whole response is built and written at once, with the
+bookkeeping uvicorn's ASGI ``send`` does, but without its two messages, its header validation
+by regular expressions (the app's own headers need none) and the held head's extra loop step.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from typing import Any
 
 HEALTH_PREFIX = b"/v2/health/"
 IN_FLIGHT_KEY = "edgeopt.requests_in_flight"  # ASGI scope extension: () -> requests being handled
+RESPOND_KEY = "edgeopt.respond"  # ASGI scope extension: (status, headers, body) -> bool, see _respond_now
 COALESCE_MAX_BYTES = 64 * 1024  # larger bodies are written as they come: joining them would copy them
+_STATUS_LINE: dict[int, bytes] = {}  # uvicorn's status lines, filled when the protocol class is made
 
 
 class _OneWrite:
@@ -79,6 +86,87 @@ class _OneWrite:
         return getattr(self._transport, name)
 
 
+def _respond_now(protocol: Any, cycle: Any, status: int, headers: dict[str, str], body: bytes) -> bool:
+    """Write a whole response for ``cycle`` in one transport write, as uvicorn's ``send`` would for a
+    ``http.response.start`` + one ``http.response.body`` with a content-length; True if written.
+
+    False, with nothing written, where the ASGI path must do it instead: the response has begun, the
+    client stopped reading (write paused: ``send`` waits for it to drain), access logging is on, a
+    status or method whose response has no body (1xx, 204, 304, HEAD), or a header holds a character that would need uvicorn's checks (CR, LF, NUL; the app's own headers
+    never do). A client that has gone away needs no answer (True, as ``send`` drops it too).
+    """
+    if cycle.disconnected:
+        return True
+    if (cycle.response_started or cycle.flow.write_paused or cycle.access_log or not 200 <= status < 600
+            or status in (204, 304) or cycle.scope["method"] == "HEAD"):
+        return False
+    parts = [_STATUS_LINE[status]]
+    for name, value in cycle.default_headers:  # date (and any --header), as uvicorn sends them
+        parts += (name, b": ", value, b"\r\n")
+    for name, value in headers.items():
+        raw = f"{name.lower()}: {value}\r\n".encode("latin-1")
+        if b"\r" in raw[:-2] or b"\n" in raw[:-2] or b"\0" in raw:
+            return False
+        parts.append(raw)
+    parts.append(b"content-length: %d\r\n" % len(body))
+    if not cycle.keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    transport = protocol.transport
+    if len(body) <= COALESCE_MAX_BYTES:
+        parts.append(body)
+        transport.write(b"".join(parts))
+    else:
+        transport.writelines([b"".join(parts), body])  # a large body is not copied to be joined
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        transport.close()
+    cycle.on_response()
+    return True
+
+
+class _Body:
+    """A request's body chunks as they came from the parser, handed to the app without copying.
+
+    uvicorn gathers a body into a bytearray (one copy) and gives it to the app as ``bytes(...)``
+    (a second): two copies of every body, 0.5 MB of copying for a 253 KB JSON request. Here a body
+    that arrived in one piece reaches the app as the parser's own ``bytes`` object, and one in
+    several pieces is joined once.
+    """
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def take(self) -> bytes:
+        chunks, self.chunks, self.size = self.chunks, [], 0
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _receiver(cycle: Any, body: _Body) -> Any:
+    """``cycle``'s ASGI receive, as uvicorn's (100-continue, resume reading, wait, disconnect) but
+    taking the body from ``body`` instead of its bytearray."""
+
+    async def receive() -> dict[str, Any]:
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        if not cycle.disconnected and not cycle.response_complete:
+            cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        if cycle.disconnected or cycle.response_complete:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": body.take(), "more_body": cycle.more_body}
+
+    return receive
+
+
 def _plain_reply(status: int, reason: str, message: str) -> bytes:
     body = json.dumps({"error": message}).encode()
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
@@ -97,7 +185,11 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
     from edgeopt.deps import require
 
     require("httptools", extra="serve")
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    global _STATUS_LINE
+    _STATUS_LINE = STATUS_LINE
 
     async def busy(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = json.dumps({"error": f"the server is handling {max_in_flight} requests; retry later"}).encode()
@@ -117,6 +209,7 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
             self._head_bytes = 0
             self._began_in_chunk = False
             self._last_active = 0.0
+            self._body = _Body()  # the body of the request being read (replaced per request)
 
         # -- timers
         def _arm(self, seconds: float, callback: Any) -> None:
@@ -209,10 +302,28 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
                 super().on_headers_complete()
             finally:
                 self.app = self._real_app
-            if self.cycle is not None:
-                self.cycle.transport = _OneWrite(self.transport)
+            cycle = self.cycle
+            if cycle is not None:
+                cycle.transport = _OneWrite(self.transport)
+                self._body = _Body()
+                # the app's task has not started yet: it will call this receive, not uvicorn's
+                cycle.receive = _receiver(cycle, self._body)
+                self.scope[RESPOND_KEY] = (  # type: ignore[literal-required]
+                    lambda status, headers, body: _respond_now(self, cycle, status, headers, body))
             if not self.pipeline and self.cycle is not None:
                 self._arm(body_timeout, self._body_timed_out)
+
+        def on_body(self, body: bytes) -> None:
+            """As uvicorn's, but the chunk is kept as it is (see _Body) rather than appended to a bytearray."""
+            cycle = self.cycle
+            if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+                return
+            held = self._body
+            held.chunks.append(body)
+            held.size += len(body)
+            if held.size > HIGH_WATER_LIMIT:
+                self.flow.pause_reading()
+            cycle.message_event.set()
 
         def on_message_complete(self) -> None:
             self._disarm()

@@ -9,6 +9,11 @@ its phases end to end, and **latency minus its own model run**: the server's ove
 request, so the run time's variance under machine load drops out. Two source trees (--a, --b)
 are traced in alternating blocks (ABBA) and compared by the median of each phase.
 
+``--detail`` adds marks inside the steps (each costs a few us, so compare arms with the same flags):
+uvicorn's on_headers_complete, the socket write of the answer, the runtime thread's
+call_soon_threadsafe and the moment the event loop runs that callback, and per-request sums of
+the time in the connection's deadline timers and in uvicorn's on_response_complete.
+
 Run:
   .venv/bin/python benchmarks/serve_trace.py --a /path/to/old/src --b src --onnx resnet18_64.onnx
 Writes benchmarks/results/serve_trace.json (or --out).
@@ -37,6 +42,12 @@ PHASES = [("client_send", "head_begun"), ("head_begun", "body_complete"), ("body
           ("decode_start", "decode_end"), ("decode_end", "run_start"), ("run_start", "run_end"),
           ("run_end", "resolved"), ("resolved", "encode_start"), ("encode_start", "encode_end"),
           ("encode_end", "written"), ("written", "client_received")]
+# with --detail: steps inside those (names as marked in traced_server)
+DETAIL = [("head_begun", "headers_start"), ("headers_start", "headers_end"), ("headers_end", "body_complete"),
+          ("run_end", "wake_start"), ("wake_start", "wake_end"), ("wake_start", "callback_start"),
+          ("callback_start", "resolved"), ("encode_end", "write_start"), ("write_start", "write_end"),
+          ("write_end", "written")]
+SUMS = ["sum_timers", "sum_on_response_complete"]  # us per request, summed over the calls
 
 
 # ---------------------------------------------------------------- inside the server process
@@ -44,9 +55,17 @@ PHASES = [("client_send", "head_begun"), ("head_begun", "body_complete"), ("body
 def traced_server(argv: list[str]) -> None:
     """Install the trace points, then run ``edgeopt serve argv``; events go to $EDGEOPT_TRACE_OUT at exit."""
     events: list[tuple[str, int]] = []
+    detail = os.environ.get("EDGEOPT_TRACE_DETAIL") == "1"
 
     def mark(name: str) -> None:
         events.append((name, time.perf_counter_ns()))
+
+    def timed(name: str, call: Any, *args: Any) -> Any:
+        t = time.perf_counter_ns()
+        try:
+            return call(*args)
+        finally:
+            events.append((name, time.perf_counter_ns() - t))  # a duration: summed per request
 
     import edgeopt.serve.app as app
     import edgeopt.serve.batching as batching
@@ -71,7 +90,48 @@ def traced_server(argv: list[str]) -> None:
                 super().data_received(data)
                 mark("data_received")  # after: the chunk that begins a request counts towards it
 
-        return Traced
+        if not detail:
+            return Traced
+
+        class _MarkedTransport:
+            def __init__(self, transport: Any) -> None:
+                self._transport = transport
+
+            def write(self, data: bytes) -> None:
+                answer = data.startswith(b"HTTP/1.1 200")
+                if answer:
+                    mark("write_start")
+                self._transport.write(data)
+                if answer:
+                    mark("write_end")
+
+            def writelines(self, parts: list[bytes]) -> None:
+                mark("write_start")
+                self._transport.writelines(parts)
+                mark("write_end")
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._transport, name)
+
+        class Detailed(Traced):
+            def connection_made(self, transport: Any) -> None:
+                super().connection_made(_MarkedTransport(transport))
+
+            def on_headers_complete(self) -> None:
+                mark("headers_start")
+                super().on_headers_complete()
+                mark("headers_end")
+
+            def _arm(self, *args: Any) -> None:
+                timed("sum_timers", super()._arm, *args)
+
+            def _disarm(self) -> None:
+                timed("sum_timers", super()._disarm)
+
+            def on_response_complete(self) -> None:
+                timed("sum_on_response_complete", super().on_response_complete)
+
+        return Detailed
 
     server.guarded_protocol = guarded_protocol
     parse, encode, send = app.parse_infer_request, app.encode_response, app._send
@@ -111,6 +171,29 @@ def traced_server(argv: list[str]) -> None:
         resolve(p, value)
 
     batching.Batcher.__init__, batching._resolve = init_traced, resolve_traced
+    if detail:
+        start = batching.Batcher.start
+
+        def start_traced(self: Any) -> None:
+            start(self)
+            loop = self._loop
+
+            class MarkedLoop:  # what the runtime thread sees of the event loop
+                def call_soon_threadsafe(self, callback: Any, *args: Any) -> Any:
+                    def marked(*a: Any) -> None:
+                        mark("callback_start")
+                        callback(*a)
+                    mark("wake_start")
+                    try:
+                        return loop.call_soon_threadsafe(marked, *args)
+                    finally:
+                        mark("wake_end")
+
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(loop, name)
+
+            self._loop = MarkedLoop()
+        batching.Batcher.start = start_traced
     inline = getattr(batching.Batcher, "_run_inline", None)
     if inline is not None:  # a lone request run on the event loop is resolved when the run returns
         def inline_traced(self: Any, request: Any) -> Any:
@@ -129,11 +212,11 @@ def traced_server(argv: list[str]) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def start(src: Path, model: Path, trace_out: Path, threads: int) -> tuple[subprocess.Popen, int]:
+def start(src: Path, model: Path, trace_out: Path, threads: int, detail: bool = False) -> tuple[subprocess.Popen, int]:
     import serve_load as sl
 
     env = {**os.environ, "PYTHONPATH": f"{src.resolve()}", "OMP_NUM_THREADS": "1",
-           "EDGEOPT_TRACE_OUT": str(trace_out)}
+           "EDGEOPT_TRACE_OUT": str(trace_out), "EDGEOPT_TRACE_DETAIL": "1" if detail else "0"}
     argv = [sys.executable, __file__, "--server", *sl.serve_args("m", model, 16, 2, threads)]
     proc, port = sl.launch(argv, env, what=f"traced server from {src}")
     time.sleep(1.0)
@@ -166,6 +249,9 @@ def requests_of(events: list[list[Any]]) -> list[dict[str, int]]:
     for name, t in events:
         if name == "head_begun":
             groups.append({"reads": 0})
+        if groups and name.startswith("sum_"):
+            groups[-1][name] = groups[-1].get(name, 0) + t
+            continue
         if groups and name == "data_received":
             groups[-1]["reads"] += 1  # socket reads (data_received calls) that carried this request
         if groups and name not in groups[-1]:
@@ -188,13 +274,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_trace.json"))
     parser.add_argument("--rows", action="store_true", help="also write every request's event times (ns)")
+    parser.add_argument("--detail", action="store_true", help="also mark steps inside the steps (see the docstring)")
     args = parser.parse_args()
     arms = {"A": Path(args.a)} | ({"B": Path(args.b)} if args.b else {})
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.onnx) if args.onnx else sl.model_file(args.model, Path(tmp))
         x = np.random.default_rng(0).standard_normal((1, *sl.MODELS[args.model][1])).astype(np.float32)
-        servers = {arm: start(src, model, Path(tmp) / f"{arm}.json", args.threads) for arm, src in arms.items()}
+        servers = {arm: start(src, model, Path(tmp) / f"{arm}.json", args.threads, args.detail) for arm, src in arms.items()}
         stamps: dict[str, list[tuple[int, int]]] = {arm: [] for arm in arms}
         blocks: dict[str, list[tuple[int, int]]] = {arm: [] for arm in arms}  # measured index ranges
         counts = dict.fromkeys(arms, 0)
@@ -220,8 +307,11 @@ def main() -> None:
             for lo, hi in blocks[arm]:
                 for g, (t0, t1) in zip(groups[lo:hi], stamps[arm][lo:hi], strict=True):
                     rows.append({**g, "client_send": t0, "client_received": t1})
-            phases = {f"{a} -> {b}": round(float(np.median([(r[b] - r[a]) / 1e3 for r in rows])), 1)
-                      for a, b in PHASES}
+            steps = PHASES + (DETAIL if args.detail else [])
+            phases = {f"{a} -> {b}": round(float(np.median([(r[b] - r[a]) / 1e3 for r in rows if a in r and b in r])), 1)
+                      for a, b in steps}
+            if args.detail:
+                phases |= {k: round(float(np.median([r.get(k, 0) / 1e3 for r in rows])), 1) for k in SUMS}
             overhead = [(r["client_received"] - r["client_send"] - (r["run_end"] - r["run_start"])) / 1e6 for r in rows]
             per_block = []
             for lo, hi in blocks[arm]:
@@ -238,8 +328,7 @@ def main() -> None:
             if args.rows:
                 result[arm]["rows"] = rows
     print(f"{'phase (median, us)':<36}" + "".join(f"{arm:>10}" for arm in arms))
-    for a, b in PHASES:
-        key = f"{a} -> {b}"
+    for key in result[next(iter(arms))]["phases_p50_us"]:
         print(f"{key:<36}" + "".join(f"{result[arm]['phases_p50_us'][key]:>10}" for arm in arms))
     for what in ("latency_p50_ms", "run_p50_ms", "overhead_p50_ms", "socket_reads_per_request_p50"):
         print(f"{what:<36}" + "".join(f"{result[arm][what]:>10}" for arm in arms))
@@ -247,7 +336,8 @@ def main() -> None:
         print(f"overhead per block {arm}: {result[arm]['overhead_p50_ms_per_block']}")
     payload = {"benchmark": "serve_trace", "command": "python benchmarks/serve_trace.py " + " ".join(sys.argv[1:]),
                "settings": {"model": args.model, "encoding": args.encoding, "requests_per_block": args.requests,
-                            "blocks": args.blocks, "threads": args.threads, "concurrency": 1},
+                            "blocks": args.blocks, "threads": args.threads, "concurrency": 1,
+                            "detail": args.detail},
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_at_start": load_start,
                            "loadavg_at_end": os.getloadavg(),
                            "note": "shared 2-core machine; overhead = latency minus the request's own model run"},

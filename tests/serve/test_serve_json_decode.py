@@ -128,3 +128,12 @@ def test_bodies_the_typed_path_passes_on_answer_as_before(x: str, ids: str, mess
 ])
 def test_any_other_shape_of_body_gets_the_general_paths_answer(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     _same(_parse(body, True, monkeypatch), _parse(body, False, monkeypatch))
+
+
+def test_bracket_count_is_exact_up_to_its_limit() -> None:
+    """The flatness check counts "[" with find() (memchr), stopping one past what it needs to know."""
+    body = b'{"inputs":[{"data":[1,2,[3]],"name":"a[b"}]}'
+    assert body.count(b"[") == 4
+    assert [protocol._count_up_to(body, b"[", limit) for limit in (0, 1, 3, 4, 5, 100)] == [0, 1, 3, 4, 4, 4]
+    assert protocol._count_up_to(b"", b"[", 5) == 0
+    assert protocol._count_up_to(b"[" * 10_000, b"[", 3) == 3  # a body of brackets costs no more than needed

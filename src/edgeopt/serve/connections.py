@@ -24,6 +24,11 @@ It also sends a small response in one write: uvicorn writes the head and the bod
 which costs a second send() and wakes the client twice for one answer (measured with
 benchmarks/serve_ab.py: part of the c=1 latency over the runtime alone).
 
+A request body reaches the app uncopied and in one ``http.request`` message when it fits in
+``max_body_bytes`` (the largest body the app accepts): uvicorn stops reading at 64 KiB of unread
+body and gives one message per read, so a 3 MB body took 13 trips through the app's ``receive()``
+and was joined twice (see :class:`_Body` and :func:`_receiver`).
+
 And it offers the app a way to answer in one call (``scope[RESPOND_KEY](status, headers, body)``,
 see :func:`_respond_now`): the whole response is built and written at once, with the
 bookkeeping uvicorn's ASGI ``send`` does, but without its two messages, its header validation
@@ -148,21 +153,25 @@ class _Body:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _receiver(cycle: Any, body: _Body) -> Any:
+def _receiver(cycle: Any, body: _Body, window: int) -> Any:
     """``cycle``'s ASGI receive, as uvicorn's (100-continue, resume reading, wait, disconnect) but
-    taking the body from ``body`` instead of its bytearray."""
+    taking the body from ``body`` instead of its bytearray, and waiting for the whole body unless
+    more than ``window`` bytes of it are held: one message (and one wake-up of the app) per body
+    where uvicorn gives one per read, which the app then joins again."""
 
     async def receive() -> dict[str, Any]:
         if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
             cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             cycle.waiting_for_100_continue = False
-        if not cycle.disconnected and not cycle.response_complete:
-            cycle.flow.resume_reading()
-            await cycle.message_event.wait()
-            cycle.message_event.clear()
-        if cycle.disconnected or cycle.response_complete:
-            return {"type": "http.disconnect"}
-        return {"type": "http.request", "body": body.take(), "more_body": cycle.more_body}
+        while True:
+            if not cycle.disconnected and not cycle.response_complete:
+                cycle.flow.resume_reading()
+                await cycle.message_event.wait()
+                cycle.message_event.clear()
+            if cycle.disconnected or cycle.response_complete:
+                return {"type": "http.disconnect"}
+            if not cycle.more_body or body.size > window:
+                return {"type": "http.request", "body": body.take(), "more_body": cycle.more_body}
 
     return receive
 
@@ -174,7 +183,7 @@ def _plain_reply(status: int, reason: str, message: str) -> bytes:
 
 
 def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_bytes: int,
-                     max_connections: int, max_in_flight: int) -> type:
+                     max_connections: int, max_in_flight: int, max_body_bytes: int = 0) -> type:
     """A uvicorn httptools protocol class with the limits above (pass it as ``uvicorn.Config(http=...)``).
 
     Example:
@@ -187,6 +196,11 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
     require("httptools", extra="serve")
     from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    # Unread body a connection may hold before it stops reading. uvicorn stops at 64 KiB, so a 3 MB
+    # body came in 13 reads, each waiting for a trip through the app's receive(); the app reads every
+    # body whole up to --max-request-mb anyway, so holding that much bounds memory as before.
+    body_window = max(HIGH_WATER_LIMIT, max_body_bytes + 1)
 
     global _STATUS_LINE
     _STATUS_LINE = STATUS_LINE
@@ -307,21 +321,22 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
                 cycle.transport = _OneWrite(self.transport)
                 self._body = _Body()
                 # the app's task has not started yet: it will call this receive, not uvicorn's
-                cycle.receive = _receiver(cycle, self._body)
+                cycle.receive = _receiver(cycle, self._body, body_window)
                 self.scope[RESPOND_KEY] = (  # type: ignore[literal-required]
                     lambda status, headers, body: _respond_now(self, cycle, status, headers, body))
             if not self.pipeline and self.cycle is not None:
                 self._arm(body_timeout, self._body_timed_out)
 
         def on_body(self, body: bytes) -> None:
-            """As uvicorn's, but the chunk is kept as it is (see _Body) rather than appended to a bytearray."""
+            """As uvicorn's, but the chunk is kept as it is (see _Body) rather than appended to a bytearray,
+            and reading stops only beyond ``max_body_bytes`` (the largest body the app takes), not 64 KiB."""
             cycle = self.cycle
             if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
                 return
             held = self._body
             held.chunks.append(body)
             held.size += len(body)
-            if held.size > HIGH_WATER_LIMIT:
+            if held.size > body_window:
                 self.flow.pause_reading()
             cycle.message_event.set()
 

@@ -189,11 +189,25 @@ def _loads_typed(body: bytes) -> Any:
                 doc[key] = [_typed_input(t, arrays) for t in value]
             else:
                 doc[key] = _plain(value, arrays)
-        if body.count(b"[") != arrays[0] + arrays[1]:
+        expected = arrays[0] + arrays[1]
+        if _count_up_to(body, b"[", expected + 1) != expected:
             return None  # a list inside some data (or a "[" in a string): the general path decides
         return doc
     except (_Untyped, ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError, RecursionError):
         return None
+
+
+def _count_up_to(data: bytes, byte: bytes, limit: int) -> int:
+    """How many times ``byte`` occurs in ``data``, counting no further than ``limit``.
+
+    ``bytes.count`` of one byte walks the data a byte at a time (69 us for a 253 KB body, 0.92 ms
+    for 3 MB); ``find`` jumps with memchr (3 us / 49 us), and a flat body holds only a few brackets.
+    """
+    count, at = 0, data.find(byte)
+    while at >= 0 and count < limit:
+        count += 1
+        at = data.find(byte, at + 1)
+    return count
 
 
 def _keys(obj: Any) -> list[str]:

@@ -129,7 +129,7 @@ def run_server(models: list[ServedModel], *, config: ServeConfig | None = None, 
     max_in_flight = max(64, 2 * cfg.queue_size * max(1, len(models)))
     http = guarded_protocol(header_timeout=cfg.header_timeout_s, body_timeout=cfg.body_timeout_s,
                             max_header_bytes=cfg.max_header_kb * 1024, max_connections=cfg.max_connections,
-                            max_in_flight=max_in_flight)
+                            max_in_flight=max_in_flight, max_body_bytes=cfg.max_request_bytes)
     # proxy_headers off: no X-Forwarded-For rewriting layer on every request (nothing here uses the client
     # address); no "server: uvicorn" header: one header less to write and validate, and nothing told about the stack
     server = uvicorn.Server(uvicorn.Config(

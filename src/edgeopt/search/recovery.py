@@ -389,8 +389,10 @@ def _revert_search(start: CandidateResult, cfg: StaticInt8 | None, reference: Mo
         began = time.perf_counter()
         float_nodes = tuple(order[:k])
         if cfg is None:
-            nncf_cfg = _start_configs().get(start.name, NncfInt8())
-            recipe = Recipe(f"{start.name}-mixed-{k}-float", (replace(nncf_cfg, ignored_scope=float_nodes),),
+            rebuilt = _start_configs()
+            nncf_cfg = rebuilt.get(start.name, NncfInt8())
+            prefix = start.name if start.name in rebuilt else "openvino-nncf-int8"
+            recipe = Recipe(f"{prefix}-mixed-{k}-float", (replace(nncf_cfg, ignored_scope=float_nodes),),
                             runtime="openvino", runtime_options={"precision": "f32"}, needs=("calibration",))
         elif start.recipe.get("runtime") == "openvino":  # ORT's QDQ model run by OpenVINO
             recipe = Recipe(f"int8-mixed-{k}-float-openvino", (replace(cfg, exclude_nodes=float_nodes),),

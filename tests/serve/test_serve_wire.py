@@ -175,13 +175,14 @@ def test_respond_now_writes_once_and_refuses_what_send_must_handle() -> None:
         seen["close"] = (len(p2.transport.writes), p2.transport.writes[0][-len(big):] == big,
                          p2.transport.writes[0][:-len(big)], p2.transport.closed, c2.responses)
         refused = []
-        for change in ("started", "paused", "access_log", "head", "status", "header"):
+        for change in ("started", "paused", "access_log", "head", "status", "header", "framing"):
             c3 = _Cycle(method="HEAD" if change == "head" else "POST")
             c3.response_started = change == "started"
             c3.flow.write_paused = change == "paused"
             c3.access_log = change == "access_log"
             p3 = _Protocol(c3)
-            headers = {"x-bad": "a\r\nset-cookie: b"} if change == "header" else {}
+            headers = ({"x-bad": "a\r\nset-cookie: b"} if change == "header"
+                       else {"Connection": "close"} if change == "framing" else {})
             ok = _respond_now(p3, c3, 204 if change == "status" else 200, headers, b"")
             refused.append((change, ok, p3.transport.writes, c3.responses, c3.response_complete))
         seen["refused"] = refused

@@ -45,7 +45,8 @@ HEALTH_PREFIX = b"/v2/health/"
 IN_FLIGHT_KEY = "edgeopt.requests_in_flight"  # ASGI scope extension: () -> requests being handled
 RESPOND_KEY = "edgeopt.respond"  # ASGI scope extension: (status, headers, body) -> bool, see _respond_now
 COALESCE_MAX_BYTES = 64 * 1024  # larger bodies are written as they come: joining them would copy them
-_STATUS_LINE: dict[int, bytes] = {}  # uvicorn's status lines, filled when the protocol class is made
+_STATUS_LINE: dict[int, bytes] = {}
+_FRAMING = (b"content-length:", b"transfer-encoding:", b"connection:")  # headers _respond_now leaves to send  # uvicorn's status lines, filled when the protocol class is made
 
 
 class _OneWrite:
@@ -98,7 +99,8 @@ def _respond_now(protocol: Any, cycle: Any, status: int, headers: dict[str, str]
     False, with nothing written, where the ASGI path must do it instead: the response has begun, the
     client stopped reading (write paused: ``send`` waits for it to drain), access logging is on, a
     status or method whose response has no body (1xx, 204, 304, HEAD), or a header holds a character that would need uvicorn's checks (CR, LF, NUL; the app's own headers
-    never do). A client that has gone away needs no answer (True, as ``send`` drops it too).
+    never do), or a framing header (content-length, transfer-encoding, connection: ``send`` acts on
+    those). A client that has gone away needs no answer (True, as ``send`` drops it too).
     """
     if cycle.disconnected:
         return True
@@ -110,7 +112,7 @@ def _respond_now(protocol: Any, cycle: Any, status: int, headers: dict[str, str]
         parts += (name, b": ", value, b"\r\n")
     for name, value in headers.items():
         raw = f"{name.lower()}: {value}\r\n".encode("latin-1")
-        if b"\r" in raw[:-2] or b"\n" in raw[:-2] or b"\0" in raw:
+        if b"\r" in raw[:-2] or b"\n" in raw[:-2] or b"\0" in raw or raw.startswith(_FRAMING):
             return False
         parts.append(raw)
     parts.append(b"content-length: %d\r\n" % len(body))

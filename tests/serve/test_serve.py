@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -204,6 +205,11 @@ def test_metrics_count_requests_by_status_and_batch_sizes(client) -> None:
     assert 'edgeopt_batch_size_sum{model="tiny"} 6.0' in text
     assert 'edgeopt_request_latency_seconds_count{model="tiny"} 3.0' in text
     assert 'edgeopt_queue_depth{model="tiny"} 0.0' in text
+    # decode time of the three answered requests: counted, positive, and a part of their latency
+    assert 'edgeopt_request_decode_seconds_count{model="tiny"} 3.0' in text
+    decode = float(re.search(r'edgeopt_request_decode_seconds_sum\{model="tiny"\} (\S+)', text).group(1))
+    latency = float(re.search(r'edgeopt_request_latency_seconds_sum\{model="tiny"\} (\S+)', text).group(1))
+    assert 0.0 < decode < latency
 
 
 class GatedSession:

@@ -381,6 +381,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         start = time.perf_counter()
         label = name if name in by_name else "_unknown"
         samples = 0
+        decode_seconds = None
         try:
             served = lookup(name, version)
             batcher = served.batcher
@@ -388,8 +389,10 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
             batcher.arrival_started()
             try:
                 body = await read_body(headers, receive)
+                decode_start = time.perf_counter()
                 req = parse_infer_request(body, header_length=headers.get(HEADER_LENGTH),
                                           inputs=served.inputs, outputs=served.outputs)
+                decode_seconds = time.perf_counter() - decode_start
             finally:
                 batcher.arrival_ended()
             samples = req.batch
@@ -409,7 +412,7 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         status = answer[0]
         seconds = time.perf_counter() - start
         await respond(*answer)
-        metrics.observe_request(label, status, seconds)
+        metrics.observe_request(label, status, seconds, decode_seconds)
         level = logging.INFO if status < 500 else logging.ERROR
         if log.isEnabledFor(level):
             extra: dict[str, Any] = {"event": "infer", "model": label, "status": status,

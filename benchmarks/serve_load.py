@@ -6,7 +6,8 @@ Three models, each behind its own server (ONNX Runtime, 1 intra-op thread, --max
 concurrency (1, 8, 32) the rounds interleave the runtime's own figure (measure.benchmark: batch-1
 p50 at c=1, batch-16 throughput at c=32), a JSON load and a binary-tensor load, so machine load
 hits all three alike and every round gives paired ratios. The load generator is a separate
-process: closed-loop asyncio clients (on uvloop like the server; `--client-loop asyncio` for the stdlib loop) on keep-alive HTTP/1.1 connections sending pre-built
+process: closed-loop asyncio clients (on uvloop like the server; `--client-loop asyncio` for the stdlib loop;
+c=1 on one blocking socket, the leanest Python client, `--c1-client loop` for asyncio) on keep-alive HTTP/1.1 connections sending pre-built
 requests (JSON bodies as a browser or `tritonclient` with binary_data=False writes them: float32
 values in float64 notation). Throughput counts the responses completed inside the measured
 window. The server's CPU per request comes from /proc, the batch sizes from its /metrics, and the
@@ -90,12 +91,54 @@ async def _client(port: int, request: bytes, concurrency: int, warmup: float, se
     return {"latencies": latencies, "codes": codes, "window_s": seconds}
 
 
+def _blocking_client(port: int, request: bytes, warmup: float, seconds: float, max_requests: int) -> dict[str, Any]:
+    """One keep-alive connection, a blocking socket and no event loop: the leanest Python client, for
+    c=1, where the client's own time per request is part of every latency measured (on a 2.5x slower
+    machine the asyncio client spent 0.22-0.36 ms of CPU per request)."""
+    import socket
+
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + seconds
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    sent = 0
+    with socket.create_connection((HOST, port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        data = b""
+        while time.perf_counter() < stop_at and sent < max_requests:
+            sent += 1
+            t0 = time.perf_counter()
+            sock.sendall(request)
+            while (end := data.find(b"\r\n\r\n")) < 0:
+                data += sock.recv(262144)
+            head, data = data[:end + 4], data[end + 4:]
+            match = _LENGTH.search(head)
+            length = int(match.group(1)) if match else 0
+            while len(data) < length:
+                data += sock.recv(262144)
+            data = data[length:]
+            t1 = time.perf_counter()
+            status = int(head[9:12])
+            codes[status] = codes.get(status, 0) + 1
+            if measure_from <= t1 <= stop_at and status == 200:
+                latencies.append(t1 - t0)
+    return {"latencies": latencies, "codes": codes, "window_s": seconds}
+
+
 def client_main(args: list[str]) -> None:
-    """The load client's process: ``loop`` is ``uvloop`` (the server's own loop, default: the client's
-    overhead then stays a small part of what c=1 measures) or ``asyncio`` (the stdlib loop)."""
+    """The load client's process: ``loop`` is ``uvloop`` (the server's own loop, default for c > 1),
+    ``asyncio`` (the stdlib loop) or ``blocking`` (one connection, no event loop: default for c=1)."""
     port, conc, warmup, seconds, max_requests, body_file, loop = args
     request = Path(body_file).read_bytes()
     cpu0 = time.process_time()
+    if loop == "blocking":
+        if int(conc) != 1:
+            raise SystemExit("the blocking client is one connection: concurrency 1 only")
+        result = _blocking_client(int(port), request, float(warmup), float(seconds), int(max_requests))
+        result["client_cpu_s"] = time.process_time() - cpu0
+        result["client_loop"] = loop
+        sys.stdout.write(json.dumps(result))
+        return
     main = _client(int(port), request, int(conc), float(warmup), float(seconds), int(max_requests))
     if loop == "uvloop":
         import uvloop
@@ -132,7 +175,7 @@ def server_totals(port: int) -> dict[str, float]:
     return out
 
 
-CLIENT_LOOP = ["uvloop"]  # set from --client-loop
+CLIENT_LOOP = ["uvloop", "blocking"]  # set from --client-loop and --c1-client
 
 
 def run_load(port: int, request_file: Path, concurrency: int, warmup: float, seconds: float,
@@ -140,7 +183,8 @@ def run_load(port: int, request_file: Path, concurrency: int, warmup: float, sec
     before = server_totals(port)
     cpu0 = cpu_seconds(server_pid)
     out = subprocess.run([sys.executable, __file__, "--client", str(port), str(concurrency), str(warmup),
-                          str(seconds), str(max_requests), str(request_file), CLIENT_LOOP[0]],
+                          str(seconds), str(max_requests), str(request_file),
+                          CLIENT_LOOP[1] if concurrency == 1 else CLIENT_LOOP[0]],
                          capture_output=True, text=True, timeout=warmup + seconds + 60, check=True)
     result = json.loads(out.stdout)
     result["server_cpu_s"] = cpu_seconds(server_pid) - cpu0
@@ -543,11 +587,14 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=20_000, help="cap per round")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
-                        help="the load client's event loop (uvloop: its own overhead a small part of c=1)")
+                        help="the load client's event loop at c > 1")
+    parser.add_argument("--c1-client", choices=("blocking", "loop"), default="blocking",
+                        help="c=1 (and the body-less health request): one blocking socket (default; the "
+                             "leanest client) or the --client-loop client")
     parser.add_argument("--malformed", type=int, default=1000)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = parser.parse_args()
-    CLIENT_LOOP[0] = args.client_loop
+    CLIENT_LOOP[:] = [args.client_loop, args.client_loop if args.c1_client == "loop" else "blocking"]
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -567,7 +614,8 @@ def main() -> None:
                     "note": "shared 2-core machine, other engineers' jobs running; see loadavg per round"},
         "settings": {"threads": args.threads, "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
                      "rounds": args.rounds, "seconds_per_round": args.seconds, "warmup_s": args.warmup,
-                     "client": f"separate process, closed-loop asyncio on {args.client_loop}, keep-alive HTTP/1.1",
+                     "client": (f"separate process, keep-alive HTTP/1.1; c > 1: closed-loop asyncio on {args.client_loop}; "
+                                f"c=1: {'one blocking socket' if args.c1_client == 'blocking' else args.client_loop}"),
                      "weights": "random (torchvision, seed 0): speed only", "server_log_level": "warning"},
         "models": results,
         "malformed": malformed,

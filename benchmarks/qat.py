@@ -51,7 +51,7 @@ from edgeopt.fileio import write_json  # noqa: E402
 from edgeopt.measure.bench import BenchSettings, compare  # noqa: E402
 from edgeopt.measure.evaluate import accuracy_of, predict  # noqa: E402
 from edgeopt.model import Model  # noqa: E402
-from edgeopt.training import TrainSettings, kd_loss  # noqa: E402
+from edgeopt.training import TrainSettings, kd_step  # noqa: E402
 from edgeopt.transforms.export import OnnxExport, to_onnx  # noqa: E402
 from edgeopt.transforms.qat import QatConfig, qat_int8  # noqa: E402
 from edgeopt.transforms.quantize import StaticInt8, quantize  # noqa: E402
@@ -153,12 +153,7 @@ def _float_finetune(teacher: Any, train: Any, settings: TrainSettings, cfg: QatC
         for i in range(0, len(x), settings.batch_size):
             idx = order[i:i + settings.batch_size]
             xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx]).long()
-            with torch.no_grad():
-                teacher_logits = teacher(xb)
-            loss = kd_loss(student(xb), teacher_logits, yb, temperature=t, alpha=cfg.alpha)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            kd_step(student, teacher, xb, yb, opt, temperature=t, alpha=cfg.alpha)
     return student.eval()
 
 

@@ -253,6 +253,19 @@ def kd_loss(student_logits: Any, teacher_logits: Any, labels: Any, *, temperatur
     return loss
 
 
+def kd_step(student: Any, teacher: Any, x: Any, labels: Any, optimizer: Any, *, temperature: float,
+            alpha: float) -> Any:
+    """One optimizer step of :func:`kd_loss` on a batch, the teacher run without gradients; returns the loss."""
+    torch = require("torch", extra="torch")
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    loss = kd_loss(student(x), teacher_logits, labels, temperature=temperature, alpha=alpha)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def fit(module: Any, train: Dataset, *, config: TrainConfig | None = None, validation: Dataset | None = None,
         teacher_logits: np.ndarray | None = None, params: Iterable[Any] | None = None,
         progress: bool = True, description: str = "training",

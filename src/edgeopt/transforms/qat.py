@@ -34,7 +34,7 @@ from edgeopt.data import Dataset
 from edgeopt.deps import require
 from edgeopt.errors import BadInput, ConfigError
 from edgeopt.model import Model
-from edgeopt.training import TrainSettings, kd_loss, resolve_train
+from edgeopt.training import TrainSettings, kd_step, resolve_train
 from edgeopt.transforms.config import TransformContext, register_config, register_transform
 
 
@@ -273,12 +273,7 @@ def qat_finetune(module: Any, train: Dataset, *, calibration: Dataset | None = N
             idx = order[i:i + cfg.train.batch_size]
             xb = torch.from_numpy(np.ascontiguousarray(x_all[idx]))
             yb = torch.from_numpy(y_all[idx]).long()
-            with torch.no_grad():
-                teacher_logits = teacher(xb)
-            loss = kd_loss(student(xb), teacher_logits, yb, temperature=t, alpha=cfg.alpha)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            kd_step(student, teacher, xb, yb, optimizer, temperature=t, alpha=cfg.alpha)
     for f in fakes:
         f.clamp_weight()
     _unswap(student, wrapper)

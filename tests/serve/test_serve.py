@@ -383,6 +383,98 @@ def test_a_request_alone_skips_the_queue_and_later_ones_still_batch_behind_it() 
     assert message == "model 'm' failed on this input; the server log has the details"
 
 
+def test_a_lone_request_on_a_fast_model_is_handed_back_through_a_lock() -> None:
+    """After MIN_RUNS short runs, a lone request's result reaches the waiting event-loop thread through a
+    lock (no call_soon_threadsafe): its future is done when ``submit`` first yields, the answer is
+    right, a runtime failure still reaches only that request, and the bookkeeping clears."""
+    from edgeopt.serve import batching
+
+    def run(feeds):
+        if float(feeds["x"][0, 0]) < 0:
+            raise ValueError("negative input")
+        return [feeds["x"] * 2]
+
+    async def main() -> tuple[list[float], list[int], str, list[int]]:
+        b = Batcher("m", run, output_names=["y"], max_batch=8, max_delay=0.0, queue_size=8)
+        b.start()
+        wakes: list[int] = []
+        real = b._loop.call_soon_threadsafe
+        b._loop.call_soon_threadsafe = lambda *a: (wakes.append(1), real(*a))[1]
+        values, waited = [], []
+        for v in range(1, 7):
+            out = await b.submit(_request(1, float(v)), alone=True)
+            values.append(float(out["y"][0, 0]))
+            waited.append(b.waited)
+            await _until(lambda: not b._handed)
+        with pytest.raises(ModelRunError) as failed:
+            await b.submit(_request(1, -1.0), alone=True)
+        await _until(lambda: not b._handed)
+        handed_back = len(wakes)
+        await b.stop()
+        return values, waited, str(failed.value), [handed_back, b.waited]
+
+    values, waited, message, (wakes, total_waited) = asyncio.run(main())
+    assert values == [2.0, 4.0, 6.0, 8.0, 10.0, 12.0]
+    first_wait = batching.MIN_RUNS  # runs seen before the first wait on the lock
+    assert waited == [0] * first_wait + list(range(1, 7 - first_wait))
+    assert message == "model 'm' failed on this input; the server log has the details"
+    assert total_waited == 7 - first_wait  # the failing run came back through the lock too
+    assert wakes == first_wait  # only the first runs went through call_soon_threadsafe
+
+
+def test_a_lone_run_longer_than_the_wait_is_handed_back_the_usual_way() -> None:
+    """A lone run that outlasts ``sync_wait`` frees the event loop (the runtime thread then calls back
+    through the loop); a request arriving meanwhile queues behind it; both are answered. A model whose
+    recent runs are slow never makes the loop wait."""
+    gate = threading.Event()
+    calls: list[float] = []
+
+    def run(feeds):
+        calls.append(float(feeds["x"][0, 0]))
+        if calls[-1] == 10.0:
+            assert gate.wait(10)
+        return [feeds["x"] * 2]
+
+    async def main() -> tuple[list[float], float, int]:
+        b = Batcher("m", run, output_names=["y"], max_batch=8, max_delay=0.0, queue_size=8, sync_wait=0.05)
+        b.start()
+        for v in (1.0, 2.0, 3.0):
+            await b.submit(_request(1, v), alone=True)
+            await _until(lambda: not b._handed)
+        t0 = time.perf_counter()
+        slow = asyncio.ensure_future(b.submit(_request(1, 10.0), alone=True))
+        await asyncio.sleep(0)  # submit runs: waits 0.05 s on the lock, then gives up
+        blocked = time.perf_counter() - t0
+        assert not slow.done()
+        later = asyncio.ensure_future(b.submit(_request(1, 11.0), alone=True))
+        await _until(lambda: b.depth() == 1)  # the model is busy: it queues
+        gate.set()
+        outs = await asyncio.gather(slow, later)
+        await b.stop()
+        return [float(o["y"][0, 0]) for o in outs], blocked, b.waited
+
+    values, blocked, waited = asyncio.run(main())
+    assert values == [20.0, 22.0]
+    assert 0.04 <= blocked < 5.0  # it waited about sync_wait, not for the gate
+    assert waited == 0  # the first three ran before MIN_RUNS were seen; the slow one fell back
+    assert calls == [1.0, 2.0, 3.0, 10.0, 11.0]
+
+    def slow_run(feeds):
+        time.sleep(0.03)
+        return [feeds["x"]]
+
+    async def slow_model() -> int:
+        b = Batcher("m", slow_run, output_names=["y"], max_batch=8, max_delay=0.0, queue_size=8, sync_wait=0.05)
+        b.start()
+        for v in range(5):
+            await b.submit(_request(1, float(v)), alone=True)
+            await _until(lambda: not b._handed)
+        await b.stop()
+        return b.waited
+
+    assert asyncio.run(slow_model()) == 0  # median 30 ms > sync_wait / 2
+
+
 def test_batcher_keeps_different_shapes_apart_and_skips_delay_when_alone() -> None:
     calls: list[tuple[int, int]] = []
 

@@ -303,3 +303,53 @@ def test_bodies_beyond_64k_are_read_whole_and_beyond_the_limit_refused_while_str
         assert b"--max-request-mb 0.5" in reply
     finally:
         stop(server)
+
+
+def test_lone_requests_and_others_arriving_meanwhile_are_all_answered(tiny_model: Path) -> None:
+    """A client sending lone requests one after another (the event loop waits for those runs on a lock)
+    and a second client sending health checks and inferences at the same time: every answer arrives
+    and every inference equals the runtime's."""
+    import threading
+
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((1, 1, 16, 16)).astype(np.float32) for _ in range(40)]
+    expected = [_runtime_logits(tiny_model, x) for x in xs]
+    server = start_server(str(tiny_model))
+
+    def infer(s: socket.socket, x: np.ndarray) -> np.ndarray:
+        body = _json_body(x)
+        s.sendall((f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+                   ).encode() + body)
+        head, payload, rest = _read_response(s)
+        assert head.startswith(b"HTTP/1.1 200") and rest == b""
+        out = json.loads(payload)["outputs"][0]
+        return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+    results: dict[str, list[Any]] = {"lone": [], "other": [], "health": []}
+
+    def other_client() -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            for i in range(0, 40, 4):
+                s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, payload, _ = _read_response(s)
+                results["health"].append((head.split(b"\r\n")[0], payload))
+                results["other"].append((i, infer(s, xs[i])))
+
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            for x in xs[:5]:  # lone: the server learns the model's run time
+                results["lone"].append(infer(s, x))
+            other = threading.Thread(target=other_client)
+            other.start()
+            for x in xs[5:]:
+                results["lone"].append(infer(s, x))
+            other.join(60)
+            assert not other.is_alive()
+    finally:
+        stop(server)
+    for got, want in zip(results["lone"], expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert len(results["other"]) == 10
+    for i, got in results["other"]:
+        np.testing.assert_array_equal(got, expected[i])
+    assert results["health"] == [(b"HTTP/1.1 200 OK", b'{"live":true}')] * 10

@@ -20,14 +20,6 @@ loop itself was slower: after a model run the interpreter's caches are cold, and
 pays for that on its next Python code (about 0.15 ms more per request at ResNet18-64).
 A request the server knows is alone (``submit(..., alone=True)``: no other request in flight,
 so none could join its batch) skips the queue and worker when the model is idle.
-
-Such a lone request also skips the wake-up back: when the model's recent runs are short (median
-of the last runs <= ``sync_wait / 2``), the event-loop thread waits for the result on a lock (a
-futex wait: no CPU, the GIL released) instead of returning to epoll and being woken by
-``call_soon_threadsafe`` (an eventfd write, an epoll wake, a trip through the callback queue).
-While it waits the loop reads no other socket: new connections and requests (health checks too)
-queue in the kernel for at most ``sync_wait``; requests for this model would wait for the same
-run anyway. A run that outlasts ``sync_wait`` is handed back the usual way.
 """
 
 from __future__ import annotations
@@ -36,8 +28,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,9 +37,6 @@ import numpy as np
 from edgeopt.serve.protocol import InferRequest
 
 log = logging.getLogger("edgeopt.serve")
-SYNC_WAIT = 0.025  # s: longest the event loop blocks on a lone run (runs of median <= half of it qualify)
-RECENT_RUNS = 8  # runs in that median
-MIN_RUNS = 3  # runs seen before the loop waits on a lock at all
 
 
 class QueueFull(Exception):
@@ -77,24 +64,6 @@ def _run_error(name: str, exc: BaseException) -> ModelRunError:
     return ModelRunError(f"model {name!r} failed on this input; the server log has the details")
 
 
-class _Waiter:
-    """A lone request's hand-back from the runtime thread to the event-loop thread waiting on ``done``.
-
-    ``done`` is held until the runtime thread stores ``result`` and releases it. If the loop stops
-    waiting first, it sets ``fallback`` (under ``guard``) and the runtime thread calls that through
-    ``call_soon_threadsafe`` instead; ``guard`` makes sure exactly one of the two happens.
-    """
-
-    __slots__ = ("done", "guard", "result", "fallback")
-
-    def __init__(self) -> None:
-        self.done = threading.Lock()
-        self.done.acquire()
-        self.guard = threading.Lock()
-        self.result: tuple[Any, Any] | None = None
-        self.fallback: Callable[..., None] | None = None
-
-
 @dataclass
 class _Pending:
     request: InferRequest
@@ -117,14 +86,12 @@ class Batcher:
         queue_size: most requests waiting; more raise QueueFull.
         on_batch: called with the number of samples of every call (metrics).
         on_depth: called with the queue depth whenever it changes (metrics).
-        sync_wait: longest the event loop waits on a lock for a lone request's run (seconds); used
-            only while the median of the recent runs is at most half of it; 0 turns it off.
     """
 
     def __init__(self, name: str, run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], *,
                  output_names: list[str], max_batch: int, max_delay: float, queue_size: int,
                  on_batch: Callable[[int], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None, sync_wait: float = SYNC_WAIT) -> None:
+                 on_depth: Callable[[int], None] | None = None) -> None:
         self.name = name
         self._run = run
         self._output_names = list(output_names)
@@ -140,14 +107,10 @@ class Batcher:
         self._handed: list[int] = []  # requests per batch given to the runtime thread, oldest (running) first
         self._last: asyncio.Future[None] | None = None  # the batch handed last: done once it is resolved
         self._collecting = False  # the worker holds requests it has not handed yet
-        self._jobs: queue.SimpleQueue[tuple[dict[str, np.ndarray], Callable[..., None] | _Waiter] | None] = (
-            queue.SimpleQueue())
+        self._jobs: queue.SimpleQueue[tuple[dict[str, np.ndarray], Callable[..., None]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.arriving = 0
-        self.sync_wait = sync_wait
-        self._recent: deque[float] = deque(maxlen=RECENT_RUNS)  # seconds of the last runs (runtime thread)
-        self.waited = 0  # lone requests answered through the lock (tests, benchmarks)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -162,20 +125,10 @@ class Batcher:
         assert self._loop is not None
         while (job := self._jobs.get()) is not None:
             feeds, callback = job
-            start = time.perf_counter()
             try:
                 result: tuple[Any, Any] = (self._run(feeds), None)
             except Exception as exc:
                 result = (None, exc)
-            self._recent.append(time.perf_counter() - start)
-            if isinstance(callback, _Waiter):
-                with callback.guard:
-                    if callback.fallback is None:  # the loop thread is waiting on the lock: wake it
-                        callback.result = result
-                        callback.done.release()
-                        del feeds, callback, result
-                        continue
-                    callback = callback.fallback  # it gave up waiting: the usual way
             try:
                 self._loop.call_soon_threadsafe(callback, *result)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
@@ -227,11 +180,8 @@ class Batcher:
         if (alone and not self._handed and not self._collecting and self._carry is None and self.arriving <= 0
                 and self._queue.empty()):
             self._handed.append(1)
-            if self._short_runs():
-                self._last = self._wait_alone(_Pending(request, future))
-            else:
-                self._last = self._hand([_Pending(request, future)], queued=False)
-            return await future  # already done if the wait on the lock got the result
+            self._last = self._hand([_Pending(request, future)], queued=False)
+            return await future
         full = QueueFull(f"model {self.name!r} has {self.queue_size} requests queued; retry later")
         if self.depth() >= self.queue_size:
             raise full
@@ -242,38 +192,6 @@ class Batcher:
         self._on_depth(self.depth())
         self._wake.set()
         return await future
-
-    def _short_runs(self) -> bool:
-        """The recent runs' median is short enough for the event loop to wait for a lone run on a lock."""
-        recent = sorted(self._recent)  # one C call under the GIL: the runtime thread cannot append midway
-        return self.sync_wait > 0 and len(recent) >= MIN_RUNS and recent[len(recent) // 2] <= self.sync_wait / 2
-
-    def _wait_alone(self, pending: _Pending) -> asyncio.Future[None]:
-        """Run a lone request with the event-loop thread waiting on a lock (see the module docstring).
-
-        ``pending.future`` is resolved before this returns unless the run outlasts ``sync_wait``;
-        then the runtime thread hands it back through ``call_soon_threadsafe`` like any batch."""
-        assert self._loop is not None
-        waiter = _Waiter()
-        finished: asyncio.Future[None] = self._loop.create_future()
-        batch = [pending]
-        try:
-            feeds, total = self._merge(batch)
-        except Exception as exc:  # as in _hand: the server goes on
-            _resolve_error(pending, _run_error(self.name, exc))
-            self._settle(batch, finished, False)
-            return finished
-        self._jobs.put((feeds, waiter))
-        if not waiter.done.acquire(timeout=self.sync_wait):
-            with waiter.guard:
-                if waiter.result is None:  # still running: the runtime thread calls back through the loop
-                    waiter.fallback = lambda outputs, exc: self._ran(batch, batch, total, outputs, exc, finished,
-                                                                     False)
-                    return finished
-        assert waiter.result is not None
-        self.waited += 1
-        self._ran(batch, batch, total, *waiter.result, finished, False)  # resolves now, settles next step
-        return finished
 
     async def _worker(self) -> None:
         assert self._queue is not None

@@ -261,3 +261,27 @@ def stop(server: Server) -> tuple[int, str]:
         server.proc.kill()
         _, err = server.proc.communicate()
     return server.proc.returncode, err
+
+
+class RecordingTransport:
+    """An asyncio transport stand-in that records what the client would receive, write by write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.writes.append(b"".join(parts))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+

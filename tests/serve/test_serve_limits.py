@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeopt.errors import BadInput
 from edgeopt.serve import ServeConfig, create_app, load_served
 from edgeopt.serve.protocol import parse_infer_request
-from tests.conftest import make_onnx_cnn, start_server, stop
+from tests.conftest import RecordingTransport, make_onnx_cnn, start_server, stop
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -403,26 +403,6 @@ def test_token_in_process_and_env_var(tiny_model: Path, monkeypatch) -> None:
     assert os.environ["EDGEOPT_SERVE_TOKEN"] == "has space"
 
 
-class _Recorder:
-    """A transport that records writes (what the client would receive, write by write)."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str) -> str:
-        return f"info:{name}"
-
-
 def test_a_small_response_leaves_in_one_write_and_nothing_is_held_or_reordered() -> None:
     from edgeopt.serve.connections import COALESCE_MAX_BYTES, _OneWrite
 
@@ -430,7 +410,7 @@ def test_a_small_response_leaves_in_one_write_and_nothing_is_held_or_reordered()
 
     async def main() -> dict[str, object]:
         seen: dict[str, object] = {}
-        t = _Recorder()
+        t = RecordingTransport()
         w = _OneWrite(t)
         w.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # an interim line is never held
         w.write(head)
@@ -438,19 +418,19 @@ def test_a_small_response_leaves_in_one_write_and_nothing_is_held_or_reordered()
         w.write(b"abcd")
         w.write(b"more")  # later writes pass straight through
         seen["small"] = t.writes
-        t2 = _Recorder()
+        t2 = RecordingTransport()
         w2 = _OneWrite(t2)
         w2.write(head)  # a head whose body never comes in this step ...
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         seen["flushed"] = t2.writes  # ... is written by the end of the step
-        t3 = _Recorder()
+        t3 = RecordingTransport()
         w3 = _OneWrite(t3)
         big = b"x" * (COALESCE_MAX_BYTES + 1)
         w3.write(head)
         w3.write(big)  # a large body is not copied to be joined
         seen["big"] = [len(x) for x in t3.writes]
-        t4 = _Recorder()
+        t4 = RecordingTransport()
         w4 = _OneWrite(t4)
         w4.write(head)
         w4.close()  # closing sends what is held first

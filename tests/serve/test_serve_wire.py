@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import make_onnx_cnn, start_server, stop
+from tests.conftest import RecordingTransport, make_onnx_cnn, start_server, stop
 
 pytest.importorskip("uvicorn")
 
@@ -107,24 +107,6 @@ def test_answers_keep_alive_in_pieces_with_expect_and_close(tiny_model: Path) ->
         stop(server)
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def writelines(self, parts: list[bytes]) -> None:
-        self.writes.append(b"".join(parts))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
 class _Flow:
     write_paused = False
 
@@ -150,7 +132,7 @@ class _Cycle:
 class _Protocol:
     def __init__(self, cycle: _Cycle) -> None:
         self.cycle = cycle
-        self.transport = _Transport()
+        self.transport = RecordingTransport()
 
 
 def test_respond_now_writes_once_and_refuses_what_send_must_handle() -> None:
@@ -233,7 +215,7 @@ def test_receive_gives_a_body_in_one_message_unless_it_outgrows_the_window() -> 
     async def main() -> list[Any]:
         cycle = _Cycle()
         cycle.flow = Flow()
-        cycle.transport = _Transport()
+        cycle.transport = RecordingTransport()
         cycle.more_body = True
         body = _Body()
         receive = _receiver(cycle, body, window=10)

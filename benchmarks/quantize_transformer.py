@@ -273,9 +273,9 @@ def rotated_auto(args: argparse.Namespace, fp32_path: Path, fp32: Model, tokeniz
     neighbours within 0.0005 cosine; the pooled figure counts 434."""
     if args.rotations < 2 or first is None or not first["name"].startswith("auto --max-drop 0.01,"):
         return None
-    per = [{"rotation": 0, "chosen": first["name"].split("(", 1)[1].rstrip(")"), "sentences": None,
+    per = [{"rotation": 0, "chosen": first["name"].split("(", 1)[1].rstrip(")"),
+            "sentences": len(sentences(0)["reported"]),
             **{k: first[k] for k in ("cosine", "nn_agreement", "nn_tie_agreement")}}]
-    per[0]["sentences"] = len(sentences(0)["reported"])
     for rotation in range(1, args.rotations):
         sets = write_sets(args.work, tokenizer, rotation)
         auto = run_auto(fp32_path, sets, args.work, 0.01, "auto", rotation=rotation)

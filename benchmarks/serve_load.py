@@ -135,17 +135,14 @@ def client_main(args: list[str]) -> None:
         if int(conc) != 1:
             raise SystemExit("the blocking client is one connection: concurrency 1 only")
         result = _blocking_client(int(port), request, float(warmup), float(seconds), int(max_requests))
-        result["client_cpu_s"] = time.process_time() - cpu0
-        result["client_loop"] = loop
-        sys.stdout.write(json.dumps(result))
-        return
-    main = _client(int(port), request, int(conc), float(warmup), float(seconds), int(max_requests))
-    if loop == "uvloop":
-        import uvloop
-
-        result = uvloop.run(main)
     else:
-        result = asyncio.run(main)
+        main = _client(int(port), request, int(conc), float(warmup), float(seconds), int(max_requests))
+        if loop == "uvloop":
+            import uvloop
+
+            result = uvloop.run(main)
+        else:
+            result = asyncio.run(main)
     result["client_cpu_s"] = time.process_time() - cpu0
     result["client_loop"] = loop
     sys.stdout.write(json.dumps(result))

@@ -368,11 +368,14 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
         else:
             r.status = "rejected"
             if r in within:
+                if r.size_bytes > smallest * (1 + SIZE_TIE):
+                    worse = "larger than"
+                elif r not in same_size:
+                    worse = f"further from the original than (mean cosine {r.cosine:.5f} vs {chosen.cosine:.5f})"
+                else:
+                    worse = "slower than"
                 r.reason = (f"as good on {objective} (within {int(TIE * 100)}%) and on accuracy within the judge's "
-                            f"noise ({100 * noise:.2f} pt on {best.judged or '?'} samples) but "
-                            + ("larger than" if r.size_bytes > smallest * (1 + SIZE_TIE) else
-                               f"further from the original than (mean cosine {r.cosine:.5f} vs {chosen.cosine:.5f})"
-                               if r not in same_size else "slower than") + " the chosen one")
+                            f"noise ({100 * noise:.2f} pt on {best.judged or '?'} samples) but {worse} the chosen one")
             elif r in tied:
                 r.reason = f"as good on {objective} (within {int(TIE * 100)}%) but less accurate than the chosen one"
             else:

@@ -385,13 +385,14 @@ def _revert_search(start: CandidateResult, cfg: StaticInt8 | None, reference: Mo
     from edgeopt.transforms.float_layers import revert_to_float
     from edgeopt.transforms.nncf_quantize import NncfInt8
 
+    rebuilt = _start_configs()  # the NNCF settings ``start`` was built with, when it is one of the rebuilt starts
+    nncf_cfg = rebuilt.get(start.name, NncfInt8())
+    prefix = start.name if start.name in rebuilt else "openvino-nncf-int8"
+
     def probe(k: int) -> CandidateResult:
         began = time.perf_counter()
         float_nodes = tuple(order[:k])
         if cfg is None:
-            rebuilt = _start_configs()
-            nncf_cfg = rebuilt.get(start.name, NncfInt8())
-            prefix = start.name if start.name in rebuilt else "openvino-nncf-int8"
             recipe = Recipe(f"{prefix}-mixed-{k}-float", (replace(nncf_cfg, ignored_scope=float_nodes),),
                             runtime="openvino", runtime_options={"precision": "f32"}, needs=("calibration",))
         elif start.recipe.get("runtime") == "openvino":  # ORT's QDQ model run by OpenVINO

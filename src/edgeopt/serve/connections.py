@@ -45,8 +45,8 @@ HEALTH_PREFIX = b"/v2/health/"
 IN_FLIGHT_KEY = "edgeopt.requests_in_flight"  # ASGI scope extension: () -> requests being handled
 RESPOND_KEY = "edgeopt.respond"  # ASGI scope extension: (status, headers, body) -> bool, see _respond_now
 COALESCE_MAX_BYTES = 64 * 1024  # larger bodies are written as they come: joining them would copy them
-_STATUS_LINE: dict[int, bytes] = {}
-_FRAMING = (b"content-length:", b"transfer-encoding:", b"connection:")  # headers _respond_now leaves to send  # uvicorn's status lines, filled when the protocol class is made
+_STATUS_LINE: dict[int, bytes] = {}  # uvicorn's status lines, filled when the protocol class is made
+_FRAMING = (b"content-length:", b"transfer-encoding:", b"connection:")  # headers _respond_now leaves to send
 
 
 class _OneWrite:

@@ -7,7 +7,9 @@ runtime thread), outputs resolved, response encoded, response written. The clien
 and receive with the same monotonic clock (CLOCK_MONOTONIC is system-wide), so each request gives
 its phases end to end, and **latency minus its own model run**: the server's overhead, paired per
 request, so the run time's variance under machine load drops out. Two source trees (--a, --b)
-are traced in alternating blocks (ABBA) and compared by the median of each phase.
+are traced in alternating blocks (ABBA) and compared by the median of each phase. When the
+runtime thread writes a lone request's answer itself (connections.ThreadAnswer), encode and
+"written" are marked on that thread, and "resolved" comes after "written" (the loop's bookkeeping).
 
 ``--detail`` adds marks inside the steps (each costs a few us, so compare arms with the same flags):
 uvicorn's on_headers_complete, the socket write of the answer, the runtime thread's
@@ -41,7 +43,8 @@ HERE = Path(__file__).resolve().parent
 PHASES = [("client_send", "head_begun"), ("head_begun", "body_complete"), ("body_complete", "decode_start"),
           ("decode_start", "decode_end"), ("decode_end", "run_start"), ("run_start", "run_end"),
           ("run_end", "resolved"), ("resolved", "encode_start"), ("encode_start", "encode_end"),
-          ("encode_end", "written"), ("written", "client_received")]
+          ("encode_end", "written"), ("written", "client_received"),
+          ("run_end", "encode_start")]  # the whole hand-back, also when the runtime thread answers (below)
 # with --detail: steps inside those (names as marked in traced_server)
 DETAIL = [("head_begun", "headers_start"), ("headers_start", "headers_end"), ("headers_end", "body_complete"),
           ("run_end", "wake_start"), ("wake_start", "wake_end"), ("wake_start", "callback_start"),
@@ -171,6 +174,16 @@ def traced_server(argv: list[str]) -> None:
         resolve(p, value)
 
     batching.Batcher.__init__, batching._resolve = init_traced, resolve_traced
+    thread_answer = getattr(connections, "ThreadAnswer", None)
+    if thread_answer is not None:  # the runtime thread writes a lone request's answer
+        thread_send = thread_answer.send
+
+        def thread_send_traced(self: Any, results: Any) -> bool:
+            sent = thread_send(self, results)
+            if sent:
+                mark("written")
+            return sent
+        thread_answer.send = thread_send_traced
     if detail:
         start = batching.Batcher.start
 
@@ -244,8 +257,13 @@ async def lone_client(port: int, request: bytes, n: int) -> list[tuple[int, int]
 
 
 def requests_of(events: list[list[Any]]) -> list[dict[str, int]]:
-    """The server's events grouped per inference request (a group starts at a request head)."""
+    """The server's events grouped per inference request (a group starts at a request head).
+
+    "written" and "resolved" may be marked after the next request's head has begun (the runtime
+    thread that answered was descheduled before its mark; the loop read the next request before
+    running the answer's bookkeeping), so each goes to the oldest request that lacks it."""
     groups: list[dict[str, int]] = []
+    late = {"written": 0, "resolved": 0}  # index of the oldest group that may still lack it
     for name, t in events:
         if name == "head_begun":
             groups.append({"reads": 0})
@@ -254,6 +272,13 @@ def requests_of(events: list[list[Any]]) -> list[dict[str, int]]:
             continue
         if groups and name == "data_received":
             groups[-1]["reads"] += 1  # socket reads (data_received calls) that carried this request
+        if groups and name in late:
+            i = late[name]
+            while i < len(groups) - 1 and (name in groups[i] or "decode_start" not in groups[i]):
+                i += 1
+            late[name] = i
+            groups[i].setdefault(name, t)
+            continue
         if groups and name not in groups[-1]:
             groups[-1][name] = t
     return [g for g in groups if "decode_start" in g and "written" in g]

@@ -16,6 +16,11 @@ uvicorn's on_headers_complete, the socket write of the answer, the runtime threa
 call_soon_threadsafe and the moment the event loop runs that callback, and per-request sums of
 the time in the connection's deadline timers and in uvicorn's on_response_complete.
 
+``--runtime-alone`` also times the model in this (driver) process after every block, with the
+session options the server uses: back to back, and with a 1 ms sleep between runs (the server's
+lone runs are about that far apart), so the in-server run can be compared with the runtime alone
+in the same run.
+
 Run:
   .venv/bin/python benchmarks/serve_trace.py --a /path/to/old/src --b src --onnx resnet18_64.onnx
 Writes benchmarks/results/serve_trace.json (or --out).
@@ -178,8 +183,8 @@ def traced_server(argv: list[str]) -> None:
     if thread_answer is not None:  # the runtime thread writes a lone request's answer
         thread_send = thread_answer.send
 
-        def thread_send_traced(self: Any, results: Any) -> bool:
-            sent = thread_send(self, results)
+        def thread_send_traced(self: Any, results: Any, *args: Any) -> bool:
+            sent = thread_send(self, results, *args)
             if sent:
                 mark("written")
             return sent
@@ -256,6 +261,18 @@ async def lone_client(port: int, request: bytes, n: int) -> list[tuple[int, int]
     return stamps
 
 
+def runtime_alone(session: Any, feeds: dict[str, Any], n: int, gap_s: float) -> list[float]:
+    """``n`` runs of ``session`` in this process, each timed alone (ms); ``gap_s`` sleep between runs."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        session.run(feeds)
+        times.append((time.perf_counter_ns() - t) / 1e6)
+        if gap_s:
+            time.sleep(gap_s)
+    return times
+
+
 def requests_of(events: list[list[Any]]) -> list[dict[str, int]]:
     """The server's events grouped per inference request (a group starts at a request head).
 
@@ -300,6 +317,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_trace.json"))
     parser.add_argument("--rows", action="store_true", help="also write every request's event times (ns)")
     parser.add_argument("--detail", action="store_true", help="also mark steps inside the steps (see the docstring)")
+    parser.add_argument("--runtime-alone", action="store_true",
+                        help="also time the model alone in this process after each block (see the docstring)")
     args = parser.parse_args()
     arms = {"A": Path(args.a)} | ({"B": Path(args.b)} if args.b else {})
     load_start = os.getloadavg()
@@ -310,6 +329,15 @@ def main() -> None:
         stamps: dict[str, list[tuple[int, int]]] = {arm: [] for arm in arms}
         blocks: dict[str, list[tuple[int, int]]] = {arm: [] for arm in arms}  # measured index ranges
         counts = dict.fromkeys(arms, 0)
+        alone: dict[str, list[float]] = {"back_to_back": [], "gap_1ms": []}  # per-block p50 (ms)
+        if args.runtime_alone:
+            from edgeopt.model import load_model
+            from edgeopt.runtimes.sessions import open_session, resolve_settings
+
+            loaded = load_model(model)  # as `edgeopt serve` opens it (load_served): same runtime and options
+            session = open_session(loaded, resolve_settings(loaded, threads=args.threads))
+            feeds = {loaded.inputs[0].name: x}
+            runtime_alone(session, feeds, 20, 0.0)
         try:
             for i in range(args.blocks):
                 for arm in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
@@ -319,6 +347,9 @@ def main() -> None:
                     blocks[arm].append((counts[arm] + 20, counts[arm] + len(got)))
                     counts[arm] += len(got)
                     stamps[arm] += got
+                if args.runtime_alone:
+                    for key, gap in (("back_to_back", 0.0), ("gap_1ms", 0.001)):
+                        alone[key].append(round(float(np.median(runtime_alone(session, feeds, args.requests, gap))), 3))
         finally:
             for proc, _port in servers.values():
                 proc.send_signal(signal.SIGTERM)
@@ -338,17 +369,20 @@ def main() -> None:
             if args.detail:
                 phases |= {k: round(float(np.median([r.get(k, 0) / 1e3 for r in rows])), 1) for k in SUMS}
             overhead = [(r["client_received"] - r["client_send"] - (r["run_end"] - r["run_start"])) / 1e6 for r in rows]
-            per_block = []
+            per_block, run_block = [], []
             for lo, hi in blocks[arm]:
                 part = [(s[1] - s[0] - (g["run_end"] - g["run_start"])) / 1e6
                         for g, s in zip(groups[lo:hi], stamps[arm][lo:hi], strict=True)]
                 per_block.append(round(float(np.median(part)), 3))
+                run_block.append(round(float(np.median([(g["run_end"] - g["run_start"]) / 1e6
+                                                         for g in groups[lo:hi]])), 3))
             result[arm] = {"source": str(arms[arm]), "requests": len(rows),
                            "latency_p50_ms": round(float(np.median([(r["client_received"] - r["client_send"]) / 1e6
                                                                     for r in rows])), 3),
                            "run_p50_ms": round(float(np.median([(r["run_end"] - r["run_start"]) / 1e6 for r in rows])), 3),
                            "overhead_p50_ms": round(float(np.median(overhead)), 3),
-                           "overhead_p50_ms_per_block": per_block, "phases_p50_us": phases,
+                           "overhead_p50_ms_per_block": per_block, "run_p50_ms_per_block": run_block,
+                           "phases_p50_us": phases,
                            "socket_reads_per_request_p50": float(np.median([r["reads"] for r in rows]))}
             if args.rows:
                 result[arm]["rows"] = rows
@@ -359,14 +393,18 @@ def main() -> None:
         print(f"{what:<36}" + "".join(f"{result[arm][what]:>10}" for arm in arms))
     for arm in arms:
         print(f"overhead per block {arm}: {result[arm]['overhead_p50_ms_per_block']}")
+        print(f"run p50 per block {arm}: {result[arm]['run_p50_ms_per_block']}")
+    if args.runtime_alone:
+        for key, values in alone.items():
+            print(f"runtime alone p50 per block ({key}): {values} -> median {np.median(values):.3f}")
     payload = {"benchmark": "serve_trace", "command": "python benchmarks/serve_trace.py " + " ".join(sys.argv[1:]),
                "settings": {"model": args.model, "encoding": args.encoding, "requests_per_block": args.requests,
                             "blocks": args.blocks, "threads": args.threads, "concurrency": 1,
-                            "detail": args.detail},
+                            "detail": args.detail, "runtime_alone": args.runtime_alone},
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_at_start": load_start,
                            "loadavg_at_end": os.getloadavg(),
                            "note": "shared 2-core machine; overhead = latency minus the request's own model run"},
-               "arms": result}
+               "arms": result, "runtime_alone_p50_ms_per_block": alone if args.runtime_alone else None}
     from edgeopt.fileio import write_json
 
     write_json(args.out, payload)

@@ -21,8 +21,8 @@ from edgeopt._version import __version__
 from edgeopt.deps import require
 from edgeopt.errors import BadInput
 from edgeopt.model import Model, TensorSpec
-from edgeopt.serve.batching import ANSWERED, Batcher, ModelRunError, QueueFull
-from edgeopt.serve.connections import IN_FLIGHT_KEY, RESPOND_KEY, THREAD_ANSWER_KEY
+from edgeopt.serve.batching import Batcher, ModelRunError, QueueFull
+from edgeopt.serve.connections import IN_FLIGHT_KEY, RESPOND_KEY
 from edgeopt.serve.metrics import ServeMetrics
 from edgeopt.serve.protocol import (
     HEADER_LENGTH,
@@ -227,8 +227,7 @@ class _InferFastPath:
                     alone = in_flight is not None and in_flight() <= 1
                     direct = scope.get(RESPOND_KEY)  # set by the server's protocol: one write, no ASGI messages
                     await self.handler(match.group(1), match.group(2), headers, receive,
-                                       lambda status, body, extra: _send(send, status, body, extra, direct), alone,
-                                       scope.get(THREAD_ANSWER_KEY) if alone else None)
+                                       lambda status, body, extra: _send(send, status, body, extra, direct), alone)
                     return
         await self.app(scope, receive, send)
 
@@ -373,14 +372,12 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         return status, json.dumps({"error": message}).encode(), {"content-type": "application/json"}
 
     async def infer_core(name: str, version: str | None, headers: dict[str, str], receive: Any,
-                         respond: Any, alone: bool = False, thread_answer: Any = None) -> None:
+                         respond: Any, alone: bool = False) -> None:
         """One inference request, answered with ``await respond(status, body, headers)``; every failure
         becomes a JSON error. Metrics and the log line come after the answer is written (off the
         client's wait).
 
-        ``alone``: no other request is in flight, so this one need not wait in the batching queue.
-        ``thread_answer``: the connection's ``(encode) -> ThreadAnswer | None`` (server only): a lone
-        request's response may then be encoded and sent by the runtime thread right after the run."""
+        ``alone``: no other request is in flight, so this one need not wait in the batching queue."""
         start = time.perf_counter()
         label = name if name in by_name else "_unknown"
         samples = 0
@@ -399,15 +396,10 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
             finally:
                 batcher.arrival_ended()
             samples = req.batch
-
-            def encode(results: Any, served: ServedModel = served, req: Any = req) -> tuple[int, bytes, dict[str, str]]:
-                payload, out_headers = encode_response(model_name=served.name, version=VERSION, request=req,
-                                                       results=results)
-                return 200, payload, out_headers
-
-            opener = None if thread_answer is None else (lambda: thread_answer(encode))
-            results = await batcher.submit(req, alone=alone, answer=opener)
-            answer = None if results is ANSWERED else encode(results)
+            results = await batcher.submit(req, alone=alone)
+            payload, out_headers = encode_response(model_name=served.name, version=VERSION, request=req,
+                                                   results=results)
+            answer = (200, payload, out_headers)
         except ProtocolError as exc:
             answer = error_body(exc.status, str(exc))
         except QueueFull as exc:
@@ -417,16 +409,15 @@ def create_app(models: list[ServedModel], config: ServeConfig | None = None) -> 
         except Exception:  # never let one request take the server down; details only in the log
             log.exception("unexpected error", extra={"model": label})
             answer = error_body(500, "internal error; the server log has the details")
-        status = 200 if answer is None else answer[0]
+        status = answer[0]
         seconds = time.perf_counter() - start
-        if answer is not None:  # None: the runtime thread has sent it
-            await respond(*answer)
+        await respond(*answer)
         metrics.observe_request(label, status, seconds, decode_seconds)
         level = logging.INFO if status < 500 else logging.ERROR
         if log.isEnabledFor(level):
             extra: dict[str, Any] = {"event": "infer", "model": label, "status": status,
                                      "latency_ms": round(seconds * 1000.0, 3), "samples": samples}
-            if answer is not None and status != 200:
+            if status != 200:
                 extra["error"] = answer[1].decode(errors="replace")[:300]
             log.log(level, "infer", extra=extra)
 

@@ -19,16 +19,12 @@ one ``call_soon_threadsafe`` that resolves the requests directly. Running the mo
 loop itself was slower: after a model run the interpreter's caches are cold, and the loop thread
 pays for that on its next Python code (about 0.15 ms more per request at ResNet18-64).
 A request the server knows is alone (``submit(..., alone=True)``: no other request in flight,
-so none could join its batch) skips the queue and worker when the model is idle, and its
-response can be written by the runtime thread itself right after the run (``answer=``, see
-:class:`edgeopt.serve.connections.ThreadAnswer`): the client then has it before the event loop
-has even woken up for the hand-back.
+so none could join its batch) skips the queue and worker when the model is idle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import queue
 import threading
@@ -41,9 +37,6 @@ import numpy as np
 from edgeopt.serve.protocol import InferRequest
 
 log = logging.getLogger("edgeopt.serve")
-
-
-ANSWERED: dict[str, np.ndarray] = {}  # submit's result when the runtime thread wrote the response itself
 
 
 class QueueFull(Exception):
@@ -114,8 +107,7 @@ class Batcher:
         self._handed: list[int] = []  # requests per batch given to the runtime thread, oldest (running) first
         self._last: asyncio.Future[None] | None = None  # the batch handed last: done once it is resolved
         self._collecting = False  # the worker holds requests it has not handed yet
-        self._jobs: queue.SimpleQueue[tuple[dict[str, np.ndarray], Callable[..., None], Any] | None] = (
-            queue.SimpleQueue())
+        self._jobs: queue.SimpleQueue[tuple[dict[str, np.ndarray], Callable[..., None]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.arriving = 0
@@ -129,40 +121,19 @@ class Batcher:
         self._task = self._loop.create_task(self._worker(), name=f"batcher-{self.name}")
 
     def _runtime_thread(self) -> None:
-        """Run each job in order; its callback gets (outputs, None) or (None, error) on the event loop.
-
-        A job with an ``answer`` (a lone request, see :meth:`submit`) first has its response sent
-        from here; its callback then runs through ``answer.settle()`` (possibly earlier, when the
-        connection's next request arrives before the loop's wake-up), and the callback's
-        ``answer.finish()`` tells the loop whether it was answered."""
+        """Run each job in order; its callback gets (outputs, None) or (None, error) on the event loop."""
         assert self._loop is not None
         while (job := self._jobs.get()) is not None:
-            feeds, callback, answer = job
+            feeds, callback = job
             try:
                 result: tuple[Any, Any] = (self._run(feeds), None)
             except Exception as exc:
                 result = (None, exc)
-            if answer is not None:
-                self._answer_here(answer, result[0], functools.partial(callback, *result))
-                callback, result = answer.settle, ()
             try:
                 self._loop.call_soon_threadsafe(callback, *result)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
-            del feeds, callback, result, answer  # hold no arrays while idle
-
-    def _answer_here(self, answer: Any, outputs: list[np.ndarray] | None, then: Callable[[], None]) -> None:
-        """On the runtime thread: send a lone request's response if the run succeeded, then hand
-        ``then`` (the loop's part) to ``answer``, whatever happened. Anything that goes wrong here
-        leaves the answer to the loop, which meets the same error (e.g. in encoding) and turns it
-        into its usual error response."""
-        try:
-            if outputs is not None:
-                answer.send(dict(zip(self._output_names, outputs, strict=True)))
-        except Exception:
-            pass
-        finally:
-            answer.done(then)
+            del feeds, callback, result  # hold no arrays while idle
 
     async def stop(self) -> None:
         """Finish every queued request, then stop the worker and its thread."""
@@ -193,18 +164,11 @@ class Batcher:
         if self._wake is not None:
             self._wake.set()
 
-    async def submit(self, request: InferRequest, *, alone: bool = False,
-                     answer: Callable[[], Any] | None = None) -> dict[str, np.ndarray]:
+    async def submit(self, request: InferRequest, *, alone: bool = False) -> dict[str, np.ndarray]:
         """Queue ``request`` and wait for its outputs (name -> array, batch first).
 
         ``alone``: the caller knows no other request is in flight (none could join a batch); if the
         model is idle too, the request goes straight to the runtime thread.
-        ``answer``: for such a request, called on the event loop as it is handed over; it returns
-        None or an object (:class:`edgeopt.serve.connections.ThreadAnswer`) whose ``send(outputs)
-        -> bool`` the runtime thread calls after a good run to write the response itself,
-        ``done(hand_back)`` the thread calls in any case, ``settle()`` runs that hand-back on the
-        loop, and ``finish() -> bool`` the loop calls before the request resolves (True: it was
-        answered, and submit returns :data:`ANSWERED`).
 
         Raises:
             QueueFull: the queue is full (answer 503).
@@ -216,8 +180,7 @@ class Batcher:
         if (alone and not self._handed and not self._collecting and self._carry is None and self.arriving <= 0
                 and self._queue.empty()):
             self._handed.append(1)
-            self._last = self._hand([_Pending(request, future)], queued=False,
-                                    answer=answer() if answer is not None else None)
+            self._last = self._hand([_Pending(request, future)], queued=False)
             return await future
         full = QueueFull(f"model {self.name!r} has {self.queue_size} requests queued; retry later")
         if self.depth() >= self.queue_size:
@@ -247,42 +210,29 @@ class Batcher:
             if running is not None and not running.done():
                 await running  # at most two batches in the runtime thread: one running, one waiting
 
-    def _hand(self, batch: list[_Pending], *, queued: bool = True, answer: Any = None) -> asyncio.Future[None]:
+    def _hand(self, batch: list[_Pending], *, queued: bool = True) -> asyncio.Future[None]:
         """Give ``batch`` to the runtime thread now; the future is done once every request in it is resolved.
 
-        ``queued``: the requests came through the queue (each is marked done there when resolved).
-        ``answer``: the lone request's response writer, see :meth:`submit`."""
+        ``queued``: the requests came through the queue (each is marked done there when resolved)."""
         assert self._loop is not None
         finished: asyncio.Future[None] = self._loop.create_future()
         live = [p for p in batch if not p.future.done()]
         try:
             if live:
                 feeds, total = self._merge(live)
-                self._jobs.put((feeds, lambda outputs, exc: self._ran(
-                    batch, live, total, outputs, exc, finished, queued, answer), answer))
+                self._jobs.put((feeds, lambda outputs, exc: self._ran(batch, live, total, outputs, exc, finished,
+                                                                       queued)))
                 return finished
         except Exception as exc:  # the worker must outlive anything one batch does
             log.exception("batch failed", extra={"model": self.name})
             for p in batch:
                 _resolve_error(p, _run_error(self.name, exc))
-        if answer is not None:
-            answer.finish()
         self._settle(batch, finished, queued)
         return finished
 
     def _ran(self, batch: list[_Pending], live: list[_Pending], total: int, outputs: list[np.ndarray] | None,
-             exc: Exception | None, finished: asyncio.Future[None], queued: bool, answer: Any = None) -> None:
+             exc: Exception | None, finished: asyncio.Future[None], queued: bool) -> None:
         """On the event loop, when the runtime thread is done with ``batch``: resolve its requests."""
-        if answer is not None:
-            try:
-                answered = answer.finish()
-            except Exception:  # the response has begun: uvicorn closes the connection when the app returns
-                log.exception("answer failed", extra={"model": self.name})
-                answered = True
-            if answered:  # settled at once: a request the answer let in (pipelined) finds the model idle
-                self._settle(batch, finished, queued, total)
-                _resolve(live[0], ANSWERED)
-                return
         if exc is not None and len(live) > 1:
             log.warning("batch failed, retrying its requests one by one",
                         extra={"model": self.name, "batch": total, "error": _one_line(exc)})
@@ -321,7 +271,7 @@ class Batcher:
                 continue
             self._on_batch(p.request.batch)
             done: asyncio.Future[tuple[Any, Any]] = self._loop.create_future()
-            self._jobs.put((p.request.feeds, lambda outputs, exc, done=done: done.set_result((outputs, exc)), None))
+            self._jobs.put((p.request.feeds, lambda outputs, exc, done=done: done.set_result((outputs, exc))))
             outputs, exc = await done
             if exc is not None:
                 _resolve_error(p, _run_error(self.name, exc))

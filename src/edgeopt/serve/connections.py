@@ -39,15 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import threading
 from typing import Any
 
 HEALTH_PREFIX = b"/v2/health/"
 IN_FLIGHT_KEY = "edgeopt.requests_in_flight"  # ASGI scope extension: () -> requests being handled
 RESPOND_KEY = "edgeopt.respond"  # ASGI scope extension: (status, headers, body) -> bool, see _respond_now
-# ASGI scope extension: (encode) -> ThreadAnswer | None, see ThreadAnswer
-THREAD_ANSWER_KEY = "edgeopt.thread_answer"
 COALESCE_MAX_BYTES = 64 * 1024  # larger bodies are written as they come: joining them would copy them
 _STATUS_LINE: dict[int, bytes] = {}  # uvicorn's status lines, filled when the protocol class is made
 _FRAMING = (b"content-length:", b"transfer-encoding:", b"connection:")  # headers _respond_now leaves to send
@@ -96,203 +92,47 @@ class _OneWrite:
         return getattr(self._transport, name)
 
 
-def _head(cycle: Any, status: int, headers: dict[str, str], length: int) -> bytes | None:
-    """The response head uvicorn's ``send`` would write for ``cycle`` (status line, its default headers,
-    ``headers``, content-length, connection: close when not keeping alive), or None where ``send``
-    must handle the response: a status or method whose response has no body (1xx, 204, 304, HEAD),
-    a header holding CR, LF or NUL (the app's own never do), or a framing header (content-length,
-    transfer-encoding, connection: ``send`` acts on those)."""
-    if not 200 <= status < 600 or status in (204, 304) or cycle.scope["method"] == "HEAD":
-        return None
+def _respond_now(protocol: Any, cycle: Any, status: int, headers: dict[str, str], body: bytes) -> bool:
+    """Write a whole response for ``cycle`` in one transport write, as uvicorn's ``send`` would for a
+    ``http.response.start`` + one ``http.response.body`` with a content-length; True if written.
+
+    False, with nothing written, where the ASGI path must do it instead: the response has begun, the
+    client stopped reading (write paused: ``send`` waits for it to drain), access logging is on, a
+    status or method whose response has no body (1xx, 204, 304, HEAD), or a header holds a character that would need uvicorn's checks (CR, LF, NUL; the app's own headers
+    never do), or a framing header (content-length, transfer-encoding, connection: ``send`` acts on
+    those). A client that has gone away needs no answer (True, as ``send`` drops it too).
+    """
+    if cycle.disconnected:
+        return True
+    if (cycle.response_started or cycle.flow.write_paused or cycle.access_log or not 200 <= status < 600
+            or status in (204, 304) or cycle.scope["method"] == "HEAD"):
+        return False
     parts = [_STATUS_LINE[status]]
     for name, value in cycle.default_headers:  # date (and any --header), as uvicorn sends them
         parts += (name, b": ", value, b"\r\n")
     for name, value in headers.items():
         raw = f"{name.lower()}: {value}\r\n".encode("latin-1")
         if b"\r" in raw[:-2] or b"\n" in raw[:-2] or b"\0" in raw or raw.startswith(_FRAMING):
-            return None
+            return False
         parts.append(raw)
-    parts.append(b"content-length: %d\r\n" % length)
+    parts.append(b"content-length: %d\r\n" % len(body))
     if not cycle.keep_alive:
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")
-    return b"".join(parts)
-
-
-def _complete(transport: Any, cycle: Any) -> None:
-    """After ``cycle``'s whole response is written (or queued on ``transport``): uvicorn's bookkeeping
-    for a finished response (pipelined requests start, the keep-alive timer is armed)."""
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
+    transport = protocol.transport
+    if len(body) <= COALESCE_MAX_BYTES:
+        parts.append(body)
+        transport.write(b"".join(parts))
+    else:
+        transport.writelines([b"".join(parts), body])  # a large body is not copied to be joined
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:
         transport.close()
     cycle.on_response()
-
-
-def _respond_now(protocol: Any, cycle: Any, status: int, headers: dict[str, str], body: bytes) -> bool:
-    """Write a whole response for ``cycle`` in one transport write, as uvicorn's ``send`` would for a
-    ``http.response.start`` + one ``http.response.body`` with a content-length; True if written.
-
-    False, with nothing written, where the ASGI path must do it instead: the response has begun, the
-    client stopped reading (write paused: ``send`` waits for it to drain), access logging is on, or
-    :func:`_head` declines it. A client that has gone away needs no answer (True, as ``send`` drops it too).
-    """
-    if cycle.disconnected:
-        return True
-    if cycle.response_started or cycle.flow.write_paused or cycle.access_log:
-        return False
-    head = _head(cycle, status, headers, len(body))
-    if head is None:
-        return False
-    transport = protocol.transport
-    if len(body) <= COALESCE_MAX_BYTES:
-        transport.write(head + body)
-    else:
-        transport.writelines([head, body])  # a large body is not copied to be joined
-    _complete(transport, cycle)
     return True
-
-
-class ThreadAnswer:
-    """A lone request's response, written by the model's runtime thread right after the run.
-
-    Why: otherwise the answer waits for the event loop to wake up (``call_soon_threadsafe``: an
-    eventfd write, the epoll wake-up, the callback queue: 80-130 us here), resolve the request,
-    resume its task, encode and write. Here the thread that ran the model encodes and sends at
-    once; the loop does the bookkeeping (:meth:`finish`) afterwards, off the client's wait.
-
-    Made on the event loop (:func:`_open_thread_answer`) only while nothing can write to the
-    connection before the answer: no response begun, nothing buffered, not closing, no access log.
-    While a request is being handled, the loop itself writes nothing to its connection (a pipelined
-    request waits for :meth:`finish`; a malformed one's 400 is held until then, see the protocol's
-    ``send_400_response``). The thread writes to its own duplicate of the socket's descriptor, so
-    a connection the loop closes meanwhile (client gone) can never have its descriptor number
-    reused under the thread's write; it closes that duplicate when done.
-    """
-
-    __slots__ = ("_protocol", "_cycle", "_fd", "_encode", "_rest", "_sent", "_task", "_then", "_lock", "_sending")
-
-    def __init__(self, protocol: Any, cycle: Any, fd: int, encode: Any) -> None:
-        self._protocol = protocol
-        self._cycle = cycle
-        self._fd = fd
-        self._task = asyncio.current_task()  # the request's own task (made in it, by the app)
-        self._encode = encode  # results -> (status, body, headers); called on the runtime thread
-        self._rest: list[Any] = []  # what the thread could not send, for the loop to write
-        self._sent = False
-        self._then: Any = None  # the loop's work once the thread is done, see settle()
-        self._lock = threading.Lock()  # held by the thread from send() to done()
-        self._sending = False
-
-    def done(self, then: Any) -> None:
-        """On the runtime thread, last: ``then`` is the loop's work now (the batcher's hand-back,
-        which calls :meth:`finish`); the thread asks for it with ``call_soon_threadsafe`` after this."""
-        self._then = then
-        if self._sending:
-            self._lock.release()
-
-    def settle(self, *, arrived: bool = False) -> None:
-        """On the event loop: run the work the runtime thread left once; nothing if the thread is
-        not done yet or it already ran.
-
-        ``arrived``: the connection has received more data (the client's next request, usually).
-        A client that got the answer sends it at once, and the runtime thread, which needs the GIL
-        back after its send, is then still short of :meth:`done` (measured: the loop took the GIL
-        first, the new request waited as pipelined for the thread's wake-up call, ~150 us). If the
-        thread is sending, the loop waits for it on a lock (the GIL released: the thread finishes
-        its few steps) and settles at once."""
-        if arrived and self._then is None and self._sending:
-            with self._lock:  # the thread is between send() and done(): a few bytecodes, no waiting on the loop
-                pass
-        then, self._then = self._then, None
-        if then is not None:
-            then()
-
-    def send(self, results: Any) -> bool:
-        """On the runtime thread: encode ``results`` and send the response; True if it is answered
-        (the loop's :meth:`finish` completes it), False if nothing was written (answer the usual
-        way: an encode error then becomes the loop's 500). A send that is partial, would block or
-        fails leaves the rest to the loop's transport, which handles it (and any error) as it does
-        every write. The thread must call :meth:`done` after it, whatever happens."""
-        self._lock.acquire()
-        self._sending = True
-        try:
-            cycle = self._cycle
-            if cycle.disconnected:
-                self._sent = True  # nobody to answer
-                return True
-            assert self._encode is not None
-            status, body, headers = self._encode(results)
-            head = _head(cycle, status, headers, len(body))
-            if head is None:
-                return False
-            try:
-                sent = os.writev(self._fd, [head, body])
-            except OSError:  # EAGAIN, or the peer is gone: the loop's write meets it and closes as usual
-                sent = 0
-            cycle.response_started = True  # from here on nothing else may be sent as this answer
-            if sent < len(head):
-                self._rest = [head[sent:], body]
-            elif sent < len(head) + len(body):
-                self._rest = [memoryview(body)[sent - len(head):]]
-            self._sent = True
-            return True
-        finally:
-            self._encode = None  # the request's arrays, no longer needed here
-
-    def release(self) -> None:
-        """Close the thread's descriptor (idempotent; :meth:`finish` does it, on the loop: one system
-        call less for the runtime thread between its send and :meth:`done`)."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def finish(self) -> bool:
-        """On the event loop, once the runtime thread is done with this answer (sent or not): if it
-        was sent, write what the thread could not and do uvicorn's bookkeeping of a finished
-        response (pipelined requests start after it). True if the request is answered."""
-        protocol, cycle = self._protocol, self._cycle
-        self.release()
-        if protocol._answering is self:
-            protocol._answering = None
-        if self._sent and self._task is not None:
-            # answered, though its task (metrics, log line) runs on: the next request is still alone
-            answered = protocol._answered
-            answered[0] += 1
-            self._task.add_done_callback(lambda _task: answered.__setitem__(0, answered[0] - 1))
-        if self._sent and not cycle.disconnected:
-            transport = protocol.transport
-            if self._rest and not transport.is_closing():
-                transport.writelines(self._rest)
-            _complete(transport, cycle)
-        held, protocol._held_400 = protocol._held_400, None
-        if held is not None and not protocol.transport.is_closing():
-            held()
-        return self._sent
-
-
-def _open_thread_answer(protocol: Any, cycle: Any, encode: Any) -> ThreadAnswer | None:
-    """On the event loop: a :class:`ThreadAnswer` for ``cycle`` if its response may be written by
-    another thread now (see there), else None."""
-    if (cycle.disconnected or cycle.response_started or cycle.flow.write_paused or cycle.access_log
-            or protocol.cycle is not cycle or protocol._answering is not None):
-        return None
-    transport = protocol.transport
-    if (transport is None or transport.is_closing() or transport.get_write_buffer_size()
-            or transport.get_extra_info("sslcontext") is not None):
-        return None
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        fd = os.dup(sock.fileno())
-    except OSError:
-        return None
-    answer = ThreadAnswer(protocol, cycle, fd, encode)
-    protocol._answering = answer
-    return answer
 
 
 class _Body:
@@ -366,9 +206,6 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
 
     global _STATUS_LINE
     _STATUS_LINE = STATUS_LINE
-    # requests answered by a runtime thread whose task has not ended yet (see ThreadAnswer.finish):
-    # not in flight any more for the batching's "is this request alone" (IN_FLIGHT_KEY)
-    answered = [0]
 
     async def busy(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = json.dumps({"error": f"the server is handling {max_in_flight} requests; retry later"}).encode()
@@ -389,12 +226,6 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
             self._began_in_chunk = False
             self._last_active = 0.0
             self._body = _Body()  # the body of the request being read (replaced per request)
-            self._answering: ThreadAnswer | None = None  # a response being written by a runtime thread
-            self._answered = answered
-            self._held_400: Any = None  # a 400 for a malformed pipelined request, written after it
-
-        def _in_flight(self) -> int:
-            return len(self.tasks) - answered[0]
 
         # -- timers
         def _arm(self, seconds: float, callback: Any) -> None:
@@ -456,9 +287,6 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
 
         def data_received(self, data: bytes) -> None:
             self._last_active = self.loop.time()
-            answering = self._answering
-            if answering is not None:
-                answering.settle(arrived=True)  # answered by a runtime thread the loop has not heard from yet?
             self._began_in_chunk = False
             super().data_received(data)
             if self._in_head and not self._began_in_chunk:
@@ -484,7 +312,7 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
             busy_now = len(self.tasks) >= max_in_flight and not path.startswith(HEALTH_PREFIX)
             # requests being handled server-wide (this one included once it starts): the app skips
             # its batching queue for a request that is alone
-            self.scope[IN_FLIGHT_KEY] = self._in_flight  # type: ignore[literal-required]
+            self.scope[IN_FLIGHT_KEY] = self.tasks.__len__  # type: ignore[literal-required]
             self.app = busy if busy_now else self._real_app
             try:
                 super().on_headers_complete()
@@ -498,8 +326,6 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
                 cycle.receive = _receiver(cycle, self._body, body_window)
                 self.scope[RESPOND_KEY] = (  # type: ignore[literal-required]
                     lambda status, headers, body: _respond_now(self, cycle, status, headers, body))
-                self.scope[THREAD_ANSWER_KEY] = (  # type: ignore[literal-required]
-                    lambda encode: _open_thread_answer(self, cycle, encode))
             if not self.pipeline and self.cycle is not None:
                 self._arm(body_timeout, self._body_timed_out)
 
@@ -519,14 +345,6 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
         def on_message_complete(self) -> None:
             self._disarm()
             super().on_message_complete()
-
-        def send_400_response(self, msg: str) -> None:
-            """As uvicorn's, but held while a runtime thread writes the answer before it (see ThreadAnswer)."""
-            if self._answering is not None:
-                self._held_400 = lambda: super(GuardedHttpToolsProtocol, self).send_400_response(msg)
-                self.flow.pause_reading()
-                return
-            super().send_400_response(msg)
 
         def _make_room(self) -> None:
             """Close the least recently active connection that has no request in progress."""

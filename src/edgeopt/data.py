@@ -52,6 +52,18 @@ class Dataset:
     def has_labels(self) -> bool:
         return self.labels is not None
 
+    def inputs_digest(self) -> str:
+        """A fingerprint of the input arrays: transforms that measure statistics on calibration data
+        (SmoothQuant's factors, weight rounding's ``H``) key their caches on it."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in sorted(self.inputs):
+            array = np.ascontiguousarray(self.inputs[name])
+            h.update(f"{name}{array.dtype}{array.shape}".encode())
+            h.update(array.tobytes())
+        return h.hexdigest()
+
     def take(self, index: Sequence[int] | np.ndarray | slice) -> Dataset:
         """The samples at ``index`` (a subset keeps the source name, with the count)."""
         inputs = {k: v[index] for k, v in self.inputs.items()}

@@ -17,6 +17,7 @@ from edgeopt.measure.judge import (
     fidelity_of,
     nn_agreement,
     nn_confident,
+    nn_expected_agreement,
     nn_tie_agreement,
     output_kind,
     pooled,
@@ -196,3 +197,32 @@ def test_the_note_says_which_floor_holds_and_why() -> None:
 def test_cli_help_gives_the_floor_rule(cli) -> None:
     res = cli("quantize", "--help")
     assert res.exit_code == 0 and "0.995 at 1 pt" in " ".join(res.output.split())
+
+
+def test_expected_nn_agreement_is_the_counts_mean_with_less_spread() -> None:
+    # 40 points in 16-D, small changes drawn 30 times: the count swings with which near-ties flip; the
+    # expectation is its mean (0.928 both) with under half its spread
+    ref = np.random.default_rng(0).standard_normal((40, 16))
+    counted, expected = [], []
+    for seed in range(30):
+        noisy = ref + 0.03 * np.random.default_rng(seed).standard_normal(ref.shape)
+        counted.append(nn_agreement(noisy, ref))
+        expected.append(nn_expected_agreement(noisy, ref)[0])
+    assert abs(np.mean(counted) - np.mean(expected)) < 0.01
+    assert np.std(expected) < 0.5 * np.std(counted)
+    assert nn_expected_agreement(ref, ref) == (1.0, 0.0)
+    far = ref + 3.0 * np.random.default_rng(1).standard_normal(ref.shape)  # neighbours lost
+    assert nn_expected_agreement(far, ref)[0] < 0.3
+
+
+def test_fidelity_carries_the_expected_nn_agreement_and_its_margin(tiny_transformer, damaged) -> None:
+    data = load_data(tiny_transformer[1])
+    ref = predict(load_model(tiny_transformer[0]), data)
+    out = predict(load_model(damaged), data)
+    mask = data.inputs["attention_mask"].astype(bool)
+    same = fidelity_of(ref, ref, mask=mask)
+    assert same.nn_expected_agreement == 1.0 and same.nn_expected_margin == 0.0
+    bad = fidelity_of(out, ref, mask=mask)
+    assert bad.nn_expected_agreement < 0.6 and 0 < bad.nn_expected_margin < 0.3
+    ev = evaluate(load_model(damaged), data, reference=load_model(tiny_transformer[0]))
+    assert ev.to_dict()["nn_expected_agreement"] == pytest.approx(bad.nn_expected_agreement)

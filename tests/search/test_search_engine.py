@@ -132,6 +132,28 @@ def test_default_floor_follows_the_budget_where_agreement_cannot_see_near_ties()
         Budget(min_cosine=1.5)
 
 
+def test_neighbours_budget_caps_the_expected_plain_agreement_at_twice_the_budget() -> None:
+    # near-ties may flip (the tie-allowed agreement is the judged figure), but the plain agreement as
+    # expected may fall at most 2 x max_drop: 98 % at 1 pt
+    budget = Budget(metric="neighbours", max_drop=0.01)
+    assert budget.nn_floor == 0.98 and Budget(metric="neighbours", max_drop=0.6).nn_floor == 0.0
+    assert Budget(metric="cosine", max_drop=0.01).nn_floor is None  # other metrics: no such floor
+    assert Budget(metric="cosine", max_drop=0.01).allows(1.0, 1.0, nn_expected=0.5)
+    assert budget.allows(1.0, 1.0, cosine=0.9995, nn_expected=0.981)
+    assert not budget.allows(1.0, 1.0, cosine=0.9995, nn_expected=0.975)
+    assert "expected plain NN agreement >= 98 %" in budget.describe()
+
+    fast = result("dq128", p50=0.42, size=100, acc=1.0, drop=0.0)
+    faithful = result("rounded-dq32", p50=0.49, size=100, acc=1.0, drop=0.0)
+    fast.cosine, faithful.cosine = 0.9995, 0.9998
+    fast.nn_expected_agreement, faithful.nn_expected_agreement = 0.972, 0.986
+    assert choose(BASE, [fast, faithful], objective="latency", budget=budget) is faithful
+    assert fast.reason == ("plain nearest-neighbour agreement, as expected, 97.2 % is below 98 % (near-ties may "
+                           "cost at most twice the budget)")
+    fast.nn_expected_agreement = 0.982
+    assert choose(BASE, [fast, faithful], objective="latency", budget=budget) is fast
+
+
 def test_auto_resolves_to_the_agreement_floor_without_labels() -> None:
     import numpy as np
 

@@ -68,6 +68,7 @@ def output_error(model: Model, q_model: Model, data: Dataset) -> dict[str, float
     out = {}
     for layer in layers:
         q = inits[layer.q_name].astype(np.float64)
+        q = q.T if layer.kind == "matmul" else q  # stored [in, out]; the layer's weight is [out, in]
         dq = (q - layer.zero.reshape([-1] + [1] * (q.ndim - 1))) * layer.scale.reshape([-1] + [1] * (q.ndim - 1))
         diff = (layer.weight - dq).reshape(layer.weight.shape[0], -1)
         h = hessians[layer.name]
@@ -123,7 +124,7 @@ def test_rounded_model_is_closer_to_fp32_end_to_end() -> None:
 def test_bad_inputs_say_what_is_wrong() -> None:
     model = depthwise_cnn()
     cal = smooth_images(8, seed=1)
-    with pytest.raises(BadInput, match="no INT8 Conv/Gemm weights"):
+    with pytest.raises(BadInput, match="no INT8 Conv/Gemm/MatMul weights"):
         round_weights(model, model, cal)  # an FP32 model has no INT8 weights to round
     with pytest.raises(ConfigError, match="samples must be an integer >= 1"):
         WeightRounding(samples=0)
@@ -148,3 +149,61 @@ def test_nncf_int8_with_weight_rounding_keeps_nncf_scales_and_gets_closer() -> N
     assert all(np.array_equal(a[k], b[k]) for k in a if a[k].dtype != np.int8)  # scales, biases: NNCF's
     err_plain, err_new = output_error(model, plain, held), output_error(model, rounded, held)
     assert sum(err_new.values()) < 0.8 * sum(err_plain.values())
+
+
+def test_compressed_transformer_matmuls_are_rounded_and_closer(tiny_transformer) -> None:
+    """NNCF's INT8 weight compression of a BERT-style encoder ([in, out] MatMul weights, scales per
+    output column) re-rounded: same grid, and the hidden states on held-out sequences are closer."""
+    pytest.importorskip("nncf")
+    from edgeopt.data import load_data
+    from edgeopt.measure.judge import fidelity_of, token_mask
+    from edgeopt.model import load_model
+    from edgeopt.transforms.nncf_quantize import NncfWeightsInt8, nncf_compress_weights
+
+    model = load_model(tiny_transformer[0])
+    tokens = load_data(tiny_transformer[1])
+    cal, held = tokens.take(np.arange(30)), tokens.take(np.arange(30, 60))
+    plain = nncf_compress_weights(model, NncfWeightsInt8(mode="int8_asym"))
+    rounded = nncf_compress_weights(model, NncfWeightsInt8(mode="int8_asym", weight_rounding=True), data=cal)
+    layers = _layers(plain.onnx, model.onnx)
+    assert {layer.kind for layer in layers} == {"matmul"} and len(layers) == 12  # 2 x (Q, K, V, out, FFN in, out)
+    assert rounded.metadata["edgeopt.weight_rounding"] == "hessian-12-layers"
+    assert rounded.metadata["edgeopt.runtime"] == "openvino"
+    a = {i.name: numpy_helper.to_array(i) for i in plain.onnx.graph.initializer}
+    b = {i.name: numpy_helper.to_array(i) for i in rounded.onnx.graph.initializer}
+    for layer in layers:
+        old, new = a[layer.q_name], b[layer.q_name]
+        assert new.shape == old.shape and new.dtype == old.dtype  # stored [in, out] as NNCF wrote it
+        assert np.abs(new.astype(int) - old.astype(int)).max() <= 2
+    assert all(np.array_equal(a[k], b[k]) for k in a if k not in {layer.q_name for layer in layers})
+
+    def error(q: Model) -> float:  # 1 - mean cosine of the hidden states, padding left out, in ONNX Runtime
+        ref = predict(model, held)
+        out = predict(q.with_metadata(runtime="onnxruntime"), held)
+        return 1.0 - fidelity_of(out, ref, mask=token_mask(ref, held.inputs)).cosine
+
+    assert error(rounded) < 0.9 * error(plain), (error(plain), error(rounded))
+    err_plain, err_new = output_error(model, plain, held), output_error(model, rounded, held)
+    assert sum(err_new.values()) < 0.85 * sum(err_plain.values())  # 0.0082 -> 0.0062 (random weights and tokens)
+
+
+def test_padding_tokens_are_left_out_of_a_matmuls_statistics() -> None:
+    from edgeopt.transforms.weight_rounding import _tokens
+
+    x = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(_tokens(x, mask), x[[0, 0, 1], [0, 1, 0]])
+    assert _tokens(x, None).shape == (6, 4)
+    assert _tokens(x, np.ones((2, 5))).shape == (6, 4)  # a mask that does not fit the tensor is ignored
+
+
+def test_weight_rounding_of_compressed_weights_needs_data(tiny_transformer) -> None:
+    pytest.importorskip("nncf")
+    from edgeopt.errors import DataError
+    from edgeopt.model import load_model
+    from edgeopt.transforms.nncf_quantize import NncfWeightsInt8, nncf_compress_weights
+
+    with pytest.raises(DataError, match="needs calibration data"):
+        nncf_compress_weights(load_model(tiny_transformer[0]), NncfWeightsInt8(weight_rounding=True))
+    with pytest.raises(ConfigError, match="weight_rounding must be true or false"):
+        NncfWeightsInt8(weight_rounding=1)  # type: ignore[arg-type]

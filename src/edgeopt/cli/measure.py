@@ -207,6 +207,9 @@ def eval_(
             table.add_row("pooled embedding cosine (mean)", *[f"{r.embedding_cosine:.6f}" for r in results])
         if first.nn_agreement is not None:
             table.add_row("nearest-neighbour agreement (pooled)", *[fmt_pct(r.nn_agreement) for r in results])
+            table.add_row("  as expected (steadier than the count; 90 % over samples)",
+                          *[f"{fmt_pct(r.nn_expected_agreement)} +- {100 * (r.nn_expected_margin or 0):.1f} pt"
+                            for r in results])
             table.add_row("  near-ties allowed (what --metric neighbours judges)",
                           *[fmt_pct(r.nn_tie_agreement) for r in results])
             table.add_row(f"  where the reference's neighbour is clear (n={first.n_nn_confident})",

@@ -209,7 +209,8 @@ def _print_one(p: dict[str, Any]) -> None:
         console.print(note, style="yellow")
     if ev.get("nn_agreement") is not None:
         console.print(f"pooled embeddings: mean cosine {ev['embedding_cosine']:.5f}, nearest-neighbour agreement "
-                      f"{fmt_pct(ev['nn_agreement'])} over {ev['n']} samples")
+                      f"{fmt_pct(ev['nn_agreement'])} (as expected {fmt_pct(ev.get('nn_expected_agreement'))}) "
+                      f"over {ev['n']} samples")
 
 
 def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, max_drop: float, metric: str,
@@ -236,7 +237,7 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
     table = Table(title=f"edgeopt quantize --mode auto: {original.source}")
     nn = any(r.nn_agreement is not None for r in result.results)
     cols = ("variant", "status", "runtime", "p50 ms", "speed-up", "size", "smaller", "accuracy", "agreement",
-            "cosine", *(("NN agr.", "NN ties ok") if nn else ()), "drop pt", "why")
+            "cosine", *(("NN agr.", "NN expected", "NN ties ok") if nn else ()), "drop pt", "why")
     for col in cols:
         table.add_column(col, justify="left" if col in ("variant", "status", "runtime", "why") else "right",
                          overflow="fold")
@@ -245,7 +246,9 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
         table.add_row(r.name, r.status, r.runtime or "-", f"{r.latency_ms['p50']:.3f}" if r.latency_ms else "-",
                       f"{r.speedup:.2f}x" if r.speedup else "-", fmt_bytes(r.size_bytes) if r.size_bytes else "-",
                       f"{r.size_ratio:.2f}x" if r.size_ratio else "-", fmt_pct(r.accuracy), fmt_pct(r.agreement),
-                      fmt_cos(r.cosine), *((fmt_pct(r.nn_agreement), fmt_pct(r.nn_tie_agreement)) if nn else ()),
+                      fmt_cos(r.cosine),
+                      *((fmt_pct(r.nn_agreement), fmt_pct(r.nn_expected_agreement), fmt_pct(r.nn_tie_agreement))
+                        if nn else ()),
                       "-" if r.drop is None else f"{100 * r.drop:.2f}", r.reason, style=styles.get(r.status))
     console.print(table)
     if result.steps:
@@ -262,7 +265,8 @@ def _auto(original: Any, dataset: Any, held: Any, *, out: Path, report: Path, ma
     c = result.chosen
     console.print(f"chosen: {c.name} on {c.runtime}: {c.speedup:.2f}x faster, {c.size_ratio:.2f}x smaller, "
                   f"{result.budget.metric} drop {100 * (c.drop or 0):.2f} pt, mean cosine {fmt_cos(c.cosine)}"
-                  + (f", NN agreement {fmt_pct(c.nn_agreement)}" if c.nn_agreement is not None else ""),
+                  + (f", NN agreement {fmt_pct(c.nn_agreement)} (as expected {fmt_pct(c.nn_expected_agreement)})"
+                     if c.nn_agreement is not None else ""),
                   style="bold")
     console.print(f"wrote {out} and {report}")
     emit_json(json_out, payload)

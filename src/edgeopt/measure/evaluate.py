@@ -27,8 +27,9 @@ class EvalResult:
 
     ``kind`` is the reference's output kind (``classes`` or ``other``, see
     :mod:`edgeopt.measure.judge`); class scores add ``confident_agreement`` (over ``n_confident``
-    samples where the reference is clear) and ``kl``; other outputs add ``nn_agreement`` and
-    ``embedding_cosine`` of the pooled embeddings.
+    samples where the reference is clear) and ``kl``; other outputs add ``nn_agreement`` (and as
+    expected, ``nn_expected_agreement`` +- ``nn_expected_margin``) and ``embedding_cosine`` of the
+    pooled embeddings.
     """
 
     n: int
@@ -46,6 +47,8 @@ class EvalResult:
     nn_tie_agreement: float | None = None
     nn_confident_agreement: float | None = None
     n_nn_confident: int | None = None
+    nn_expected_agreement: float | None = None
+    nn_expected_margin: float | None = None
     embedding_cosine: float | None = None
     outputs: np.ndarray | None = field(default=None, repr=False)
     measured_on: dict[str, Any] = field(default_factory=dict, repr=False)  # device name, CPU, runtime version
@@ -57,7 +60,7 @@ class EvalResult:
             out.update(cosine_p5=self.cosine_p5, output_kind=self.kind)
             extra = (("confident_agreement", "n_confident", "kl") if self.kind == "classes"
                      else ("nn_agreement", "nn_tie_agreement", "nn_confident_agreement", "n_nn_confident",
-                           "embedding_cosine"))
+                           "nn_expected_agreement", "nn_expected_margin", "embedding_cosine"))
             out.update({k: getattr(self, k) for k in extra})
         return out
 
@@ -135,6 +138,7 @@ def figures_of(outputs: np.ndarray, data: Dataset, *, fid: Fidelity | None = Non
         result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
         result.nn_confident_agreement, result.n_nn_confident = fid.nn_confident_agreement, fid.n_nn_confident
         result.nn_tie_agreement = fid.nn_tie_agreement
+        result.nn_expected_agreement, result.nn_expected_margin = fid.nn_expected_agreement, fid.nn_expected_margin
     return result
 
 

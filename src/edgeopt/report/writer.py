@@ -35,7 +35,10 @@ def _cos(r: dict[str, Any]) -> str:
 
 
 def _nn(r: dict[str, Any]) -> str:
-    return _pct(r.get("nn_agreement"))
+    """Counted, and as expected (measure/judge.py: the count is a lottery over near-ties)."""
+    if r.get("nn_expected_agreement") is None:
+        return _pct(r.get("nn_agreement"))
+    return f"{_pct(r.get('nn_agreement'))} (expected {_pct(r.get('nn_expected_agreement'))})"
 
 
 def _metric_value(r: dict[str, Any], metric: str) -> float | None:

@@ -53,7 +53,11 @@ class Budget:
     original rates within 0.01 cosine of its own nearest is a near-tie and counts as kept); other
     embeddings, hidden states and heads by the cosine of the outputs to the original's.
     Whatever the metric, a candidate whose mean cosine to the original is below ``min_cosine`` is
-    never chosen: a model can keep every top-1 and still have lost its outputs.
+    never chosen: a model can keep every top-1 and still have lost its outputs. Judged by
+    ``neighbours``, a candidate whose plain nearest-neighbour agreement, as expected (near-ties
+    included: :func:`edgeopt.measure.judge.nn_expected_agreement`), is below :attr:`nn_floor`
+    (``1 - 2 max_drop``) is never chosen either: near-ties may flip, but they may cost at most as much
+    again as the budget.
 
     Example:
         >>> Budget(metric="accuracy", max_drop=0.01).allows(0.990, 0.982)
@@ -79,13 +83,24 @@ class Budget:
         """The cosine floor in force: ``min_cosine`` as given, else the metric's default."""
         return self.min_cosine if self.min_cosine is not None else default_floor(self.metric, self.max_drop)
 
+    @property
+    def nn_floor(self) -> float | None:
+        """The floor on expected plain nearest-neighbour agreement (``neighbours`` budgets only)."""
+        return round(max(0.0, 1.0 - 2 * self.max_drop), 6) if self.metric == "neighbours" else None
+
     def drop(self, baseline: float, candidate: float) -> float:
         return baseline - candidate
 
-    def allows(self, baseline: float, candidate: float, *, cosine: float | None = None) -> bool:
+    def allows(self, baseline: float, candidate: float, *, cosine: float | None = None,
+               nn_expected: float | None = None) -> bool:
         if cosine is not None and not self.cosine_ok(cosine):
             return False
+        if nn_expected is not None and not self.neighbours_ok(nn_expected):
+            return False
         return self.drop(baseline, candidate) <= self.max_drop + 1e-12
+
+    def neighbours_ok(self, nn_expected: float) -> bool:
+        return self.nn_floor is None or nn_expected >= self.nn_floor - 1e-12
 
     def cosine_ok(self, cosine: float) -> bool:
         return cosine >= self.floor - 1e-12
@@ -114,7 +129,8 @@ class Budget:
         return replace(self, metric=metric)
 
     def describe(self) -> str:
-        return f"{self.metric} drop <= {100 * self.max_drop:.2f} pt, mean cosine >= {self.floor:g}"
+        nn = f", expected plain NN agreement >= {100 * self.nn_floor:g} %" if self.nn_floor is not None else ""
+        return f"{self.metric} drop <= {100 * self.max_drop:.2f} pt, mean cosine >= {self.floor:g}{nn}"
 
 
 def judge_note(asked: str, budget: Budget, outputs: np.ndarray, labelled: bool) -> str:
@@ -129,7 +145,9 @@ def judge_note(asked: str, budget: Budget, outputs: np.ndarray, labelled: bool) 
         why = "a text encoder: the data has an attention mask" if asked == "auto" else "as asked"
         return ("judged by nearest-neighbour agreement of the mask-mean-pooled sentence embeddings (" + why +
                 "; what retrieval sees); a sentence's nearest neighbour may change only to one the original rates "
-                f"within {NN_MARGIN:g} cosine of its own nearest (a near-tie: it flips under any change){floor}")
+                f"within {NN_MARGIN:g} cosine of its own nearest (a near-tie: it flips under any change), and the "
+                f"plain agreement, as expected over changes of each variant's size, may fall at most twice the "
+                f"budget (>= {100 * (budget.nn_floor or 0):g} %){floor}")
     if budget.metric == "cosine":
         why = ("the output is not class scores (shape " + "x".join(map(str, outputs.shape[1:])) + "): top-1 "
                "agreement means nothing there" if asked == "auto" else "as asked")

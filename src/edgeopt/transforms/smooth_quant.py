@@ -129,7 +129,7 @@ def smooth_quant(model: Model, config: SmoothQuant | None = None, *, data: Datas
     cfg = config or SmoothQuant()
     if model.format != "onnx":
         raise BadInput(f"SmoothQuant works on ONNX models; {model.source} is {model.format}")
-    key = (model.sha256, cfg, _digest(data))
+    key = (model.sha256, cfg, data.inputs_digest())
     if key not in _SMOOTHED:  # auto follows one smoothing with several quantizers and run-time settings
         if len(_SMOOTHED) > 4:
             _SMOOTHED.clear()
@@ -138,18 +138,6 @@ def smooth_quant(model: Model, config: SmoothQuant | None = None, *, data: Datas
 
 
 _SMOOTHED: dict[tuple[str, SmoothQuant, str], Model] = {}
-
-
-def _digest(data: Dataset) -> str:
-    """A fingerprint of the calibration inputs (the smoothing factors are measured on them)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(data.inputs):
-        array = np.ascontiguousarray(data.inputs[name])
-        h.update(f"{name}{array.dtype}{array.shape}".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()
 
 
 def _smooth(model: Model, cfg: SmoothQuant, data: Dataset) -> Model:

@@ -291,7 +291,9 @@ def rotated_auto(args: argparse.Namespace, fp32_path: Path, fp32: Model, tokeniz
         auto = run_auto(fp32_path, sets, args.work, 0.01, "auto", rotation=rotation)
         print(f"rotation {rotation}: auto exit {auto['exit_code']} in {auto['seconds']} s, chosen {auto['chosen']}",
               flush=True)
+        chosen = next((v for v in auto["variants_on_judging_set"] if v["status"] == "chosen"), {})
         row: dict[str, Any] = {"rotation": rotation, "chosen": auto["chosen"], "seconds": auto["seconds"],
+                               "speedup_on_judging_run": chosen.get("speedup"),
                                "sentences": len(sentences(rotation)["reported"])}
         if auto.get("model"):
             ev = evaluate(load_model(auto["model"]), load_data(sets["reported"]), reference=fp32, threads=1)

@@ -21,7 +21,7 @@ encoder with cosine 0.58 to the original scored 100 % agreement. So:
   as agreement for class scores counts only where the reference's decision is clear. Beside it,
   the plain agreement a retrieval user counts, as expected (:func:`nn_expected_agreement`): the
   count itself is a lottery over the near-ties, the expectation is not; the budget never lets it
-  fall more than twice the allowed drop (search/budget.py).
+  fall, beyond its 90 % interval, more than twice the allowed drop (search/budget.py).
 """
 
 from __future__ import annotations

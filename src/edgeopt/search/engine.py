@@ -72,6 +72,7 @@ class CandidateResult:
     nn_agreement: float | None = None  # nearest-neighbour agreement of pooled embeddings
     nn_tie_agreement: float | None = None  # the same, a neighbour the original rates as a near-tie counting as kept
     nn_expected_agreement: float | None = None  # plain NN agreement as expected (measure/judge.py), steadier than counted
+    nn_expected_margin: float | None = None  # its 90 % half-width over the judged samples
     embedding_cosine: float | None = None  # mean cosine of pooled embeddings
     drop: float | None = None
     drop_interval: list[float] | None = None  # 90% interval of the drop from the judged samples' noise
@@ -183,10 +184,12 @@ def evaluate_candidate(result: CandidateResult, model: Model, *, eval_data: Data
     result.confident_agreement, result.kl = fid.confident_agreement, fid.kl
     result.nn_agreement, result.embedding_cosine = fid.nn_agreement, fid.embedding_cosine
     result.nn_tie_agreement, result.nn_expected_agreement = fid.nn_tie_agreement, fid.nn_expected_agreement
+    result.nn_expected_margin = fid.nn_expected_margin
     result.figures = figures_of(outputs, eval_data, fid=fid, check_labels=False)
     result.accuracy = result.figures.accuracy
     result.drop = judged.drop(baseline_metric, value)
-    result.meets_budget = judged.allows(baseline_metric, value, cosine=fid.cosine, nn_expected=fid.nn_expected_agreement)
+    result.meets_budget = judged.allows(baseline_metric, value, cosine=fid.cosine, nn_expected=fid.nn_expected_agreement,
+                                        nn_margin=fid.nn_expected_margin or 0.0)
     low, high, result.judged = _drop_interval(judged.metric, outputs, baseline_outputs, eval_data, fid)
     result.drop_interval = [round(low, 5), round(high, 5)]
     result.runtime, result.threads = settings.runtime, settings.threads
@@ -324,11 +327,12 @@ def choose(baseline: CandidateResult, results: list[CandidateResult], *, objecti
             r.status, r.reason = "rejected", (f"mean cosine to the original {r.cosine:.4f} is below the floor "
                                               f"{budget.floor:g} (--min-cosine), whatever its {metric}")
         elif budget is not None and r.nn_expected_agreement is not None and \
-                not budget.neighbours_ok(r.nn_expected_agreement):
+                not budget.neighbours_ok(r.nn_expected_agreement, r.nn_expected_margin or 0.0):
             r.status, r.reason = "rejected", (f"plain nearest-neighbour agreement, as expected, "
-                                              f"{100 * r.nn_expected_agreement:.1f} % is below "
-                                              f"{100 * (budget.nn_floor or 0):g} % (near-ties may cost at most twice "
-                                              f"the budget)")
+                                              f"{100 * r.nn_expected_agreement:.2f} % (90 % interval up to "
+                                              f"{100 * (r.nn_expected_agreement + (r.nn_expected_margin or 0)):.2f} %) "
+                                              f"is below {100 * (budget.nn_floor or 0):.2f} % (near-ties may cost at "
+                                              "most twice the budget)")
         elif not r.meets_budget:
             r.status = "rejected"
             r.reason = (f"{metric} drop {100 * (r.drop or 0):.2f} pt exceeds the budget"

@@ -132,8 +132,8 @@ OPENVINO_SMOOTH_DQ_GROUPS = (64, 128)
 # strengths and groups: the rounding halves the weights' error, smaller groups shrink the activations'. On
 # all-MiniLM-L6-v2 (434 real sentences; expected plain nearest-neighbour agreement, mean of three sets):
 # alpha 0.5 groups of 128 / 64 / 32: 0.980 / 0.983 / 0.985 (unrounded at 128: 0.977); alpha 0.6: 0.981 / 0.983;
-# 0.3-0.4 lower. Groups of 64 time within 3 % of 128 (a speed tie: the more faithful wins), 32 at 0.47x FP32
-# p50 against 0.38x.
+# 0.3-0.4 lower. Groups of 64 timed 3-9 % behind 128 (within 5 % the speed tie goes to the more faithful),
+# 32 about 20 % behind (0.45x FP32 p50 against 0.37x).
 ROUNDED_SMOOTHQUANT_ALPHAS = (0.5, 0.6)
 OPENVINO_ROUNDED_DQ_GROUPS = (32, 64, 128)
 

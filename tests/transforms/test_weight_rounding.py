@@ -192,9 +192,9 @@ def test_padding_tokens_are_left_out_of_a_matmuls_statistics() -> None:
 
     x = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     mask = np.array([[1, 1, 0], [1, 0, 0]])
-    np.testing.assert_array_equal(_tokens(x, mask), x[[0, 0, 1], [0, 1, 0]])
-    assert _tokens(x, None).shape == (6, 4)
-    assert _tokens(x, np.ones((2, 5))).shape == (6, 4)  # a mask that does not fit the tensor is ignored
+    np.testing.assert_array_equal(_tokens(x, {"attention_mask": mask}), x[[0, 0, 1], [0, 1, 0]])
+    assert _tokens(x, {}).shape == (6, 4)
+    assert _tokens(x, {"attention_mask": np.ones((2, 5))}).shape == (6, 4)  # a mask that does not fit is ignored
 
 
 def test_weight_rounding_of_compressed_weights_needs_data(tiny_transformer) -> None:

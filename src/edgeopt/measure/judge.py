@@ -164,7 +164,7 @@ def _similarities(e: np.ndarray) -> np.ndarray:
 
 def nn_agreement(embeddings: np.ndarray, reference: np.ndarray) -> float:
     """Share of samples whose nearest other sample (by cosine) is the same under both embeddings."""
-    return float(np.mean(np.argmax(_similarities(embeddings), axis=1) == np.argmax(_similarities(reference), axis=1)))
+    return float(np.mean(_same(_similarities(embeddings), _similarities(reference))))
 
 
 def nn_tie_agreement(embeddings: np.ndarray, reference: np.ndarray, *, margin: float = NN_MARGIN) -> float:
@@ -178,10 +178,7 @@ def nn_tie_agreement(embeddings: np.ndarray, reference: np.ndarray, *, margin: f
         >>> round(nn_agreement(moved, ref), 2), nn_tie_agreement(moved, ref)  # its neighbour flips to the tie
         (0.8, 1.0)
     """
-    ref = _similarities(reference)
-    pick = np.argmax(_similarities(embeddings), axis=1)
-    rows = np.arange(len(ref))
-    return float(np.mean(ref[rows, pick] >= ref.max(axis=1) - margin - 1e-12))
+    return _tie_agreement(_similarities(embeddings), _similarities(reference), margin)
 
 
 # How many of a sample's closest competitors (smallest similarity gap to its nearest) set the spread of
@@ -192,26 +189,7 @@ NN_SPREAD_NEIGHBOURS = 10
 def nn_keep_probabilities(embeddings: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Each sample's probability of keeping its reference nearest neighbour under changes of the size
     ``embeddings`` makes: see :func:`nn_expected_agreement`."""
-    ref, new = _similarities(reference), _similarities(embeddings)
-    n = len(ref)
-    rows = np.arange(n)
-    best = np.argmax(ref, axis=1)
-    gaps = ref[rows, best][:, None] - ref  # >= 0; the diagonal is +inf (ref's is -inf)
-    gaps[rows, best] = np.inf
-    with np.errstate(invalid="ignore"):  # the diagonals are -inf
-        change = new - ref
-    k = max(1, min(NN_SPREAD_NEIGHBOURS, n - 2))
-    near = np.argpartition(gaps, k - 1, axis=1)[:, :k]  # the closest competitors (finite gaps first)
-    gap_change = change[rows, best][:, None] - change[rows[:, None], near]
-    spread = np.sqrt(np.mean(np.where(np.isfinite(gap_change), gap_change, 0.0) ** 2, axis=1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(spread[:, None] > 0, gaps / spread[:, None], np.where(gaps > 0, np.inf, 0.0))
-    close = z < 8.0  # beyond 8 spreads a competitor never overtakes (Phi(8) = 1 - 6e-16)
-    log_keep = np.zeros(n)
-    r, c = np.nonzero(close)
-    phi = 0.5 * np.array([math.erfc(-v / math.sqrt(2.0)) for v in z[r, c]])
-    np.add.at(log_keep, r, np.log(np.maximum(phi, 1e-300)))
-    return np.exp(log_keep)
+    return _keep_probabilities(_similarities(embeddings), _similarities(reference))
 
 
 def nn_expected_agreement(embeddings: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -239,24 +217,68 @@ def nn_expected_agreement(embeddings: np.ndarray, reference: np.ndarray) -> tupl
         >>> nn_agreement(noisy, ref), round(nn_expected_agreement(noisy, ref)[0], 3)  # over 30 draws: 0.928, 0.934
         (0.95, 0.935)
     """
-    keep = nn_keep_probabilities(embeddings, reference)
-    half = 1.645 * float(keep.std(ddof=1)) / math.sqrt(len(keep)) if len(keep) > 1 else 0.0
-    return float(keep.mean()), half
+    return _mean_and_half(nn_keep_probabilities(embeddings, reference))
 
 
 def nn_clear(reference: np.ndarray, *, margin: float = NN_MARGIN) -> np.ndarray:
     """Which samples' reference nearest neighbour beats the runner-up by ``margin`` (cosine)."""
-    top2 = np.sort(_similarities(reference), axis=1)[:, -2:]
-    return (top2[:, 1] - top2[:, 0]) >= margin
+    return _clear(_similarities(reference), margin)
 
 
 def nn_confident(embeddings: np.ndarray, reference: np.ndarray, *, margin: float = NN_MARGIN
                  ) -> tuple[float | None, int]:
     """NN agreement over the samples whose reference nearest neighbour beats the runner-up by ``margin``
     (and how many those are); None when there are none."""
-    clear = nn_clear(reference, margin=margin)
-    same = np.argmax(_similarities(embeddings), axis=1) == np.argmax(_similarities(reference), axis=1)
-    return (float(np.mean(same[clear])) if clear.any() else None), int(clear.sum())
+    return _confident(_similarities(embeddings), _similarities(reference), margin)
+
+
+# The neighbour figures from similarity matrices (the diagonal -inf, see _similarities): fidelity_of
+# computes the two matrices once for all of them.
+def _same(new: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    return np.argmax(new, axis=1) == np.argmax(ref, axis=1)
+
+
+def _tie_agreement(new: np.ndarray, ref: np.ndarray, margin: float) -> float:
+    pick = np.argmax(new, axis=1)
+    return float(np.mean(ref[np.arange(len(ref)), pick] >= ref.max(axis=1) - margin - 1e-12))
+
+
+def _clear(ref: np.ndarray, margin: float) -> np.ndarray:
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) >= margin
+
+
+def _confident(new: np.ndarray, ref: np.ndarray, margin: float) -> tuple[float | None, int]:
+    clear = _clear(ref, margin)
+    return (float(np.mean(_same(new, ref)[clear])) if clear.any() else None), int(clear.sum())
+
+
+def _keep_probabilities(new: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    n = len(ref)
+    rows = np.arange(n)
+    best = np.argmax(ref, axis=1)
+    gaps = ref[rows, best][:, None] - ref  # >= 0; the diagonal is +inf (ref's is -inf)
+    gaps[rows, best] = np.inf
+    with np.errstate(invalid="ignore"):  # the diagonals are -inf
+        change = new - ref
+    k = max(1, min(NN_SPREAD_NEIGHBOURS, n - 2))
+    near = np.argpartition(gaps, k - 1, axis=1)[:, :k]  # the closest competitors: n - 2 finite gaps a row
+    gap_change = change[rows, best][:, None] - change[rows[:, None], near]
+    spread = np.sqrt(np.mean(gap_change ** 2, axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(spread[:, None] > 0, gaps / spread[:, None], np.where(gaps > 0, np.inf, 0.0))
+    close = z < 8.0  # beyond 8 spreads a competitor never overtakes (Phi(8) = 1 - 6e-16)
+    log_keep = np.zeros(n)
+    r, c = np.nonzero(close)
+    phi = 0.5 * np.array([math.erfc(-v / math.sqrt(2.0)) for v in z[r, c]])
+    np.add.at(log_keep, r, np.log(np.maximum(phi, 1e-300)))
+    return np.exp(log_keep)
+
+
+def _mean_and_half(keep: np.ndarray) -> tuple[float, float]:
+    """The mean of per-sample keep probabilities and its 90 % half-width over samples."""
+    half = 1.645 * float(keep.std(ddof=1)) / math.sqrt(len(keep)) if len(keep) > 1 else 0.0
+    return float(keep.mean()), half
 
 
 def fidelity_of(outputs: np.ndarray, reference: np.ndarray, *, kind: OutputKind | None = None,
@@ -305,8 +327,9 @@ def fidelity_of(outputs: np.ndarray, reference: np.ndarray, *, kind: OutputKind 
         ea, eb = pooled(outputs, mask), pooled(reference, mask)
         f.embedding_cosine = float(np.mean(_row_cosine(ea, eb)))
         if len(outputs) >= 3:
-            f.nn_agreement = nn_agreement(ea, eb)
-            f.nn_tie_agreement = nn_tie_agreement(ea, eb)
-            f.nn_confident_agreement, f.n_nn_confident = nn_confident(ea, eb)
-            f.nn_expected_agreement, f.nn_expected_margin = nn_expected_agreement(ea, eb)
+            new, ref = _similarities(ea), _similarities(eb)
+            f.nn_agreement = float(np.mean(_same(new, ref)))
+            f.nn_tie_agreement = _tie_agreement(new, ref, NN_MARGIN)
+            f.nn_confident_agreement, f.n_nn_confident = _confident(new, ref, NN_MARGIN)
+            f.nn_expected_agreement, f.nn_expected_margin = _mean_and_half(_keep_probabilities(new, ref))
     return f

@@ -212,14 +212,15 @@ def _hessians(original: Model, layers: list[_Layer], data: Dataset) -> dict[str,
     opts.log_severity_level = 3  # a smoothed model's unused LayerNorm initializers would each print a warning
     session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    distinct = {_hessian_key(layer): layer for layer in layers}  # layers that share an H build it once
+    sums: dict[Any, np.ndarray] = {}
+    counts: dict[Any, int] = {}
     for inputs, _ in data.batches(1):
         values = dict(zip(names, session.run(None, inputs), strict=True))
-        for layer in layers:
+        for key, layer in distinct.items():
             x = np.asarray(values[layer.float_input], np.float32)
             if layer.kind == "matmul":
-                cols = _tokens(x, inputs.get("attention_mask")).T  # (d, tokens)
+                cols = _tokens(x, inputs).T  # (d, tokens)
                 h = cols @ cols.T
             elif layer.kind == "gemm":
                 cols = x.reshape(len(x), -1).T  # (d, batch)
@@ -227,16 +228,24 @@ def _hessians(original: Model, layers: list[_Layer], data: Dataset) -> dict[str,
             else:
                 cols = _columns(x[0], layer)
                 h = cols @ cols.T if layer.kind == "conv" else np.matmul(cols, cols.transpose(0, 2, 1))
-            sums[layer.name] = sums.get(layer.name, 0) + h.astype(np.float64)
-            counts[layer.name] = counts.get(layer.name, 0) + cols.shape[-1]
-    return {name: sums[name] / counts[name] for name in sums}
+            sums[key] = sums.get(key, 0) + h.astype(np.float64)
+            counts[key] = counts.get(key, 0) + cols.shape[-1]
+    h_of = {key: sums[key] / counts[key] for key in sums}
+    return {layer.name: h_of[_hessian_key(layer)] for layer in layers}
 
 
-def _tokens(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """A MatMul input's rows (tokens x d), without the padding tokens when ``mask`` fits."""
-    if mask is not None and x.ndim == 3 and np.shape(mask) == x.shape[:2]:
-        return x[np.asarray(mask).astype(bool)]
-    return x.reshape(-1, x.shape[-1])
+def _hessian_key(layer: _Layer) -> Any:
+    """What a layer's ``H`` depends on: a dense layer's only on its input tensor (a transformer's Q, K and V
+    MatMuls share one), a convolution's also on its kernel, stride and padding."""
+    return (layer.float_input, layer.kind) if layer.kind in ("matmul", "gemm") else layer.name
+
+
+def _tokens(x: np.ndarray, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """A MatMul input's rows (tokens x d), without the padding tokens when the data's mask fits."""
+    from edgeopt.measure.judge import token_mask
+
+    mask = token_mask(x, inputs)
+    return (x[mask] if mask is not None else x).reshape(-1, x.shape[-1])
 
 
 def _round_layer(layer: _Layer, h: np.ndarray, q_old: np.ndarray, damp: float) -> np.ndarray:

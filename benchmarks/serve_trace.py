@@ -261,18 +261,6 @@ async def lone_client(port: int, request: bytes, n: int) -> list[tuple[int, int]
     return stamps
 
 
-def runtime_alone(session: Any, feeds: dict[str, Any], n: int, gap_s: float) -> list[float]:
-    """``n`` runs of ``session`` in this process, each timed alone (ms); ``gap_s`` sleep between runs."""
-    times = []
-    for _ in range(n):
-        t = time.perf_counter_ns()
-        session.run(feeds)
-        times.append((time.perf_counter_ns() - t) / 1e6)
-        if gap_s:
-            time.sleep(gap_s)
-    return times
-
-
 def requests_of(events: list[list[Any]]) -> list[dict[str, int]]:
     """The server's events grouped per inference request (a group starts at a request head).
 
@@ -337,7 +325,9 @@ def main() -> None:
             loaded = load_model(model)  # as `edgeopt serve` opens it (load_served): same runtime and options
             session = open_session(loaded, resolve_settings(loaded, threads=args.threads))
             feeds = {loaded.inputs[0].name: x}
-            runtime_alone(session, feeds, 20, 0.0)
+            from runtime_gap import block  # the timing loop of benchmarks/runtime_gap.py
+
+            block(session, feeds, "back_to_back", 20)
         try:
             for i in range(args.blocks):
                 for arm in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
@@ -348,8 +338,8 @@ def main() -> None:
                     counts[arm] += len(got)
                     stamps[arm] += got
                 if args.runtime_alone:
-                    for key, gap in (("back_to_back", 0.0), ("gap_1ms", 0.001)):
-                        alone[key].append(round(float(np.median(runtime_alone(session, feeds, args.requests, gap))), 3))
+                    for key, mode in (("back_to_back", "back_to_back"), ("gap_1ms", "sleep_1ms")):
+                        alone[key].append(block(session, feeds, mode, args.requests))
         finally:
             for proc, _port in servers.values():
                 proc.send_signal(signal.SIGTERM)

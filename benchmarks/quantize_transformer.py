@@ -64,6 +64,7 @@ OUT = ROOT / "benchmarks" / "results" / "quantize_transformer.json"
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences.txt"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SETS = ("calibration", "judging", "reported")
+POOLED = ("cosine", "nn_agreement", "nn_expected_agreement", "nn_tie_agreement")  # pooled over the rotations
 
 
 def sentences(rotation: int = 0) -> dict[str, list[str]]:
@@ -285,7 +286,7 @@ def rotated_auto(args: argparse.Namespace, fp32_path: Path, fp32: Model, tokeniz
         return None
     per = [{"rotation": 0, "chosen": first["name"].split("(", 1)[1].rstrip(")"),
             "sentences": len(sentences(0)["reported"]),
-            **{k: first[k] for k in ("cosine", "nn_agreement", "nn_expected_agreement", "nn_tie_agreement")}}]
+            **{k: first[k] for k in POOLED}}]
     for rotation in range(1, args.rotations):
         sets = write_sets(args.work, tokenizer, rotation)
         auto = run_auto(fp32_path, sets, args.work, 0.01, "auto", rotation=rotation)
@@ -297,14 +298,13 @@ def rotated_auto(args: argparse.Namespace, fp32_path: Path, fp32: Model, tokeniz
                                "sentences": len(sentences(rotation)["reported"])}
         if auto.get("model"):
             ev = evaluate(load_model(auto["model"]), load_data(sets["reported"]), reference=fp32, threads=1)
-            row.update(cosine=ev.cosine, nn_agreement=ev.nn_agreement, nn_expected_agreement=ev.nn_expected_agreement,
-                       nn_tie_agreement=ev.nn_tie_agreement)
+            row.update({k: getattr(ev, k) for k in POOLED})
         per.append(row)
     done = [r for r in per if r.get("nn_agreement") is not None]
     n = sum(r["sentences"] for r in done)
     return {"per_rotation": per, "sentences": n,
             **{k: round(sum(r[k] * r["sentences"] for r in done) / n, 5)
-               for k in ("cosine", "nn_agreement", "nn_expected_agreement", "nn_tie_agreement")}}
+               for k in POOLED}}
 
 
 if __name__ == "__main__":

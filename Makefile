@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+# The full install is about 10 GB (torch's CUDA build alone is 5.5 GB); pip's cache would keep a second copy of
+# what it downloads.
+export PIP_NO_CACHE_DIR := 1
 STAMP_DEMO := $(VENV)/.installed-demo
 STAMP_ALL := $(VENV)/.installed-all
 

@@ -70,7 +70,9 @@ def test_auto_quantize_runs_qat_after_ptq_misses(tmp_path) -> None:
         sum(len(i.raw_data) for i in ptq.model.onnx.graph.initializer)
     assert any("QAT (step 5) trains on the 400 labelled calibration samples" in n for n in r.notes)
     payload = json.loads(json.dumps(r.to_dict(), default=str))
-    assert payload["recovery_steps"][-1]["variant"] == "int8-qat-2ep-pertensor"
+    # step 5 also trains from the most accurate broken start when that is not U8S8 (which of the equally broken
+    # variants that is may change with the ONNX Runtime release): the U8S8 row is there either way
+    assert "int8-qat-2ep-pertensor" in [s["variant"] for s in payload["recovery_steps"] if s["step"] == "5 QAT"]
 
 
 @pytest.mark.slow

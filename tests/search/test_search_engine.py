@@ -158,6 +158,30 @@ def test_neighbours_budget_caps_the_expected_plain_agreement_at_twice_the_budget
     assert choose(BASE, [fast, faithful], objective="latency", budget=budget) is fast
 
 
+def test_of_variants_as_fast_and_as_small_the_one_clear_of_the_nn_floor_wins() -> None:
+    # rotation 0 of benchmarks/quantize_transformer.py: SmoothQuant 0.6 and 0.5, both re-rounded, groups of 128;
+    # one size, under 1 % apart on p50, the same tie-allowed agreement and cosine losses within 10 %
+    budget = Budget(metric="neighbours", max_drop=0.01)
+    a06 = result("smoothquant-0.6-rounded-dq128", p50=0.2967, size=100, acc=1.0, drop=0.0)
+    a05 = result("smoothquant-0.5-rounded-dq128", p50=0.2989, size=100, acc=1.0, drop=0.0)
+    a06.cosine, a05.cosine = 0.999591, 0.999559
+    a06.nn_expected_agreement, a05.nn_expected_agreement = 0.9791, 0.9806
+    a06.nn_expected_margin = a05.nn_expected_margin = 0.012
+    assert choose(BASE, [a06, a05], objective="latency", budget=budget) is a05
+    assert a06.reason == ("as good on latency (within 5%) and on accuracy within the judge's noise (0.00 pt on ? "
+                          "samples) but only within its 90 % interval of the 98 % floor on plain NN agreement "
+                          "(expected 97.91 % vs 98.06 %), unlike the chosen one")
+    # when none clears the floor outright, the interval still lets the faster one through (no FP32 fallback)
+    a05.nn_expected_agreement = 0.9795
+    assert choose(BASE, [a06, a05], objective="latency", budget=budget) is a06
+    # nor does it reach beyond the tie: a clearly faster variant within the interval beats a slower clear one
+    a05.nn_expected_agreement, a05.latency_ms, a05.speedup = 0.9849, {"p50": 0.37, "p99": 0.37}, 1 / 0.37
+    assert choose(BASE, [a06, a05], objective="latency", budget=budget) is a06
+    # other budgets have no NN floor: the faster of the faithful-equal pair wins as before
+    a05.latency_ms, a05.speedup = {"p50": 0.2989, "p99": 0.2989}, 1 / 0.2989
+    assert choose(BASE, [a06, a05], objective="latency", budget=Budget(metric="cosine", max_drop=0.01)) is a06
+
+
 def test_auto_resolves_to_the_agreement_floor_without_labels() -> None:
     import numpy as np
 

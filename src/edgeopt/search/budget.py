@@ -60,7 +60,8 @@ class Budget:
     either: near-ties may flip, but they may cost at most as much again as the budget. The interval
     is the judge's noise: which sentences of a set have near-ties moves the expectation by up to
     1 pt between sets of 145 (all-MiniLM-L6-v2), and a floor decided inside that noise would turn
-    one set's choice into FP32 and the next set's into INT8.
+    one set's choice into FP32 and the next set's into INT8. Between variants as fast and as small,
+    though, the one whose expectation itself reaches the floor is chosen (``engine.choose``).
 
     Example:
         >>> Budget(metric="accuracy", max_drop=0.01).allows(0.990, 0.982)
@@ -151,7 +152,8 @@ def judge_note(asked: str, budget: Budget, outputs: np.ndarray, labelled: bool) 
                 "; what retrieval sees); a sentence's nearest neighbour may change only to one the original rates "
                 f"within {NN_MARGIN:g} cosine of its own nearest (a near-tie: it flips under any change), and the "
                 f"plain agreement, as expected over changes of each variant's size, may fall at most twice the "
-                f"budget (>= {100 * (budget.nn_floor or 0):g} % within its 90 % interval){floor}")
+                f"budget (>= {100 * (budget.nn_floor or 0):g} % within its 90 % interval; of variants as fast and as "
+                "small, one whose expectation itself reaches it is preferred){floor}")
     if budget.metric == "cosine":
         why = ("the output is not class scores (shape " + "x".join(map(str, outputs.shape[1:])) + "): top-1 "
                "agreement means nothing there" if asked == "auto" else "as asked")

@@ -61,34 +61,53 @@ MODELS: dict[str, tuple[str | None, tuple[int, ...]]] = {
 
 # ---------------------------------------------------------------- the load generator (own process)
 
+class _Window:
+    """What a load client records: the latency of every 200 completed inside the measuring window (after
+    the warm-up), every status code, and whether another request may start."""
+
+    def __init__(self, warmup: float, seconds: float, max_requests: int) -> None:
+        start = time.perf_counter()
+        self.measure_from, self.stop_at, self.seconds = start + warmup, start + warmup + seconds, seconds
+        self.max_requests, self.sent = max_requests, 0
+        self.latencies: list[float] = []
+        self.codes: dict[int, int] = {}
+
+    def next_request(self) -> bool:
+        """True (and counted as sent) while the window is open and requests are left."""
+        if time.perf_counter() >= self.stop_at or self.sent >= self.max_requests:
+            return False
+        self.sent += 1
+        return True
+
+    def record(self, head: bytes, t0: float, t1: float) -> None:
+        status = int(head[9:12])
+        self.codes[status] = self.codes.get(status, 0) + 1
+        if self.measure_from <= t1 <= self.stop_at and status == 200:
+            self.latencies.append(t1 - t0)
+
+    def result(self) -> dict[str, Any]:
+        return {"latencies": self.latencies, "codes": self.codes, "window_s": self.seconds}
+
+
 async def _client(port: int, request: bytes, concurrency: int, warmup: float, seconds: float,
                   max_requests: int) -> dict[str, Any]:
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + seconds
-    latencies: list[float] = []  # of the responses completed inside the window
-    codes: dict[int, int] = {}
-    sent = [0]
+    window = _Window(warmup, seconds, max_requests)
 
     async def worker() -> None:
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
-            while time.perf_counter() < stop_at and sent[0] < max_requests:
-                sent[0] += 1
+            while window.next_request():
                 t0 = time.perf_counter()
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 match = _LENGTH.search(head)
                 await reader.readexactly(int(match.group(1)) if match else 0)
-                t1 = time.perf_counter()
-                status = int(head[9:12])
-                codes[status] = codes.get(status, 0) + 1
-                if measure_from <= t1 <= stop_at and status == 200:
-                    latencies.append(t1 - t0)
+                window.record(head, t0, time.perf_counter())
         finally:
             writer.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"latencies": latencies, "codes": codes, "window_s": seconds}
+    return window.result()
 
 
 def _blocking_client(port: int, request: bytes, warmup: float, seconds: float, max_requests: int) -> dict[str, Any]:
@@ -97,16 +116,11 @@ def _blocking_client(port: int, request: bytes, warmup: float, seconds: float, m
     machine the asyncio client spent 0.22-0.36 ms of CPU per request)."""
     import socket
 
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + seconds
-    latencies: list[float] = []
-    codes: dict[int, int] = {}
-    sent = 0
+    window = _Window(warmup, seconds, max_requests)
     with socket.create_connection((HOST, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         data = b""
-        while time.perf_counter() < stop_at and sent < max_requests:
-            sent += 1
+        while window.next_request():
             t0 = time.perf_counter()
             sock.sendall(request)
             while (end := data.find(b"\r\n\r\n")) < 0:
@@ -117,12 +131,8 @@ def _blocking_client(port: int, request: bytes, warmup: float, seconds: float, m
             while len(data) < length:
                 data += sock.recv(262144)
             data = data[length:]
-            t1 = time.perf_counter()
-            status = int(head[9:12])
-            codes[status] = codes.get(status, 0) + 1
-            if measure_from <= t1 <= stop_at and status == 200:
-                latencies.append(t1 - t0)
-    return {"latencies": latencies, "codes": codes, "window_s": seconds}
+            window.record(head, t0, time.perf_counter())
+    return window.result()
 
 
 def client_main(args: list[str]) -> None:

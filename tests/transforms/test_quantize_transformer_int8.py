@@ -101,6 +101,7 @@ def test_auto_searches_the_transformer_space_and_judges_by_neighbours(encoder) -
                                   and x.nn_expected_agreement + x.nn_expected_margin >= 0.98 - 1e-12)
     assert r.budget.nn_floor == 0.98
     assert np.isfinite(r.baseline.latency_ms["p50"])
+    assert (r.baseline.nn_expected_agreement, r.baseline.nn_expected_margin) == (1.0, 0.0)  # itself: no noise
 
 
 def test_dynamic_int8_keeps_the_excluded_matmuls_float(encoder) -> None:

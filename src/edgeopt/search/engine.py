@@ -212,7 +212,7 @@ def baseline_result(baseline: Model, eval_data: Dataset, budget: Budget, *, devi
                              confident_agreement=1.0 if fid.confident_agreement is not None else None,
                              kl=0.0 if fid.kl is not None else None, nn_agreement=fid.nn_agreement,
                              nn_tie_agreement=fid.nn_tie_agreement, nn_expected_agreement=fid.nn_expected_agreement,
-                             embedding_cosine=fid.embedding_cosine,
+                             nn_expected_margin=fid.nn_expected_margin, embedding_cosine=fid.embedding_cosine,
                              reason="the original model", runtime=settings.runtime, threads=settings.threads,
                              model=baseline, size_ratio=1.0, speedup=1.0)
     return result, outputs, metric

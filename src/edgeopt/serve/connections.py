@@ -45,7 +45,6 @@ HEALTH_PREFIX = b"/v2/health/"
 IN_FLIGHT_KEY = "edgeopt.requests_in_flight"  # ASGI scope extension: () -> requests being handled
 RESPOND_KEY = "edgeopt.respond"  # ASGI scope extension: (status, headers, body) -> bool, see _respond_now
 COALESCE_MAX_BYTES = 64 * 1024  # larger bodies are written as they come: joining them would copy them
-_STATUS_LINE: dict[int, bytes] = {}  # uvicorn's status lines, filled when the protocol class is made
 _FRAMING = (b"content-length:", b"transfer-encoding:", b"connection:")  # headers _respond_now leaves to send
 
 
@@ -92,7 +91,8 @@ class _OneWrite:
         return getattr(self._transport, name)
 
 
-def _respond_now(protocol: Any, cycle: Any, status: int, headers: dict[str, str], body: bytes) -> bool:
+def _respond_now(protocol: Any, cycle: Any, status: int, headers: dict[str, str], body: bytes,
+                 status_lines: dict[int, bytes]) -> bool:
     """Write a whole response for ``cycle`` in one transport write, as uvicorn's ``send`` would for a
     ``http.response.start`` + one ``http.response.body`` with a content-length; True if written.
 
@@ -107,7 +107,7 @@ def _respond_now(protocol: Any, cycle: Any, status: int, headers: dict[str, str]
     if (cycle.response_started or cycle.flow.write_paused or cycle.access_log or not 200 <= status < 600
             or status in (204, 304) or cycle.scope["method"] == "HEAD"):
         return False
-    parts = [_STATUS_LINE[status]]
+    parts = [status_lines[status]]
     for name, value in cycle.default_headers:  # date (and any --header), as uvicorn sends them
         parts += (name, b": ", value, b"\r\n")
     for name, value in headers.items():
@@ -203,9 +203,6 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
     # body came in 13 reads, each waiting for a trip through the app's receive(); the app reads every
     # body whole up to --max-request-mb anyway, so holding that much bounds memory as before.
     body_window = max(HIGH_WATER_LIMIT, max_body_bytes + 1)
-
-    global _STATUS_LINE
-    _STATUS_LINE = STATUS_LINE
 
     async def busy(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = json.dumps({"error": f"the server is handling {max_in_flight} requests; retry later"}).encode()
@@ -325,7 +322,8 @@ def guarded_protocol(*, header_timeout: float, body_timeout: float, max_header_b
                 # the app's task has not started yet: it will call this receive, not uvicorn's
                 cycle.receive = _receiver(cycle, self._body, body_window)
                 self.scope[RESPOND_KEY] = (  # type: ignore[literal-required]
-                    lambda status, headers, body: _respond_now(self, cycle, status, headers, body))
+                    lambda status, headers, body: _respond_now(self, cycle, status, headers, body,
+                                                                STATUS_LINE))
             if not self.pipeline and self.cycle is not None:
                 self._arm(body_timeout, self._body_timed_out)
 

@@ -21,6 +21,13 @@ def result(name: str, *, p50: float, size: int, acc: float, drop: float, status:
 BASE = result("original", p50=1.0, size=1000, acc=0.99, drop=0.0, status="baseline")
 
 
+def nn_result(name: str, *, p50: float, cosine: float, expected: float, margin: float) -> CandidateResult:
+    """A text encoder's variant that keeps every neighbour up to near-ties, with its expected plain NN agreement."""
+    r = result(name, p50=p50, size=100, acc=1.0, drop=0.0)
+    r.cosine, r.nn_expected_agreement, r.nn_expected_margin = cosine, expected, margin
+    return r
+
+
 def test_fastest_within_budget_is_chosen_and_others_say_why() -> None:
     fast_bad = result("fast-but-inaccurate", p50=0.3, size=250, acc=0.90, drop=0.09, ok_budget=False)
     good = result("good", p50=0.5, size=260, acc=0.985, drop=0.005)
@@ -146,11 +153,8 @@ def test_neighbours_budget_caps_the_expected_plain_agreement_at_twice_the_budget
     assert not budget.allows(1.0, 1.0, cosine=0.9995, nn_expected=0.975, nn_margin=0.004)
     assert "expected plain NN agreement >= 98 %" in budget.describe()
 
-    fast = result("dq128", p50=0.42, size=100, acc=1.0, drop=0.0)
-    faithful = result("rounded-dq32", p50=0.49, size=100, acc=1.0, drop=0.0)
-    fast.cosine, faithful.cosine = 0.9995, 0.9998
-    fast.nn_expected_agreement, faithful.nn_expected_agreement = 0.962, 0.986
-    fast.nn_expected_margin = faithful.nn_expected_margin = 0.01
+    fast = nn_result("dq128", p50=0.42, cosine=0.9995, expected=0.962, margin=0.01)
+    faithful = nn_result("rounded-dq32", p50=0.49, cosine=0.9998, expected=0.986, margin=0.01)
     assert choose(BASE, [fast, faithful], objective="latency", budget=budget) is faithful
     assert fast.reason == ("plain nearest-neighbour agreement, as expected, 96.20 % (90 % interval up to 97.20 %) "
                            "is below 98.00 % (near-ties may cost at most twice the budget)")
@@ -162,11 +166,8 @@ def test_of_variants_as_fast_and_as_small_the_one_clear_of_the_nn_floor_wins() -
     # rotation 0 of benchmarks/quantize_transformer.py: SmoothQuant 0.6 and 0.5, both re-rounded, groups of 128;
     # one size, under 1 % apart on p50, the same tie-allowed agreement and cosine losses within 10 %
     budget = Budget(metric="neighbours", max_drop=0.01)
-    a06 = result("smoothquant-0.6-rounded-dq128", p50=0.2967, size=100, acc=1.0, drop=0.0)
-    a05 = result("smoothquant-0.5-rounded-dq128", p50=0.2989, size=100, acc=1.0, drop=0.0)
-    a06.cosine, a05.cosine = 0.999591, 0.999559
-    a06.nn_expected_agreement, a05.nn_expected_agreement = 0.9791, 0.9806
-    a06.nn_expected_margin = a05.nn_expected_margin = 0.012
+    a06 = nn_result("smoothquant-0.6-rounded-dq128", p50=0.2967, cosine=0.999591, expected=0.9791, margin=0.012)
+    a05 = nn_result("smoothquant-0.5-rounded-dq128", p50=0.2989, cosine=0.999559, expected=0.9806, margin=0.012)
     assert choose(BASE, [a06, a05], objective="latency", budget=budget) is a05
     assert a06.reason == ("as good on latency (within 5%) and on accuracy within the judge's noise (0.00 pt on ? "
                           "samples) but only within its 90 % interval of the 98 % floor on plain NN agreement "

@@ -195,6 +195,27 @@ def test_mixed_precision_for_transformers_reuses_the_recovery_step(encoder) -> N
     assert all(tried[j]["status"] == "misses budget" for j in tried if j < k)  # the fewest that meet it
 
 
+@pytest.mark.slow
+def test_auto_tries_mixed_precision_when_only_openvino_fp32_meets_the_budget(encoder) -> None:
+    # OpenVINO running the FP32 model meets any budget; it once stopped auto from trying mixed precision at
+    # all, and then was not chosen either (no faster than FP32 on ONNX Runtime): the user got nothing
+    pytest.importorskip("openvino")
+    from edgeopt.measure.bench import BenchSettings
+    from edgeopt.search.auto_quantize import auto_quantize
+
+    original, data = encoder
+    model = _with_outlier_channel(original, "l0.ffn2.mm")
+    r = auto_quantize(model, data, runtimes=("onnxruntime", "openvino"), threads=1, max_drop=0.5,
+                      min_cosine=0.999999, bench=BenchSettings(warmup=2, min_runs=5, min_seconds=0.05, max_seconds=1.0))
+    by_name = {x.name: x for x in r.results}
+    assert by_name["openvino-f32"].meets_budget
+    assert not any(x.meets_budget for x in r.results if x.recipe.get("steps") and not x.name.startswith("int8-dynamic-mixed-"))
+    assert any("mixed precision from int8-dynamic-perchannel" in n for n in r.notes)
+    mixed = [s for s in r.steps if s["step"] == "3 mixed precision"]
+    assert mixed and all(s["variant"].startswith("int8-dynamic-mixed-") for s in mixed)
+    assert all(s["float_layers"] for s in mixed)
+
+
 def test_nncf_int8_weight_compression_runs_in_openvino(encoder) -> None:
     pytest.importorskip("nncf")
     pytest.importorskip("openvino")

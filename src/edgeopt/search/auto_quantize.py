@@ -216,7 +216,10 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
         by_name = {r.name: r for r in plain}
         results = run_screened(plain)
     int8_ok = any(r.meets_budget and r.model is not None and r.name.startswith("int8-") for r in results)
-    if mixed and transformer and not any(r.meets_budget and r.model is not None for r in results):
+    # a variant with no transformation (OpenVINO running the FP32 model) meets any budget: it must not stop the
+    # search for a mixed-precision one (it is chosen only if faster than FP32 on ONNX Runtime, and rarely is)
+    quantized_ok = any(r.meets_budget and r.model is not None and r.recipe.get("steps") for r in results)
+    if mixed and transformer and not quantized_ok:
         results += _transformer_mixed(original, calibration, evaluation, results, run=run, threads=threads,
                                       steps=steps, notes=notes)
     elif mixed and not int8_ok and not transformer and "onnxruntime" in chosen_runtimes:

@@ -210,10 +210,19 @@ def test_auto_tries_mixed_precision_when_only_openvino_fp32_meets_the_budget(enc
     by_name = {x.name: x for x in r.results}
     assert by_name["openvino-f32"].meets_budget
     assert not any(x.meets_budget for x in r.results if x.recipe.get("steps") and not x.name.startswith("int8-dynamic-mixed-"))
-    assert any("mixed precision from int8-dynamic-perchannel" in n for n in r.notes)
+    assert any("mixed precision from int8-dynamic-perchannel and from openvino-nncf-int8-weights" in n for n in r.notes)
     mixed = [s for s in r.steps if s["step"] == "3 mixed precision"]
-    assert mixed and all(s["variant"].startswith("int8-dynamic-mixed-") for s in mixed)
     assert all(s["float_layers"] for s in mixed)
+    dynamic = [s for s in mixed if s["variant"].startswith("int8-dynamic-mixed-")]
+    # the closest NNCF INT8 weight compression is searched too: each try rebuilt with its ignored scope
+    weights = [s for s in mixed if s["variant"].startswith("openvino-nncf-int8-weights")]
+    assert dynamic and weights and len(dynamic) + len(weights) == len(mixed)
+    assert {s["start"] for s in weights} == {weights[0]["start"]} and "-mixed-" in weights[0]["variant"]
+    kept = [x for x in r.results if x.name.startswith("openvino-nncf-int8-weights") and "-mixed-" in x.name]
+    assert len(kept) == 1  # the search's answer joins the candidates; every try is a row of the steps
+    row = next(s for s in weights if s["variant"] == kept[0].name)
+    scope = next(st for st in kept[0].recipe["steps"] if st["type"] == "NncfWeightsInt8")["fields"]["ignored_scope"]
+    assert list(scope) == row["float_layers"] and kept[0].recipe["runtime"] == "openvino"
 
 
 def test_nncf_int8_weight_compression_runs_in_openvino(encoder) -> None:
@@ -259,6 +268,32 @@ def _with_layernorm_outlier(model, factor: float = 10.0):
             g[5] *= factor
             init.CopyFrom(numpy_helper.from_array(g, init.name))
     return type(model).from_onnx(proto, source="ln_outlier.onnx")
+
+
+def test_nncf_int8_weight_compression_leaves_the_ignored_scope_float(encoder) -> None:
+    pytest.importorskip("nncf")
+    from edgeopt.errors import BadInput, ConfigError
+    from edgeopt.transforms.nncf_quantize import NncfWeightsInt8, nncf_compress_weights
+
+    model, data = encoder
+
+    def compressed(q) -> set[str]:
+        dequantized = {o for n in q.onnx.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return {n.name for n in q.onnx.graph.node if n.op_type == "MatMul" and n.input[1] in dequantized}
+
+    full = compressed(nncf_compress_weights(model, NncfWeightsInt8(mode="int8_asym", weight_rounding=True), data=data))
+    keep = ("l0.ffn2.mm", "l1.q.mm")
+    mixed = nncf_compress_weights(model, NncfWeightsInt8(mode="int8_asym", weight_rounding=True, ignored_scope=keep),
+                                  data=data)
+    assert set(keep) <= full and compressed(mixed) == full - set(keep)  # the rest compressed (and re-rounded) as before
+    weights = {i.name: i for i in mixed.onnx.graph.initializer}
+    node = next(n for n in mixed.onnx.graph.node if n.name == "l0.ffn2.mm")
+    assert weights[node.input[1]].data_type == 1  # FP32 weights read directly
+    assert evaluate(mixed, data, reference=model, threads=1).cosine > 0.99
+    with pytest.raises(BadInput, match=r"ignored_scope names not in .*\['nope'\]"):
+        nncf_compress_weights(model, NncfWeightsInt8(ignored_scope=("nope",)))
+    with pytest.raises(ConfigError, match="list of node names"):
+        NncfWeightsInt8(ignored_scope="l0.ffn2.mm")
 
 
 def test_smoothquant_folded_into_layernorms_is_exact_and_adds_no_op_before_the_matmuls(encoder) -> None:

@@ -278,22 +278,29 @@ def auto_quantize(model: str | os.PathLike[str] | Model, data: str | os.PathLike
 def _transformer_mixed(original: Model, calibration: Dataset, evaluation: Dataset, results: list[CandidateResult], *,
                        run: Any, threads: int | None, steps: list[dict[str, Any]], notes: list[str]
                        ) -> list[CandidateResult]:
-    """Mixed precision for a transformer when no variant met the budget: the one-pass per-layer error
-    of dynamic INT8 (each MatMul's input quantized at run time, alone) ranks the MatMuls, and
-    search/recovery.py's step keeps the fewest most harmful ones float (1, 2, 4, ... then bisected).
+    """Mixed precision for a transformer when no quantized variant met the budget: the one-pass per-layer
+    error of dynamic INT8 (each MatMul's input quantized at run time, alone) ranks the MatMuls, and
+    search/recovery.py's step keeps the fewest most harmful ones float (1, 2, 4, ... then bisected), in
+    ONNX Runtime's dynamic INT8 and in the closest NNCF INT8 weight compression (OpenVINO), whose
+    SmoothQuant and re-rounded weights stay as they were.
     Percentile/entropy calibration are not tried: ONNX Runtime's histogram calibrators fail on
     attention-mask tensors ("Too many bins for data range"), and the loss here comes from
     activation outliers, which per-call ranges and SmoothQuant address."""
-    from edgeopt.search.recovery import mixed_precision
+    from edgeopt.search.recovery import mixed_precision, quality_key
     from edgeopt.transforms.quantize import DynamicInt8
 
     start = next((r for r in results if r.name == "int8-dynamic-perchannel" and r.model is not None), None)
     if start is None:
         return []
-    notes.append("no variant met the budget: mixed precision from int8-dynamic-perchannel (the one-pass "
-                 "per-layer error of dynamic INT8 ranks the MatMuls; the fewest most harmful stay float)")
+    compressed = [r for r in results if r.model is not None
+                  and any(s.get("type") == "NncfWeightsInt8" for s in r.recipe.get("steps", []))]
+    weights_start = min(compressed, key=quality_key) if compressed else None
+    also = (f" and from {weights_start.name}, the closest NNCF INT8 weight compression (its ignored scope)"
+            if weights_start is not None else "")
+    notes.append(f"no quantized variant met the budget: mixed precision from int8-dynamic-perchannel{also} (the "
+                 "one-pass per-layer error of dynamic INT8 ranks the MatMuls; the fewest most harmful stay float)")
     return mixed_precision(original, calibration, evaluation, start, DynamicInt8(per_channel=True), run=run,
-                           threads=threads, steps=steps, notes=notes)
+                           threads=threads, steps=steps, notes=notes, weights_start=weights_start)
 
 
 def _torch_runner(torch_model: Model, ctx: TransformContext, evaluation: Dataset, budget: Budget, base_out: Any,

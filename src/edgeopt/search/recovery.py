@@ -59,7 +59,7 @@ Run = Callable[[list[Recipe]], list[CandidateResult]]
 Judge = Callable[[Recipe, Model, float], CandidateResult]
 
 
-def _quality(r: CandidateResult) -> tuple[int, float, float]:
+def quality_key(r: CandidateResult) -> tuple[int, float, float]:
     """Sort key, best first: meets the budget, then smallest drop, then highest cosine."""
     return (0 if r.meets_budget else 1, r.drop if r.drop is not None else 1.0, -(r.cosine or 0.0))
 
@@ -127,7 +127,7 @@ def recover(original: Model, calibration: Dataset, evaluation: Dataset, budget: 
         for r in run_cfg(tries):
             steps.append(step_row("1 calibration", r, config=_cfg(r).label if r.model else None,
                                   samples=_cfg(r).samples if r.model else None))
-            if r.model is not None and _quality(r) < _quality(best):
+            if r.model is not None and quality_key(r) < quality_key(best):
                 best = r
         if best is not start:
             keep.append(best)
@@ -141,7 +141,7 @@ def recover(original: Model, calibration: Dataset, evaluation: Dataset, budget: 
     if small:
         corrected = run_cfg([_recipe("bias-corrected", replace(_cfg(best), bias_correction=True))])[0]
         steps.append(step_row("2 bias correction", corrected))
-        if corrected.model is not None and _quality(corrected) < _quality(best):
+        if corrected.model is not None and quality_key(corrected) < quality_key(best):
             best = corrected
             keep.append(best)
         if best.meets_budget:
@@ -219,11 +219,14 @@ def layer_priority(errors: list[Any], saved_ms: dict[str, float]) -> list[tuple[
 def mixed_precision(original: Model, calibration: Dataset, evaluation: Dataset, best: CandidateResult,
                     cfg: StaticInt8 | DynamicInt8, *, run: Run, threads: int | None, steps: list[dict[str, Any]],
                     notes: list[str], judge: Judge | None = None,
-                    openvino_start: CandidateResult | None = None) -> list[CandidateResult]:
+                    openvino_start: CandidateResult | None = None,
+                    weights_start: CandidateResult | None = None) -> list[CandidateResult]:
     """Step 3, from ``best`` built with ``cfg`` (static INT8, or dynamic INT8 for transformers, whose
     per-layer error then quantizes each twin's input at run time as dynamic INT8 does). With ``judge``
     and a QDQ ``cfg`` each try is a graph edit of ``best`` (and of ``openvino_start``, NNCF's INT8, when
-    given); otherwise each try is re-quantized with ``exclude_nodes``."""
+    given); otherwise each try is re-quantized with ``exclude_nodes``. ``weights_start``: an NNCF INT8
+    weight-compression variant (OpenVINO), searched too with the same ranking, each try rebuilt with the
+    layers in its ``ignored_scope`` (its SmoothQuant and weight rounding as they were)."""
     from edgeopt.measure.layer_times import layer_times, node_times
     from edgeopt.transforms.layer_error import layer_errors
 
@@ -244,8 +247,10 @@ def mixed_precision(original: Model, calibration: Dataset, evaluation: Dataset, 
     notes.append(f"one-pass per-layer error: {len(errors)} layers ranked in {time.perf_counter() - started:.0f} s "
                  f"(profiled INT8 saves {sum(max(v, 0) for v in saved.values()):.2f} ms a call over the weight layers)")
     if judge is None or not isinstance(cfg, StaticInt8) or cfg.format != "qdq":
-        found = _requantize_search(best, cfg, order, saved, run=run, steps=steps)
-        return [found] if found is not None else []
+        found = [_requantize_search(best, cfg, order, saved, run=run, steps=steps)]
+        if weights_start is not None and weights_start.model is not None:
+            found.append(_ignored_scope_search(weights_start, order, saved, run=run, steps=steps))
+        return [r for r in found if r is not None]
     out = []
     starts: list[tuple[CandidateResult, StaticInt8 | None, Model]] = [
         (best, cfg, Model.from_onnx(proto, source=original.source))]
@@ -350,7 +355,7 @@ def _fewest(probe: Callable[[int], CandidateResult], n: int) -> CandidateResult 
     if k > limit:
         k = limit
         if not once(k).meets_budget:
-            best_try = min(tried.values(), key=_quality)
+            best_try = min(tried.values(), key=quality_key)
             return best_try if best_try.model is not None else None
     low, high = last_miss, k  # low misses (0 = the start), high meets
     while high - low > 1:
@@ -372,6 +377,27 @@ def _requantize_search(best: CandidateResult, cfg: StaticInt8 | DynamicInt8, ord
         r = run([Recipe(f"{kind}-mixed-{k}-float", (replace(cfg, exclude_nodes=float_nodes),),
                         needs=() if isinstance(cfg, DynamicInt8) else ("calibration",))])[0]
         steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes), start=best.name,
+                              int8_ms_saved_by_float_layers=round(sum(saved.get(n, 0.0) for n in float_nodes), 3)))
+        return r
+
+    return _fewest(probe, len(order))
+
+
+def _ignored_scope_search(start: CandidateResult, order: list[str], saved: dict[str, float], *, run: Run,
+                          steps: list[dict[str, Any]]) -> CandidateResult | None:
+    """Each try is ``start``'s recipe again with the first k layers of ``order`` in the ignored scope of its
+    NNCF weight compression: float weights, and no run-time quantization of those layers' inputs."""
+    from edgeopt.transforms.nncf_quantize import NncfWeightsInt8
+
+    recipe = Recipe.from_dict(start.recipe)
+
+    def probe(k: int) -> CandidateResult:
+        float_nodes = tuple(order[:k])
+        steps_k = tuple(replace(s, ignored_scope=float_nodes) if isinstance(s, NncfWeightsInt8) else s
+                        for s in recipe.steps)
+        r = run([Recipe(f"{start.name}-mixed-{k}-float", steps_k, runtime=recipe.runtime,
+                        runtime_options=dict(recipe.runtime_options), needs=recipe.needs)])[0]
+        steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes), start=start.name,
                               int8_ms_saved_by_float_layers=round(sum(saved.get(n, 0.0) for n in float_nodes), 3)))
         return r
 

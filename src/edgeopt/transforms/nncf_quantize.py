@@ -238,16 +238,22 @@ class NncfWeightsInt8:
     Args:
         mode: "int8_sym" (zero point 0) or "int8_asym".
         weight_rounding: re-round the weights against their layers' inputs (needs calibration data).
+        ignored_scope: node names (MatMul/Gemm) left in float, weights and inputs: mixed precision (auto's
+            recovery keeps the layers the per-layer error ranks most harmful; OpenVINO quantizes a float
+            layer's input at run time only where its weights are compressed).
     """
 
     mode: Literal["int8_sym", "int8_asym"] = "int8_sym"
     weight_rounding: bool = False
+    ignored_scope: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in WEIGHT_MODES:
             raise ConfigError(f"NncfWeightsInt8 mode must be one of {', '.join(WEIGHT_MODES)}, got {self.mode!r}")
         if not isinstance(self.weight_rounding, bool):
             raise ConfigError(f"NncfWeightsInt8 weight_rounding must be true or false, got {self.weight_rounding!r}")
+        if isinstance(self.ignored_scope, str) or not all(isinstance(n, str) for n in self.ignored_scope):
+            raise ConfigError("NncfWeightsInt8 ignored_scope must be a list of node names")
 
 
 # Calibration samples whose layer inputs build each MatMul's H when compressed weights are re-rounded: a
@@ -279,14 +285,19 @@ def nncf_compress_weights(model: Model, config: NncfWeightsInt8 | None = None, *
     if found:
         raise BadInput(f"{model.source} is already quantized (it has {', '.join(found)}); "
                        "quantize the original FP32 model")
+    node_names = {n.name for n in model.onnx.graph.node}
+    missing = [n for n in cfg.ignored_scope if n not in node_names]
+    if missing:
+        raise BadInput(f"ignored_scope names not in {model.source}: {missing}")
     nncf = require("nncf", extra="openvino")
     onnx = require("onnx", extra="core")
     proto = onnx.ModelProto()
     proto.CopyFrom(model.onnx)
     mode = {"int8_sym": nncf.CompressWeightsMode.INT8_SYM, "int8_asym": nncf.CompressWeightsMode.INT8_ASYM}[cfg.mode]
+    kwargs: dict[str, Any] = {"ignored_scope": nncf.IgnoredScope(names=list(cfg.ignored_scope))} if cfg.ignored_scope else {}
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            compressed = nncf.compress_weights(proto, mode=mode)
+            compressed = nncf.compress_weights(proto, mode=mode, **kwargs)
     except (nncf.ValidationError, nncf.UnsupportedModelError, nncf.UnsupportedBackendError,
             nncf.ParameterNotSupportedError, RuntimeError, ValueError, KeyError) as exc:
         raise UnsupportedOperation(f"NNCF cannot compress {model.source}: {first_line(exc)}") from exc

@@ -211,6 +211,7 @@ def test_auto_tries_mixed_precision_when_only_openvino_fp32_meets_the_budget(enc
     assert by_name["openvino-f32"].meets_budget
     assert not any(x.meets_budget for x in r.results if x.recipe.get("steps") and not x.name.startswith("int8-dynamic-mixed-"))
     assert any("mixed precision from int8-dynamic-perchannel and from openvino-nncf-int8-weights" in n for n in r.notes)
+    assert any("compressed MatMuls ranked by reverting each to float" in n for n in r.notes)  # its own ranking
     mixed = [s for s in r.steps if s["step"] == "3 mixed precision"]
     assert all(s["float_layers"] for s in mixed)
     dynamic = [s for s in mixed if s["variant"].startswith("int8-dynamic-mixed-")]

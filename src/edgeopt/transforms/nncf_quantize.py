@@ -82,8 +82,7 @@ class NncfInt8:
             raise ConfigError(f"NncfInt8 fast_bias_correction must be true or false, got {self.fast_bias_correction!r}")
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"NncfInt8 model_type must be null or 'transformer', got {self.model_type!r}")
-        if isinstance(self.ignored_scope, str) or not all(isinstance(n, str) for n in self.ignored_scope):
-            raise ConfigError("NncfInt8 ignored_scope must be a list of node names")
+        _check_scope("NncfInt8", self.ignored_scope)
         if not isinstance(self.weight_rounding, bool):
             raise ConfigError(f"NncfInt8 weight_rounding must be true or false, got {self.weight_rounding!r}")
         if self.activation_range not in ACTIVATION_RANGES:
@@ -144,10 +143,7 @@ def nncf_quantize(model: Model, config: NncfInt8 | None = None, *, data: Dataset
     if found:
         raise BadInput(f"{model.source} is already quantized (it has {', '.join(found)}); "
                        "quantize the original FP32 model")
-    node_names = {n.name for n in proto.graph.node}
-    missing = [n for n in cfg.ignored_scope if n not in node_names]
-    if missing:
-        raise BadInput(f"ignored_scope names not in {model.source}: {missing}")
+    ignored = _ignored(model, cfg.ignored_scope)
     fitted = data.feeds_for(model)
     if len(fitted) == 0:
         raise DataError(f"{data.source} is empty: NNCF needs calibration samples")
@@ -173,8 +169,7 @@ def nncf_quantize(model: Model, config: NncfInt8 | None = None, *, data: Dataset
         estimator = {"minmax": RangeEstimatorParametersSet.MINMAX, "histogram": RangeEstimatorParametersSet.HISTOGRAM,
                      "mean-quantile": RangeEstimatorParametersSet.MEAN_QUANTILE}[cfg.activation_range]
         kwargs["advanced_parameters"] = AdvancedQuantizationParameters(activations_range_estimator_params=estimator)
-    if cfg.ignored_scope:
-        kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(cfg.ignored_scope))
+    kwargs.update(ignored)
     sink = sys.stderr if progress else io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), _without_histogram_rollback_notes():
@@ -252,8 +247,23 @@ class NncfWeightsInt8:
             raise ConfigError(f"NncfWeightsInt8 mode must be one of {', '.join(WEIGHT_MODES)}, got {self.mode!r}")
         if not isinstance(self.weight_rounding, bool):
             raise ConfigError(f"NncfWeightsInt8 weight_rounding must be true or false, got {self.weight_rounding!r}")
-        if isinstance(self.ignored_scope, str) or not all(isinstance(n, str) for n in self.ignored_scope):
-            raise ConfigError("NncfWeightsInt8 ignored_scope must be a list of node names")
+        _check_scope("NncfWeightsInt8", self.ignored_scope)
+
+
+def _check_scope(owner: str, scope: Any) -> None:
+    if isinstance(scope, str) or not all(isinstance(n, str) for n in scope):
+        raise ConfigError(f"{owner} ignored_scope must be a list of node names")
+
+
+def _ignored(model: Model, scope: tuple[str, ...]) -> dict[str, Any]:
+    """NNCF's ``ignored_scope`` keyword for ``scope`` (none when empty); names not in the graph are BadInput."""
+    node_names = {n.name for n in model.onnx.graph.node}
+    missing = [n for n in scope if n not in node_names]
+    if missing:
+        raise BadInput(f"ignored_scope names not in {model.source}: {missing}")
+    if not scope:
+        return {}
+    return {"ignored_scope": require("nncf", extra="openvino").IgnoredScope(names=list(scope))}
 
 
 # Calibration samples whose layer inputs build each MatMul's H when compressed weights are re-rounded: a
@@ -285,19 +295,15 @@ def nncf_compress_weights(model: Model, config: NncfWeightsInt8 | None = None, *
     if found:
         raise BadInput(f"{model.source} is already quantized (it has {', '.join(found)}); "
                        "quantize the original FP32 model")
-    node_names = {n.name for n in model.onnx.graph.node}
-    missing = [n for n in cfg.ignored_scope if n not in node_names]
-    if missing:
-        raise BadInput(f"ignored_scope names not in {model.source}: {missing}")
+    ignored = _ignored(model, cfg.ignored_scope)
     nncf = require("nncf", extra="openvino")
     onnx = require("onnx", extra="core")
     proto = onnx.ModelProto()
     proto.CopyFrom(model.onnx)
     mode = {"int8_sym": nncf.CompressWeightsMode.INT8_SYM, "int8_asym": nncf.CompressWeightsMode.INT8_ASYM}[cfg.mode]
-    kwargs: dict[str, Any] = {"ignored_scope": nncf.IgnoredScope(names=list(cfg.ignored_scope))} if cfg.ignored_scope else {}
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            compressed = nncf.compress_weights(proto, mode=mode, **kwargs)
+            compressed = nncf.compress_weights(proto, mode=mode, **ignored)
     except (nncf.ValidationError, nncf.UnsupportedModelError, nncf.UnsupportedBackendError,
             nncf.ParameterNotSupportedError, RuntimeError, ValueError, KeyError) as exc:
         raise UnsupportedOperation(f"NNCF cannot compress {model.source}: {first_line(exc)}") from exc

@@ -4,6 +4,8 @@ mechanics here; fidelity on real weights is benchmarks/quantize_transformer.py's
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -295,6 +297,27 @@ def test_nncf_int8_weight_compression_leaves_the_ignored_scope_float(encoder) ->
         nncf_compress_weights(model, NncfWeightsInt8(ignored_scope=("nope",)))
     with pytest.raises(ConfigError, match="list of node names"):
         NncfWeightsInt8(ignored_scope="l0.ffn2.mm")
+
+
+def test_reverting_each_compressed_matmul_ranks_the_outlier_layer_first(encoder) -> None:
+    # what auto's recovery ranks an NNCF weight compression's MatMuls by (recovery._revert_ranking)
+    pytest.importorskip("openvino")
+    from edgeopt.transforms.float_layers import compressed_layers, revert_losses
+    from edgeopt.transforms.nncf_quantize import NncfWeightsInt8, nncf_compress_weights
+
+    original, data = encoder
+    model = _with_outlier_channel(original, "l0.ffn2.mm")
+    q = nncf_compress_weights(model, NncfWeightsInt8(mode="int8_asym")).with_metadata(
+        runtime="openvino", runtime_options=json.dumps({"precision": "f32", "dynamic_quantization_group_size": 32}))
+    weights = [f"l{i}.{m}.mm" for i in (0, 1) for m in ("q", "k", "v", "o", "ffn1", "ffn2")]
+    assert compressed_layers(q) == weights  # the attention's activation MatMuls (qk, ctx) have no weights
+    expected = evaluate(model, data, threads=1, keep_outputs=True).outputs
+    before = evaluate(q, data, reference=expected, threads=1)
+    losses = revert_losses(q, model, data, expected, threads=1)
+    assert set(losses) == set(weights) and min(losses, key=losses.__getitem__) == "l0.ffn2.mm"
+    # the run-time groups of that layer's input hold the outlier: float, it gives back most of the loss
+    assert losses["l0.ffn2.mm"] < 0.25 * (1 - before.embedding_cosine)
+    assert all(v > 0.9 * (1 - before.embedding_cosine) for k, v in losses.items() if k != "l0.ffn2.mm")
 
 
 def test_smoothquant_folded_into_layernorms_is_exact_and_adds_no_op_before_the_matmuls(encoder) -> None:

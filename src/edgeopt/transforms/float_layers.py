@@ -85,6 +85,29 @@ def revert_to_float(quantized: Model, original: Model, nodes: tuple[str, ...] | 
     return out.with_metadata(**meta)
 
 
+def compressed_layers(quantized: Model) -> list[str]:
+    """The MatMul/Gemm nodes whose weight comes through a DequantizeLinear (INT8 weights), in graph order."""
+    graph = quantized.onnx.graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+            and n.input[1] in dequantized]
+
+
+def revert_losses(quantized: Model, original: Model, data: Any, expected: Any, *,
+                  threads: int | None = None) -> dict[str, float]:
+    """For each of :func:`compressed_layers`, what ``quantized`` still loses with that layer alone back in
+    float: 1 - the mean cosine to ``expected`` (the reference outputs on ``data``; of the pooled embeddings
+    for a text encoder). The lower, the more reverting that layer buys: a ranking measured on the model
+    itself, one graph edit and one run of ``data`` per layer."""
+    from edgeopt.measure import evaluate
+
+    losses = {}
+    for name in compressed_layers(quantized):
+        ev = evaluate(revert_to_float(quantized, original, [name]), data, reference=expected, threads=threads)
+        losses[name] = 1.0 - (ev.embedding_cosine if ev.embedding_cosine is not None else ev.cosine)
+    return losses
+
+
 FOLDABLE = ("Relu", "Clip")
 
 

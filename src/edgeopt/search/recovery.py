@@ -372,13 +372,26 @@ def _fewest(probe: Callable[[int], CandidateResult], n: int) -> CandidateResult 
 def _requantize_search(best: CandidateResult, cfg: StaticInt8 | DynamicInt8, order: list[str],
                        saved: dict[str, float], *, run: Run, steps: list[dict[str, Any]]) -> CandidateResult | None:
     """Each try re-quantized with ``exclude_nodes`` (dynamic INT8 has no Q/DQ pairs to edit)."""
+    kind = "int8-dynamic" if isinstance(cfg, DynamicInt8) else "int8"
+    needs = () if isinstance(cfg, DynamicInt8) else ("calibration",)
+
+    def build(float_nodes: tuple[str, ...]) -> CandidateResult:
+        return run([Recipe(f"{kind}-mixed-{len(float_nodes)}-float", (replace(cfg, exclude_nodes=float_nodes),),
+                           needs=needs)])[0]
+
+    return _float_layer_search(best, order, saved, build, steps=steps)
+
+
+def _float_layer_search(start: CandidateResult, order: list[str], saved: dict[str, float],
+                        build: Callable[[tuple[str, ...]], CandidateResult], *,
+                        steps: list[dict[str, Any]]) -> CandidateResult | None:
+    """:func:`_fewest` over the first k layers of ``order`` kept float, each try built by ``build`` from
+    ``start`` and recorded as a step-3 row."""
 
     def probe(k: int) -> CandidateResult:
         float_nodes = tuple(order[:k])
-        kind = "int8-dynamic" if isinstance(cfg, DynamicInt8) else "int8"
-        r = run([Recipe(f"{kind}-mixed-{k}-float", (replace(cfg, exclude_nodes=float_nodes),),
-                        needs=() if isinstance(cfg, DynamicInt8) else ("calibration",))])[0]
-        steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes), start=best.name,
+        r = build(float_nodes)
+        steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes), start=start.name,
                               int8_ms_saved_by_float_layers=round(sum(saved.get(n, 0.0) for n in float_nodes), 3)))
         return r
 
@@ -428,17 +441,13 @@ def _ignored_scope_search(start: CandidateResult, order: list[str], saved: dict[
 
     recipe = Recipe.from_dict(start.recipe)
 
-    def probe(k: int) -> CandidateResult:
-        float_nodes = tuple(order[:k])
+    def build(float_nodes: tuple[str, ...]) -> CandidateResult:
         steps_k = tuple(replace(s, ignored_scope=float_nodes) if isinstance(s, NncfWeightsInt8) else s
                         for s in recipe.steps)
-        r = run([Recipe(f"{start.name}-mixed-{k}-float", steps_k, runtime=recipe.runtime,
-                        runtime_options=dict(recipe.runtime_options), needs=recipe.needs)])[0]
-        steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes), start=start.name,
-                              int8_ms_saved_by_float_layers=round(sum(saved.get(n, 0.0) for n in float_nodes), 3)))
-        return r
+        return run([Recipe(f"{start.name}-mixed-{len(float_nodes)}-float", steps_k, runtime=recipe.runtime,
+                           runtime_options=dict(recipe.runtime_options), needs=recipe.needs)])[0]
 
-    return _fewest(probe, len(order))
+    return _float_layer_search(start, order, saved, build, steps=steps)
 
 
 def _revert_search(start: CandidateResult, cfg: StaticInt8 | None, reference: Model, order: list[str],
@@ -452,9 +461,9 @@ def _revert_search(start: CandidateResult, cfg: StaticInt8 | None, reference: Mo
     nncf_cfg = rebuilt.get(start.name, NncfInt8())
     prefix = start.name if start.name in rebuilt else "openvino-nncf-int8"
 
-    def probe(k: int) -> CandidateResult:
+    def build(float_nodes: tuple[str, ...]) -> CandidateResult:
         began = time.perf_counter()
-        float_nodes = tuple(order[:k])
+        k = len(float_nodes)
         if cfg is None:
             recipe = Recipe(f"{prefix}-mixed-{k}-float", (replace(nncf_cfg, ignored_scope=float_nodes),),
                             runtime="openvino", runtime_options={"precision": "f32"}, needs=("calibration",))
@@ -466,14 +475,11 @@ def _revert_search(start: CandidateResult, cfg: StaticInt8 | None, reference: Mo
                             needs=("calibration",))
         try:
             model = revert_to_float(start.model, reference, float_nodes)  # type: ignore[arg-type]
-            r = judge(recipe, model, time.perf_counter() - began)
+            return judge(recipe, model, time.perf_counter() - began)
         except Exception as exc:  # noqa: BLE001 - one failed try is a failed row, not a crash
-            r = CandidateResult(name=recipe.name, recipe=recipe.to_dict(), status="failed", reason=f"failed: {exc}")
-        steps.append(step_row("3 mixed precision", r, float_layers=list(float_nodes), start=start.name,
-                              int8_ms_saved_by_float_layers=round(sum(saved.get(n, 0.0) for n in float_nodes), 3)))
-        return r
+            return CandidateResult(name=recipe.name, recipe=recipe.to_dict(), status="failed", reason=f"failed: {exc}")
 
-    return _fewest(probe, len(order))
+    return _float_layer_search(start, order, saved, build, steps=steps)
 
 
 def _nncf_accuracy_control(original: Model, calibration: Dataset, evaluation: Dataset, budget: Budget, *,
